@@ -1,0 +1,119 @@
+"""The one preprocessing contract shared by training, export parity checks and the runtime.
+
+Training decodes its dataset through exactly these functions and the runtime calls them
+for every crop, so a model never sees pixels prepared differently from how it was trained.
+Normalisation is *not* here: it lives inside the ONNX graph, so the runtime only has to
+produce uint8 RGB squares.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+#: Refuse images above this many pixels before decoding them (decompression-bomb guard).
+#: 40 MP is ~16x the largest single-cell crop an analyzer exports (a 400x400 crop is 0.16 MP)
+#: and keeps a decoded RGB frame under ~120 MB, so a worker can never be pushed into swap.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# OpenCV's own decoder limit (read by imdecode): a second guard for formats the header probe
+# cannot identify. It must be set before cv2 is first imported.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+
+#: Identifier stored in the ONNX metadata; the runtime refuses models expecting anything else.
+PREPROCESSING_ID = "batchwbc-rgb-uint8-area-v1"
+PREPROCESSING_DESCRIPTION = (
+    "Decode with OpenCV (EXIF orientation applied; grey, 16-bit, RGBA and CMYK converted to "
+    "8-bit colour), convert BGR to RGB, resize the whole crop to SxS with INTER_AREA "
+    "(no crop, no padding), uint8 NHWC; scaling/normalisation is inside the model graph."
+)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+
+
+class UnreadableImage(Exception):
+    """An image that cannot be classified; str(exc) is a reason a technologist understands."""
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Read a file whole; np.fromfile-style reading also works for non-ASCII paths on Windows."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise UnreadableImage("file disappeared before it could be read") from None
+    except IsADirectoryError:
+        raise UnreadableImage("not a file") from None
+    except PermissionError:
+        raise UnreadableImage("permission denied when reading the file") from None
+    except OSError as exc:
+        raise UnreadableImage(f"file could not be read ({exc.strerror or exc})") from None
+
+
+def probe_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the header alone (no pixel allocation), or None if unidentifiable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError:
+        # Pillow refuses before reading the size back to us; treat as far too large.
+        return (1 << 20, 1 << 20)
+    except Exception:  # noqa: BLE001 - any parser failure just means "let OpenCV decide"
+        return None
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to an HxWx3 uint8 RGB array, or raise UnreadableImage."""
+    import cv2
+
+    if len(data) == 0:
+        raise UnreadableImage("empty file (0 bytes)")
+    size = probe_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise UnreadableImage(
+            f"image is {size[0]}x{size[1]} pixels, above the {max_pixels:,}-pixel safety limit "
+            "for single-cell crops"
+        )
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None
+    if bgr is None or bgr.size == 0:
+        if size is None:
+            raise UnreadableImage("not a readable image (unknown format or damaged file)")
+        raise UnreadableImage("image data is damaged or truncated and could not be decoded")
+    if bgr.ndim == 2:
+        bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+    if bgr.dtype != np.uint8:  # defensive: IMREAD_COLOR already yields 8 bit
+        bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / max(1.0, float(bgr.max())))
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize the whole crop to size x size (INTER_AREA), keeping uint8 RGB."""
+    import cv2
+
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return np.ascontiguousarray(rgb)
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (size, size), interpolation=interp)
+
+
+def prepare_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> model input (size x size x 3 uint8 RGB)."""
+    return resize_square(decode_rgb(data, max_pixels), size)
+
+
+def prepare_file(path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A crop on disk -> model input; the function both training and runtime call."""
+    return prepare_bytes(read_bytes(path), size, max_pixels)

@@ -1,0 +1,45 @@
+"""Plain records passed from classification to reporting, so the two halves stay independent."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .model import ModelInfo
+
+#: Group name for images lying directly under the slides root (no patient folder).
+#: Angle brackets cannot occur in Windows folder names, so it cannot collide with a patient.
+ROOT_GROUP = "<root>"
+
+
+@dataclass(frozen=True)
+class CellResult:
+    patient: str
+    file: str  # POSIX path relative to the slides root
+    class_id: str
+    confidence: float  # calibrated probability of class_id
+    second_class: str
+    second_prob: float
+    review: bool  # confidence below the review threshold
+    thumbnail_png: bytes | None = None  # small PNG of the model input, kept for review cells only
+
+
+@dataclass(frozen=True)
+class FileError:
+    patient: str
+    file: str  # POSIX path relative to the slides root ('' for a whole-patient failure)
+    reason: str  # one sentence a technologist understands
+
+
+@dataclass
+class RunData:
+    root: str
+    patients: list[str]  # every group found, in report order, empty ones included
+    cells: list[CellResult]
+    errors: list[FileError]
+    model: ModelInfo
+    review_threshold: float
+    started: datetime
+    finished: datetime
+    tool_version: str
+    ignored_files: int = 0  # hidden / non-image files skipped by discovery
+    extra: dict[str, str] = field(default_factory=dict)  # more Run-sheet rows (options, cache hits, ...)

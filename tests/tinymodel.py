@@ -1,0 +1,86 @@
+"""A tiny ONNX model honouring the batchwbc contract, for tests that must not need TensorFlow.
+
+It classifies by mean colour: a linear map from the per-channel mean (scaled to 0..1) to
+logits, then softmax. With `colour_classes`, a crop filled with one of the returned colours is
+predicted as that class with high confidence, so tests know the right answer in advance.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from batchwbc import catalogue, model as bm
+from batchwbc.preprocess import PREPROCESSING_DESCRIPTION, PREPROCESSING_ID
+
+# Distinct, saturated colours; class k is predicted for colour COLOURS[k].
+COLOURS = [
+    (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+    (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 0), (128, 0, 128), (0, 128, 128),
+]
+
+
+def colour_for(class_id: str, classes=catalogue.CLASS_IDS) -> tuple[int, int, int]:
+    return COLOURS[list(classes).index(class_id)]
+
+
+def build(
+    path: str | Path,
+    size: int = 32,
+    classes=catalogue.CLASS_IDS,
+    sharpness: float = 40.0,
+    metadata: dict[str, str] | None = None,
+    drop_keys: tuple[str, ...] = (),
+) -> Path:
+    """Write the tiny model to `path` and return it."""
+    k = len(classes)
+    cols = np.array([COLOURS[i] for i in range(k)], dtype=np.float32) / 255.0  # [k,3]
+    # logit_j = -sharpness * ||m - c_j||^2 = sharpness*(2 m.c_j - |c_j|^2) - sharpness*|m|^2 (last term drops in softmax)
+    w = (2.0 * sharpness * cols.T).astype(np.float32)  # [3,k]
+    b = (-sharpness * (cols**2).sum(axis=1)).astype(np.float32)  # [k]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["xf", "axes"], ["m"], keepdims=0),
+        helper.make_node("Mul", ["m", "scale"], ["ms"]),
+        helper.make_node("MatMul", ["ms", "W"], ["mw"]),
+        helper.make_node("Add", ["mw", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / 255.0]),
+        helper.make_tensor("W", TensorProto.FLOAT, list(w.shape), w.flatten().tolist()),
+        helper.make_tensor("B", TensorProto.FLOAT, [k], b.tolist()),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_batchwbc",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", k])],
+        initializer=inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="batchwbc-tests")
+    m.ir_version = 9
+    meta = {
+        bm.KEY_FORMAT: bm.FORMAT_VERSION,
+        bm.KEY_CLASSES: json.dumps(list(classes)),
+        bm.KEY_INPUT_SIZE: str(size),
+        bm.KEY_PREPROCESSING: PREPROCESSING_ID,
+        bm.KEY_PREPROCESSING_DESC: PREPROCESSING_DESCRIPTION,
+        bm.KEY_TEMPERATURE: "1.0",
+        bm.KEY_MODEL_VERSION: "tiny-test-1",
+        bm.KEY_REVIEW_THRESHOLD: "0.6",
+        bm.KEY_TRAINING_DATA: json.dumps({"note": "synthetic test model"}),
+        bm.KEY_TEST_METRICS: json.dumps({}),
+    }
+    meta.update(metadata or {})
+    for key in drop_keys:
+        meta.pop(key, None)
+    onnx.helper.set_model_props(m, meta)
+    onnx.checker.check_model(m)
+    path = Path(path)
+    onnx.save(m, str(path))
+    return path
