@@ -1,0 +1,406 @@
+"""Decode crops in worker processes and classify them in batches, with flat memory.
+
+Why it is built this way:
+
+* Decoding (JPEG/TIFF + resize) is pure CPU work that the GIL would serialise, so it runs in
+  a process pool; onnxruntime runs in the main process, batched, while the workers already
+  decode the next files.
+* Only a bounded window of tasks is ever in flight and the main process keeps one batch of
+  arrays, so 50,000 crops need no more memory than 500. Per-cell results are a few small
+  fields (a thumbnail only for cells that need review).
+* The pool uses the "spawn" start method on every platform: it behaves as on Windows, and
+  no child inherits onnxruntime's threads or locks from a fork.
+* A worker that dies (a decoder crash, the OOM killer) breaks the whole pool; the files that
+  were in flight are then retried one by one in a fresh single worker, so the culprit
+  becomes an Errors row and the rest of the run completes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+from .discovery import Crop
+from .results import CellResult, FileError
+
+if TYPE_CHECKING:  # heavy imports stay lazy so `batchwbc --help` is instant
+    import numpy as np
+
+    from .cache import ResultCache
+    from .model import Classifier
+
+log = logging.getLogger(__name__)
+
+#: Edge of the review thumbnail in pixels: big enough to see a nucleus in a spreadsheet cell,
+#: small enough (~10-20 kB PNG) that thousands of review cells keep the workbook light.
+THUMBNAIL_SIZE = 80
+DEFAULT_BATCH_SIZE = 32
+#: Files per worker task: amortises inter-process overhead while keeping crash retries cheap.
+CHUNK_FILES = 8
+#: Tasks in flight per worker: enough to keep every worker busy while the main process runs
+#: the model, small enough to bound memory.
+TASKS_PER_WORKER = 3
+#: Fallback review threshold when neither the user, the config nor the model sets one.
+FALLBACK_REVIEW_THRESHOLD = 0.5
+
+CRASH_REASON = "decoding this file crashed the worker process; the file is probably damaged"
+
+
+def default_workers() -> int:
+    """All cores, as the issue asks; onnxruntime shares them (see docs/performance.md)."""
+    return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Worker side (module top level and picklable, as the spawn start method requires)
+# ---------------------------------------------------------------------------------------
+
+def _init_worker() -> None:
+    """Ctrl-C goes to the whole process group; only the main process should react to it.
+    One OpenCV thread per worker: the pool already uses every core."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:  # noqa: BLE001 - a missing cv2 shows up as per-file errors instead
+        pass
+
+
+# A decoded file: (array or None, error reason or None, size, mtime_ns)
+Decoded = tuple
+
+
+def decode_one(path: str, size: int) -> Decoded:
+    """Read, decode and resize one crop; never raises (the reason travels back instead)."""
+    from .preprocess import UnreadableImage, prepare_file
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (None, "file disappeared before it could be read", 0, 0)
+    except OSError as exc:
+        return (None, f"file could not be read ({exc.strerror or exc})", 0, 0)
+    if not stat.S_ISREG(st.st_mode):
+        # e.g. replaced by a FIFO after discovery: opening it would block forever
+        return (None, "not a regular file", 0, 0)
+    try:
+        arr = prepare_file(path, size)
+    except UnreadableImage as exc:
+        return (None, str(exc), st.st_size, st.st_mtime_ns)
+    except MemoryError:
+        return (None, "image too large to decode in the available memory", st.st_size, st.st_mtime_ns)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a failed run
+        return (None, f"image could not be decoded ({type(exc).__name__})", st.st_size, st.st_mtime_ns)
+    return (arr, None, st.st_size, st.st_mtime_ns)
+
+
+def decode_chunk(paths: list[str], size: int, decode: Callable[[str, int], Decoded] = decode_one) -> list[Decoded]:
+    return [decode(p, size) for p in paths]
+
+
+def ping() -> bool:
+    """Proves a fresh worker can start (spawn re-imports the program; that can fail)."""
+    return True
+
+
+class PipelineError(Exception):
+    """The run cannot go on (e.g. worker processes cannot start); str is one sentence."""
+
+
+# ---------------------------------------------------------------------------------------
+# Main-process side
+# ---------------------------------------------------------------------------------------
+
+def make_thumbnail(rgb: "np.ndarray", edge: int = THUMBNAIL_SIZE) -> bytes:
+    """PNG of the model input, for the review sheet (PNG: lossless, embeds in openpyxl)."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if min(h, w) >= edge else cv2.INTER_LINEAR
+    small = cv2.resize(rgb, (edge, edge), interpolation=interp)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - encoding a valid uint8 array does not fail
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def top_two(probs: "np.ndarray", classes: Sequence[str]) -> tuple[str, float, str, float]:
+    """Winning class and runner-up with their probabilities (runner-up empty for 1 class)."""
+    import numpy as np
+
+    order = np.argsort(-probs, kind="stable")
+    first = int(order[0])
+    if len(order) > 1:
+        second = int(order[1])
+        return classes[first], float(probs[first]), classes[second], float(probs[second])
+    return classes[first], float(probs[first]), "", 0.0
+
+
+def cell_from_probs(
+    crop: Crop, probs: "np.ndarray", classes: Sequence[str], review_threshold: float, thumbnail: bytes | None
+) -> CellResult:
+    c1, p1, c2, p2 = top_two(probs, classes)
+    review = p1 < review_threshold
+    return CellResult(crop.patient, crop.rel, c1, p1, c2, p2, review, thumbnail if review else None)
+
+
+@dataclass
+class PipelineOutput:
+    cells: list[CellResult]
+    errors: list[FileError]
+    decoded: int = 0  # files decoded by the workers this run
+    cached: int = 0  # results taken from the cache
+    pool_restarts: int = 0
+    seconds: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One run over a list of crops. `done` counts finished files (classified, cached or
+    failed) while it runs, so an interrupted run can say where it stopped."""
+
+    def __init__(
+        self,
+        input_size: int,
+        classifier: "Classifier | None" = None,
+        review_threshold: float = FALLBACK_REVIEW_THRESHOLD,
+        workers: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        cache: "ResultCache | None" = None,
+        progress: Callable[[int], None] | None = None,
+        decode: Callable[[str, int], Decoded] = decode_one,
+    ):
+        """classifier=None decodes only (the benchmark's baseline): same workers, same files.
+
+        `decode` must be a module-level function (workers receive it by reference); tests
+        swap in one that crashes to prove a dying worker does not end the run."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.input_size = int(input_size)
+        self.classifier = classifier
+        self.classes: tuple[str, ...] = tuple(classifier.info.classes) if classifier is not None else ()
+        self.review_threshold = float(review_threshold)
+        self.workers = default_workers() if workers is None else max(0, int(workers))
+        self.batch_size = int(batch_size)
+        self.cache = cache if classifier is not None else None
+        self.progress = progress
+        self.decode = decode
+        self.done = 0
+        self.total = 0
+        self._cells: list[tuple[int, CellResult]] = []
+        self._errors: list[tuple[int, FileError]] = []
+        self._batch_items: list[tuple[int, Crop, int, int]] = []
+        self._batch: "np.ndarray | None" = None
+        self._out = PipelineOutput([], [])
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _finished(self, n: int = 1) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(n)
+
+    def _error(self, idx: int, crop: Crop, reason: str) -> None:
+        self._errors.append((idx, FileError(crop.patient, crop.rel, reason)))
+        self._finished()
+
+    # -- cache -------------------------------------------------------------------------
+    def _from_cache(self, idx: int, crop: Crop) -> bool:
+        """Report a cached result if it reproduces a full run exactly; False -> decode it."""
+        import numpy as np
+
+        if self.cache is None:
+            return False
+        try:
+            st = os.stat(crop.path)
+        except OSError:
+            return False  # the worker reports the error
+        entry = self.cache.lookup(crop.path, st.st_size, st.st_mtime_ns)
+        if entry is None or entry.probs.shape != (len(self.classes),) or not np.all(np.isfinite(entry.probs)):
+            return False
+        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_png)
+        if cell.review and entry.thumbnail_png is None:
+            return False  # needs review now (other threshold) but no thumbnail was kept: redo it
+        self._cells.append((idx, cell))
+        self._out.cached += 1
+        self._finished()
+        return True
+
+    # -- batching ----------------------------------------------------------------------
+    def _accept(self, idx: int, crop: Crop, decoded: Decoded) -> None:
+        import numpy as np
+
+        arr, reason, size, mtime_ns = decoded
+        if arr is None:
+            self._error(idx, crop, reason or "image could not be decoded")
+            return
+        self._out.decoded += 1
+        if self.classifier is None:
+            self._finished()
+            return
+        if self._batch is None:
+            s = self.input_size
+            self._batch = np.empty((self.batch_size, s, s, 3), dtype=np.uint8)
+        self._batch[len(self._batch_items)] = arr
+        self._batch_items.append((idx, crop, size, mtime_ns))
+        if len(self._batch_items) == self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        import numpy as np
+
+        items, n = self._batch_items, len(self._batch_items)
+        if n == 0 or self.classifier is None or self._batch is None:
+            return
+        self._batch_items = []
+        batch = self._batch[:n]
+        try:
+            probs = self.classifier.predict(batch)
+            if probs.shape != (n, len(self.classes)):
+                raise ValueError(f"model returned shape {probs.shape}")
+        except Exception as exc:  # noqa: BLE001 - fail these cells, keep the run
+            log.error("the model failed on a batch of %d images (%s); they are listed as errors", n, exc)
+            for idx, crop, _, _ in items:
+                self._error(idx, crop, "the model could not classify this image")
+            return
+        for j, (idx, crop, size, mtime_ns) in enumerate(items):
+            p = probs[j]
+            if not np.all(np.isfinite(p)):
+                self._error(idx, crop, "the model returned no valid probabilities for this image")
+                continue
+            c1, p1, _, _ = top_two(p, self.classes)
+            thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold else None
+            cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb)
+            self._cells.append((idx, cell))
+            if self.cache is not None and size:
+                self.cache.store(crop.path, size, mtime_ns, p, thumb)
+            self._finished()
+
+    # -- driving -----------------------------------------------------------------------
+    def _chunks(self, crops: Sequence[Crop]) -> Iterator[list[tuple[int, Crop]]]:
+        """Chunks of files that need decoding; cache hits are reported on the way."""
+        chunk: list[tuple[int, Crop]] = []
+        for idx, crop in enumerate(crops):
+            if self._from_cache(idx, crop):
+                continue
+            chunk.append((idx, crop))
+            if len(chunk) == CHUNK_FILES:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def run(self, crops: Sequence[Crop]) -> PipelineOutput:
+        t0 = time.perf_counter()
+        self.total = len(crops)
+        if self.workers == 0:
+            for chunk in self._chunks(crops):
+                for (idx, crop) in chunk:
+                    self._accept(idx, crop, self.decode(crop.path, self.input_size))
+        else:
+            self._run_pool(self._chunks(crops))
+        self._flush()
+        out = self._out
+        out.cells = [c for _, c in sorted(self._cells, key=lambda t: t[0])]
+        out.errors = [e for _, e in sorted(self._errors, key=lambda t: t[0])]
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    def _new_pool(self, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        )
+
+    def _run_pool(self, chunks: Iterator[list[tuple[int, Crop]]]) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        window = self.workers * TASKS_PER_WORKER
+        pending: deque = deque()
+        pool = self._new_pool(self.workers)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < window:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        exhausted = True
+                        break
+                    pending.append((pool.submit(decode_chunk, [c.path for _, c in chunk], self.input_size, self.decode), chunk))
+                if not pending:
+                    break
+                fut, chunk = pending.popleft()
+                try:
+                    decoded = fut.result()
+                except BrokenProcessPool:
+                    suspects = [chunk] + [c for _, c in pending]
+                    pending.clear()
+                    _stop_pool(pool)
+                    self._out.pool_restarts += 1
+                    log.warning(
+                        "a decoding worker died; retrying the %d files in flight one by one",
+                        sum(len(c) for c in suspects),
+                    )
+                    self._isolate([item for c in suspects for item in c])
+                    pool = self._new_pool(self.workers)
+                    continue
+                for (idx, crop), d in zip(chunk, decoded):
+                    self._accept(idx, crop, d)
+            pool.shutdown(wait=True)  # all work is done: let the workers exit cleanly
+        finally:
+            _stop_pool(pool)
+
+    def _isolate(self, items: list[tuple[int, Crop]]) -> None:
+        """Decode suspects one at a time in a single worker, so a crash names its file."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._checked_single_pool()
+        try:
+            for idx, crop in items:
+                try:
+                    decoded = pool.submit(self.decode, crop.path, self.input_size).result()
+                except BrokenProcessPool:
+                    _stop_pool(pool)
+                    log.warning("decoding %s crashed a worker process", crop.rel)
+                    self._error(idx, crop, CRASH_REASON)
+                    pool = self._checked_single_pool()
+                    continue
+                self._accept(idx, crop, decoded)
+        finally:
+            _stop_pool(pool)
+
+
+    def _checked_single_pool(self):
+        """A one-worker pool that has proved it can run a task; otherwise a crash would be
+        blamed on innocent files one after another."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._new_pool(1)
+        try:
+            pool.submit(ping).result()
+        except BrokenProcessPool:
+            _stop_pool(pool)
+            raise PipelineError(
+                "the image-decoding worker processes could not start; try --workers 0 to decode in the main process."
+            ) from None
+        return pool
+
+
+def _stop_pool(pool) -> None:
+    """Stop at once, also on Ctrl-C/SIGTERM: cancel queued work and end the workers rather
+    than waiting for them (a worker may be stuck on a hung network share)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
