@@ -21,6 +21,9 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # OpenCV's own decoder limit (read by imdecode): a second guard for formats the header probe
 # cannot identify. It must be set before cv2 is first imported.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+# Damaged files are reported as UnreadableImage with a reason; OpenCV's own "[ WARN ...]" lines
+# about them would only clutter the nightly log.
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 #: Identifier stored in the ONNX metadata; the runtime refuses models expecting anything else.
 PREPROCESSING_ID = "batchwbc-rgb-uint8-area-v1"
@@ -56,16 +59,25 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise UnreadableImage(f"file could not be read ({exc.strerror or exc})") from None
 
 
+#: probe_size's answer for an image Pillow itself refuses as a bomb (its real size is not reported).
+FAR_TOO_LARGE = (1 << 20, 1 << 20)
+
+
 def probe_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from the header alone (no pixel allocation), or None if unidentifiable."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return int(im.size[0]), int(im.size[1])
+        with warnings.catch_warnings():
+            # Our own, stricter limit decides; Pillow's warning would only be log noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.size[0]), int(im.size[1])
     except Image.DecompressionBombError:
         # Pillow refuses before reading the size back to us; treat as far too large.
-        return (1 << 20, 1 << 20)
+        return FAR_TOO_LARGE
     except Exception:  # noqa: BLE001 - any parser failure just means "let OpenCV decide"
         return None
 
@@ -78,10 +90,8 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise UnreadableImage("empty file (0 bytes)")
     size = probe_size(data)
     if size is not None and size[0] * size[1] > max_pixels:
-        raise UnreadableImage(
-            f"image is {size[0]}x{size[1]} pixels, above the {max_pixels:,}-pixel safety limit "
-            "for single-cell crops"
-        )
+        dims = "far larger than" if size == FAR_TOO_LARGE else f"{size[0]}x{size[1]} pixels, above"
+        raise UnreadableImage(f"image is {dims} the {max_pixels:,}-pixel safety limit for single-cell crops")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
