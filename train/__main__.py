@@ -1,0 +1,70 @@
+"""`python -m train --data DIR --out runs/NAME [options]`: train, calibrate and evaluate."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .models import BACKBONES
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False), help="Labelled data: PBC_dataset_normal_DIB, AML-Cytomorphology_LMU, <class_id>/ folders, or a folder of those (e.g. ../shared/data).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder for the model, split and metrics (e.g. runs/NAME).")
+@click.option("--backbone", type=click.Choice(sorted(BACKBONES)), default="mobilenetv3small", help="Feature extractor; resnet50 is the paper's, the MobileNets suit a CPU PC.")
+@click.option("--weights", default="none", help="'none' (from scratch), 'imagenet' (needs a connection) or PATH to a Keras .h5 weights file for the backbone.")
+@click.option("--size", type=int, default=128, help="Input size S (crops are resized to SxS).")
+@click.option("--epochs", type=int, default=60, help="Maximum epochs (early stopping usually ends sooner).")
+@click.option("--batch-size", type=int, default=32)
+@click.option("--lr", type=float, default=2e-3, help="Adam learning rate.")
+@click.option("--patience", type=int, default=5, help="Early stopping patience on validation accuracy (best weights restored).")
+@click.option("--freeze-epochs", type=int, default=0, help="With pretrained weights: epochs training only the head before unfreezing the backbone.")
+@click.option("--fine-tune-lr", type=float, default=None, help="Learning rate after unfreezing (default lr/10).")
+@click.option("--balance", type=click.Choice(["weights", "none"]), default="weights", help="Class weighting against class imbalance.")
+@click.option("--augment", type=float, default=1.0, help="Augmentation strength (0 disables): rotation/flip, scale, shift, stain jitter.")
+@click.option("--colour-norm", type=click.Choice(["instance", "none"]), default="instance", help="Per-image colour standardisation inside the model (guards against scanner colour shortcuts).")
+@click.option("--bn-momentum", type=float, default=0.9, help="BatchNorm momentum for the backbone (Keras MobileNets default 0.999 collapses in short runs).")
+@click.option("--dropout", type=float, default=0.3)
+@click.option("--split", "split_spec", default="0.8,0.12,0.08", help="train,val,test fractions (stratified by class and source).")
+@click.option("--seed", type=int, default=42)
+@click.option("--review-target-accuracy", type=float, default=0.97, help="The review threshold is the lowest confidence above which validation cells are this accurate.")
+@click.option("--limit-per-class", type=int, default=0, help="Use at most N images per class (smoke tests).")
+@click.option("--workers", type=int, default=0, help="Decoding threads (0 = all cores).")
+def main(**opt) -> None:
+    """Train a batchwbc classifier and write model, split, metrics and plots to --out."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pathlib import Path
+
+    from batchwbc.datasets import DatasetError
+
+    data_root = Path(opt["data_root"])
+    if not data_root.is_dir():
+        _fail(f"data folder {data_root} does not exist.")
+    if not any(data_root.iterdir()):
+        _fail(f"data folder {data_root} is empty.")
+    try:
+        fractions = tuple(float(x) for x in opt["split_spec"].split(","))
+        assert len(fractions) == 3 and abs(sum(fractions) - 1) < 1e-6 and min(fractions) > 0
+    except (ValueError, AssertionError):
+        _fail("--split must be three positive fractions summing to 1, e.g. 0.8,0.12,0.08.")
+    w = opt["weights"]
+    if w not in ("none", "imagenet") and not Path(w).is_file():
+        _fail(f"weights file {w} does not exist (use 'none', 'imagenet' or a path to an .h5 file).")
+    from . import fit
+
+    try:
+        fit.run(opt, data_root, Path(opt["out_dir"]), fractions)
+    except DatasetError as exc:
+        _fail(str(exc))
+    except fit.TrainingError as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The training run: data -> split -> model -> fit -> calibrate -> evaluate -> save."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from batchwbc import catalogue
+
+from . import calibration, data, evaluate, split
+
+
+class TrainingError(Exception):
+    """A run that cannot proceed; str is one sentence."""
+
+
+class _Throughput:
+    """Keras callback printing images/s per epoch (the number the model card quotes)."""
+
+    def __new__(cls, n_train: int):
+        import keras
+
+        class CB(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t0 = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                dt = time.perf_counter() - self.t0
+                logs = logs or {}
+                logs["epoch_seconds"] = dt
+                print(f"epoch {epoch + 1}: {n_train / dt:.0f} img/s, {dt:.0f} s", flush=True)
+
+        return CB()
+
+
+def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, float]) -> dict:
+    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    size = opt["size"]
+    print(f"reading {data_root} ...", flush=True)
+    ds = data.load(data_root, size, opt["workers"], opt["limit_per_class"], opt["seed"])
+    if len(ds.labels) == 0:
+        raise TrainingError(f"no usable labelled images were found in {data_root}.")
+    print(data.count_table(ds.labels, ds.sources))
+    for (src, reason), n in sorted(ds.scan.skipped.items()):
+        print(f"skipped {n:5d} from {src}: {reason}")
+    with open(out / "skipped.csv", "w") as fh:
+        fh.write("source,reason,count\n")
+        for (src, reason), n in sorted(ds.scan.skipped.items()):
+            fh.write(f"{src},\"{reason}\",{n}\n")
+    with open(out / "dropped.csv", "w") as fh:
+        fh.write("path,reason\n")
+        for p, r in ds.dropped:
+            fh.write(f"\"{p}\",\"{r}\"\n")
+    print(f"quality filter dropped {len(ds.dropped)} images (listed in dropped.csv)")
+
+    strata = [f"{catalogue.CLASS_IDS[l]}|{s}" for l, s in zip(ds.labels, ds.sources)]
+    assign = np.array(split.stratified_split(strata, fractions, opt["seed"]))
+    split.write_split_csv(
+        out / "split.csv",
+        [(p, catalogue.CLASS_IDS[l], s, a) for p, l, s, a in zip(ds.paths, ds.labels, ds.sources, assign)],
+    )
+    idx = {name: np.flatnonzero(assign == name) for name in split.SPLITS}
+    for name in split.SPLITS:
+        print(f"{name}: {len(idx[name])} images")
+    if min(len(v) for v in idx.values()) == 0:
+        raise TrainingError("too few images to make train, validation and test splits.")
+
+    import keras
+
+    from . import models
+
+    keras.utils.set_random_seed(opt["seed"])
+    n_classes = len(catalogue.CLASS_IDS)
+    try:
+        core, backbone = models.build_core(
+            opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"]
+        )
+    except models.WeightsError as exc:
+        raise TrainingError(str(exc)) from None
+    trainer = models.build_trainer(core, models.build_augmenter(opt["augment"], opt["seed"]), size)
+
+    y_tr = ds.labels[idx["train"]]
+    class_weight = None
+    if opt["balance"] == "weights":
+        counts = np.bincount(y_tr, minlength=n_classes)
+        present = counts > 0
+        class_weight = {k: float(len(y_tr) / (present.sum() * counts[k])) if counts[k] else 0.0 for k in range(n_classes)}
+    x_tr, x_va = ds.images[idx["train"]], ds.images[idx["val"]]
+    y_va = ds.labels[idx["val"]]
+
+    def compile_(lr):
+        trainer.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=opt["patience"], restore_best_weights=True, verbose=1),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5, verbose=1),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        _Throughput(len(y_tr)),
+    ]
+    (out / "history.csv").unlink(missing_ok=True)
+    t_fit = time.time()
+    epoch0 = 0
+    if opt["freeze_epochs"] > 0 and opt["weights"] != "none":
+        backbone.trainable = False
+        compile_(opt["lr"])
+        h = trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va), epochs=opt["freeze_epochs"], batch_size=opt["batch_size"],
+                        class_weight=class_weight, callbacks=callbacks, verbose=2)
+        epoch0 = len(h.history["loss"])
+        backbone.trainable = True
+        compile_(opt["fine_tune_lr"] or opt["lr"] / 10)
+    else:
+        compile_(opt["lr"])
+    trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va), epochs=max(opt["epochs"], epoch0 + 1), initial_epoch=epoch0,
+                batch_size=opt["batch_size"], class_weight=class_weight, callbacks=callbacks, verbose=2)
+    fit_seconds = time.time() - t_fit
+    evaluate.plot_history(out / "history.csv", out)
+
+    # Judge only by evaluation-mode predictions on held-out data, never the training curve.
+    def logits_of(name):
+        x = ds.images[idx[name]].astype(np.float32)
+        return core.predict(x, batch_size=128, verbose=0)
+
+    val_logits, test_logits = logits_of("val"), logits_of("test")
+    temperature = calibration.fit_temperature(val_logits, y_va)
+    val_probs = calibration.softmax(val_logits, temperature)
+    threshold = calibration.review_threshold(val_probs, y_va, opt["review_target_accuracy"])
+    ece_before, _ = calibration.reliability(calibration.softmax(val_logits), y_va)
+    results = {}
+    for name, lg in (("val", val_logits), ("test", test_logits)):
+        probs = calibration.softmax(lg, temperature)
+        srcs = [ds.sources[i] for i in idx[name]]
+        results[name] = evaluate.write_artifacts(out, name, probs, ds.labels[idx[name]], srcs)
+    np.savez_compressed(out / "logits.npz", val=val_logits, test=test_logits, val_idx=idx["val"], test_idx=idx["test"])
+    core.save(out / "model.keras")
+
+    test = results["test"]["summary"]
+    record = {
+        "options": {k: v for k, v in opt.items()},
+        "data_root": str(data_root),
+        "input_size": size,
+        "classes": list(catalogue.CLASS_IDS),
+        "temperature": temperature,
+        "review_threshold": threshold,
+        "val_ece_uncalibrated": ece_before,
+        "val_ece": results["val"]["ece"],
+        "test_ece": results["test"]["ece"],
+        "counts": {f"{c}|{s}": int(n) for (c, s), n in sorted(ds.scan.counts().items())},
+        "split_sizes": {k: int(len(v)) for k, v in idx.items()},
+        "dropped": len(ds.dropped),
+        "skipped": {f"{s}: {r}": n for (s, r), n in sorted(ds.scan.skipped.items())},
+        "test_summary": test,
+        "val_summary": results["val"]["summary"],
+        "fit_seconds": fit_seconds,
+        "total_seconds": time.time() - t_start,
+        "epochs_run": sum(1 for _ in open(out / "history.csv")) - 1,
+        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}",
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    print(
+        f"test: accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}; paper classes: accuracy "
+        f"{test['paper10_accuracy']:.4f}, macro-F1 {test['paper10_macro_f1']:.4f}; T={temperature:.3f}, "
+        f"review threshold {threshold:.2f}; fit {fit_seconds / 60:.1f} min"
+    )
+    return record

@@ -1,0 +1,103 @@
+"""Backbone + head builders. The core model maps float 0..255 RGB to logits; softmax and
+temperature are added at export, augmentation only in the training wrapper."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from .layers import InputNormalization, StainJitter, ToFloat
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    factory: str  # keras.applications attribute
+    input_mode: str  # see InputNormalization.MODES
+    kwargs: tuple = ()
+
+
+BACKBONES: dict[str, Backbone] = {
+    "mobilenetv3small": Backbone("mobilenetv3small", "MobileNetV3Small", "minus1to1", (("include_preprocessing", False),)),
+    "mobilenetv3large": Backbone("mobilenetv3large", "MobileNetV3Large", "minus1to1", (("include_preprocessing", False),)),
+    "mobilenetv2": Backbone("mobilenetv2", "MobileNetV2", "minus1to1"),
+    "mobilenetv2_050": Backbone("mobilenetv2_050", "MobileNetV2", "minus1to1", (("alpha", 0.5),)),
+    "mobilenet_025": Backbone("mobilenet_025", "MobileNet", "minus1to1", (("alpha", 0.25),)),
+    "efficientnetb0": Backbone("efficientnetb0", "EfficientNetB0", "raw255"),
+    "resnet50": Backbone("resnet50", "ResNet50", "caffe"),
+}
+
+
+class WeightsError(Exception):
+    """A weights file that does not fit the chosen backbone; str is one sentence."""
+
+
+def build_backbone(name: str, size: int, weights: str, bn_momentum: float | None) -> keras.Model:
+    spec = BACKBONES[name]
+    factory = getattr(keras.applications, spec.factory)
+    w = None if weights in ("none", "", None) else weights
+    if w not in (None, "imagenet") and not Path(w).is_file():
+        raise WeightsError(f"weights file {w} does not exist.")
+    try:
+        net = factory(input_shape=(size, size, 3), include_top=False, weights=w, pooling="avg", **dict(spec.kwargs))
+    except (ValueError, OSError, KeyError) as exc:
+        if w is None or w == "imagenet":
+            raise
+        raise WeightsError(f"weights file {w} does not match backbone {name} ({str(exc).splitlines()[0][:160]}).") from None
+    if bn_momentum is not None:
+        # Keras' MobileNets use momentum 0.999: after a short from-scratch run the moving
+        # statistics lag the weights and eval-mode predictions can collapse to one class.
+        for layer in net.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+    return net
+
+
+def build_core(
+    backbone: str,
+    size: int,
+    n_classes: int,
+    weights: str = "none",
+    colour_norm: str = "instance",
+    dense: int = 256,
+    dropout: float = 0.3,
+    l2: float = 1e-4,
+    bn_momentum: float | None = 0.9,
+) -> tuple[keras.Model, keras.Model]:
+    """(core, backbone): core maps [N,S,S,3] float 0..255 to logits; head as in the paper
+    (normalisation, Dense 256 ReLU with L2, dropout) with logits out for temperature scaling."""
+    net = build_backbone(backbone, size, weights, bn_momentum)
+    inp = keras.Input((size, size, 3), dtype="float32", name="rgb")
+    x = InputNormalization(BACKBONES[backbone].input_mode, colour_norm, name="input_norm")(inp)
+    x = net(x)
+    x = keras.layers.BatchNormalization(momentum=bn_momentum or 0.99, name="head_norm")(x)
+    x = keras.layers.Dense(dense, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), name="head_dense")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(n_classes, name="logits", dtype="float32")(x)
+    return keras.Model(inp, logits, name=f"core_{backbone}"), net
+
+
+def build_augmenter(strength: float, seed: int) -> keras.Sequential:
+    """Rotations/flips (cells have no orientation), scale (Munich crops are ~1.6x larger than
+    PBC ones), small shifts, and stain/scanner colour jitter."""
+    if strength <= 0:
+        return keras.Sequential([], name="augment")
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            keras.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomZoom((-0.3 * strength, 0.3 * strength), fill_mode="reflect", seed=seed + 2),
+            keras.layers.RandomTranslation(0.06 * strength, 0.06 * strength, fill_mode="reflect", seed=seed + 3),
+            StainJitter(strength, seed=seed + 4),
+        ],
+        name="augment",
+    )
+
+
+def build_trainer(core: keras.Model, augmenter: keras.Model, size: int) -> keras.Model:
+    """uint8 input -> augmentation (training only) -> core -> logits."""
+    inp = keras.Input((size, size, 3), dtype="uint8", name="image")
+    x = ToFloat(name="to_float")(inp)
+    x = augmenter(x)
+    return keras.Model(inp, core(x), name="trainer")
