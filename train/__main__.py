@@ -15,7 +15,7 @@ def _fail(msg: str) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False), help="Labelled data: PBC_dataset_normal_DIB, AML-Cytomorphology_LMU, <class_id>/ folders, or a folder of those (e.g. ../shared/data).")
+@click.option("--data", "data_root", required=True, type=click.Path(), help="Labelled data: PBC_dataset_normal_DIB, AML-Cytomorphology_LMU, <class_id>/ folders, a folder of those (e.g. ../shared/data), or a file made by `python -m train.packed`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder for the model, split and metrics (e.g. runs/NAME).")
 @click.option("--backbone", type=click.Choice(sorted(BACKBONES)), default="mobilenetv3small", help="Feature extractor; resnet50 is the paper's, the MobileNets suit a CPU PC.")
 @click.option("--weights", default="none", help="'none' (from scratch), 'imagenet' (needs a connection) or PATH to a Keras .h5 weights file for the backbone.")
@@ -36,6 +36,9 @@ def _fail(msg: str) -> None:
 @click.option("--review-target-accuracy", type=float, default=0.97, help="The review threshold is the lowest confidence above which validation cells are this accurate.")
 @click.option("--limit-per-class", type=int, default=0, help="Use at most N images per class (smoke tests).")
 @click.option("--workers", type=int, default=0, help="Decoding threads (0 = all cores).")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Start from this model.keras (with --epochs 0: only calibrate and evaluate it).")
+@click.option("--time-budget-min", type=float, default=0, help="Stop training after this many minutes (0 = no limit); the best model so far is kept.")
+@click.option("--train-only", is_flag=True, help="Fit and save the model, skip calibration/evaluation (e.g. on a lent GPU machine; finish with --resume --epochs 0).")
 def main(**opt) -> None:
     """Train a batchwbc classifier and write model, split, metrics and plots to --out."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -44,9 +47,10 @@ def main(**opt) -> None:
     from batchwbc.datasets import DatasetError
 
     data_root = Path(opt["data_root"])
-    if not data_root.is_dir():
+    packed = data_root.suffix == ".npz" and data_root.is_file()
+    if not packed and not data_root.is_dir():
         _fail(f"data folder {data_root} does not exist.")
-    if not any(data_root.iterdir()):
+    if not packed and not any(data_root.iterdir()):
         _fail(f"data folder {data_root} is empty.")
     try:
         fractions = tuple(float(x) for x in opt["split_spec"].split(","))

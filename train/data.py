@@ -27,6 +27,7 @@ class LoadedData:
     paths: list[str]  # relative to the data root, POSIX
     dropped: list[tuple[str, str]]  # (path, reason)
     scan: DatasetScan
+    assigned_split: list[str] | None = None  # set when the data came from a packed file
 
 
 def _load_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
@@ -43,6 +44,14 @@ def _load_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
 def load(data_root: str | os.PathLike, size: int, workers: int = 0, limit_per_class: int = 0, seed: int = 0) -> LoadedData:
     """Scan `data_root` (any supported layout), decode every usable image at size x size."""
     root = Path(data_root)
+    if root.suffix == ".npz" and root.is_file():
+        from .packed import unpack
+
+        images, labels, sources, paths, assigned = unpack(root)
+        if images.shape[1] != size:
+            raise ValueError(f"{root} holds {images.shape[1]}px crops, not {size}px")
+        scan = DatasetScan()
+        return LoadedData(images, labels, sources, paths, [], scan, assigned)
     scan = read_any(root)
     items = sorted(scan.items, key=lambda it: it.path.as_posix())
     if limit_per_class:

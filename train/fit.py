@@ -17,6 +17,29 @@ class TrainingError(Exception):
     """A run that cannot proceed; str is one sentence."""
 
 
+class _KeepBest:
+    """Save the core model whenever validation accuracy improves, so a run cut short (a time
+    limit, a lost machine) still leaves its best model behind."""
+
+    def __new__(cls, core, path: Path, budget_s: float):
+        import keras
+
+        class CB(keras.callbacks.Callback):
+            best = -1.0
+            t0 = time.time()
+
+            def on_epoch_end(self, epoch, logs=None):
+                acc = float((logs or {}).get("val_accuracy", -1))
+                if acc > self.best:
+                    self.best = acc
+                    core.save(path)
+                if budget_s and time.time() - self.t0 > budget_s:
+                    print(f"time budget reached after epoch {epoch + 1}; stopping", flush=True)
+                    self.model.stop_training = True
+
+        return CB()
+
+
 class _Throughput:
     """Keras callback printing images/s per epoch (the number the model card quotes)."""
 
@@ -42,6 +65,7 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     size = opt["size"]
     print(f"reading {data_root} ...", flush=True)
     ds = data.load(data_root, size, opt["workers"], opt["limit_per_class"], opt["seed"])
+    train_only = bool(opt.get("train_only"))
     if len(ds.labels) == 0:
         raise TrainingError(f"no usable labelled images were found in {data_root}.")
     print(data.count_table(ds.labels, ds.sources))
@@ -57,8 +81,11 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
             fh.write(f"\"{p}\",\"{r}\"\n")
     print(f"quality filter dropped {len(ds.dropped)} images (listed in dropped.csv)")
 
-    strata = [f"{catalogue.CLASS_IDS[l]}|{s}" for l, s in zip(ds.labels, ds.sources)]
-    assign = np.array(split.stratified_split(strata, fractions, opt["seed"]))
+    if ds.assigned_split is not None:  # a packed file carries the split it was cut from
+        assign = np.array(ds.assigned_split)
+    else:
+        strata = [f"{catalogue.CLASS_IDS[l]}|{s}" for l, s in zip(ds.labels, ds.sources)]
+        assign = np.array(split.stratified_split(strata, fractions, opt["seed"]))
     split.write_split_csv(
         out / "split.csv",
         [(p, catalogue.CLASS_IDS[l], s, a) for p, l, s, a in zip(ds.paths, ds.labels, ds.sources, assign)],
@@ -66,7 +93,7 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     idx = {name: np.flatnonzero(assign == name) for name in split.SPLITS}
     for name in split.SPLITS:
         print(f"{name}: {len(idx[name])} images")
-    if min(len(v) for v in idx.values()) == 0:
+    if min(len(idx[k]) for k in (("train", "val") if train_only else split.SPLITS)) == 0:
         raise TrainingError("too few images to make train, validation and test splits.")
 
     import keras
@@ -75,12 +102,19 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
 
     keras.utils.set_random_seed(opt["seed"])
     n_classes = len(catalogue.CLASS_IDS)
-    try:
-        core, backbone = models.build_core(
-            opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"]
-        )
-    except models.WeightsError as exc:
-        raise TrainingError(str(exc)) from None
+    if opt.get("resume"):
+        import train.layers  # noqa: F401 - custom layers for load_model
+
+        core = keras.saving.load_model(opt["resume"], compile=False)
+        backbone = core.layers[2]
+        print(f"resumed from {opt['resume']}")
+    else:
+        try:
+            core, backbone = models.build_core(
+                opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"]
+            )
+        except models.WeightsError as exc:
+            raise TrainingError(str(exc)) from None
     trainer = models.build_trainer(core, models.build_augmenter(opt["augment"], opt["seed"]), size)
 
     y_tr = ds.labels[idx["train"]]
@@ -104,8 +138,10 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5, verbose=1),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         _Throughput(len(y_tr)),
+        _KeepBest(core, out / "model.keras", 60.0 * (opt.get("time_budget_min") or 0)),
     ]
-    (out / "history.csv").unlink(missing_ok=True)
+    if opt["epochs"] > 0:
+        (out / "history.csv").unlink(missing_ok=True)
     t_fit = time.time()
     epoch0 = 0
     if opt["freeze_epochs"] > 0 and opt["weights"] != "none":
@@ -118,10 +154,16 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         compile_(opt["fine_tune_lr"] or opt["lr"] / 10)
     else:
         compile_(opt["lr"])
-    trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va), epochs=max(opt["epochs"], epoch0 + 1), initial_epoch=epoch0,
-                batch_size=opt["batch_size"], class_weight=class_weight, callbacks=callbacks, verbose=2)
+    if opt["epochs"] > epoch0:
+        trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va), epochs=opt["epochs"], initial_epoch=epoch0,
+                    batch_size=opt["batch_size"], class_weight=class_weight, callbacks=callbacks, verbose=2)
     fit_seconds = time.time() - t_fit
-    evaluate.plot_history(out / "history.csv", out)
+    if train_only:
+        core.save(out / "model.keras")
+        print(f"train-only run finished in {fit_seconds / 60:.1f} min; best model in {out / 'model.keras'}")
+        return {}
+    if (out / "history.csv").is_file():
+        evaluate.plot_history(out / "history.csv", out)
 
     # Judge only by evaluation-mode predictions on held-out data, never the training curve.
     def logits_of(name):
@@ -160,7 +202,7 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         "val_summary": results["val"]["summary"],
         "fit_seconds": fit_seconds,
         "total_seconds": time.time() - t_start,
-        "epochs_run": sum(1 for _ in open(out / "history.csv")) - 1,
+        "epochs_run": (sum(1 for _ in open(out / "history.csv")) - 1) if (out / "history.csv").is_file() else 0,
         "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}",
         "keras": keras.__version__,
         "backend": keras.backend.backend(),

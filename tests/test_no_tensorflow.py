@@ -1,0 +1,93 @@
+"""The lab PC has no TensorFlow: neither `import batchwbc` nor a full run (main process and
+spawned decode workers) may import tensorflow, keras or tf2onnx."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import tinymodel
+
+REPO = Path(__file__).resolve().parents[1]
+FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "tf_keras", "tensorboard")
+
+# Installed for every Python process started with this PYTHONPATH (spawned workers included):
+# any attempt to import a forbidden package is written to a log file and refused.
+SITECUSTOMIZE = textwrap.dedent(
+    """
+    import os, sys
+    _FORBIDDEN = {forbidden!r}
+    _LOG = {log!r}
+
+    class _Guard:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in _FORBIDDEN:
+                with open(_LOG, "a") as fh:
+                    fh.write(f"{{os.getpid()}} {{name}}\\n")
+                raise ImportError(f"{{name}} is forbidden in the batchwbc runtime")
+            return None
+
+    sys.meta_path.insert(0, _Guard())
+    """
+)
+
+
+def guarded_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    site = tmp_path / "site"
+    site.mkdir()
+    log = tmp_path / "forbidden.log"
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(forbidden=FORBIDDEN, log=str(log)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env, log
+
+
+def test_guard_itself_catches_a_tensorflow_import(tmp_path):
+    """Proves the check can fail: the guard sees (and logs) a forbidden import."""
+    env, log = guarded_env(tmp_path)
+    r = subprocess.run([sys.executable, "-c", "import keras"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "keras" in log.read_text()
+
+
+def test_import_batchwbc_and_all_runtime_modules(tmp_path):
+    env, log = guarded_env(tmp_path)
+    code = (
+        "import pkgutil, importlib, sys, batchwbc\n"
+        "for m in pkgutil.iter_modules(batchwbc.__path__):\n"
+        "    importlib.import_module('batchwbc.' + m.name)\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert not log.exists(), log.read_text()
+
+
+def test_full_run_with_worker_processes_never_imports_tensorflow(tmp_path):
+    env, log = guarded_env(tmp_path)
+    model = tinymodel.build(tmp_path / "tiny.onnx")
+    out = tmp_path / "r.xlsx"
+    r = subprocess.run(
+        [sys.executable, "-m", "batchwbc", "run", str(REPO / "samples" / "slides"), "--out", str(out),
+         "--model", str(model), "--workers", "2", "--cells-csv", str(tmp_path / "c.csv")],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+    assert not log.exists(), f"forbidden imports: {log.read_text()}"
+
+
+@pytest.mark.parametrize("module", ["batchwbc.cli", "batchwbc.pipeline", "batchwbc.simulate", "batchwbc.report"])
+def test_sources_do_not_name_tensorflow_imports(module):
+    """A cheap static check that also covers code paths the run above did not take."""
+    import importlib
+
+    src = Path(importlib.import_module(module).__file__).read_text(encoding="utf-8")
+    for name in FORBIDDEN:
+        assert f"import {name}" not in src and f"from {name}" not in src

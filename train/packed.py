@@ -1,0 +1,72 @@
+"""Pack the train/val part of a split into one compact file, for training on another machine.
+
+A GPU machine lent for a few minutes cannot see ../shared, and the decoded uint8 arrays are
+~0.5 GB. The packed file holds the crops *after* the shared preprocessing (SxS RGB), JPEG
+re-encoded (4:4:4, quality 90: mean absolute pixel error ~2.5/255, below the colour jitter
+used in training). Test images are never packed, and final calibration and evaluation are
+always recomputed from the original files with the exact runtime preprocessing.
+
+    python -m train.packed --data ../shared/data --split runs/NAME/split.csv --out pack.npz
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import click
+import numpy as np
+
+from batchwbc import catalogue
+
+
+def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, splits=("train", "val")) -> int:
+    import cv2
+
+    from batchwbc.preprocess import prepare_file
+
+    from .split import read_split_csv
+
+    rows = [r for r in read_split_csv(split_csv) if r["split"] in splits]
+    blobs, labels, sources, paths, assign = [], [], [], [], []
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    for r in rows:
+        rgb = prepare_file(data_root / r["path"], size)
+        ok, enc = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+        assert ok
+        blobs.append(enc.tobytes())
+        labels.append(catalogue.CLASS_IDS.index(r["class_id"]))
+        sources.append(r["source"])
+        paths.append(r["path"])
+        assign.append(r["split"])
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    np.savez(out, jpeg=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, labels=np.array(labels),
+             sources=np.array(sources), paths=np.array(paths), split=np.array(assign), size=np.array(size))
+    return len(rows)
+
+
+def unpack(path: Path):
+    """-> (images uint8 [n,S,S,3], labels, sources, paths, split)."""
+    import cv2
+
+    z = np.load(path)
+    buf, off = z["jpeg"], z["offsets"]
+    size = int(z["size"])
+    images = np.empty((len(off) - 1, size, size, 3), np.uint8)
+    for i in range(len(off) - 1):
+        images[i] = cv2.cvtColor(cv2.imdecode(buf[off[i] : off[i + 1]], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return images, z["labels"].astype(np.int64), [str(s) for s in z["sources"]], [str(p) for p in z["paths"]], [str(s) for s in z["split"]]
+
+
+@click.command()
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--size", type=int, default=128)
+@click.option("--quality", type=int, default=85)
+def main(data_root, split_csv, out, size, quality):
+    n = pack(Path(data_root), Path(split_csv), Path(out), size, quality)
+    click.echo(f"packed {n} images into {out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
