@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
@@ -91,13 +92,25 @@ def exact_binomial_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float
         raise ValueError(f"successes k={k} must lie between 0 and n={n}")
     if not 0.0 < level < 1.0:
         raise ValueError("level must lie strictly between 0 and 1")
-    alpha = 1.0 - level
-    lower = 0.0 if k == 0 else _beta_quantile(alpha / 2.0, k, n - k + 1)
-    upper = 1.0 if k == n else _beta_quantile(1.0 - alpha / 2.0, k + 1, n - k)
+    return _clopper_pearson(k, n, level)
+
+
+@lru_cache(maxsize=8192)
+def _clopper_pearson(k: int, n: int, level: float) -> tuple[float, float]:
+    # Cached: a night's report asks for the same (k, n) many times (e.g. 0 of 100 for rare classes).
+    half_alpha = (1.0 - level) / 2.0
     if k == 0:  # closed forms, exact to the last bit
-        upper = 1.0 - (alpha / 2.0) ** (1.0 / n)
+        lower = 0.0
+    elif k == n:
+        lower = half_alpha ** (1.0 / n)
+    else:
+        lower = _beta_quantile(half_alpha, k, n - k + 1)
     if k == n:
-        lower = (alpha / 2.0) ** (1.0 / n)
+        upper = 1.0
+    elif k == 0:
+        upper = 1.0 - half_alpha ** (1.0 / n)
+    else:
+        upper = _beta_quantile(1.0 - half_alpha, k + 1, n - k)
     return lower, upper
 
 

@@ -59,7 +59,7 @@ def evaluate(diff: Differential, settings: Settings) -> list[Flag]:
     if diff.blasts_pct is not None and _ge(diff.blasts_pct, settings.blasts_high_pct):
         text = _fraction_text("Blasts", diff.blasts, diff.blasts_pct, diff)
         flags.append(Flag(BLASTS_HIGH, f"{text} >= {_n(settings.blasts_high_pct)}%", CRITICAL))
-    if diff.blasts >= settings.blasts_present_min_count:
+    if diff.blasts >= settings.blasts_present_min_count and not flags:  # BLASTS_HIGH already says it
         pct = f" ({diff.blasts_pct:.1f}% of {diff.wbc} WBC)" if diff.blasts_pct is not None else ""
         flags.append(
             Flag(

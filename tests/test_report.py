@@ -1,0 +1,488 @@
+"""The workbook and CSV, read back: sheets, columns, values, text never a formula, atomic writes."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from openpyxl import load_workbook
+from PIL import Image as PILImage
+
+from batchwbc import catalogue, report
+from batchwbc.config import DEFAULT_SETTINGS
+from batchwbc.differential import summarize
+from batchwbc.model import ModelInfo
+from batchwbc.results import CellResult, FileError, RunData
+
+NASTY = ['=HYPERLINK("http://x","y")', "+SUM(1,2)", "-2+3", "@cmd", "Ünïcødé 患者 ☃", "#N/A", "=1+1"]
+
+
+def png(colour=(200, 30, 30), size=32) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def model_info(classes=catalogue.CLASS_IDS) -> ModelInfo:
+    return ModelInfo(
+        path=Path("/models/tiny.onnx"), sha256="ab" * 32, classes=tuple(classes), input_size=32,
+        model_version="tiny-test-1", temperature=1.0, review_threshold=0.6, preprocessing="test",
+        metadata={"batchwbc.test_metrics": '{"accuracy": 0.9}'},
+    )
+
+
+def mk(patient: str, class_id: str, i: int, conf: float = 0.95, thumb: bool = True) -> CellResult:
+    review = conf < 0.6
+    return CellResult(patient, f"{patient}/{class_id}_{i}.jpg", class_id, conf, "monocyte", 1 - conf - 0.01,
+                      review, png() if (review and thumb) else None)
+
+
+def make_run(n_normal=100, extra_patients=NASTY) -> RunData:
+    cells: list[CellResult] = []
+    # P1: 100 WBC, 23 blasts (critical), 2 NRBC, 1 platelet, 3 low-confidence cells with thumbnails.
+    plan = {"myeloblast": 23, "lymphocyte": 40, "neutrophil_segmented": n_normal - 63, "erythroblast": 2, "platelet": 1}
+    for cid, n in plan.items():
+        cells += [mk("P1", cid, i) for i in range(n)]
+    cells += [mk("P1", "monocyte", 100 + i, conf=0.3 + i / 100) for i in range(3)]
+    # P2: 100 WBC, normal.
+    cells += [mk("P2", "lymphocyte", i) for i in range(30)] + [mk("P2", "neutrophil_segmented", i) for i in range(70)]
+    for name in extra_patients:  # patient folders and files whose names look like formulas
+        cells += [mk(name, "lymphocyte", 0), mk(name, "eosinophil", 1, conf=0.4)]
+    errors = [
+        FileError("P2", "P2/broken.jpg", "the file is not a readable image (truncated JPEG)."),
+        FileError("FAILED", "", "the folder could not be listed (permission denied)."),
+        FileError("=cmd|' /C calc'!A0", "=cmd|' /C calc'!A0/x.png", "=evil reason"),
+    ]
+    t0 = datetime(2026, 5, 9, 22, 0, 0)
+    return RunData(
+        root="/data/slides", patients=["P1", "P2", *extra_patients, "EMPTY", "FAILED", "=cmd|' /C calc'!A0"],
+        cells=cells, errors=errors, model=model_info(), review_threshold=0.6, started=t0,
+        finished=t0 + timedelta(minutes=3, seconds=7), tool_version="0.1.0", ignored_files=4,
+        extra={"Decode workers": "2", "=extra": "+1"},
+    )
+
+
+def rows(ws) -> list[tuple]:
+    return [tuple(c.value for c in r) for r in ws.iter_rows()]
+
+
+def as_dicts(ws) -> list[dict]:
+    data = rows(ws)
+    header = data[0]
+    return [dict(zip(header, r)) for r in data[1:]]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    run = make_run()
+    out = tmp_path_factory.mktemp("rep") / "report.xlsx"
+    report.write_workbook(run, DEFAULT_SETTINGS, out)
+    return run, out, load_workbook(out)
+
+
+def test_sheets_headers_and_frozen_header_rows(written):
+    _, _, wb = written
+    assert wb.sheetnames == list(report.SHEETS)
+    expected = {
+        "Summary": report.SUMMARY_COLUMNS, "Differential": report.DIFFERENTIAL_COLUMNS,
+        "Cells": report.CELLS_COLUMNS, "Review": report.REVIEW_COLUMNS, "Errors": report.ERRORS_COLUMNS,
+        "Run": report.RUN_COLUMNS,
+    }
+    for name, cols in expected.items():
+        ws = wb[name]
+        assert rows(ws)[0][: len(cols)] == tuple(cols)
+        assert ws.freeze_panes == "A2"
+        assert ws.column_dimensions["A"].width > 8
+    for required in ("Patient", "Cells classified", "WBC", "Flags", "Blasts %", "IG %", "Band %",
+                     "NRBC /100 WBC", "Review cells", "Unreadable files"):
+        assert required in report.SUMMARY_COLUMNS
+
+
+def test_no_cell_is_a_formula_in_openpyxl_or_in_the_xml(written):
+    run, out, wb = written
+    for ws in wb.worksheets:
+        for r in ws.iter_rows():
+            for c in r:
+                assert c.data_type != "f", (ws.title, c.coordinate, c.value)
+                assert c.data_type != "e", (ws.title, c.coordinate, c.value)
+    with zipfile.ZipFile(out) as z:
+        sheets = [n for n in z.namelist() if n.startswith("xl/worksheets/sheet")]
+        assert len(sheets) == len(report.SHEETS)
+        for name in sheets:
+            xml = z.read(name).decode("utf-8")
+            assert not re.search(r"<(\w+:)?f[ >/]", xml), name
+
+
+def test_formula_like_and_unicode_names_are_stored_verbatim_as_text(written):
+    _, _, wb = written
+    summary = {r["Patient"]: r for r in as_dicts(wb["Summary"])}
+    for name in NASTY:
+        assert name in summary
+    for r in wb["Summary"].iter_rows(min_row=2, max_col=1):
+        assert r[0].data_type == "s"
+        assert r[0].quotePrefix == r[0].value.startswith(("=", "+", "-", "@"))
+    files = {r["File"] for r in as_dicts(wb["Cells"])}
+    assert '=HYPERLINK("http://x","y")/lymphocyte_0.jpg' in files
+    errors = as_dicts(wb["Errors"])
+    assert {"Patient": "=cmd|' /C calc'!A0", "File": "=cmd|' /C calc'!A0/x.png", "Reason": "=evil reason"} in errors
+    run_items = dict(rows(wb["Run"])[1:])
+    assert run_items["=extra"] == "+1"
+
+
+def test_summary_values_flags_and_colours(written):
+    run, _, wb = written
+    ws = wb["Summary"]
+    by_patient = {r["Patient"]: r for r in as_dicts(ws)}
+    assert list(by_patient) == run.patients  # every group, empty and failed ones included, in order
+    p1 = by_patient["P1"]
+    assert (p1["Cells classified"], p1["WBC"], p1["Platelets"], p1["Review cells"]) == (106, 103, 1, 3)
+    assert p1["Blasts %"] == pytest.approx(100 * 23 / 103, abs=1e-3)
+    assert p1["NRBC /100 WBC"] == pytest.approx(100 * 2 / 103, abs=1e-3)
+    assert p1["Flag codes"] == "BLASTS_HIGH, NRBC_PRESENT"
+    assert "23/103 WBC" in p1["Flags"]
+    p2 = by_patient["P2"]
+    assert p2["Flags"] == "none" and p2["Unreadable files"] == 1 and p2["IG %"] == 0
+    empty = by_patient["EMPTY"]
+    assert empty["Cells classified"] == 0 and empty["Blasts %"] is None and "LOW_WBC" in empty["Flag codes"]
+    assert "permission denied" in by_patient["FAILED"]["Notes"]
+    # Colours: red for the critical row, amber for a warning-only row, none for a clean one.
+    fills = {r[0].value: r[3].fill.fgColor.rgb for r in ws.iter_rows(min_row=2)}
+    assert fills["P1"].endswith("FFC7CE")
+    assert fills["EMPTY"].endswith("FFEB9C")
+    assert fills["P2"] in (None, "00000000")
+
+
+def test_differential_sheet_matches_the_arithmetic(written):
+    run, _, wb = written
+    rows_p1 = [r for r in as_dicts(wb["Differential"]) if r["Patient"] == "P1"]
+    assert [r["Class id"] for r in rows_p1] == list(catalogue.CLASS_IDS)
+    wbc_rows = [r for r in rows_p1 if catalogue.get(r["Class id"]).counts_in_wbc]
+    assert sum(r["% of WBC"] for r in wbc_rows) == pytest.approx(100.0, abs=1e-2)
+    d = summarize([c for c in run.cells if c.patient == "P1"])
+    for r in wbc_rows:
+        cid = r["Class id"]
+        assert r["Count"] == d.counts[cid]
+        assert r["Class"] == catalogue.get(cid).display
+        assert (r["95% CI low"], r["95% CI high"]) == pytest.approx(d.ci[cid], abs=1e-3)
+    lym = next(r for r in rows_p1 if r["Class id"] == "lymphocyte")
+    assert lym["Reference range (%)"] == "20-40" and lym["vs. reference"] == "within"
+    blast = next(r for r in rows_p1 if r["Class id"] == "myeloblast")
+    assert blast["vs. reference"] == "above"
+    nrbc = next(r for r in rows_p1 if r["Class id"] == "erythroblast")
+    assert nrbc["% of WBC"] is None and nrbc["Count"] == 2 and "per 100 WBC" in nrbc["Note"]
+
+
+def test_differential_lists_only_classes_the_model_predicts(tmp_path):
+    run = replace(make_run(extra_patients=[]), model=model_info(catalogue.PAPER_CLASS_IDS + ("erythroblast",)))
+    run.cells = [c for c in run.cells if c.class_id != "platelet"]
+    out = tmp_path / "r.xlsx"
+    report.write_workbook(run, DEFAULT_SETTINGS, out)
+    ids = {r["Class id"] for r in as_dicts(load_workbook(out)["Differential"])}
+    assert "platelet" not in ids and "erythroblast" in ids
+
+
+def test_cells_sheet_uses_ids_and_relative_paths(written):
+    run, _, wb = written
+    got = as_dicts(wb["Cells"])
+    assert len(got) == len(run.cells)
+    first = got[0]
+    c = run.cells[0]
+    assert (first["Patient"], first["File"], first["Class"], first["Review"]) == (c.patient, c.file, c.class_id, "no")
+    assert first["Confidence"] == pytest.approx(c.confidence, abs=1e-4)
+    assert sum(r["Review"] == "yes" for r in got) == sum(c.review for c in run.cells)
+
+
+def test_review_sheet_embeds_thumbnails(written):
+    run, out, wb = written
+    review_cells = [c for c in run.cells if c.review]
+    got = as_dicts(wb["Review"])
+    assert len(got) == len(review_cells)
+    assert got[0]["Class"] == catalogue.get(review_cells[0].class_id).display
+    with zipfile.ZipFile(out) as z:
+        media = [n for n in z.namelist() if n.startswith("xl/media/")]
+    assert len(media) == len(review_cells)
+    assert len(wb["Review"]._images) == len(review_cells)
+
+
+def test_review_image_cap_and_missing_thumbnails(tmp_path):
+    run = make_run(extra_patients=[])
+    run.cells.append(mk("P1", "basophil", 999, conf=0.2, thumb=False))
+    run.cells.append(replace(mk("P1", "basophil", 998, conf=0.25), thumbnail_png=b"not a png"))
+    out = tmp_path / "cap.xlsx"
+    report.write_workbook(run, replace(DEFAULT_SETTINGS, review_max_images=2), out)
+    ws = load_workbook(out)["Review"]
+    first_col = [r[0] for r in rows(ws)[1:]]
+    assert len(first_col) == 5
+    assert first_col.count("(no thumbnail)") == 1
+    assert first_col.count("(thumbnail unreadable)") == 1
+    assert sum(1 for v in first_col if v and v.startswith("(not embedded")) == 1
+    with zipfile.ZipFile(out) as z:
+        assert len([n for n in z.namelist() if n.startswith("xl/media/")]) == 2
+
+
+def test_errors_and_run_sheets(written):
+    run, _, wb = written
+    errs = as_dicts(wb["Errors"])
+    assert len(errs) == len(run.errors)
+    assert {"Patient": "FAILED", "File": report.WHOLE_PATIENT,
+            "Reason": "the folder could not be listed (permission denied)."} in errs
+    items = dict(rows(wb["Run"])[1:])
+    assert items["Model sha256"] == "ab" * 32
+    assert items["Model version"] == "tiny-test-1"
+    assert items["Model classes"] == ", ".join(catalogue.CLASS_IDS)
+    assert items["Slides root"] == "/data/slides"
+    assert items["Duration (h:mm:ss)"] == "0:03:07"
+    assert items["Cells classified"] == str(len(run.cells))
+    assert items["Unreadable files"] == "2" and items["Patients that failed as a whole"] == "1"
+    assert items["Decode workers"] == "2"
+    for key, value in DEFAULT_SETTINGS.describe():
+        assert items[key] == value
+
+
+def test_control_characters_in_names_do_not_crash(tmp_path):
+    run = make_run(extra_patients=["bad\x01name\x1f", "surrogate\udcff"])
+    out = tmp_path / "ctl.xlsx"
+    report.write_workbook(run, DEFAULT_SETTINGS, out)
+    names = [r["Patient"] for r in as_dicts(load_workbook(out)["Summary"])]
+    assert "bad\ufffdname\ufffd" in names and "surrogate\ufffd" in names
+
+
+# ------------------------------------------------------------------ atomic writing
+
+def listing(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("exc_type", [OSError, KeyboardInterrupt, RuntimeError])
+def test_failure_during_save_keeps_the_old_report_and_leaves_no_temp_files(tmp_path, monkeypatch, exc_type):
+    import openpyxl.workbook.workbook as wbmod
+    from openpyxl.worksheet import _writer
+
+    out = tmp_path / "report.xlsx"
+    out.write_bytes(b"previous report")
+    real_save = wbmod.Workbook.save
+
+    def half_save(self, filename):
+        Path(filename).write_bytes(b"PK\x03\x04 half a zip")  # something was written...
+        raise exc_type("disk went away mid-write")  # ...then the write failed
+
+    monkeypatch.setattr(wbmod.Workbook, "save", half_save)
+    expected = report.OutputError if exc_type is OSError else exc_type
+    with pytest.raises(expected):
+        report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)
+    assert out.read_bytes() == b"previous report"
+    assert listing(tmp_path) == ["report.xlsx"]
+    assert not [p for p in _writer.ALL_TEMP_FILES if os.path.exists(p)]  # openpyxl's row buffers too
+    monkeypatch.setattr(wbmod.Workbook, "save", real_save)
+    report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)  # and the next run works
+    assert load_workbook(out).sheetnames == list(report.SHEETS)
+
+
+def test_interrupt_while_building_rows_keeps_the_old_report(tmp_path, monkeypatch):
+    out = tmp_path / "report.xlsx"
+    report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)
+    before = out.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_write_review", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_workbook(make_run(), DEFAULT_SETTINGS, out)
+    assert out.read_bytes() == before
+    assert listing(tmp_path) == ["report.xlsx"]
+
+
+def test_csv_write_failure_keeps_old_csv(tmp_path, monkeypatch):
+    out = tmp_path / "cells.csv"
+    out.write_text("old\n")
+
+    def broken_cells():
+        yield mk("P", "lymphocyte", 0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        report.write_cells_csv(broken_cells(), out)
+    assert out.read_text() == "old\n" and listing(tmp_path) == ["cells.csv"]
+
+
+# ------------------------------------------------------------------ output checks
+
+def test_check_output_writable_accepts_a_good_path_and_leaves_nothing(tmp_path):
+    report.check_output_writable(tmp_path / "report.xlsx", (".xlsx",))
+    (tmp_path / "report.xlsx").write_bytes(b"old")
+    report.check_output_writable(tmp_path / "report.xlsx")
+    assert listing(tmp_path) == ["report.xlsx"]
+
+
+def test_check_output_writable_rejects_bad_paths(tmp_path):
+    cases = [
+        (tmp_path / "missing" / "report.xlsx", "does not exist"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "report.txt", ".xlsx"),
+    ]
+    for path, words in cases:
+        with pytest.raises(report.OutputError, match=re.escape(words)) as exc:
+            report.check_output_writable(path, (".xlsx",))
+        assert str(exc.value).endswith(".") and "\n" not in str(exc.value)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(report.OutputError, match="not a folder"):
+        report.check_output_writable(afile / "report.xlsx")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
+def test_check_output_writable_rejects_read_only_folder_and_file(tmp_path):
+    ro_dir = tmp_path / "ro"
+    ro_dir.mkdir()
+    ro_dir.chmod(0o555)
+    try:
+        with pytest.raises(report.OutputError, match="cannot write in the folder"):
+            report.check_output_writable(ro_dir / "report.xlsx")
+    finally:
+        ro_dir.chmod(0o755)
+    ro_file = tmp_path / "locked.xlsx"
+    ro_file.write_bytes(b"x")
+    ro_file.chmod(0o444)
+    with pytest.raises(report.OutputError, match="cannot be replaced"):
+        report.check_output_writable(ro_file)
+
+
+def test_check_output_writable_reports_locked_file_and_unwritable_folder(tmp_path, monkeypatch):
+    """Simulated, so it also runs as root: Excel's lock on Windows surfaces as PermissionError."""
+    target = tmp_path / "report.xlsx"
+    target.write_bytes(b"old")
+
+    def locked(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(report, "open", locked, raising=False)
+    with pytest.raises(report.OutputError, match="close it if it is open in Excel"):
+        report.check_output_writable(target)
+    monkeypatch.undo()
+
+    def no_create(out):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(report, "_reserve_temp", no_create)
+    with pytest.raises(report.OutputError, match="cannot write in the folder .*Permission denied"):
+        report.check_output_writable(target)
+    with pytest.raises(report.OutputError, match="Permission denied"):
+        report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, target)
+    assert target.read_bytes() == b"old"
+
+
+# ------------------------------------------------------------------ CSV
+
+def test_cells_csv_columns_values_and_formula_protection(tmp_path):
+    run = make_run()
+    out = tmp_path / "cells.csv"
+    report.write_cells_csv(run.cells, out)
+    raw = out.read_bytes()
+    assert not raw.startswith(b"\xef\xbb\xbf")  # plain UTF-8 for software
+    with open(out, newline="", encoding="utf-8") as fh:
+        got = list(csv.DictReader(fh))
+    assert list(got[0]) == list(report.CSV_COLUMNS)
+    assert len(got) == len(run.cells)
+    for row, c in zip(got, run.cells):
+        assert row["class"] == c.class_id and float(row["confidence"]) == pytest.approx(c.confidence, abs=1e-4)
+        assert row["review"] == ("yes" if c.review else "no")
+        for field, original in (("patient", c.patient), ("file", c.file)):
+            value = row[field]
+            assert not value.startswith(("=", "+", "-", "@"))
+            restored = value[1:] if value.startswith("'") else value  # the documented reversal
+            assert restored == original
+
+
+def test_csv_text_is_reversible_for_apostrophes():
+    for original in ["'quoted", "''", "=x", "plain", "'=x", ""]:
+        protected = report.csv_text(original)
+        assert (protected[1:] if protected.startswith("'") else protected) == original
+
+
+# ------------------------------------------------------------------ memory with a big night
+
+BIG_SCRIPT = r"""
+import resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import test_report as t
+from batchwbc import report
+from batchwbc.config import DEFAULT_SETTINGS
+from batchwbc.results import CellResult
+n = int(sys.argv[3])
+thumb = t.png()
+cells = [CellResult(f"patient{i % 500:03d}", f"patient{i % 500:03d}/crop_{i:06d}.jpg", "lymphocyte" if i % 7 else "myeloblast",
+                    0.9 if i % 20 else 0.3, "monocyte", 0.05, i % 20 == 0, thumb if i % 20 == 0 else None) for i in range(n)]
+run = t.make_run(extra_patients=[])
+run.cells = cells
+run.patients = sorted({c.patient for c in cells})
+t0 = time.time()
+report.write_workbook(run, DEFAULT_SETTINGS, sys.argv[1])
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="uses the resource module")
+def test_big_run_memory_stays_modest(tmp_path):
+    n = 50_000
+    out = tmp_path / "big.xlsx"
+    res = subprocess.run([sys.executable, "-c", BIG_SCRIPT, str(out), str(Path(__file__).parent), str(n)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    seconds, max_rss_kib = res.stdout.split()
+    print(f"50,000 cells: workbook written in {float(seconds):.1f} s, peak RSS {int(max_rss_kib) / 1024:.0f} MB")
+    assert int(max_rss_kib) / 1024 < 300, f"peak RSS {int(max_rss_kib) / 1024:.0f} MB"
+    wb = load_workbook(out, read_only=True)
+    assert sum(1 for _ in wb["Cells"].iter_rows(values_only=True)) == n + 1
+    with zipfile.ZipFile(out) as z:  # 2,500 review cells, capped at 2,000 embedded thumbnails
+        assert len([x for x in z.namelist() if x.startswith("xl/media/")]) == DEFAULT_SETTINGS.review_max_images
+
+
+SIGINT_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+import test_report as t
+from batchwbc import report
+from batchwbc.config import DEFAULT_SETTINGS
+from batchwbc.results import CellResult
+run = t.make_run(extra_patients=[])
+run.cells = [CellResult(f"p{i % 50}", f"p{i % 50}/c{i}.jpg", "lymphocyte", 0.9, "monocyte", 0.05, False)
+             for i in range(int(sys.argv[3]))]
+print("writing", flush=True)
+try:
+    report.write_workbook(run, DEFAULT_SETTINGS, sys.argv[1])
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_real_sigint_while_writing_keeps_old_report(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "report.xlsx"
+    out.write_bytes(b"previous report")
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(out), str(Path(__file__).parent), "200000"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[0]
+    if "finished" in rest:
+        pytest.skip("the write finished before the signal arrived")
+    assert proc.returncode == 130 and "interrupted" in rest
+    assert out.read_bytes() == b"previous report"
+    assert listing(tmp_path) == ["report.xlsx"]
