@@ -42,17 +42,15 @@ def resolve_review_threshold(cli_value: float | None, config_value: float | None
     return FALLBACK_REVIEW_THRESHOLD, "built-in fallback (the model sets none)"
 
 
-def inference_threads(workers: int, cpus: int) -> int:
-    """onnxruntime threads for the main process.
+def inference_threads(cpus: int) -> int:
+    """onnxruntime threads for the main process: every core, with busy-waiting turned off.
 
-    Decode workers and inference share the cores; giving onnxruntime every core as well
-    oversubscribes them and its spinning threads steal time from decoders. Measured on a
-    2-core PC (docs/performance.md): one inference thread per core not used by a decode
-    worker, at least one.
+    Decode workers and inference share the cores. Without spinning, idle onnxruntime threads
+    sleep, and decode workers block once the bounded queue is full, so whichever stage is the
+    bottleneck gets the CPU. Busy-waiting threads instead burned ~1.4 ms of CPU per crop
+    (+50 %) on a 2-core PC; fewer threads saved nothing (docs/performance.md).
     """
-    if workers == 0:
-        return max(1, cpus)
-    return max(1, cpus - workers + 1) if workers < cpus else 1
+    return max(1, cpus)
 
 
 def load_classifier(model_path: str | None, threads: int):
@@ -65,7 +63,7 @@ def load_classifier(model_path: str | None, threads: int):
             "pass --model PATH to use another batchwbc ONNX model.",
         )
     try:
-        return Classifier(model_path, threads=threads)
+        return Classifier(model_path, threads=threads, spinning=False)
     except ModelError as exc:
         raise Abort(exitcodes.USAGE, str(exc)) from None
 
@@ -155,8 +153,7 @@ def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | N
     except config_mod.ConfigError as exc:
         raise Abort(exitcodes.USAGE, str(exc)) from None
     n_workers = default_workers() if workers is None else workers
-    classifier = load_classifier(str(model_path) if model_path else None,
-                                 inference_threads(n_workers, os.cpu_count() or 1))
+    classifier = load_classifier(str(model_path) if model_path else None, inference_threads(os.cpu_count() or 1))
     info = classifier.info
     threshold, threshold_source = resolve_review_threshold(review_threshold, settings.review_threshold, info.review_threshold)
     for path, suffixes in ((out, (".xlsx",)), (cells_csv, (".csv",))):
@@ -237,7 +234,7 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
 
     with Progress(len(found.crops), show_bar) as progress:
         pipe = Pipeline(info.input_size, classifier, threshold, workers=n_workers, batch_size=batch_size,
-                        cache=cache, progress=progress)
+                        cache=cache, progress=progress, max_thumbnails=settings.review_max_images)
         state.pipeline = pipe
         state.stage = "classifying"
         try:

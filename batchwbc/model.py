@@ -122,7 +122,10 @@ def parse_metadata(meta: dict[str, str], path: Path, sha256: str) -> ModelInfo:
 class Classifier:
     """An onnxruntime session over a validated batchwbc model."""
 
-    def __init__(self, path: str | os.PathLike | None = None, threads: int = 0):
+    def __init__(self, path: str | os.PathLike | None = None, threads: int = 0, spinning: bool = True):
+        """spinning=False stops idle onnxruntime threads from busy-waiting between operators:
+        the runtime shares the CPU with decode workers, and spinning threads steal it from them
+        (measured in docs/performance.md)."""
         import onnxruntime as ort
 
         p = Path(path) if path is not None else DEFAULT_MODEL_PATH
@@ -137,6 +140,9 @@ class Classifier:
         if threads > 0:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             sess = ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types

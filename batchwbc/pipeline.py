@@ -176,11 +176,16 @@ class Pipeline:
         cache: "ResultCache | None" = None,
         progress: Callable[[int], None] | None = None,
         decode: Callable[[str, int], Decoded] = decode_one,
+        max_thumbnails: int | None = None,
     ):
         """classifier=None decodes only (the benchmark's baseline): same workers, same files.
 
         `decode` must be a module-level function (workers receive it by reference); tests
-        swap in one that crashes to prove a dying worker does not end the run."""
+        swap in one that crashes to prove a dying worker does not end the run.
+
+        `max_thumbnails` bounds memory on a night with very many review cells: only the
+        thumbnails the report can embed are kept - the first ones in the Review sheet's order
+        (patient order, then lowest confidence first) - whatever order cells finish in."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.input_size = int(input_size)
@@ -195,6 +200,9 @@ class Pipeline:
         self.done = 0
         self.total = 0
         self._cells: list[tuple[int, CellResult]] = []
+        self.max_thumbnails = max_thumbnails
+        self._thumb_heap: list[tuple] = []  # max-heap (negated review-sheet order) of kept thumbnails
+        self._patient_rank: dict[str, int] = {}
         self._errors: list[tuple[int, FileError]] = []
         self._batch_items: list[tuple[int, Crop, int, int]] = []
         self._batch: "np.ndarray | None" = None
@@ -209,6 +217,22 @@ class Pipeline:
     def _error(self, idx: int, crop: Crop, reason: str) -> None:
         self._errors.append((idx, FileError(crop.patient, crop.rel, reason)))
         self._finished()
+
+    def _add_cell(self, idx: int, cell: CellResult) -> None:
+        import heapq
+        from dataclasses import replace
+
+        pos = len(self._cells)
+        self._cells.append((idx, cell))
+        if cell.thumbnail_png is None or self.max_thumbnails is None:
+            return
+        rank = self._patient_rank.setdefault(cell.patient, len(self._patient_rank))
+        key = (-rank, -cell.confidence, -idx, pos)  # largest = last in the Review sheet
+        heapq.heappush(self._thumb_heap, key)
+        if len(self._thumb_heap) > self.max_thumbnails:
+            *_, drop = heapq.heappop(self._thumb_heap)
+            i, dropped = self._cells[drop]
+            self._cells[drop] = (i, replace(dropped, thumbnail_png=None))
 
     # -- cache -------------------------------------------------------------------------
     def _from_cache(self, idx: int, crop: Crop) -> bool:
@@ -227,7 +251,7 @@ class Pipeline:
         cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_png)
         if cell.review and entry.thumbnail_png is None:
             return False  # needs review now (other threshold) but no thumbnail was kept: redo it
-        self._cells.append((idx, cell))
+        self._add_cell(idx, cell)
         self._out.cached += 1
         self._finished()
         return True
@@ -277,7 +301,7 @@ class Pipeline:
             c1, p1, _, _ = top_two(p, self.classes)
             thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold else None
             cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb)
-            self._cells.append((idx, cell))
+            self._add_cell(idx, cell)
             if self.cache is not None and size:
                 self.cache.store(crop.path, size, mtime_ns, p, thumb)
             self._finished()
@@ -299,6 +323,8 @@ class Pipeline:
     def run(self, crops: Sequence[Crop]) -> PipelineOutput:
         t0 = time.perf_counter()
         self.total = len(crops)
+        for crop in crops:  # the report's patient order is the discovery order
+            self._patient_rank.setdefault(crop.patient, len(self._patient_rank))
         if self.workers == 0:
             for chunk in self._chunks(crops):
                 for (idx, crop) in chunk:

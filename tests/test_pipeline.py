@@ -188,3 +188,25 @@ def test_top_two_and_thumbnail_helpers():
 def test_batch_size_must_be_positive(clf):
     with pytest.raises(ValueError):
         Pipeline(clf.info.input_size, clf, batch_size=0)
+
+
+def test_thumbnail_cap_keeps_exactly_those_the_review_sheet_shows_first(clf, tmp_path):
+    """Review sheet order: patient order, then lowest confidence first; only the first
+    max_thumbnails cells keep a thumbnail, whatever order the cells finish in."""
+    a, b = np.array(tinymodel.colour_for("lymphocyte")), np.array(tinymodel.colour_for("myeloblast"))
+    for p, fractions in (("P1", (0.40, 0.45, 0.35)), ("P2", (0.42, 0.30, 0.48, 0.38))):
+        for i, t in enumerate(fractions):
+            img = np.zeros((40, 40, 3), np.uint8)
+            img[:] = (a * t + b * (1 - t)).astype(np.uint8)[::-1]
+            (tmp_path / p).mkdir(exist_ok=True)
+            cv2.imwrite(str(tmp_path / p / f"c{i}.png"), img)
+    found = discover(tmp_path)
+    full = Pipeline(clf.info.input_size, clf, 1.0, workers=0).run(found.crops)
+    assert all(c.review and c.thumbnail_png for c in full.cells)
+    patients = ["P1", "P2"]
+    sheet_order = sorted(full.cells, key=lambda c: (patients.index(c.patient), c.confidence))
+    expected = {c.file for c in sheet_order[:5]}
+    for workers in (0, 2):
+        capped = Pipeline(clf.info.input_size, clf, 1.0, workers=workers, batch_size=2, max_thumbnails=5).run(found.crops)
+        assert {c.file for c in capped.cells if c.thumbnail_png} == expected
+        assert [c.file for c in capped.cells] == [c.file for c in full.cells]
