@@ -92,7 +92,7 @@ def main() -> None:
                    "Default: the config's value, else the model's own (chosen on its validation data).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes decoding images in parallel. Default: one per CPU core. 0 decodes in the main process.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,  # = pipeline.DEFAULT_BATCH_SIZE
               help="Images per model call.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="SQLite file remembering results per file and model, so a later run only classifies new or changed crops.")
@@ -190,11 +190,11 @@ def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | N
             return _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,
                                         n_workers, batch_size, cache, show_bar, started, t0, state)
         except RunInterrupted as exc:
-            log.error("interrupted (%s) after %s; no report was written and the previous one is untouched.",
+            log.error("interrupted (%s) %s; no report was written and the previous one is untouched.",
                       exc.signal_name, state.where())
             return exitcodes.INTERRUPTED
         except KeyboardInterrupt:
-            log.error("interrupted after %s; no report was written and the previous one is untouched.", state.where())
+            log.error("interrupted %s; no report was written and the previous one is untouched.", state.where())
             return exitcodes.INTERRUPTED
 
 
@@ -206,10 +206,13 @@ class _RunState:
         self.stage = "start-up"
 
     def where(self) -> str:
+        """'after 1234 of 5000 cells', 'while looking for images', ..."""
         p = self.pipeline
         if p is not None and self.stage == "classifying":
-            return f"{p.done} of {p.total} cells"
-        return f"{self.stage}" if p is None else f"all {p.total} cells were classified, while {self.stage}"
+            return f"after {p.done} of {p.total} cells"
+        if p is not None:
+            return f"after all {p.total} cells were classified, while {self.stage}"
+        return f"while {self.stage}" if self.stage != "start-up" else "during start-up"
 
 
 def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,

@@ -95,6 +95,7 @@ def build_slides(data: Path, n: int, dest: Path, per_patient: int, seed: int) ->
 
 def timed_run(slides: Path, size: int, classifier, workers: int, batch: int, threshold: float) -> tuple[float, int, int, int]:
     """(seconds, cells done, peak tree RSS, review cells) for discovery + pipeline."""
+    from batchwbc.config import Settings
     from batchwbc.discovery import discover
     from batchwbc.pipeline import Pipeline
 
@@ -102,7 +103,8 @@ def timed_run(slides: Path, size: int, classifier, workers: int, batch: int, thr
         c0 = _cpu_seconds()
         t0 = time.perf_counter()
         crops = discover(slides).crops
-        out = Pipeline(size, classifier, threshold, workers=workers, batch_size=batch).run(crops)
+        out = Pipeline(size, classifier, threshold, workers=workers, batch_size=batch,
+                       max_thumbnails=Settings().review_max_images).run(crops)  # as the CLI does
         seconds = time.perf_counter() - t0
         cpu = _cpu_seconds() - c0
     done = out.decoded if classifier is None else len(out.cells)

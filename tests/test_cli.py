@@ -208,3 +208,10 @@ def test_review_threshold_option_changes_the_review_list(tiny, tmp_path):
 def test_inference_threads_use_every_core():
     assert inference_threads(2) == 2
     assert inference_threads(0) == 1
+
+
+def test_cli_batch_size_default_is_the_pipeline_default():
+    from batchwbc.pipeline import DEFAULT_BATCH_SIZE
+
+    opt = next(p for p in main.commands["run"].params if p.name == "batch_size")
+    assert opt.default == DEFAULT_BATCH_SIZE
