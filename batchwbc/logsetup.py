@@ -7,6 +7,7 @@ plain timestamped lines instead, because a bar's carriage returns turn a log fil
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import IO
@@ -109,7 +110,14 @@ class Progress:
         if show_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+            # A terminal reporting a 0x0 size (some ptys, serial consoles) would hide the bar.
+            try:
+                size = os.get_terminal_size(sys.stderr.fileno())
+            except (OSError, ValueError, AttributeError):
+                size = os.terminal_size((0, 0))
+            known = size.columns > 0 and size.lines > 0
+            self._bar = tqdm(total=total, unit="cell", file=sys.stderr, smoothing=0.1, dynamic_ncols=known,
+                             ncols=None if known else 100, nrows=None if known else 24)
             _ACTIVE_BARS.append(self._bar)
 
     def __call__(self, n: int) -> None:

@@ -215,3 +215,36 @@ def test_cli_batch_size_default_is_the_pipeline_default():
 
     opt = next(p for p in main.commands["run"].params if p.name == "batch_size")
     assert opt.default == DEFAULT_BATCH_SIZE
+
+
+def test_progress_logs_plain_lines_when_there_is_no_bar():
+    import logging
+
+    from batchwbc.logsetup import PROGRESS_LOGGER, Progress
+
+    class ListHandler(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    h = ListHandler()
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    old_level = logger.level
+    logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    try:
+        with Progress(10, show_bar=False, every_s=0.0) as p:
+            for _ in range(10):
+                p(1)
+        n_every = len(h.lines)
+        with Progress(10, show_bar=False, every_s=3600.0) as rare:
+            rare(5)
+    finally:
+        logger.removeHandler(h)
+        logger.setLevel(old_level)
+    assert n_every == 10 and len(h.lines) == 10  # the second, rare reporter logged nothing yet
+    assert h.lines[-1].startswith("10 of 10 cells (100%)") and "cells/s" in h.lines[-1] and "ETA" in h.lines[-1]
+    assert rare.done == 5
