@@ -1,0 +1,68 @@
+"""The bundled model meets its promised accuracy on its own held-out test split, measured
+through the runtime (onnxruntime + the shared preprocessing), and its metadata tells the truth."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from batchwbc import catalogue
+from batchwbc.model import DEFAULT_MODEL_PATH, Classifier
+from batchwbc.preprocess import prepare_file
+from conftest import REPO
+
+TEST_SPLIT = REPO / "docs" / "model" / "test-split.csv"
+
+
+@pytest.fixture(scope="module")
+def predictions(shared_data):
+    if not DEFAULT_MODEL_PATH.is_file():
+        pytest.fail("the bundled model batchwbc/models/batchwbc-wbc12.onnx is missing")
+    with open(TEST_SPLIT, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    clf = Classifier(DEFAULT_MODEL_PATH)
+    s = clf.info.input_size
+    x = np.stack([prepare_file(shared_data / r["path"], s) for r in rows])
+    probs = np.concatenate([clf.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
+    y = np.array([clf.info.classes.index(r["class_id"]) for r in rows])
+    return clf, probs, y, rows
+
+
+def test_beats_the_paper_on_its_ten_classes(predictions):
+    from sklearn.metrics import f1_score
+
+    clf, probs, y, _ = predictions
+    pred = probs.argmax(1)
+    paper = [clf.info.classes.index(c) for c in catalogue.PAPER_CLASS_IDS]
+    m = np.isin(y, paper)
+    acc = float((pred[m] == y[m]).mean())
+    f1 = float(f1_score(y[m], pred[m], labels=paper, average="macro"))
+    assert m.sum() > 500
+    assert acc >= 0.93, acc
+    assert f1 >= 0.90, f1
+
+
+def test_metadata_metrics_match_a_fresh_measurement(predictions):
+    clf, probs, y, _ = predictions
+    claimed = clf.info.json_field("batchwbc.test_metrics")
+    assert claimed["n"] == len(y)
+    assert abs(claimed["accuracy"] - float((probs.argmax(1) == y).mean())) < 1e-3
+
+
+def test_probabilities_are_calibrated_enough(predictions):
+    _, probs, y, _ = predictions
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    bins = np.linspace(0, 1, 11)
+    ece = sum(abs(correct[(conf > lo) & (conf <= hi)].mean() - conf[(conf > lo) & (conf <= hi)].mean())
+              * ((conf > lo) & (conf <= hi)).mean() for lo, hi in zip(bins[:-1], bins[1:]) if ((conf > lo) & (conf <= hi)).any())
+    assert ece < 0.05, ece
+
+
+def test_review_threshold_keeps_accepted_cells_accurate(predictions):
+    clf, probs, y, _ = predictions
+    t = clf.info.review_threshold
+    accepted = probs.max(1) >= t
+    assert accepted.mean() > 0.5  # most cells are not sent to review
+    assert (probs.argmax(1) == y)[accepted].mean() >= 0.95

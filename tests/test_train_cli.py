@@ -1,0 +1,82 @@
+"""The training and export CLIs end to end on a few real images, and their bad-input errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_WEIGHTS
+
+pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_tiny_training_run_exports_with_parity(shared_data, tmp_path):
+    run_dir = tmp_path / "run"
+    r = _run("train", "--data", str(shared_data), "--out", str(run_dir), "--limit-per-class", "4", "--size", "32",
+             "--epochs", "1", "--batch-size", "8")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for name in ("split.csv", "history.csv", "training_curves.png", "test_classification_report.txt", "test_metrics.json",
+                 "test_confusion_matrix.png", "test_confusion_matrix.csv", "test_roc.png", "test_reliability.png",
+                 "model.keras", "run.json", "dropped.csv"):
+        assert (run_dir / name).is_file(), name
+    assert "basophil" in r.stdout and "AML-LMU" in r.stdout  # the count table per class and source
+    out = tmp_path / "m.onnx"
+    r = _run("export", str(run_dir), "--out", str(out), "--parity-images", "8", "--data", str(shared_data))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "parity on 8 real test images" in r.stdout
+    from batchwbc.catalogue import CLASS_IDS
+    from batchwbc.model import Classifier
+
+    info = Classifier(out).info
+    assert info.classes == CLASS_IDS and info.input_size == 32
+    assert info.temperature is not None and info.review_threshold is not None
+    assert "accuracy" in info.json_field("batchwbc.test_metrics")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/data"], "does not exist"),
+        (["--data", "{empty}"], "is empty"),
+        (["--data", "{shared}", "--backbone", "vgg99"], "Invalid value for '--backbone'"),
+        (["--data", "{shared}", "--weights", "/nonexistent.h5"], "does not exist"),
+        (["--data", "{shared}", "--weights", "{weights}", "--backbone", "mobilenetv3small", "--limit-per-class", "2", "--size", "32"], "does not match backbone"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(args, message, tmp_path, shared_data):
+    (tmp_path / "empty").mkdir()
+    weights = SHARED_WEIGHTS / "mobilenet_2_5_224_tf_no_top.h5"
+    if "{weights}" in args and not weights.is_file():
+        pytest.skip("../shared/weights not present")
+    args = [a.format(empty=tmp_path / "empty", shared=shared_data, weights=weights) for a in args]
+    r = _run("train", *args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stdout[-1500:] + r.stderr[-1500:]
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_offline_imagenet_weights_file_is_loaded():
+    weights = SHARED_WEIGHTS / "mobilenet_2_5_224_tf_no_top.h5"
+    if not weights.is_file():
+        pytest.skip("../shared/weights not present")
+    import h5py
+    import numpy as np
+
+    from train.models import build_core
+
+    _, backbone = build_core("mobilenet_025", 128, 12, weights=str(weights))
+    kernel = backbone.get_layer("conv1").kernel.numpy()
+    with h5py.File(weights, "r") as fh:
+        stored = []
+        fh.visititems(lambda name, obj: stored.append(obj[()]) if name.startswith("conv1/") and "kernel" in name else None)
+    assert stored and np.array_equal(kernel, stored[0])
