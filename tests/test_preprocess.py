@@ -102,8 +102,15 @@ _RSS_PROBE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
     from batchwbc import preprocess as pp
-    def peak():  # KiB on Linux
+    def peak():  # KiB; VmHWM, because ru_maxrss starts at the *parent's* RSS after fork
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pass
     files = sys.argv[1:]
     pp.prepare_bytes(open(files[-1], "rb").read(), 32)  # warm up cv2/Pillow code paths
     before = peak()
