@@ -174,8 +174,6 @@ def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | N
             lock = stack.enter_context(RunLock(out))
         except LockedError as exc:
             raise Abort(exitcodes.USAGE, str(exc)) from None
-        if getattr(lock, "replaced_stale", None):
-            log.warning("a stale lock was replaced (%s)", lock.replaced_stale)
         cache = None
         if cache_path is not None:
             from .cache import CacheError, ResultCache
@@ -271,7 +269,7 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
         if cells_csv is not None:
             report.write_cells_csv(run.cells, cells_csv)
     except (OSError, report.OutputError) as exc:
-        raise Abort(exitcodes.FAILED, f"the report could not be written ({exc}).") from None
+        raise Abort(exitcodes.FAILED, f"the report could not be written ({str(exc).rstrip('.')}).") from None
 
     n_flags = _count_flags(run, settings, differential, flags)
     n_review = sum(c.review for c in run.cells)

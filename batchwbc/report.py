@@ -359,10 +359,10 @@ def _write_review(wb: Any, order: list[str], cells_by: dict[str, list[CellResult
     embedded = 0
     for c in review:
         row = sh.rows + 1
-        if c.thumbnail_png is None:
-            first = "(no thumbnail)"
-        elif embedded >= limit:
+        if embedded >= limit:  # checked first: the pipeline keeps no thumbnails past the limit
             first = f"(not embedded: limit of {limit} images)"
+        elif c.thumbnail_png is None:
+            first = "(no thumbnail)"
         else:
             img = _thumbnail(c.thumbnail_png)
             if img is None:
