@@ -59,6 +59,26 @@ class _Throughput:
         return CB()
 
 
+def _copy_weights(path: str, core) -> None:
+    """Copy every weight of a saved core into a freshly built one of another input size.
+
+    Convolutions do not depend on the input size, so a model trained at 128 px is a good
+    start at 160 px; the nested backbone is matched by position (its name contains the size).
+    """
+    import keras
+
+    import train.layers  # noqa: F401 - custom layers for load_model
+
+    src = keras.saving.load_model(path, compile=False)
+    if len(src.layers) != len(core.layers):
+        raise TrainingError(f"{path} has a different architecture; it cannot initialise this model.")
+    for a, b in zip(src.layers, core.layers):
+        wa = a.get_weights()
+        if [w.shape for w in wa] != [w.shape for w in b.get_weights()]:
+            raise TrainingError(f"{path} has a different architecture ({a.name} vs {b.name}); it cannot initialise this model.")
+        b.set_weights(wa)
+
+
 def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, float]) -> dict:
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +135,9 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
             )
         except models.WeightsError as exc:
             raise TrainingError(str(exc)) from None
+        if opt.get("init_from"):
+            _copy_weights(opt["init_from"], core)
+            print(f"initialised from {opt['init_from']} (input size {size})")
     trainer = models.build_trainer(core, models.build_augmenter(opt["augment"], opt["seed"]), size)
 
     y_tr = ds.labels[idx["train"]]
