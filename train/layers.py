@@ -36,9 +36,16 @@ class InputNormalization(keras.layers.Layer):
 
     def call(self, x):
         if self.colour_norm == "instance":
-            mean = ops.mean(x, axis=(1, 2), keepdims=True)
-            std = ops.sqrt(ops.mean(ops.square(x - mean), axis=(1, 2), keepdims=True))
-            z = (x - mean) / (std + 1.0)  # +1 (in pixel units) keeps flat images finite
+            # Computed channels-first: broadcasting a per-image [N,C,1,1] statistic over
+            # contiguous planes is several times faster in onnxruntime than over the
+            # interleaved channels of NHWC, and the transpose back cancels against the
+            # converter's own NHWC->NCHW transpose before the first convolution.
+            xt = ops.transpose(x, (0, 3, 1, 2))
+            mean = ops.mean(xt, axis=(2, 3), keepdims=True)
+            centred = xt - mean
+            std = ops.sqrt(ops.mean(ops.square(centred), axis=(2, 3), keepdims=True))
+            zt = centred * (1.0 / (std + 1.0))  # +1 (in pixel units) keeps flat images finite
+            z = ops.transpose(zt, (0, 2, 3, 1))
             if self.mode == "minus1to1":
                 return z * 0.5
             if self.mode == "caffe":
