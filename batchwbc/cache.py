@@ -44,7 +44,7 @@ _CREATE = (
     " size INTEGER NOT NULL,"
     " mtime_ns INTEGER NOT NULL,"
     " probs BLOB NOT NULL,"
-    " thumbnail_png BLOB,"
+    " thumbnail_jpeg BLOB,"
     " PRIMARY KEY (path, model_sha256))",
 )
 
@@ -56,7 +56,7 @@ class CacheError(Exception):
 @dataclass(frozen=True)
 class CachedEntry:
     probs: "np.ndarray"  # float32 vector in the model's class order
-    thumbnail_png: bytes | None
+    thumbnail_jpeg: bytes | None
 
 
 class ResultCache:
@@ -148,7 +148,7 @@ class ResultCache:
             if self.disabled_reason is None:
                 try:
                     row = self._conn.execute(
-                        "SELECT probs, thumbnail_png FROM results WHERE path=? AND model_sha256=? AND size=? AND mtime_ns=?",
+                        "SELECT probs, thumbnail_jpeg FROM results WHERE path=? AND model_sha256=? AND size=? AND mtime_ns=?",
                         (abs_path, self.model_sha256, int(size), int(mtime_ns)),
                     ).fetchone()
                 except sqlite3.Error as exc:
@@ -158,9 +158,9 @@ class ResultCache:
                 return None
             self.hits += 1
         probs = np.frombuffer(row[0], dtype="<f4").astype(np.float32)
-        return CachedEntry(probs=probs, thumbnail_png=bytes(row[1]) if row[1] is not None else None)
+        return CachedEntry(probs=probs, thumbnail_jpeg=bytes(row[1]) if row[1] is not None else None)
 
-    def store(self, abs_path: str, size: int, mtime_ns: int, probs: "np.ndarray", thumbnail_png: bytes | None) -> None:
+    def store(self, abs_path: str, size: int, mtime_ns: int, probs: "np.ndarray", thumbnail_jpeg: bytes | None) -> None:
         """Remember one result; committed in batches (see DEFAULT_COMMIT_EVERY) and on close."""
         import numpy as np
 
@@ -172,8 +172,8 @@ class ResultCache:
                 if not self._conn.in_transaction:
                     self._conn.execute("BEGIN")
                 self._conn.execute(
-                    "INSERT OR REPLACE INTO results(path, model_sha256, size, mtime_ns, probs, thumbnail_png) VALUES (?,?,?,?,?,?)",
-                    (abs_path, self.model_sha256, int(size), int(mtime_ns), blob, thumbnail_png),
+                    "INSERT OR REPLACE INTO results(path, model_sha256, size, mtime_ns, probs, thumbnail_jpeg) VALUES (?,?,?,?,?,?)",
+                    (abs_path, self.model_sha256, int(size), int(mtime_ns), blob, thumbnail_jpeg),
                 )
                 self._pending += 1
                 self.stored += 1

@@ -43,14 +43,15 @@ def resolve_review_threshold(cli_value: float | None, config_value: float | None
 
 
 def inference_threads(cpus: int) -> int:
-    """onnxruntime threads for the main process: every core, with busy-waiting turned off.
+    """onnxruntime threads for the main process: half the cores, with busy-waiting turned off.
 
-    Decode workers and inference share the cores. Without spinning, idle onnxruntime threads
-    sleep, and decode workers block once the bounded queue is full, so whichever stage is the
-    bottleneck gets the CPU. Busy-waiting threads instead burned ~1.4 ms of CPU per crop
-    (+50 %) on a 2-core PC; fewer threads saved nothing (docs/performance.md).
+    Decode workers (one per core) and inference share the cores, and decoding is the larger
+    cost per crop. Without spinning, idle onnxruntime threads sleep, and decode workers block
+    once the bounded queue is full. Busy-waiting threads burned ~1.4 ms of CPU per crop on a
+    2-core PC; with the bundled model, 1 inference thread instead of 2 saved a further
+    0.08 ms of CPU per crop (docs/performance.md).
     """
-    return max(1, cpus)
+    return max(1, cpus // 2)
 
 
 def load_classifier(model_path: str | None, threads: int):

@@ -121,15 +121,17 @@ class PipelineError(Exception):
 # ---------------------------------------------------------------------------------------
 
 def make_thumbnail(rgb: "np.ndarray", edge: int = THUMBNAIL_SIZE) -> bytes:
-    """PNG of the model input, for the review sheet (PNG: lossless, embeds in openpyxl)."""
+    """JPEG (quality 90) of the model input, for the review sheet. JPEG rather than PNG:
+    measured 0.10 vs 0.27 ms per thumbnail and 2.5 vs 11 kB, on a path that runs for every
+    uncertain cell (a quarter of all cells with the v1 model)."""
     import cv2
 
     h, w = rgb.shape[:2]
     interp = cv2.INTER_AREA if min(h, w) >= edge else cv2.INTER_LINEAR
     small = cv2.resize(rgb, (edge, edge), interpolation=interp)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:  # pragma: no cover - encoding a valid uint8 array does not fail
-        raise RuntimeError("PNG encoding failed")
+        raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
 
 
@@ -226,7 +228,7 @@ class Pipeline:
 
         pos = len(self._cells)
         self._cells.append((idx, cell))
-        if cell.thumbnail_png is None or self.max_thumbnails is None:
+        if cell.thumbnail_jpeg is None or self.max_thumbnails is None:
             return
         rank = self._patient_rank.setdefault(cell.patient, len(self._patient_rank))
         key = (-rank, -cell.confidence, -idx, pos)  # largest = last in the Review sheet
@@ -234,7 +236,7 @@ class Pipeline:
         if len(self._thumb_heap) > self.max_thumbnails:
             *_, drop = heapq.heappop(self._thumb_heap)
             i, dropped = self._cells[drop]
-            self._cells[drop] = (i, replace(dropped, thumbnail_png=None))
+            self._cells[drop] = (i, replace(dropped, thumbnail_jpeg=None))
 
     # -- cache -------------------------------------------------------------------------
     def _from_cache(self, idx: int, crop: Crop) -> bool:
@@ -250,8 +252,8 @@ class Pipeline:
         entry = self.cache.lookup(crop.path, st.st_size, st.st_mtime_ns)
         if entry is None or entry.probs.shape != (len(self.classes),) or not np.all(np.isfinite(entry.probs)):
             return False
-        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_png)
-        if cell.review and entry.thumbnail_png is None:
+        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_jpeg)
+        if cell.review and entry.thumbnail_jpeg is None:
             return False  # needs review now (other threshold) but no thumbnail was kept: redo it
         self._add_cell(idx, cell)
         self._out.cached += 1

@@ -337,12 +337,12 @@ def _write_cells(wb: Any, cells: Sequence[CellResult]) -> None:
         ])
 
 
-def _thumbnail(png: bytes) -> Any:
+def _thumbnail(jpeg: bytes) -> Any:
     """An openpyxl Image scaled to THUMB_PX, or None when the bytes are not a readable image."""
     from openpyxl.drawing.image import Image
 
     try:
-        img = Image(BytesIO(png))
+        img = Image(BytesIO(jpeg))
     except Exception:  # noqa: BLE001 - PIL raises several types for bad data
         return None
     scale = THUMB_PX / max(img.width, img.height, 1)
@@ -361,10 +361,10 @@ def _write_review(wb: Any, order: list[str], cells_by: dict[str, list[CellResult
         row = sh.rows + 1
         if embedded >= limit:  # checked first: the pipeline keeps no thumbnails past the limit
             first = f"(not embedded: limit of {limit} images)"
-        elif c.thumbnail_png is None:
+        elif c.thumbnail_jpeg is None:
             first = "(no thumbnail)"
         else:
-            img = _thumbnail(c.thumbnail_png)
+            img = _thumbnail(c.thumbnail_jpeg)
             if img is None:
                 first = "(thumbnail unreadable)"
             else:

@@ -20,7 +20,7 @@ class CellResult:
     second_class: str
     second_prob: float
     review: bool  # confidence below the review threshold
-    thumbnail_png: bytes | None = None  # small PNG of the model input, kept for review cells only
+    thumbnail_jpeg: bytes | None = None  # small JPEG of the model input, kept for review cells only
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ def test_roundtrip_after_reopen(tmp_path):
         e = c.lookup("/x/a.jpg", 10, 123)
         assert e is not None
         assert e.probs.dtype == np.float32 and np.array_equal(e.probs, p)
-        assert e.thumbnail_png == b"\x89PNGthumb"
-        assert c.lookup("/x/b.jpg", 11, 124).thumbnail_png is None
+        assert e.thumbnail_jpeg == b"\x89PNGthumb"
+        assert c.lookup("/x/b.jpg", 11, 124).thumbnail_jpeg is None
         assert (c.hits, c.misses) == (2, 0)
         assert len(c) == 2
 

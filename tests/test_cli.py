@@ -205,8 +205,9 @@ def test_review_threshold_option_changes_the_review_list(tiny, tmp_path):
     assert not any(lo) and all(hi)
 
 
-def test_inference_threads_use_every_core():
-    assert inference_threads(2) == 2
+def test_inference_threads_leave_the_other_cores_to_decoding():
+    assert inference_threads(2) == 1
+    assert inference_threads(8) == 4
     assert inference_threads(0) == 1
 
 

@@ -66,7 +66,7 @@ def test_classifies_every_crop_in_discovery_order(clf, slides):
     out, found = run(clf, root)
     assert {c.file: c.class_id for c in out.cells} == truth
     assert [c.file for c in out.cells] == [c.rel for c in found.crops if c.rel in truth]
-    assert all(c.confidence > 0.9 and not c.review and c.thumbnail_png is None for c in out.cells)
+    assert all(c.confidence > 0.9 and not c.review and c.thumbnail_jpeg is None for c in out.cells)
     assert [(e.patient, e.file) for e in out.errors] == [("P2", "P2/broken.jpg")]
     assert out.errors[0].reason  # a human sentence from preprocess
     assert out.decoded == len(truth)
@@ -79,7 +79,7 @@ def test_worker_processes_give_the_same_result_as_in_process(clf, slides):
     assert a.cells == b.cells and a.errors == b.errors
 
 
-def test_review_cells_get_top2_and_a_png_thumbnail(clf, tmp_path):
+def test_review_cells_get_top2_and_a_jpeg_thumbnail(clf, tmp_path):
     # Half lymphocyte colour, half myeloblast colour: the model is unsure between the two.
     a, b = tinymodel.colour_for("lymphocyte"), tinymodel.colour_for("myeloblast")
     mixed = tuple((x + y) // 2 for x, y in zip(a, b))
@@ -95,10 +95,10 @@ def test_review_cells_get_top2_and_a_png_thumbnail(clf, tmp_path):
     assert unsure.class_id != unsure.second_class
     assert {unsure.class_id, unsure.second_class} <= set(clf.info.classes)
     assert unsure.confidence >= unsure.second_prob > 0
-    thumb = cv2.imdecode(np.frombuffer(unsure.thumbnail_png, np.uint8), cv2.IMREAD_COLOR)
-    assert unsure.thumbnail_png[:8] == b"\x89PNG\r\n\x1a\n"
+    thumb = cv2.imdecode(np.frombuffer(unsure.thumbnail_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert unsure.thumbnail_jpeg[:3] == b"\xff\xd8\xff"  # JPEG
     assert thumb.shape == (pipeline.THUMBNAIL_SIZE, pipeline.THUMBNAIL_SIZE, 3)
-    assert not sure.review and sure.thumbnail_png is None
+    assert not sure.review and sure.thumbnail_jpeg is None
 
 
 def test_file_deleted_after_discovery_becomes_an_error_row(clf, slides):
@@ -174,7 +174,7 @@ def test_cache_reproduces_a_full_run_and_recomputes_review_thumbnails(clf, slide
     assert first.errors == second.errors == full_low.errors
     # A higher threshold makes the unsure cell a review cell, which needs its thumbnail.
     assert third.cells == full_high.cells
-    assert any(c.review and c.thumbnail_png for c in third.cells)
+    assert any(c.review and c.thumbnail_jpeg for c in third.cells)
 
 
 def test_top_two_and_thumbnail_helpers():
@@ -202,11 +202,11 @@ def test_thumbnail_cap_keeps_exactly_those_the_review_sheet_shows_first(clf, tmp
             cv2.imwrite(str(tmp_path / p / f"c{i}.png"), img)
     found = discover(tmp_path)
     full = Pipeline(clf.info.input_size, clf, 1.0, workers=0).run(found.crops)
-    assert all(c.review and c.thumbnail_png for c in full.cells)
+    assert all(c.review and c.thumbnail_jpeg for c in full.cells)
     patients = ["P1", "P2"]
     sheet_order = sorted(full.cells, key=lambda c: (patients.index(c.patient), c.confidence))
     expected = {c.file for c in sheet_order[:5]}
     for workers in (0, 2):
         capped = Pipeline(clf.info.input_size, clf, 1.0, workers=workers, batch_size=2, max_thumbnails=5).run(found.crops)
-        assert {c.file for c in capped.cells if c.thumbnail_png} == expected
+        assert {c.file for c in capped.cells if c.thumbnail_jpeg} == expected
         assert [c.file for c in capped.cells] == [c.file for c in full.cells]

@@ -215,7 +215,7 @@ def test_review_sheet_embeds_thumbnails(written):
 def test_review_image_cap_and_missing_thumbnails(tmp_path):
     run = make_run(extra_patients=[])
     run.cells.append(mk("P1", "basophil", 999, conf=0.2, thumb=False))
-    run.cells.append(replace(mk("P1", "basophil", 998, conf=0.25), thumbnail_png=b"not a png"))
+    run.cells.append(replace(mk("P1", "basophil", 998, conf=0.25), thumbnail_jpeg=b"not a png"))
     out = tmp_path / "cap.xlsx"
     report.write_workbook(run, replace(DEFAULT_SETTINGS, review_max_images=2), out)
     ws = load_workbook(out)["Review"]
