@@ -83,6 +83,29 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     size = opt["size"]
+    # Build the model first: a backbone/weights mismatch is reported before minutes of decoding.
+    import keras
+
+    from . import models
+
+    keras.utils.set_random_seed(opt["seed"])
+    n_classes = len(catalogue.CLASS_IDS)
+    if opt.get("resume"):
+        import train.layers  # noqa: F401 - custom layers for load_model
+
+        core = keras.saving.load_model(opt["resume"], compile=False)
+        backbone = core.layers[2]
+        print(f"resumed from {opt['resume']}")
+    else:
+        try:
+            core, backbone = models.build_core(
+                opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"]
+            )
+        except models.WeightsError as exc:
+            raise TrainingError(str(exc)) from None
+        if opt.get("init_from"):
+            _copy_weights(opt["init_from"], core)
+            print(f"initialised from {opt['init_from']} (input size {size})")
     print(f"reading {data_root} ...", flush=True)
     ds = data.load(data_root, size, opt["workers"], opt["limit_per_class"], opt["seed"])
     train_only = bool(opt.get("train_only"))
@@ -116,28 +139,6 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     if min(len(idx[k]) for k in (("train", "val") if train_only else split.SPLITS)) == 0:
         raise TrainingError("too few images to make train, validation and test splits.")
 
-    import keras
-
-    from . import models
-
-    keras.utils.set_random_seed(opt["seed"])
-    n_classes = len(catalogue.CLASS_IDS)
-    if opt.get("resume"):
-        import train.layers  # noqa: F401 - custom layers for load_model
-
-        core = keras.saving.load_model(opt["resume"], compile=False)
-        backbone = core.layers[2]
-        print(f"resumed from {opt['resume']}")
-    else:
-        try:
-            core, backbone = models.build_core(
-                opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"]
-            )
-        except models.WeightsError as exc:
-            raise TrainingError(str(exc)) from None
-        if opt.get("init_from"):
-            _copy_weights(opt["init_from"], core)
-            print(f"initialised from {opt['init_from']} (input size {size})")
     trainer = models.build_trainer(core, models.build_augmenter(opt["augment"], opt["seed"]), size)
 
     y_tr = ds.labels[idx["train"]]

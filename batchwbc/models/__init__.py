@@ -1,0 +1,1 @@
+"""Bundled model files (package data; see docs/model-card.md)."""
