@@ -93,7 +93,7 @@ def main() -> None:
                    "Default: the config's value, else the model's own (chosen on its validation data).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes decoding images in parallel. Default: one per CPU core. 0 decodes in the main process.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,  # = pipeline.DEFAULT_BATCH_SIZE
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=4, show_default=True,  # = pipeline.DEFAULT_BATCH_SIZE
               help="Images per model call.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="SQLite file remembering results per file and model, so a later run only classifies new or changed crops.")

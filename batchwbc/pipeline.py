@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 #: Edge of the review thumbnail in pixels: big enough to see a nucleus in a spreadsheet cell,
 #: small enough (~10-20 kB PNG) that thousands of review cells keep the workbook light.
 THUMBNAIL_SIZE = 80
-#: Measured on a 2-core PC with a MobileNetV3-Small-128 stand-in: 8-16 images per call cost ~5 % less
-#: CPU per crop than 32 and ~35 MB less memory; 128 costs 15 % more CPU and 190 MB more (docs/performance.md).
-DEFAULT_BATCH_SIZE = 16
+#: Measured on a 2-core PC with the bundled model (docs/performance.md): batch 4 gave end to end
+#: 0.70-0.71 of the decode-only rate vs 0.68 at 16 and 0.67 at 32, and less memory (a small
+#: model's activations stay in cache); with a MobileNetV3-Small stand-in 4 and 16 cost the same.
+DEFAULT_BATCH_SIZE = 4
 #: Files per worker task: amortises inter-process overhead while keeping crash retries cheap.
 CHUNK_FILES = 8
 #: Tasks in flight per worker: enough to keep every worker busy while the main process runs
