@@ -37,6 +37,7 @@ def _fail(msg: str) -> None:
 @click.option("--limit-per-class", type=int, default=0, help="Use at most N images per class (smoke tests).")
 @click.option("--workers", type=int, default=0, help="Decoding threads (0 = all cores).")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Start from this model.keras (with --epochs 0: only calibrate and evaluate it).")
+@click.option("--zoom-out-source", default=None, help="SOURCE:LOW:HIGH - add zoomed-out copies (factor LOW-HIGH) of that source's training crops, e.g. AML-LMU:0.55:0.75 to show Munich cells at the Barcelona magnification.")
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None, help="Copy the weights of this model.keras (same backbone, any input size) into the new model before training.")
 @click.option("--time-budget-min", type=float, default=0, help="Stop training after this many minutes (0 = no limit); the best model so far is kept.")
 @click.option("--train-only", is_flag=True, help="Fit and save the model, skip calibration/evaluation (e.g. on a lent GPU machine; finish with --resume --epochs 0).")

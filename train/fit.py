@@ -141,13 +141,27 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
 
     trainer = models.build_trainer(core, models.build_augmenter(opt["augment"], opt["seed"]), size)
 
-    y_tr = ds.labels[idx["train"]]
+    x_tr, y_tr = ds.images[idx["train"]], ds.labels[idx["train"]]
+    if opt.get("zoom_out_source"):
+        from .rescale import parse_spec, zoomed_copies
+
+        try:
+            src, lo, hi = parse_spec(opt["zoom_out_source"])
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        pick = np.array([i for i in idx["train"] if ds.sources[i] == src], dtype=int)
+        if len(pick) == 0:
+            raise TrainingError(f"--zoom-out-source: no training images come from source {src!r}.")
+        factors = np.random.default_rng(opt["seed"]).uniform(lo, hi, len(pick))
+        x_tr = np.concatenate([x_tr, zoomed_copies(ds.images[pick], factors)])
+        y_tr = np.concatenate([y_tr, ds.labels[pick]])
+        print(f"added {len(pick)} zoomed-out copies (x{lo}-{hi}) of {src} training crops")
     class_weight = None
     if opt["balance"] == "weights":
         counts = np.bincount(y_tr, minlength=n_classes)
         present = counts > 0
         class_weight = {k: float(len(y_tr) / (present.sum() * counts[k])) if counts[k] else 0.0 for k in range(n_classes)}
-    x_tr, x_va = ds.images[idx["train"]], ds.images[idx["val"]]
+    x_va = ds.images[idx["val"]]
     y_va = ds.labels[idx["val"]]
 
     def compile_(lr):

@@ -4,7 +4,7 @@ scanner's magnification and colour?
 All myeloblasts in the training data come from one scanner. On held-out test crops this
 re-renders each source in the other's style and reports how predictions move:
   * scale: Munich crops zoomed out to the Barcelona magnification (cells ~0.62x as large),
-    reflect-padded like a smear background;
+    padded with their background colour or by reflection (see train.rescale.zoom_out);
   * colour: Reinhard colour transfer (per-channel mean/std in Lab) of each crop to the other
     source's average colour statistics.
 A model that learned "Munich look = blast" loses its blasts when they are made to look like
@@ -20,16 +20,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .rescale import zoom_out
+
 ZOOM_OUT = 0.62  # Munich (M8, 100x) cells appear ~1.6x larger than CellaVision DM96 ones in the crops
-
-
-def zoom_out(rgb: np.ndarray, factor: float) -> np.ndarray:
-    import cv2
-
-    h, w = rgb.shape[:2]
-    small = cv2.resize(rgb, (max(1, int(w * factor)), max(1, int(h * factor))), interpolation=cv2.INTER_AREA)
-    top, left = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
-    return cv2.copyMakeBorder(small, top, h - small.shape[0] - top, left, w - small.shape[1] - left, cv2.BORDER_REFLECT_101)
 
 
 def lab_stats(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -81,9 +74,10 @@ def main(model_path, data_root, split_csv, json_out):
         if other:
             variants[f"colour of {other[0]}"] = [recolour(im, *stats[other[0]]) for im in ims]
         if src == "AML-LMU":
-            variants["zoomed out to PBC scale"] = [zoom_out(im, ZOOM_OUT) for im in ims]
-            if other:
-                variants[f"zoomed out + colour of {other[0]}"] = [recolour(zoom_out(im, ZOOM_OUT), *stats[other[0]]) for im in ims]
+            for mode in ("background", "reflect"):
+                variants[f"at PBC scale ({mode} pad)"] = [zoom_out(im, ZOOM_OUT, mode) for im in ims]
+                if other:
+                    variants[f"at PBC scale ({mode} pad) + colour"] = [recolour(zoom_out(im, ZOOM_OUT, mode), *stats[other[0]]) for im in ims]
         for name, v in variants.items():
             pred = predict(v)
             is_blast = labels == blast
