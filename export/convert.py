@@ -23,10 +23,9 @@ class ExportError(Exception):
 
 
 def _split_rows(run_dir: Path, which: str) -> list[dict]:
-    import csv
+    from train.split import read_split_csv
 
-    with open(run_dir / "split.csv", newline="", encoding="utf-8") as fh:
-        return [r for r in csv.DictReader(fh) if r["split"] == which]
+    return [r for r in read_split_csv(run_dir / "split.csv") if r["split"] == which]
 
 
 def load_images(data_root: Path, rows: list[dict], size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
