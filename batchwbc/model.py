@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import catalogue
-from .preprocess import PREPROCESSING_ID
+from .preprocess import PREPROCESSING_DESCRIPTIONS
 
 FORMAT_VERSION = "1"
 
@@ -24,7 +24,7 @@ FORMAT_VERSION = "1"
 KEY_FORMAT = "batchwbc.format_version"
 KEY_CLASSES = "batchwbc.classes"  # JSON list of class ids, in output order
 KEY_INPUT_SIZE = "batchwbc.input_size"  # int S of the [N,S,S,3] uint8 input
-KEY_PREPROCESSING = "batchwbc.preprocessing"  # must equal preprocess.PREPROCESSING_ID
+KEY_PREPROCESSING = "batchwbc.preprocessing"  # one of preprocess.PREPROCESSING_DESCRIPTIONS
 KEY_PREPROCESSING_DESC = "batchwbc.preprocessing_description"
 KEY_TEMPERATURE = "batchwbc.temperature"  # already applied in the graph; recorded for audit
 KEY_MODEL_VERSION = "batchwbc.model_version"
@@ -95,9 +95,10 @@ def parse_metadata(meta: dict[str, str], path: Path, sha256: str) -> ModelInfo:
         assert 16 <= size <= 1024
     except (ValueError, AssertionError):
         raise ModelError(f"{name} has an invalid input size {meta[KEY_INPUT_SIZE]!r} in its metadata.") from None
-    if meta[KEY_PREPROCESSING] != PREPROCESSING_ID:
+    if meta[KEY_PREPROCESSING] not in PREPROCESSING_DESCRIPTIONS:
         raise ModelError(
-            f"{name} expects preprocessing {meta[KEY_PREPROCESSING]!r}, but this batchwbc provides {PREPROCESSING_ID!r}."
+            f"{name} expects preprocessing {meta[KEY_PREPROCESSING]!r}, which this batchwbc does not provide "
+            f"(it provides {', '.join(sorted(PREPROCESSING_DESCRIPTIONS))})."
         )
 
     def _float(key: str) -> float | None:

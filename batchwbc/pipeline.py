@@ -80,9 +80,10 @@ def _init_worker() -> None:
 Decoded = tuple
 
 
-def decode_one(path: str, size: int) -> Decoded:
-    """Read, decode and resize one crop; never raises (the reason travels back instead)."""
-    from .preprocess import UnreadableImage, prepare_file
+def decode_one(path: str, size: int, preprocessing: str | None = None) -> Decoded:
+    """Read, decode and frame one crop as the model expects; never raises (the reason travels
+    back instead)."""
+    from .preprocess import PREPROCESSING_ID, UnreadableImage, prepare_file
 
     try:
         st = os.stat(path)
@@ -94,7 +95,7 @@ def decode_one(path: str, size: int) -> Decoded:
         # e.g. replaced by a FIFO after discovery: opening it would block forever
         return (None, "not a regular file", 0, 0)
     try:
-        arr = prepare_file(path, size)
+        arr = prepare_file(path, size, preprocessing=preprocessing or PREPROCESSING_ID)
     except UnreadableImage as exc:
         return (None, str(exc), st.st_size, st.st_mtime_ns)
     except MemoryError:
@@ -104,8 +105,10 @@ def decode_one(path: str, size: int) -> Decoded:
     return (arr, None, st.st_size, st.st_mtime_ns)
 
 
-def decode_chunk(paths: list[str], size: int, decode: Callable[[str, int], Decoded] = decode_one) -> list[Decoded]:
-    return [decode(p, size) for p in paths]
+def decode_chunk(
+    paths: list[str], size: int, decode: Callable[[str, int, str | None], Decoded] = decode_one, preprocessing: str | None = None
+) -> list[Decoded]:
+    return [decode(p, size, preprocessing) for p in paths]
 
 
 def ping() -> bool:
@@ -180,8 +183,9 @@ class Pipeline:
         batch_size: int = DEFAULT_BATCH_SIZE,
         cache: "ResultCache | None" = None,
         progress: Callable[[int], None] | None = None,
-        decode: Callable[[str, int], Decoded] = decode_one,
+        decode: Callable[[str, int, str | None], Decoded] = decode_one,
         max_thumbnails: int | None = None,
+        preprocessing: str | None = None,
     ):
         """classifier=None decodes only (the benchmark's baseline): same workers, same files.
 
@@ -202,6 +206,8 @@ class Pipeline:
         self.cache = cache if classifier is not None else None
         self.progress = progress
         self.decode = decode
+        # The model names the preprocessing it was trained with; the baseline (no model) uses the current one.
+        self.preprocessing = preprocessing or (classifier.info.preprocessing if classifier is not None else None)
         self.done = 0
         self.total = 0
         self._cells: list[tuple[int, CellResult]] = []
@@ -333,7 +339,7 @@ class Pipeline:
         if self.workers == 0:
             for chunk in self._chunks(crops):
                 for (idx, crop) in chunk:
-                    self._accept(idx, crop, self.decode(crop.path, self.input_size))
+                    self._accept(idx, crop, self.decode(crop.path, self.input_size, self.preprocessing))
         else:
             self._run_pool(self._chunks(crops))
         self._flush()
@@ -365,7 +371,7 @@ class Pipeline:
                     if chunk is None:
                         exhausted = True
                         break
-                    pending.append((pool.submit(decode_chunk, [c.path for _, c in chunk], self.input_size, self.decode), chunk))
+                    pending.append((pool.submit(decode_chunk, [c.path for _, c in chunk], self.input_size, self.decode, self.preprocessing), chunk))
                 if not pending:
                     break
                 fut, chunk = pending.popleft()
@@ -397,7 +403,7 @@ class Pipeline:
         try:
             for idx, crop in items:
                 try:
-                    decoded = pool.submit(self.decode, crop.path, self.input_size).result()
+                    decoded = pool.submit(self.decode, crop.path, self.input_size, self.preprocessing).result()
                 except BrokenProcessPool:
                     _stop_pool(pool)
                     log.warning("decoding %s crashed a worker process", crop.rel)

@@ -25,13 +25,32 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 # about them would only clutter the nightly log.
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
-#: Identifier stored in the ONNX metadata; the runtime refuses models expecting anything else.
-PREPROCESSING_ID = "batchwbc-rgb-uint8-area-v1"
-PREPROCESSING_DESCRIPTION = (
+#: Preprocessing contracts this runtime can feed; the id is stored in the ONNX metadata and
+#: the runtime refuses a model expecting any other (ADR 0001, ADR 0005).
+PREPROCESSING_WHOLE = "batchwbc-rgb-uint8-area-v1"
+PREPROCESSING_CELL = "batchwbc-rgb-uint8-cellcrop-v2"
+#: What new models are trained with.
+PREPROCESSING_ID = PREPROCESSING_CELL
+_COMMON = (
     "Decode with OpenCV (EXIF orientation applied; grey, 16-bit, RGBA and CMYK converted to "
-    "8-bit colour), convert BGR to RGB, resize the whole crop to SxS with INTER_AREA "
-    "(no crop, no padding), uint8 NHWC; scaling/normalisation is inside the model graph."
+    "8-bit colour), convert BGR to RGB, "
 )
+PREPROCESSING_DESCRIPTIONS = {
+    PREPROCESSING_WHOLE: _COMMON + "resize the whole crop to SxS with INTER_AREA "
+    "(no crop, no padding), uint8 NHWC; scaling/normalisation is inside the model graph.",
+    PREPROCESSING_CELL: _COMMON + "find the stained cell nearest the centre (Otsu threshold on "
+    "blue minus green at 96 px), cut a square 1.8x the cell's larger side around it (at least "
+    "0.35 of the crop's short side, at most all of it, shifted to stay inside; the whole crop "
+    "when no cell is found), resize it to SxS with INTER_AREA, uint8 NHWC; "
+    "scaling/normalisation is inside the model graph.",
+}
+PREPROCESSING_DESCRIPTION = PREPROCESSING_DESCRIPTIONS[PREPROCESSING_ID]
+
+#: Cell-centred framing (v2): square side as a multiple of the cell's bounding box, and the
+#: smallest square as a fraction of the crop's short side (platelets are ~0.1 of it).
+CELL_MARGIN = 1.8
+CELL_MIN_FRACTION = 0.35
+_WORK_EDGE = 96
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 
@@ -119,11 +138,81 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interp)
 
 
-def prepare_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def cell_square(rgb: np.ndarray) -> tuple[int, int, int] | None:
+    """(x0, y0, side) of the square that frames the cell, or None when no cell stands out.
+
+    Why: exported crops frame the cell differently per analyzer (a Barcelona cell fills ~40 %
+    of its crop, a Munich one ~55 %), so a whole-crop resize both wastes most input pixels on
+    background and lets a model learn the scanner's magnification instead of the cell
+    (docs/model-card.md, shortcut probe). Framing every cell the same way fixes both.
+    May-Gruenwald-Giemsa nuclei and cytoplasm are bluer than they are green, red cells and
+    background are not, so Otsu on (B - G) separates leukocytes on both scanners.
+    """
+    import cv2
+
+    h, w = rgb.shape[:2]
+    if min(h, w) < 16:
+        return None
+    scale = _WORK_EDGE / max(h, w)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
+    bg = cv2.subtract(small[..., 2], small[..., 1])  # saturating uint8 B - G
+    if int(bg.max()) - int(bg.min()) < 12:  # flat image: nothing to find
+        return None
+    _, mask = cv2.threshold(bg, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    kernel = np.ones((3, 3), np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    n, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    min_area = max(4, int(0.002 * sw * sh))
+    cx, cy = sw / 2.0, sh / 2.0
+    best, best_key = None, None
+    for k in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[k])
+        if area < min_area or area > 0.9 * sw * sh:
+            continue
+        covers_centre = x <= cx <= x + bw and y <= cy <= y + bh
+        dist = float(np.hypot(centroids[k][0] - cx, centroids[k][1] - cy))
+        key = (0 if covers_centre else 1, -area if covers_centre else dist)
+        if best_key is None or key < best_key:
+            best, best_key = k, key
+    if best is None:
+        return None
+    x, y, bw, bh, _ = (int(v) for v in stats[best])
+    # back to full resolution
+    bx0, by0 = x / scale, y / scale
+    bx1, by1 = (x + bw) / scale, (y + bh) / scale
+    short = min(h, w)
+    side = int(round(min(short, max(CELL_MIN_FRACTION * short, CELL_MARGIN * max(bx1 - bx0, by1 - by0)))))
+    x0 = int(round((bx0 + bx1) / 2 - side / 2))
+    y0 = int(round((by0 + by1) / 2 - side / 2))
+    x0 = min(max(0, x0), w - side)
+    y0 = min(max(0, y0), h - side)
+    return x0, y0, side
+
+
+def to_model_input(rgb: np.ndarray, size: int, preprocessing: str = PREPROCESSING_ID) -> np.ndarray:
+    """Decoded RGB -> size x size model input under the named contract (pure)."""
+    if preprocessing == PREPROCESSING_WHOLE:
+        return resize_square(rgb, size)
+    if preprocessing == PREPROCESSING_CELL:
+        box = cell_square(rgb)
+        if box is None:
+            return resize_square(rgb, size)
+        x0, y0, side = box
+        return resize_square(np.ascontiguousarray(rgb[y0 : y0 + side, x0 : x0 + side]), size)
+    raise ValueError(f"unknown preprocessing {preprocessing!r}")
+
+
+def prepare_bytes(
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID
+) -> np.ndarray:
     """Encoded bytes -> model input (size x size x 3 uint8 RGB)."""
-    return resize_square(decode_rgb(data, max_pixels), size)
+    return to_model_input(decode_rgb(data, max_pixels), size, preprocessing)
 
 
-def prepare_file(path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def prepare_file(
+    path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID
+) -> np.ndarray:
     """A crop on disk -> model input; the function both training and runtime call."""
-    return prepare_bytes(read_bytes(path), size, max_pixels)
+    return prepare_bytes(read_bytes(path), size, max_pixels, preprocessing)

@@ -10,7 +10,7 @@ import numpy as np
 
 from batchwbc import catalogue
 from batchwbc import model as bm
-from batchwbc.preprocess import PREPROCESSING_DESCRIPTION, PREPROCESSING_ID, prepare_file
+from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_WHOLE, prepare_file
 
 ATTRIBUTION = (
     "PBC_dataset_normal_DIB: Acevedo et al., Data in Brief 30 (2020), doi:10.17632/snkd93bnjr.1, CC BY 4.0; "
@@ -28,9 +28,9 @@ def _split_rows(run_dir: Path, which: str) -> list[dict]:
     return [r for r in read_split_csv(run_dir / "split.csv") if r["split"] == which]
 
 
-def load_images(data_root: Path, rows: list[dict], size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_images(data_root: Path, rows: list[dict], size: int, preprocessing: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode split rows through the runtime's own preprocessing function."""
-    x = np.stack([prepare_file(data_root / r["path"], size) for r in rows])
+    x = np.stack([prepare_file(data_root / r["path"], size, preprocessing=preprocessing) for r in rows])
     y = np.array([catalogue.CLASS_IDS.index(r["class_id"]) for r in rows])
     return x, y, [r["source"] for r in rows]
 
@@ -154,6 +154,8 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         raise ExportError(f"{run_dir} is not a finished training run (run.json and model.keras are needed).")
     run = json.loads((run_dir / "run.json").read_text())
     size = int(run["input_size"])
+    # Runs from before the cell-centred contract recorded no preprocessing: they used the whole crop.
+    preprocessing = run.get("preprocessing", PREPROCESSING_WHOLE)
     temperature = float(run["temperature"])
     root = Path(data_root or run["data_root"])
     if not root.is_dir():
@@ -161,7 +163,7 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
     core = keras.saving.load_model(run_dir / "model.keras", compile=False)
 
     test_rows = _split_rows(run_dir, "test")
-    x_test, y_test, src_test = load_images(root, test_rows, size)
+    x_test, y_test, src_test = load_images(root, test_rows, size, preprocessing)
     proto, serve = to_onnx(core, size, temperature, opset)
     version = model_version or run_dir.name
     tmp = out_path.with_suffix(".tmp.onnx")
@@ -191,7 +193,7 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
     if quantize == "int8":
         q_path = out_path.with_suffix(".int8.tmp.onnx")
         val_rows = _split_rows(run_dir, "val")[:256]
-        x_cal, _, _ = load_images(root, val_rows, size)
+        x_cal, _, _ = load_images(root, val_rows, size, preprocessing)
         quantize_int8(tmp, q_path, x_cal)
         q_probs = ort_predict(ort_session(q_path), x_test)
         q_metrics = summary_metrics(q_probs, y_test)
@@ -212,8 +214,8 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         bm.KEY_FORMAT: bm.FORMAT_VERSION,
         bm.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS)),
         bm.KEY_INPUT_SIZE: str(size),
-        bm.KEY_PREPROCESSING: PREPROCESSING_ID,
-        bm.KEY_PREPROCESSING_DESC: PREPROCESSING_DESCRIPTION,
+        bm.KEY_PREPROCESSING: preprocessing,
+        bm.KEY_PREPROCESSING_DESC: PREPROCESSING_DESCRIPTIONS[preprocessing],
         bm.KEY_TEMPERATURE: f"{temperature:.6f}",
         bm.KEY_MODEL_VERSION: version,
         bm.KEY_REVIEW_THRESHOLD: f"{float(run['review_threshold']):.2f}",

@@ -23,7 +23,7 @@ def predictions(shared_data):
         rows = list(csv.DictReader(fh))
     clf = Classifier(DEFAULT_MODEL_PATH)
     s = clf.info.input_size
-    x = np.stack([prepare_file(shared_data / r["path"], s) for r in rows])
+    x = np.stack([prepare_file(shared_data / r["path"], s, preprocessing=clf.info.preprocessing) for r in rows])
     probs = np.concatenate([clf.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
     y = np.array([clf.info.classes.index(r["class_id"]) for r in rows])
     return clf, probs, y, rows

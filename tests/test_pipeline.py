@@ -11,6 +11,7 @@ import pytest
 
 import tinymodel
 from batchwbc import pipeline
+from batchwbc import preprocess as pp
 from batchwbc.discovery import discover
 from batchwbc.model import Classifier
 from batchwbc.pipeline import CRASH_REASON, Pipeline, decode_one, make_thumbnail, top_two
@@ -18,12 +19,12 @@ from batchwbc.pipeline import CRASH_REASON, Pipeline, decode_one, make_thumbnail
 CRASH_MARKER = "crashme"
 
 
-def crash_on_marker(path: str, size: int):
+def crash_on_marker(path: str, size: int, preprocessing: str | None = None):
     """A decode function that kills its worker process on marked files, as a segfaulting
     decoder would (module level, so spawned workers can import it)."""
     if CRASH_MARKER in os.path.basename(path):
         os._exit(11)
-    return decode_one(path, size)
+    return decode_one(path, size, preprocessing)
 
 
 def write_crop(path: Path, class_id: str, shape=(40, 50)) -> Path:
@@ -210,3 +211,25 @@ def test_thumbnail_cap_keeps_exactly_those_the_review_sheet_shows_first(clf, tmp
         capped = Pipeline(clf.info.input_size, clf, 1.0, workers=workers, batch_size=2, max_thumbnails=5).run(found.crops)
         assert {c.file for c in capped.cells if c.thumbnail_jpeg} == expected
         assert [c.file for c in capped.cells] == [c.file for c in full.cells]
+
+
+SEEN_PREPROCESSING: list = []
+
+
+def record_preprocessing(path: str, size: int, preprocessing: str | None = None):
+    SEEN_PREPROCESSING.append(preprocessing)
+    return decode_one(path, size, preprocessing)
+
+
+@pytest.mark.parametrize("contract", [pp.PREPROCESSING_WHOLE, pp.PREPROCESSING_CELL])
+def test_crops_are_prepared_the_way_the_model_was_trained(contract, slides, tmp_path_factory):
+    """A v1 (whole-crop) model keeps working after v2 became the training default."""
+    from batchwbc import model as bm
+
+    m = Classifier(tinymodel.build(tmp_path_factory.mktemp("m") / "t.onnx", metadata={bm.KEY_PREPROCESSING: contract}))
+    assert m.info.preprocessing == contract
+    root, truth = slides
+    SEEN_PREPROCESSING.clear()
+    out, _ = run(m, root, decode=record_preprocessing)
+    assert len(out.cells) == len(truth)
+    assert SEEN_PREPROCESSING and set(SEEN_PREPROCESSING) == {contract}

@@ -23,7 +23,7 @@ def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_tiny_training_run_exports_with_parity(shared_data, tmp_path):
     run_dir = tmp_path / "run"
     r = _run("train", "--data", str(shared_data), "--out", str(run_dir), "--limit-per-class", "4", "--size", "32",
-             "--epochs", "1", "--batch-size", "8")
+             "--epochs", "1", "--batch-size", "8", "--preprocessing", "batchwbc-rgb-uint8-area-v1")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for name in ("split.csv", "history.csv", "training_curves.png", "test_classification_report.txt", "test_metrics.json",
                  "test_confusion_matrix.png", "test_confusion_matrix.csv", "test_roc.png", "test_reliability.png",
@@ -41,6 +41,9 @@ def test_tiny_training_run_exports_with_parity(shared_data, tmp_path):
     assert info.classes == CLASS_IDS and info.input_size == 32
     assert info.temperature is not None and info.review_threshold is not None
     assert "accuracy" in info.json_field("batchwbc.test_metrics")
+    # the run's preprocessing (not the current default) travels into the model it exports
+    assert info.preprocessing == "batchwbc-rgb-uint8-area-v1"
+    assert '"preprocessing": "batchwbc-rgb-uint8-area-v1"' in (run_dir / "run.json").read_text()
 
 
 @pytest.mark.parametrize(

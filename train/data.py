@@ -14,7 +14,7 @@ import numpy as np
 
 from batchwbc import catalogue
 from batchwbc.datasets import DatasetScan, read_any
-from batchwbc.preprocess import UnreadableImage, decode_rgb, read_bytes, resize_square
+from batchwbc.preprocess import PREPROCESSING_ID, UnreadableImage, decode_rgb, read_bytes, to_model_input
 
 from .quality import black_band_reason
 
@@ -30,7 +30,7 @@ class LoadedData:
     assigned_split: list[str] | None = None  # set when the data came from a packed file
 
 
-def _load_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+def _load_one(path: Path, size: int, preprocessing: str = PREPROCESSING_ID) -> tuple[np.ndarray | None, str | None]:
     try:
         rgb = decode_rgb(read_bytes(path))
     except UnreadableImage as exc:
@@ -38,18 +38,23 @@ def _load_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
     reason = black_band_reason(rgb)
     if reason:
         return None, reason
-    return resize_square(rgb, size), None
+    return to_model_input(rgb, size, preprocessing), None
 
 
-def load(data_root: str | os.PathLike, size: int, workers: int = 0, limit_per_class: int = 0, seed: int = 0) -> LoadedData:
+def load(
+    data_root: str | os.PathLike, size: int, workers: int = 0, limit_per_class: int = 0, seed: int = 0,
+    preprocessing: str = PREPROCESSING_ID,
+) -> LoadedData:
     """Scan `data_root` (any supported layout), decode every usable image at size x size."""
     root = Path(data_root)
     if root.suffix == ".npz" and root.is_file():
         from .packed import unpack
 
-        images, labels, sources, paths, assigned = unpack(root)
+        images, labels, sources, paths, assigned, packed_with = unpack(root)
         if images.shape[1] != size:
             raise ValueError(f"{root} holds {images.shape[1]}px crops, not {size}px")
+        if packed_with != preprocessing:
+            raise ValueError(f"{root} was packed with preprocessing {packed_with}, not {preprocessing}")
         scan = DatasetScan()
         return LoadedData(images, labels, sources, paths, [], scan, assigned)
     scan = read_any(root)
@@ -71,7 +76,7 @@ def load(data_root: str | os.PathLike, size: int, workers: int = 0, limit_per_cl
     dropped: list[tuple[str, str]] = []
     rel = [it.path.relative_to(root).as_posix() for it in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # cv2 releases the GIL while decoding
-        for i, (arr, reason) in enumerate(pool.map(lambda it: _load_one(it.path, size), items)):
+        for i, (arr, reason) in enumerate(pool.map(lambda it: _load_one(it.path, size, preprocessing), items)):
             if arr is None:
                 dropped.append((rel[i], reason or "unknown"))
             else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from batchwbc import catalogue
+from batchwbc.preprocess import PREPROCESSING_ID
 
 from . import calibration, data, evaluate, split
 
@@ -107,7 +108,8 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
             _copy_weights(opt["init_from"], core)
             print(f"initialised from {opt['init_from']} (input size {size})")
     print(f"reading {data_root} ...", flush=True)
-    ds = data.load(data_root, size, opt["workers"], opt["limit_per_class"], opt["seed"])
+    preprocessing = opt.get("preprocessing") or PREPROCESSING_ID
+    ds = data.load(data_root, size, opt["workers"], opt["limit_per_class"], opt["seed"], preprocessing)
     train_only = bool(opt.get("train_only"))
     if len(ds.labels) == 0:
         raise TrainingError(f"no usable labelled images were found in {data_root}.")
@@ -226,6 +228,7 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         "options": {k: v for k, v in opt.items()},
         "data_root": str(data_root),
         "input_size": size,
+        "preprocessing": preprocessing,
         "classes": list(catalogue.CLASS_IDS),
         "temperature": temperature,
         "review_threshold": threshold,

@@ -19,10 +19,13 @@ import numpy as np
 from batchwbc import catalogue
 
 
-def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, splits=("train", "val")) -> int:
+def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, splits=("train", "val"),
+         preprocessing: str | None = None) -> int:
     import cv2
 
-    from batchwbc.preprocess import prepare_file
+    from batchwbc.preprocess import PREPROCESSING_ID, prepare_file
+
+    preprocessing = preprocessing or PREPROCESSING_ID
 
     from .split import read_split_csv
 
@@ -30,7 +33,7 @@ def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, s
     blobs, labels, sources, paths, assign = [], [], [], [], []
     params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
     for r in rows:
-        rgb = prepare_file(data_root / r["path"], size)
+        rgb = prepare_file(data_root / r["path"], size, preprocessing=preprocessing)
         ok, enc = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
         assert ok
         blobs.append(enc.tobytes())
@@ -40,12 +43,13 @@ def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, s
         assign.append(r["split"])
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     np.savez(out, jpeg=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, labels=np.array(labels),
-             sources=np.array(sources), paths=np.array(paths), split=np.array(assign), size=np.array(size))
+             sources=np.array(sources), paths=np.array(paths), split=np.array(assign), size=np.array(size),
+             preprocessing=np.array(preprocessing))
     return len(rows)
 
 
 def unpack(path: Path):
-    """-> (images uint8 [n,S,S,3], labels, sources, paths, split)."""
+    """-> (images uint8 [n,S,S,3], labels, sources, paths, split, preprocessing id)."""
     import cv2
 
     z = np.load(path)
@@ -54,7 +58,8 @@ def unpack(path: Path):
     images = np.empty((len(off) - 1, size, size, 3), np.uint8)
     for i in range(len(off) - 1):
         images[i] = cv2.cvtColor(cv2.imdecode(buf[off[i] : off[i + 1]], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return images, z["labels"].astype(np.int64), [str(s) for s in z["sources"]], [str(p) for p in z["paths"]], [str(s) for s in z["split"]]
+    return images, z["labels"].astype(np.int64), [str(s) for s in z["sources"]], [str(p) for p in z["paths"]], [str(s) for s in z["split"]], \
+        (str(z["preprocessing"]) if "preprocessing" in z.files else "batchwbc-rgb-uint8-area-v1")
 
 
 @click.command()

@@ -48,7 +48,7 @@ def recolour(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
 def main(model_path, data_root, split_csv, json_out):
     from batchwbc.model import Classifier
-    from batchwbc.preprocess import decode_rgb, read_bytes, resize_square
+    from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
 
     from .split import read_split_csv
 
@@ -62,7 +62,7 @@ def main(model_path, data_root, split_csv, json_out):
     blast = clf.info.classes.index("myeloblast")
 
     def predict(images):
-        x = np.stack([resize_square(im, size) for im in images])
+        x = np.stack([to_model_input(im, size, clf.info.preprocessing) for im in images])
         return np.concatenate([clf.predict(x[i : i + 64]) for i in range(0, len(x), 64)]).argmax(1)
 
     result = {}
