@@ -93,8 +93,12 @@ def build_slides(data: Path, n: int, dest: Path, per_patient: int, seed: int) ->
     return len(items)
 
 
-def timed_run(slides: Path, size: int, classifier, workers: int, batch: int, threshold: float) -> tuple[float, int, int, int]:
-    """(seconds, cells done, peak tree RSS, review cells) for discovery + pipeline."""
+def timed_run(slides: Path, size: int, classifier, workers: int, batch: int, threshold: float,
+              preprocessing: str | None = None) -> tuple[float, int, int, int]:
+    """(seconds, cells done, peak tree RSS, review cells) for discovery + pipeline.
+
+    The baseline (classifier None) must prepare crops with the model's own contract, or the
+    ratio would compare two different decoding costs."""
     from batchwbc.config import Settings
     from batchwbc.discovery import discover
     from batchwbc.pipeline import Pipeline
@@ -104,7 +108,7 @@ def timed_run(slides: Path, size: int, classifier, workers: int, batch: int, thr
         t0 = time.perf_counter()
         crops = discover(slides).crops
         out = Pipeline(size, classifier, threshold, workers=workers, batch_size=batch,
-                       max_thumbnails=Settings().review_max_images).run(crops)  # as the CLI does
+                       max_thumbnails=Settings().review_max_images, preprocessing=preprocessing).run(crops)  # as the CLI does
         seconds = time.perf_counter() - t0
         cpu = _cpu_seconds() - c0
     done = out.decoded if classifier is None else len(out.cells)
@@ -126,14 +130,15 @@ def measure(slides: Path, model: Path, workers: int, threads: int, batch: int, r
 
     clf = Classifier(model, threads=threads, spinning=spinning)
     size = clf.info.input_size
+    pre = clf.info.preprocessing
     threshold = review_threshold
     if threshold is None:
         threshold = clf.info.review_threshold if clf.info.review_threshold is not None else 0.5
-    timed_run(slides, size, None, workers, batch, threshold)  # warm-up: page cache, imports
+    timed_run(slides, size, None, workers, batch, threshold, pre)  # warm-up: page cache, imports
     base, full, base_rss, full_rss, base_cpu, full_cpu = [], [], [], [], [], []
     n = n_review = 0
     for _ in range(repeats):
-        s, n, peak, _, cpu = timed_run(slides, size, None, workers, batch, threshold)
+        s, n, peak, _, cpu = timed_run(slides, size, None, workers, batch, threshold, pre)
         base.append(n / s)
         base_rss.append(peak)
         base_cpu.append(1000.0 * cpu / max(1, n))
@@ -196,7 +201,7 @@ def main() -> None:
         slides = Path(tmp) / "slides"
         unique = build_slides(args.data, args.n, slides, args.per_patient, args.seed)
         header = {
-            "model": str(model), "model_version": info.model_version, "input_size": info.input_size,
+            "model": str(model), "model_version": info.model_version, "input_size": info.input_size, "preprocessing": info.preprocessing,
             "crops": args.n, "unique_images": min(unique, args.n), "cpus": os.cpu_count(),
             "repeats": args.repeats, "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         }

@@ -38,24 +38,54 @@ def _paper_metrics(clf, probs, y) -> tuple[float, float, int]:
     return float((pred[m] == y[m]).mean()), float(f1_score(y[m], pred[m], labels=paper, average="macro")), int(m.sum())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model v1 (MobileNet 0.25 at 128 px, trained on this 2-core CPU) measures 0.868 accuracy and "
-    "0.860 macro-F1 on the paper's ten classes: the target (0.93 / 0.90) is not met yet - see "
-    "docs/decisions/0004. Strict: a model that meets it makes this fail until the marker is removed.",
-)
 def test_beats_the_paper_on_its_ten_classes(predictions):
+    """The paper (ResNet50): accuracy 0.9027, macro-F1 0.88; the project's F1 target is 0.90."""
     acc, f1, n = _paper_metrics(*predictions[:3])
     assert n > 500
-    assert acc >= 0.93, acc
+    assert acc > 0.9027, acc
     assert f1 >= 0.90, f1
 
 
-def test_no_regression_below_model_v1(predictions):
-    """Guard the measured level of v1 so a worse model can never be bundled silently."""
+@pytest.mark.xfail(
+    strict=True,
+    reason="model v2 (MobileNet 0.25, cell-centred 144 px, trained on this 2-core CPU) measures 0.913 "
+    "accuracy on the paper's ten classes: the 0.93 accuracy target is not met yet - see "
+    "docs/decisions/0004 and 0005. Strict: a model that meets it makes this fail until the marker is removed.",
+)
+def test_meets_the_accuracy_target_on_the_ten_classes(predictions):
+    acc, _, _ = _paper_metrics(*predictions[:3])
+    assert acc >= 0.93, acc
+
+
+def test_no_regression_below_the_bundled_level(predictions):
+    """Guard the measured level of v2 (0.913 / 0.909) so a worse model can never be bundled silently."""
     acc, f1, _ = _paper_metrics(*predictions[:3])
-    assert acc >= 0.85, acc
-    assert f1 >= 0.84, f1
+    assert acc >= 0.905, acc
+    assert f1 >= 0.90, f1
+
+
+def test_blasts_are_recognised_at_another_scanners_magnification(predictions, shared_data):
+    """Every training blast came from the Munich scanner. Shown at the Barcelona magnification
+    (the probe of train/probe.py), v1 lost 25-56 % of them; the model must not rely on scale."""
+    from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
+    from train.rescale import zoom_out
+
+    clf, _, _, rows = predictions
+    blasts = [r for r in rows if r["class_id"] == "myeloblast"]
+    assert len(blasts) > 50
+    k = clf.info.classes.index("myeloblast")
+    s = clf.info.input_size
+    for mode in ("background", "reflect"):
+        x = np.stack([to_model_input(zoom_out(decode_rgb(read_bytes(shared_data / r["path"])), 0.62, mode), s,
+                                     clf.info.preprocessing) for r in blasts])
+        recall = float((clf.predict(x).argmax(1) == k).mean())
+        assert recall >= 0.9, (mode, recall)
+
+
+def test_few_non_blasts_are_called_blasts(predictions):
+    clf, probs, y, _ = predictions
+    k = clf.info.classes.index("myeloblast")
+    assert ((probs.argmax(1) == k) & (y != k)).sum() <= 0.005 * (y != k).sum()
 
 
 def test_metadata_metrics_match_a_fresh_measurement(predictions):
