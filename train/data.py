@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from batchwbc import catalogue
-from batchwbc.datasets import DatasetScan, read_any
+from batchwbc.datasets import DatasetError, DatasetScan, read_any
 from batchwbc.preprocess import PREPROCESSING_ID, UnreadableImage, decode_rgb, read_bytes, to_model_input
 
 from .quality import black_band_reason
@@ -52,9 +52,9 @@ def load(
 
         images, labels, sources, paths, assigned, packed_with = unpack(root)
         if images.shape[1] != size:
-            raise ValueError(f"{root} holds {images.shape[1]}px crops, not {size}px")
+            raise DatasetError(f"{root} holds {images.shape[1]}px crops, not {size}px; pack it again with --size {size}.")
         if packed_with != preprocessing:
-            raise ValueError(f"{root} was packed with preprocessing {packed_with}, not {preprocessing}")
+            raise DatasetError(f"{root} was packed with preprocessing {packed_with}, not {preprocessing}; pack it again or pass --preprocessing {packed_with}.")
         scan = DatasetScan()
         return LoadedData(images, labels, sources, paths, [], scan, assigned)
     scan = read_any(root)

@@ -52,6 +52,8 @@ def unpack(path: Path):
     """-> (images uint8 [n,S,S,3], labels, sources, paths, split, preprocessing id)."""
     import cv2
 
+    from batchwbc.preprocess import PREPROCESSING_WHOLE
+
     z = np.load(path)
     buf, off = z["jpeg"], z["offsets"]
     size = int(z["size"])
@@ -59,7 +61,7 @@ def unpack(path: Path):
     for i in range(len(off) - 1):
         images[i] = cv2.cvtColor(cv2.imdecode(buf[off[i] : off[i + 1]], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     return images, z["labels"].astype(np.int64), [str(s) for s in z["sources"]], [str(p) for p in z["paths"]], [str(s) for s in z["split"]], \
-        (str(z["preprocessing"]) if "preprocessing" in z.files else "batchwbc-rgb-uint8-area-v1")
+        (str(z["preprocessing"]) if "preprocessing" in z.files else PREPROCESSING_WHOLE)  # packed before v2 existed
 
 
 @click.command()
@@ -68,8 +70,9 @@ def unpack(path: Path):
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--size", type=int, default=128)
 @click.option("--quality", type=int, default=85)
-def main(data_root, split_csv, out, size, quality):
-    n = pack(Path(data_root), Path(split_csv), Path(out), size, quality)
+@click.option("--preprocessing", default=None, help="Preprocessing contract id (default: the current one).")
+def main(data_root, split_csv, out, size, quality, preprocessing):
+    n = pack(Path(data_root), Path(split_csv), Path(out), size, quality, preprocessing=preprocessing)
     click.echo(f"packed {n} images into {out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
 
 
