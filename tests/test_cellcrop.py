@@ -103,3 +103,24 @@ def test_real_crops_from_both_scanners_are_found_and_centred(shared_data):
             h, w = rgb.shape[:2]
             off_centre += np.hypot(x0 + side / 2 - w / 2, y0 + side / 2 - h / 2) > 0.15 * min(h, w)
         assert off_centre <= 2, (folder, off_centre)
+
+
+def test_framing_hardly_depends_on_how_loosely_the_analyzer_cropped(shared_data):
+    """Cutting 20 % off a real crop's border must not move the cell's square much: the framing
+    follows the cell, not the crop (a whole-crop resize would change scale by 25 %)."""
+    rng = random.Random(1)
+    root = shared_data / "PBC_dataset_normal_DIB"
+    files = [p for c in ("neutrophil", "lymphocyte", "monocyte", "ig", "erythroblast") for p in
+             rng.sample(sorted((root / c).glob("*.jpg")), 12)]
+    diffs = []
+    for f in files:
+        im = pp.decode_rgb(pp.read_bytes(f))
+        h, w = im.shape[:2]
+        x0, y0, s = pp.cell_square(im)
+        c = int(min(h, w) * 0.8)
+        oy, ox = (h - c) // 2, (w - c) // 2
+        x1, y1, s1 = pp.cell_square(np.ascontiguousarray(im[oy : oy + c, ox : ox + c]))
+        centre = np.hypot(x1 + ox + s1 / 2 - (x0 + s / 2), y1 + oy + s1 / 2 - (y0 + s / 2)) / s
+        diffs.append(max(centre, abs(s1 - s) / s))
+    assert np.median(diffs) < 0.05, np.median(diffs)
+    assert np.mean(np.array(diffs) > 0.15) < 0.2
