@@ -99,19 +99,13 @@ def test_guard_is_configurable():
 
 
 _RSS_PROBE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from memprobe import peak_kib as peak, reset_peak
     from batchwbc import preprocess as pp
-    def peak():  # KiB; VmHWM, because ru_maxrss starts at the *parent's* RSS after fork
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
-        open("/proc/self/clear_refs", "w").write("5")
-    except OSError:
-        pass
-    files = sys.argv[1:]
+    reset_peak()
+    files = sys.argv[2:]
     pp.prepare_bytes(open(files[-1], "rb").read(), 32)  # warm up cv2/Pillow code paths
     before = peak()
     reasons = []
@@ -132,7 +126,7 @@ _RSS_PROBE = textwrap.dedent("""
 def test_bomb_refused_without_allocating(corpus):
     bombs = [str(corpus.root / c.rel) for c in corpus.cases if c.bomb]
     ok = str(corpus.root / "P003_bombs/ok.png")
-    r = subprocess.run([sys.executable, "-c", _RSS_PROBE, *bombs, ok], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(Path(__file__).parent), *bombs, ok], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert all(reason and "safety limit" in reason for reason in out["reasons"]), out["reasons"]

@@ -411,17 +411,10 @@ def test_csv_text_is_reversible_for_apostrophes():
 # ------------------------------------------------------------------ memory with a big night
 
 BIG_SCRIPT = r"""
-import resource, sys, time
-try:  # reset the high-water mark: ru_maxrss would start at the (big) pytest parent's RSS
-    open("/proc/self/clear_refs", "w").write("5")
-except OSError:
-    pass
-def peak_kib():
-    try:
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import sys, time
 sys.path.insert(0, sys.argv[2])
+from memprobe import peak_kib, reset_peak
+reset_peak()  # ru_maxrss would start at the (big) pytest parent's RSS
 import test_report as t
 from batchwbc import report
 from batchwbc.config import DEFAULT_SETTINGS
