@@ -17,13 +17,12 @@ import click
 import numpy as np
 
 from batchwbc import catalogue
+from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_ID, PREPROCESSING_WHOLE, prepare_file
 
 
 def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, splits=("train", "val"),
          preprocessing: str | None = None) -> int:
     import cv2
-
-    from batchwbc.preprocess import PREPROCESSING_ID, prepare_file
 
     preprocessing = preprocessing or PREPROCESSING_ID
 
@@ -52,7 +51,6 @@ def unpack(path: Path):
     """-> (images uint8 [n,S,S,3], labels, sources, paths, split, preprocessing id)."""
     import cv2
 
-    from batchwbc.preprocess import PREPROCESSING_WHOLE
 
     z = np.load(path)
     buf, off = z["jpeg"], z["offsets"]
@@ -70,7 +68,7 @@ def unpack(path: Path):
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--size", type=int, default=128)
 @click.option("--quality", type=int, default=85)
-@click.option("--preprocessing", default=None, help="Preprocessing contract id (default: the current one).")
+@click.option("--preprocessing", type=click.Choice(sorted(PREPROCESSING_DESCRIPTIONS)), default=PREPROCESSING_ID, show_default=True, help="Preprocessing contract, as for python -m train.")
 def main(data_root, split_csv, out, size, quality, preprocessing):
     n = pack(Path(data_root), Path(split_csv), Path(out), size, quality, preprocessing=preprocessing)
     click.echo(f"packed {n} images into {out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
