@@ -22,7 +22,7 @@ def _fail(msg: str) -> None:
 @click.option("--backbone", type=click.Choice(sorted(BACKBONES)), default="mobilenetv3small", help="Feature extractor; resnet50 is the paper's, the MobileNets suit a CPU PC.")
 @click.option("--weights", default="none", help="'none' (from scratch), 'imagenet' (needs a connection) or PATH to a Keras .h5 weights file for the backbone.")
 @click.option("--size", type=int, default=128, help="Input size S (crops are resized to SxS).")
-@click.option("--preprocessing", type=click.Choice(sorted(PREPROCESSING_DESCRIPTIONS)), default=PREPROCESSING_ID, help="Preprocessing contract (batchwbc/preprocess.py): cellcrop-v2 frames the cell, area-v1 resizes the whole crop (the v1 model).")
+@click.option("--preprocessing", type=click.Choice(sorted(PREPROCESSING_DESCRIPTIONS)), default=None, help=f"Preprocessing contract (batchwbc/preprocess.py): cellcrop-v2 frames the cell, area-v1 resizes the whole crop (the v1 model). Default: with --resume the resumed run's (from its run.json), else {PREPROCESSING_ID}.")
 @click.option("--epochs", type=int, default=60, help="Maximum epochs (early stopping usually ends sooner).")
 @click.option("--batch-size", type=int, default=32)
 @click.option("--lr", type=float, default=2e-3, help="Adam learning rate.")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from batchwbc import catalogue
-from batchwbc.preprocess import PREPROCESSING_ID
+from batchwbc.preprocess import PREPROCESSING_ID, PREPROCESSING_WHOLE
 
 from . import calibration, data, evaluate, split
 
@@ -80,6 +80,31 @@ def _copy_weights(path: str, core) -> None:
         b.set_weights(wa)
 
 
+def resolve_preprocessing(explicit: str | None, resume: str | None) -> str:
+    """The contract a run decodes with.
+
+    A resumed model must see the pixels it was trained on, and model.keras does not record
+    them; the run.json next to it does. So resuming takes the contract from there, and an
+    explicit --preprocessing that contradicts it is refused rather than silently retraining
+    (or evaluating) a model on the wrong framing. Runs from before contracts were recorded
+    used the whole crop (v1).
+    """
+    recorded = None
+    if resume:
+        record = Path(resume).parent / "run.json"
+        if record.is_file():
+            try:
+                info = json.loads(record.read_text())
+            except (OSError, ValueError):
+                info = {}
+            recorded = info.get("preprocessing") or (info.get("options") or {}).get("preprocessing") or PREPROCESSING_WHOLE
+    if explicit and recorded and explicit != recorded:
+        raise TrainingError(
+            f"{resume} was trained with preprocessing {recorded}; leave --preprocessing out or pass that one."
+        )
+    return explicit or recorded or PREPROCESSING_ID
+
+
 def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, float]) -> dict:
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +133,9 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
             _copy_weights(opt["init_from"], core)
             print(f"initialised from {opt['init_from']} (input size {size})")
     print(f"reading {data_root} ...", flush=True)
-    preprocessing = opt.get("preprocessing") or PREPROCESSING_ID
+    preprocessing = resolve_preprocessing(opt.get("preprocessing"), opt.get("resume"))
+    if opt.get("resume"):
+        print(f"preprocessing {preprocessing} (the resumed run's)" if not opt.get("preprocessing") else f"preprocessing {preprocessing}")
     ds = data.load(data_root, size, opt["workers"], opt["limit_per_class"], opt["seed"], preprocessing)
     train_only = bool(opt.get("train_only"))
     if len(ds.labels) == 0:
@@ -200,6 +227,11 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     fit_seconds = time.time() - t_fit
     if train_only:
         core.save(out / "model.keras")
+        # The contract must travel with the model even without metrics: --resume reads it here.
+        (out / "run.json").write_text(json.dumps({
+            "options": dict(opt), "input_size": size, "preprocessing": preprocessing, "train_only": True,
+            "fit_seconds": fit_seconds, "keras": keras.__version__, "backend": keras.backend.backend(),
+        }, indent=2, default=str))
         print(f"train-only run finished in {fit_seconds / 60:.1f} min; best model in {out / 'model.keras'}")
         return {}
     if (out / "history.csv").is_file():
