@@ -34,6 +34,7 @@ def _fail(msg: str) -> None:
 @click.option("--colour-norm", type=click.Choice(["instance", "none"]), default="instance", help="Per-image colour standardisation inside the model (guards against scanner colour shortcuts).")
 @click.option("--bn-momentum", type=float, default=0.9, help="BatchNorm momentum for the backbone (Keras MobileNets default 0.999 collapses in short runs).")
 @click.option("--dropout", type=float, default=0.3)
+@click.option("--head-conv", type=int, default=0, help="Width of an extra 1x1 convolution on the backbone's last feature map before pooling (0 = the paper's head only).")
 @click.option("--split", "split_spec", default="0.8,0.12,0.08", help="train,val,test fractions (stratified by class and source).")
 @click.option("--seed", type=int, default=42)
 @click.option("--review-target-accuracy", type=float, default=0.97, help="The review threshold is the lowest confidence above which validation cells are this accurate.")

@@ -60,24 +60,35 @@ class _Throughput:
         return CB()
 
 
-def _copy_weights(path: str, core) -> None:
-    """Copy every weight of a saved core into a freshly built one of another input size.
+def _copy_weights(path: str, core) -> list[str]:
+    """Copy the weights of a saved core into a freshly built one of another input size or head.
 
     Convolutions do not depend on the input size, so a model trained at 128 px is a good
-    start at 160 px; the nested backbone is matched by position (its name contains the size).
+    start at 160 px. The nested backbone is matched by position (its name contains the size)
+    and must match exactly; head layers are matched by name and a head layer whose shape
+    changed (or that is new) keeps its fresh initialisation. Returns those layers' names.
     """
     import keras
 
     import train.layers  # noqa: F401 - custom layers for load_model
 
     src = keras.saving.load_model(path, compile=False)
-    if len(src.layers) != len(core.layers):
-        raise TrainingError(f"{path} has a different architecture; it cannot initialise this model.")
-    for a, b in zip(src.layers, core.layers):
-        wa = a.get_weights()
-        if [w.shape for w in wa] != [w.shape for w in b.get_weights()]:
-            raise TrainingError(f"{path} has a different architecture ({a.name} vs {b.name}); it cannot initialise this model.")
-        b.set_weights(wa)
+    by_name = {layer.name: layer for layer in src.layers}
+    src_backbone, dst_backbone = src.layers[2], core.layers[2]
+    if [w.shape for w in src_backbone.get_weights()] != [w.shape for w in dst_backbone.get_weights()]:
+        raise TrainingError(f"{path} has a different backbone; it cannot initialise this model.")
+    fresh = []
+    for b in core.layers:
+        a = src_backbone if b is dst_backbone else by_name.get(b.name)
+        wb = b.get_weights()
+        if not wb:
+            continue
+        wa = a.get_weights() if a is not None else None
+        if wa is not None and [w.shape for w in wa] == [w.shape for w in wb]:
+            b.set_weights(wa)
+        else:
+            fresh.append(b.name)
+    return fresh
 
 
 def resolve_preprocessing(explicit: str | None, resume: str | None) -> str:
@@ -125,13 +136,14 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     else:
         try:
             core, backbone = models.build_core(
-                opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"]
+                opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"],
+                head_conv=opt.get("head_conv") or 0,
             )
         except models.WeightsError as exc:
             raise TrainingError(str(exc)) from None
         if opt.get("init_from"):
-            _copy_weights(opt["init_from"], core)
-            print(f"initialised from {opt['init_from']} (input size {size})")
+            fresh = _copy_weights(opt["init_from"], core)
+            print(f"initialised from {opt['init_from']} (input size {size})" + (f"; new: {', '.join(fresh)}" if fresh else ""))
     print(f"reading {data_root} ...", flush=True)
     preprocessing = resolve_preprocessing(opt.get("preprocessing"), opt.get("resume"))
     if opt.get("resume"):
