@@ -1,0 +1,66 @@
+"""`python -m train.diagnose` on a tiny saved model and a few real crops."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, shared_data):
+    from batchwbc.datasets import read_any
+    from train.models import build_core
+    from train.split import write_split_csv
+
+    d = tmp_path_factory.mktemp("diag")
+    items = sorted(read_any(shared_data).items, key=lambda it: it.path.as_posix())
+    by_class: dict[str, list] = {}
+    for it in items:
+        by_class.setdefault(it.class_id, []).append(it)
+    rows = []
+    for cid, group in sorted(by_class.items()):
+        for i, it in enumerate(group[:4]):
+            rows.append((it.path.relative_to(shared_data).as_posix(), cid, it.source, "train" if i < 2 else "val"))
+    write_split_csv(d / "split.csv", rows)
+    for name in ("a", "b"):
+        core, _ = build_core("mobilenet_025", 32, 12)
+        core.save(d / f"{name}.keras")
+    return d, len(rows)
+
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from train.diagnose import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def _accuracies(text: str) -> list[float]:
+    return [float(v) for v in re.findall(r"(?:accuracy|paper-10) (\d\.\d+)", text)]
+
+
+def test_fit_reports_train_and_validation(tiny_run, shared_data):
+    d, _ = tiny_run
+    out = _invoke("fit", d / "a.keras", "--data", shared_data, "--split", d / "split.csv", "--size", 32)
+    assert out.startswith("train") and "\nval" in out
+    acc = _accuracies(out)
+    assert len(acc) == 4 and all(0 <= a <= 1 for a in acc)
+
+
+def test_soup_tta_and_margin_print_one_line_per_variant(tiny_run, shared_data):
+    d, _ = tiny_run
+    common = ["--data", shared_data, "--split", d / "split.csv", "--size", 32]
+    soup = _invoke("soup", d / "a.keras", d / "b.keras", *common)
+    assert "weight average of 2" in soup and len(_accuracies(soup)) == 6
+    tta = _invoke("tta", d / "a.keras", *common)
+    assert len(_accuracies(tta)) == 8
+    margin = _invoke("margin", d / "a.keras", *common, "--margins", "1.5,1.8")
+    assert "margin 1.50" in margin and "margin 1.80" in margin
+    from batchwbc import preprocess
+
+    assert preprocess.CELL_MARGIN == 1.8  # the contract's constant is restored afterwards

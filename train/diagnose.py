@@ -1,0 +1,137 @@
+"""`python -m train.diagnose`: questions about trained runs that no single run answers.
+
+Why it exists: deciding what to try next for accuracy (ADR 0005) needed evidence, not
+training curves - is the model under-fitting its own training set in evaluation mode, would
+averaging the weights of sibling runs or test-time rotations help, does it depend on the
+framing margin it was trained with. Each command decodes the data once through the shared
+preprocessing and judges models only by evaluation-mode predictions.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import numpy as np
+
+from batchwbc import catalogue
+from batchwbc import preprocess as pp
+
+
+def _split_data(data_root: str, split_csv: str, size: int, splits: tuple[str, ...]):
+    """{split: (uint8 images, labels)} for the rows of a run's split.csv, cell-framed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .split import read_split_csv
+
+    rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] in splits]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as ex:
+        x = np.stack(list(ex.map(lambda r: pp.prepare_file(Path(data_root) / r["path"], size, preprocessing=pp.PREPROCESSING_CELL), rows)))
+    y = np.array([catalogue.CLASS_IDS.index(r["class_id"]) for r in rows])
+    s = np.array([r["split"] for r in rows])
+    return {k: (x[s == k], y[s == k]) for k in splits}
+
+
+def _load(path: str):
+    import keras
+
+    import train.layers  # noqa: F401 - custom layers
+
+    return keras.saving.load_model(path, compile=False)
+
+
+def _acc(logits: np.ndarray, y: np.ndarray) -> str:
+    p = logits.argmax(1)
+    paper = y < len(catalogue.PAPER_CLASS_IDS)
+    return f"accuracy {np.mean(p == y):.4f}, paper-10 {np.mean(p[paper] == y[paper]):.4f}"
+
+
+def _predict(model, x: np.ndarray) -> np.ndarray:
+    return model.predict(x.astype(np.float32), batch_size=128, verbose=0)
+
+
+@click.group()
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+_data = click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
+_split = click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False))
+_size = click.option("--size", type=int, required=True)
+
+
+@main.command("fit")
+@click.argument("model_path", type=click.Path(exists=True))
+@_data
+@_split
+@_size
+def fit_cmd(model_path, data_root, split_csv, size):
+    """Evaluation-mode accuracy on the training split next to validation: under-fitting or over-fitting?"""
+    d = _split_data(data_root, split_csv, size, ("train", "val"))
+    m = _load(model_path)
+    for k, (x, y) in d.items():
+        click.echo(f"{k:5s} {_acc(_predict(m, x), y)}")
+
+
+@main.command("soup")
+@click.argument("model_paths", nargs=-1, required=True, type=click.Path(exists=True))
+@_data
+@_split
+@_size
+def soup_cmd(model_paths, data_root, split_csv, size):
+    """Validation accuracy of each model and of the average of their weights (same architecture)."""
+    (x, y), = _split_data(data_root, split_csv, size, ("val",)).values()
+    from train.models import build_core
+
+    models = [_load(p) for p in model_paths]
+    base = models[0]
+    head_conv = base.get_layer("head_conv").filters if any(layer.name == "head_conv" for layer in base.layers) else 0
+    core, _ = build_core("mobilenet_025" if "mobilenet_025" in base.name else base.name.removeprefix("core_"), size,
+                         len(catalogue.CLASS_IDS), head_conv=head_conv)
+    for p, m in zip(model_paths, models):
+        core.set_weights(m.get_weights())
+        click.echo(f"{p}: {_acc(_predict(core, x), y)}")
+    ws = [m.get_weights() for m in models]
+    core.set_weights([np.mean([w[i] for w in ws], axis=0) for i in range(len(ws[0]))])
+    click.echo(f"weight average of {len(models)}: {_acc(_predict(core, x), y)}")
+
+
+@main.command("tta")
+@click.argument("model_path", type=click.Path(exists=True))
+@_data
+@_split
+@_size
+def tta_cmd(model_path, data_root, split_csv, size):
+    """Validation accuracy with logits summed over flips / quarter turns (what N views would buy)."""
+    (x, y), = _split_data(data_root, split_csv, size, ("val",)).values()
+    m = _load(model_path)
+    base = _predict(m, x)
+    flip = _predict(m, x[:, :, ::-1])
+    rots = [_predict(m, np.rot90(x, k, axes=(1, 2))) for k in (1, 2, 3)]
+    click.echo(f"1 view:              {_acc(base, y)}")
+    click.echo(f"2 views (h-flip):    {_acc(base + flip, y)}")
+    click.echo(f"4 views (rotations): {_acc(base + sum(rots), y)}")
+    click.echo(f"5 views (both):      {_acc(base + sum(rots) + flip, y)}")
+
+
+@main.command("margin")
+@click.argument("model_path", type=click.Path(exists=True))
+@_data
+@_split
+@_size
+@click.option("--margins", default="1.4,1.5,1.6,1.7,1.8,2.0", show_default=True)
+def margin_cmd(model_path, data_root, split_csv, size, margins):
+    """Validation accuracy when the cell square's margin differs from the contract's (1.8)."""
+    m = _load(model_path)
+    default = pp.CELL_MARGIN
+    try:
+        for mg in (float(v) for v in margins.split(",")):
+            pp.CELL_MARGIN = mg  # the contract's constant, patched for this question only
+            (x, y), = _split_data(data_root, split_csv, size, ("val",)).values()
+            click.echo(f"margin {mg:.2f}: {_acc(_predict(m, x), y)}")
+    finally:
+        pp.CELL_MARGIN = default
+
+
+if __name__ == "__main__":
+    main()
