@@ -83,3 +83,24 @@ def test_offline_imagenet_weights_file_is_loaded():
         stored = []
         fh.visititems(lambda name, obj: stored.append(obj[()]) if name.startswith("conv1/") and "kernel" in name else None)
     assert stored and np.array_equal(kernel, stored[0])
+
+
+def test_distillation_from_teacher_logits_end_to_end(shared_data, tmp_path):
+    """A teacher's logits (train.diagnose teacher) become a student's targets (train --teacher-logits)."""
+    common = ["--data", str(shared_data), "--limit-per-class", "4", "--size", "32", "--batch-size", "8",
+              "--backbone", "mobilenet_025"]
+    r = _run("train", *common, "--out", str(tmp_path / "t"), "--epochs", "1", "--train-only")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert '"train_only": true' in (tmp_path / "t" / "run.json").read_text()
+    r = _run("train.diagnose", "teacher", str(tmp_path / "t" / "model.keras"), "--data", str(shared_data),
+             "--split", str(tmp_path / "t" / "split.csv"), "--size", "32", "--views", "5", "--out", str(tmp_path / "t.npz"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "teacher on train" in r.stdout and "teacher on val" in r.stdout
+    r = _run("train", *common, "--out", str(tmp_path / "s"), "--epochs", "1", "--teacher-logits", str(tmp_path / "t.npz"),
+             "--init-from", str(tmp_path / "t" / "model.keras"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "distilling from" in r.stdout
+    import json
+
+    record = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert 0 <= record["test_summary"]["accuracy"] <= 1 and record["temperature"] > 0

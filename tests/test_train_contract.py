@@ -49,3 +49,19 @@ def test_contradicting_the_resumed_run_is_refused_in_one_sentence(tmp_path):
         resolve_preprocessing(PREPROCESSING_CELL, model)
     msg = str(exc.value)
     assert PREPROCESSING_WHOLE in msg and msg.count(".") >= 1 and "\n" not in msg
+
+
+def test_distillation_targets_mix_teacher_and_label_by_path(tmp_path):
+    import numpy as np
+
+    from train.fit import soft_targets
+
+    npz = tmp_path / "t.npz"
+    logits = np.array([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]], dtype=np.float32)
+    np.savez(npz, paths=np.array(["a.jpg", "b.jpg"]), logits=logits)
+    y = soft_targets(str(npz), ["b.jpg", "a.jpg"], np.array([1, 0]), 3, alpha=0.5)
+    assert y.shape == (2, 3) and np.allclose(y.sum(axis=1), 1)
+    assert y[0, 2] == pytest.approx(0.5, abs=1e-3) and y[0, 1] == pytest.approx(0.5, abs=1e-3)  # b: teacher says 2, label 1
+    assert y[1, 0] == pytest.approx(1.0, abs=1e-3)  # a: teacher and label agree
+    with pytest.raises(TrainingError, match="no teacher logits for 1"):
+        soft_targets(str(npz), ["a.jpg", "c.jpg"], np.array([0, 0]), 3, alpha=0.5)

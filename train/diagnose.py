@@ -114,6 +114,31 @@ def tta_cmd(model_path, data_root, split_csv, size):
     click.echo(f"5 views (both):      {_acc(base + sum(rots) + flip, y)}")
 
 
+@main.command("teacher")
+@click.argument("model_path", type=click.Path(exists=True))
+@_data
+@_split
+@_size
+@click.option("--views", type=click.Choice(["1", "5"]), default="1", show_default=True, help="5 = logits averaged over the crop, its h-flip and three quarter turns.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the .npz for `python -m train --teacher-logits`.")
+def teacher_cmd(model_path, data_root, split_csv, size, views, out_path):
+    """Teacher logits for the training and validation crops of a split, keyed by crop path."""
+    from .split import read_split_csv
+
+    rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] in ("train", "val")]
+    d = _split_data(data_root, split_csv, size, ("train", "val"))
+    m = _load(model_path)
+    paths, logits = [], []
+    for k, (x, y) in d.items():
+        lg = _predict(m, x)
+        if views == "5":
+            lg = (lg + _predict(m, x[:, :, ::-1]) + sum(_predict(m, np.rot90(x, r, axes=(1, 2))) for r in (1, 2, 3))) / 5
+        click.echo(f"teacher on {k}: {_acc(lg, y)}")
+        paths += [r["path"] for r in rows if r["split"] == k]
+        logits.append(lg)
+    np.savez_compressed(out_path, paths=np.array(paths), logits=np.concatenate(logits).astype(np.float32))
+
+
 @main.command("margin")
 @click.argument("model_path", type=click.Path(exists=True))
 @_data

@@ -91,6 +91,25 @@ def _copy_weights(path: str, core) -> list[str]:
     return fresh
 
 
+def soft_targets(teacher_npz: str, paths: list[str], labels: np.ndarray, n_classes: int, alpha: float) -> np.ndarray:
+    """alpha x the teacher's probabilities + (1 - alpha) x the one-hot label, per training crop.
+
+    The teacher's logits are looked up by crop path (they may come from another input size or
+    several views, `python -m train.diagnose teacher`); the hard label keeps a share so a
+    confidently wrong teacher cannot overrule the annotation.
+    """
+    with np.load(teacher_npz, allow_pickle=False) as z:
+        table = dict(zip(z["paths"].tolist(), z["logits"]))
+    missing = [p for p in paths if p not in table]
+    if missing:
+        raise TrainingError(f"{teacher_npz} has no teacher logits for {len(missing)} training crops (e.g. {missing[0]}).")
+    logits = np.stack([table[p] for p in paths]).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    soft = np.exp(logits)
+    soft /= soft.sum(axis=1, keepdims=True)
+    return (alpha * soft + (1 - alpha) * np.eye(n_classes)[labels]).astype(np.float32)
+
+
 def resolve_preprocessing(explicit: str | None, resume: str | None) -> str:
     """The contract a run decodes with.
 
@@ -204,12 +223,24 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         class_weight = {k: float(len(y_tr) / (present.sum() * counts[k])) if counts[k] else 0.0 for k in range(n_classes)}
     x_va = ds.images[idx["val"]]
     y_va = ds.labels[idx["val"]]
+    sample_weight = None
+    y_va_fit = y_va
+    distill = bool(opt.get("teacher_logits"))
+    if distill:
+        if opt.get("zoom_out_source"):
+            raise TrainingError("--teacher-logits cannot be combined with --zoom-out-source.")
+        y_tr = soft_targets(opt["teacher_logits"], [ds.paths[i] for i in idx["train"]], y_tr, n_classes, opt.get("distill_alpha", 0.7))
+        y_va_fit = np.eye(n_classes, dtype=np.float32)[y_va]  # calibration below still needs y_va as labels
+        if class_weight is not None:  # Keras class weights need integer labels; weight the samples instead
+            sample_weight = np.array([class_weight[k] for k in ds.labels[idx["train"]]], dtype=np.float32)
+            class_weight = None
+        print(f"distilling from {opt['teacher_logits']} (alpha {opt.get('distill_alpha', 0.7)})")
 
     def compile_(lr):
         trainer.compile(
             optimizer=keras.optimizers.Adam(lr),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True) if distill else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")] if distill else ["accuracy"],
         )
 
     callbacks = [
@@ -226,16 +257,16 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     if opt["freeze_epochs"] > 0 and opt["weights"] != "none":
         backbone.trainable = False
         compile_(opt["lr"])
-        h = trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va), epochs=opt["freeze_epochs"], batch_size=opt["batch_size"],
-                        class_weight=class_weight, callbacks=callbacks, verbose=2)
+        h = trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va_fit), epochs=opt["freeze_epochs"], batch_size=opt["batch_size"],
+                        class_weight=class_weight, sample_weight=sample_weight, callbacks=callbacks, verbose=2)
         epoch0 = len(h.history["loss"])
         backbone.trainable = True
         compile_(opt["fine_tune_lr"] or opt["lr"] / 10)
     else:
         compile_(opt["lr"])
     if opt["epochs"] > epoch0:
-        trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va), epochs=opt["epochs"], initial_epoch=epoch0,
-                    batch_size=opt["batch_size"], class_weight=class_weight, callbacks=callbacks, verbose=2)
+        trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va_fit), epochs=opt["epochs"], initial_epoch=epoch0,
+                    batch_size=opt["batch_size"], class_weight=class_weight, sample_weight=sample_weight, callbacks=callbacks, verbose=2)
     fit_seconds = time.time() - t_fit
     if train_only:
         core.save(out / "model.keras")
