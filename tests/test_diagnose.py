@@ -55,8 +55,9 @@ def test_fit_reports_train_and_validation(tiny_run, shared_data):
 def test_soup_tta_and_margin_print_one_line_per_variant(tiny_run, shared_data):
     d, _ = tiny_run
     common = ["--data", shared_data, "--split", d / "split.csv", "--size", 32]
-    soup = _invoke("soup", d / "a.keras", d / "b.keras", *common)
+    soup = _invoke("soup", d / "a.keras", d / "b.keras", *common, "--save", d / "soup" / "model.keras")
     assert "weight average of 2" in soup and len(_accuracies(soup)) == 6
+    assert (d / "soup" / "model.keras").is_file()
     tta = _invoke("tta", d / "a.keras", *common)
     assert len(_accuracies(tta)) == 8
     margin = _invoke("margin", d / "a.keras", *common, "--margins", "1.5,1.8")

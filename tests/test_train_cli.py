@@ -1,6 +1,7 @@
 """The training and export CLIs end to end on a few real images, and their bad-input errors."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -89,8 +90,11 @@ def test_distillation_from_teacher_logits_end_to_end(shared_data, tmp_path):
     """A teacher's logits (train.diagnose teacher) become a student's targets (train --teacher-logits)."""
     common = ["--data", str(shared_data), "--limit-per-class", "4", "--size", "32", "--batch-size", "8",
               "--backbone", "mobilenet_025"]
-    r = _run("train", *common, "--out", str(tmp_path / "t"), "--epochs", "1", "--train-only")
+    r = _run("train", *common, "--out", str(tmp_path / "t"), "--epochs", "1", "--train-only", "--degrade", "0.5",
+             "--degrade-mode", "add")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = re.search(r"degraded (\d+) of (\d+) training crops", r.stdout)
+    assert m and 0 < int(m.group(1)) < int(m.group(2)), r.stdout[-2000:]
     assert '"train_only": true' in (tmp_path / "t" / "run.json").read_text()
     r = _run("train.diagnose", "teacher", str(tmp_path / "t" / "model.keras"), "--data", str(shared_data),
              "--split", str(tmp_path / "t" / "split.csv"), "--size", "32", "--views", "5", "--out", str(tmp_path / "t.npz"))

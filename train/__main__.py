@@ -44,6 +44,8 @@ def _fail(msg: str) -> None:
 @click.option("--zoom-out-source", default=None, help="SOURCE:LOW:HIGH - add zoomed-out copies (factor LOW-HIGH) of that source's training crops, e.g. AML-LMU:0.55:0.75 to show Munich cells at the Barcelona magnification.")
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None, help="Copy the weights of this model.keras (same backbone, any input size) into the new model before training.")
 @click.option("--time-budget-min", type=float, default=0, help="Stop training after this many minutes (0 = no limit); the best model so far is kept.")
+@click.option("--degrade", type=float, default=0.0, help="Share of training crops replaced by a lower-quality analyzer's version (shrunk to 0.3-1x, JPEG quality 40-95) before framing; 0 = off.")
+@click.option("--degrade-mode", type=click.Choice(["replace", "add"]), default="replace", help="replace: the degraded version replaces the crop; add: it is added as an extra crop (epochs grow by the share).")
 @click.option("--teacher-logits", type=click.Path(exists=True, dir_okay=False), default=None, help="Distil: an .npz of teacher logits per crop path (`python -m train.diagnose teacher`); targets become a mix of teacher and label.")
 @click.option("--distill-alpha", type=float, default=0.7, help="Share of the teacher in the distillation targets.")
 @click.option("--train-only", is_flag=True, help="Fit and save the model, skip calibration/evaluation (e.g. on a lent GPU machine; finish with --resume --epochs 0).")

@@ -78,7 +78,8 @@ def fit_cmd(model_path, data_root, split_csv, size):
 @_data
 @_split
 @_size
-def soup_cmd(model_paths, data_root, split_csv, size):
+@click.option("--save", "save_path", default=None, type=click.Path(dir_okay=False), help="Also save the averaged model (a .keras file; finish it with `python -m train --resume PATH --epochs 0`).")
+def soup_cmd(model_paths, data_root, split_csv, size, save_path):
     """Validation accuracy of each model and of the average of their weights (same architecture)."""
     (x, y), = _split_data(data_root, split_csv, size, ("val",)).values()
     from train.models import build_core
@@ -94,6 +95,10 @@ def soup_cmd(model_paths, data_root, split_csv, size):
     ws = [m.get_weights() for m in models]
     core.set_weights([np.mean([w[i] for w in ws], axis=0) for i in range(len(ws[0]))])
     click.echo(f"weight average of {len(models)}: {_acc(_predict(core, x), y)}")
+    if save_path:
+        Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+        core.save(save_path)
+        click.echo(f"saved {save_path}")
 
 
 @main.command("tta")

@@ -91,6 +91,36 @@ def _copy_weights(path: str, core) -> list[str]:
     return fresh
 
 
+def _degraded(x_tr: np.ndarray, paths: list[str], data_root: Path, size: int, preprocessing: str, share: float,
+              seed: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(copy of the training images where `share` of them are re-decoded from their files,
+    degraded like a lower-quality analyzer's export (train.degrade) and framed again,
+    the indices of those)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
+
+    from .degrade import degrade, random_params
+
+    if not data_root.is_dir():
+        raise TrainingError("--degrade needs the original image files; it cannot work from a packed file.")
+    rng = np.random.default_rng(seed + 7)
+    pick = np.flatnonzero(rng.random(len(paths)) < share)
+    params = random_params(rng, len(pick))
+
+    def one(k):
+        rgb = decode_rgb(read_bytes(data_root / paths[pick[k]]))
+        return to_model_input(degrade(rgb, *params[k]), size, preprocessing)
+
+    out = x_tr.copy()
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for k, arr in enumerate(pool.map(one, range(len(pick)))):
+            out[pick[k]] = arr
+    print(f"degraded {len(pick)} of {len(paths)} training crops (scale, JPEG quality) before framing")
+    return out, pick
+
+
 def soft_targets(teacher_npz: str, paths: list[str], labels: np.ndarray, n_classes: int, alpha: float) -> np.ndarray:
     """alpha x the teacher's probabilities + (1 - alpha) x the one-hot label, per training crop.
 
@@ -216,6 +246,16 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         x_tr = np.concatenate([x_tr, zoomed_copies(ds.images[pick], factors)])
         y_tr = np.concatenate([y_tr, ds.labels[pick]])
         print(f"added {len(pick)} zoomed-out copies (x{lo}-{hi}) of {src} training crops")
+    if opt.get("degrade"):
+        if opt.get("teacher_logits"):
+            raise TrainingError("--degrade cannot be combined with --teacher-logits.")
+        x_deg, pick = _degraded(ds.images[idx["train"]], [ds.paths[i] for i in idx["train"]], data_root, size, preprocessing,
+                                float(opt["degrade"]), opt["seed"], opt["workers"])
+        if opt.get("degrade_mode") == "add":  # keep every clean crop and add the degraded ones
+            x_tr = np.concatenate([x_tr, x_deg[pick]])
+            y_tr = np.concatenate([y_tr, ds.labels[idx["train"]][pick]])
+        else:
+            x_tr[: len(idx["train"])] = x_deg
     class_weight = None
     if opt["balance"] == "weights":
         counts = np.bincount(y_tr, minlength=n_classes)

@@ -1,0 +1,37 @@
+"""The analyzer-quality degradation used in training (--degrade) and in train.robustness."""
+from __future__ import annotations
+
+import numpy as np
+
+from train.degrade import QUALITY_RANGE, SCALE_RANGE, degrade, random_params
+
+
+def _textured(h=120, w=100):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_identity_when_nothing_is_lost():
+    im = _textured()
+    assert np.array_equal(degrade(im, 1.0, None), im)
+
+
+def test_shrinks_and_compresses():
+    im = _textured()
+    small = degrade(im, 0.5, None)
+    assert small.shape == (60, 50, 3) and small.dtype == np.uint8
+    q90, q40 = degrade(im, 1.0, 90), degrade(im, 1.0, 40)
+    assert q90.shape == im.shape
+    err = lambda a: float(np.abs(a.astype(int) - im.astype(int)).mean())  # noqa: E731
+    assert 0 < err(q90) < err(q40)  # lower quality loses more
+
+
+def test_random_params_stay_in_range_and_are_seeded():
+    a = random_params(np.random.default_rng(1), 500)
+    b = random_params(np.random.default_rng(1), 500)
+    assert a == b
+    s = np.array([p[0] for p in a])
+    q = np.array([p[1] for p in a])
+    assert SCALE_RANGE[0] <= s.min() and s.max() <= SCALE_RANGE[1]
+    assert QUALITY_RANGE[0] <= q.min() and q.max() <= QUALITY_RANGE[1]
+    assert np.mean(s < 0.55) > 0.4  # log-uniform: about half the draws lose at least half the size

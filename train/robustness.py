@@ -1,0 +1,79 @@
+"""`python -m train.robustness`: accuracy when the same test cells come from a worse analyzer.
+
+Why: the model will be scored on another hospital's crops. Its stain and magnification are
+handled (in-graph colour standardisation, ADR 0003; cell framing, ADR 0005); what remains is
+image quality - fewer pixels per cell and harder JPEG compression. This re-exports every test
+crop as such an analyzer would (train.degrade), runs it through the runtime's own
+preprocessing and ONNX model, and reports accuracy and the share sent to review per condition.
+
+    python -m train.robustness --model batchwbc/models/batchwbc-wbc12.onnx --data ../shared/data --split docs/model/test-split.csv
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+# (label, linear scale, JPEG quality or None = no re-encoding)
+CONDITIONS: tuple[tuple[str, float, int | None], ...] = (
+    ("as exported", 1.0, None),
+    ("JPEG q60", 1.0, 60),
+    ("1/2 size", 0.5, None),
+    ("1/2 size + JPEG q75", 0.5, 75),
+    ("1/3 size", 0.35, None),
+    ("1/3 size + JPEG q50", 0.35, 50),
+    ("1/4 size", 0.25, None),
+)
+
+
+def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditions=CONDITIONS, batch: int = 64) -> list[dict]:
+    """One dict per condition: accuracy (12 classes), paper-10 accuracy, share below the review threshold."""
+    from batchwbc import catalogue
+    from batchwbc import preprocess as pp
+    from batchwbc.model import Classifier
+
+    from .degrade import degrade
+
+    clf = Classifier(model_path, threads=0)
+    size, contract = clf.info.input_size, clf.info.preprocessing
+    y = np.array([catalogue.CLASS_IDS.index(r["class_id"]) for r in rows])
+    paper = y < len(catalogue.PAPER_CLASS_IDS)
+    raw = [pp.decode_rgb(pp.read_bytes(data_root / r["path"])) for r in rows]
+    out = []
+    for label, scale, quality in conditions:
+        xs = [pp.to_model_input(degrade(im, scale, quality), size, contract)
+              for im in raw]
+        probs = np.concatenate([clf.predict(np.stack(xs[i:i + batch])) for i in range(0, len(xs), batch)])
+        pred = probs.argmax(axis=1)
+        out.append({
+            "condition": label, "scale": scale, "jpeg_quality": quality, "n": int(len(y)),
+            "accuracy": float(np.mean(pred == y)),
+            "paper10_accuracy": float(np.mean(pred[paper] == y[paper])),
+            "to_review": float(np.mean(probs.max(axis=1) < (clf.info.review_threshold or 0.0))),
+        })
+    return out
+
+
+@click.command()
+@click.option("--model", "model_path", default=None, type=click.Path(exists=True, dir_okay=False), help="ONNX model (default: the bundled one).")
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False), help="A split CSV (a run's split.csv or docs/model/test-split.csv).")
+@click.option("--rows", "which", type=click.Choice(["test", "val"]), default="test", show_default=True, help="Which rows of the split; choose models on val, report on test.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
+def main(model_path, data_root, split_csv, which, json_out):
+    """Accuracy of a model on its test crops re-exported at lower resolution / JPEG quality."""
+    from .split import read_split_csv
+
+    rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] == which]
+    res = evaluate(model_path, Path(data_root), rows)
+    click.echo(f"{'condition':22s} {'acc':>6s} {'paper10':>8s} {'review':>7s}   (n={len(rows)})")
+    for r in res:
+        click.echo(f"{r['condition']:22s} {r['accuracy']:6.3f} {r['paper10_accuracy']:8.3f} {r['to_review']:7.3f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
