@@ -18,18 +18,21 @@ from batchwbc import catalogue
 from batchwbc import preprocess as pp
 
 
-def _split_data(data_root: str, split_csv: str, size: int, splits: tuple[str, ...]):
-    """{split: (uint8 images, labels)} for the rows of a run's split.csv, cell-framed."""
-    from concurrent.futures import ThreadPoolExecutor
+def _split_data(data_root: str, split_csv: str, size: int, splits: tuple[str, ...], model_path: str):
+    """{split: (uint8 images, labels, rows)} for those rows of a run's split.csv, decoded with the
+    contract the model was trained with (its run.json) by the exporter's own loader."""
+    from export.convert import load_images
 
+    from .fit import resolve_preprocessing
     from .split import read_split_csv
 
-    rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] in splits]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as ex:
-        x = np.stack(list(ex.map(lambda r: pp.prepare_file(Path(data_root) / r["path"], size, preprocessing=pp.PREPROCESSING_CELL), rows)))
-    y = np.array([catalogue.CLASS_IDS.index(r["class_id"]) for r in rows])
-    s = np.array([r["split"] for r in rows])
-    return {k: (x[s == k], y[s == k]) for k in splits}
+    contract = resolve_preprocessing(None, model_path)
+    out = {}
+    for k in splits:
+        rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] == k]
+        x, y, _ = load_images(Path(data_root), rows, size, contract)
+        out[k] = (x, y, rows)
+    return out
 
 
 def _load(path: str):
@@ -50,6 +53,11 @@ def _predict(model, x: np.ndarray) -> np.ndarray:
     return model.predict(x.astype(np.float32), batch_size=128, verbose=0)
 
 
+def _views(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Logits of the crop, of its horizontal flip and of its three quarter turns."""
+    return _predict(model, x), _predict(model, x[:, :, ::-1]), [_predict(model, np.rot90(x, k, axes=(1, 2))) for k in (1, 2, 3)]
+
+
 @click.group()
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -67,9 +75,9 @@ _size = click.option("--size", type=int, required=True)
 @_size
 def fit_cmd(model_path, data_root, split_csv, size):
     """Evaluation-mode accuracy on the training split next to validation: under-fitting or over-fitting?"""
-    d = _split_data(data_root, split_csv, size, ("train", "val"))
+    d = _split_data(data_root, split_csv, size, ("train", "val"), model_path)
     m = _load(model_path)
-    for k, (x, y) in d.items():
+    for k, (x, y, _) in d.items():
         click.echo(f"{k:5s} {_acc(_predict(m, x), y)}")
 
 
@@ -81,14 +89,13 @@ def fit_cmd(model_path, data_root, split_csv, size):
 @click.option("--save", "save_path", default=None, type=click.Path(dir_okay=False), help="Also save the averaged model (a .keras file; finish it with `python -m train --resume PATH --epochs 0`).")
 def soup_cmd(model_paths, data_root, split_csv, size, save_path):
     """Validation accuracy of each model and of the average of their weights (same architecture)."""
-    (x, y), = _split_data(data_root, split_csv, size, ("val",)).values()
+    (x, y, _), = _split_data(data_root, split_csv, size, ("val",), model_paths[0]).values()
     from train.models import build_core
 
     models = [_load(p) for p in model_paths]
-    base = models[0]
+    base = models[0]  # rebuilt at --size: the averaged models may have been trained at other sizes
     head_conv = base.get_layer("head_conv").filters if any(layer.name == "head_conv" for layer in base.layers) else 0
-    core, _ = build_core("mobilenet_025" if "mobilenet_025" in base.name else base.name.removeprefix("core_"), size,
-                         len(catalogue.CLASS_IDS), head_conv=head_conv)
+    core, _ = build_core(base.name.removeprefix("core_"), size, len(catalogue.CLASS_IDS), head_conv=head_conv)
     for p, m in zip(model_paths, models):
         core.set_weights(m.get_weights())
         click.echo(f"{p}: {_acc(_predict(core, x), y)}")
@@ -108,11 +115,8 @@ def soup_cmd(model_paths, data_root, split_csv, size, save_path):
 @_size
 def tta_cmd(model_path, data_root, split_csv, size):
     """Validation accuracy with logits summed over flips / quarter turns (what N views would buy)."""
-    (x, y), = _split_data(data_root, split_csv, size, ("val",)).values()
-    m = _load(model_path)
-    base = _predict(m, x)
-    flip = _predict(m, x[:, :, ::-1])
-    rots = [_predict(m, np.rot90(x, k, axes=(1, 2))) for k in (1, 2, 3)]
+    (x, y, _), = _split_data(data_root, split_csv, size, ("val",), model_path).values()
+    base, flip, rots = _views(_load(model_path), x)
     click.echo(f"1 view:              {_acc(base, y)}")
     click.echo(f"2 views (h-flip):    {_acc(base + flip, y)}")
     click.echo(f"4 views (rotations): {_acc(base + sum(rots), y)}")
@@ -128,18 +132,17 @@ def tta_cmd(model_path, data_root, split_csv, size):
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the .npz for `python -m train --teacher-logits`.")
 def teacher_cmd(model_path, data_root, split_csv, size, views, out_path):
     """Teacher logits for the training and validation crops of a split, keyed by crop path."""
-    from .split import read_split_csv
-
-    rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] in ("train", "val")]
-    d = _split_data(data_root, split_csv, size, ("train", "val"))
+    d = _split_data(data_root, split_csv, size, ("train", "val"), model_path)
     m = _load(model_path)
     paths, logits = [], []
-    for k, (x, y) in d.items():
-        lg = _predict(m, x)
+    for k, (x, y, rows) in d.items():
         if views == "5":
-            lg = (lg + _predict(m, x[:, :, ::-1]) + sum(_predict(m, np.rot90(x, r, axes=(1, 2))) for r in (1, 2, 3))) / 5
+            base, flip, rots = _views(m, x)
+            lg = (base + flip + sum(rots)) / 5
+        else:
+            lg = _predict(m, x)
         click.echo(f"teacher on {k}: {_acc(lg, y)}")
-        paths += [r["path"] for r in rows if r["split"] == k]
+        paths += [r["path"] for r in rows]
         logits.append(lg)
     np.savez_compressed(out_path, paths=np.array(paths), logits=np.concatenate(logits).astype(np.float32))
 
@@ -157,7 +160,7 @@ def margin_cmd(model_path, data_root, split_csv, size, margins):
     try:
         for mg in (float(v) for v in margins.split(",")):
             pp.CELL_MARGIN = mg  # the contract's constant, patched for this question only
-            (x, y), = _split_data(data_root, split_csv, size, ("val",)).values()
+            (x, y, _), = _split_data(data_root, split_csv, size, ("val",), model_path).values()
             click.echo(f"margin {mg:.2f}: {_acc(_predict(m, x), y)}")
     finally:
         pp.CELL_MARGIN = default

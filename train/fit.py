@@ -91,11 +91,10 @@ def _copy_weights(path: str, core) -> list[str]:
     return fresh
 
 
-def _degraded(x_tr: np.ndarray, paths: list[str], data_root: Path, size: int, preprocessing: str, share: float,
+def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, share: float,
               seed: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(copy of the training images where `share` of them are re-decoded from their files,
-    degraded like a lower-quality analyzer's export (train.degrade) and framed again,
-    the indices of those)."""
+    """(indices, images): a seeded `share` of the training crops, re-decoded from their files,
+    degraded like a lower-quality analyzer's export (train.degrade) and framed again."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -113,12 +112,12 @@ def _degraded(x_tr: np.ndarray, paths: list[str], data_root: Path, size: int, pr
         rgb = decode_rgb(read_bytes(data_root / paths[pick[k]]))
         return to_model_input(degrade(rgb, *params[k]), size, preprocessing)
 
-    out = x_tr.copy()
+    out = np.empty((len(pick), size, size, 3), dtype=np.uint8)
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         for k, arr in enumerate(pool.map(one, range(len(pick)))):
-            out[pick[k]] = arr
+            out[k] = arr
     print(f"degraded {len(pick)} of {len(paths)} training crops (scale, JPEG quality) before framing")
-    return out, pick
+    return pick, out
 
 
 def soft_targets(teacher_npz: str, paths: list[str], labels: np.ndarray, n_classes: int, alpha: float) -> np.ndarray:
@@ -249,13 +248,13 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     if opt.get("degrade"):
         if opt.get("teacher_logits"):
             raise TrainingError("--degrade cannot be combined with --teacher-logits.")
-        x_deg, pick = _degraded(ds.images[idx["train"]], [ds.paths[i] for i in idx["train"]], data_root, size, preprocessing,
+        pick, x_deg = _degraded([ds.paths[i] for i in idx["train"]], data_root, size, preprocessing,
                                 float(opt["degrade"]), opt["seed"], opt["workers"])
         if opt.get("degrade_mode") == "add":  # keep every clean crop and add the degraded ones
-            x_tr = np.concatenate([x_tr, x_deg[pick]])
-            y_tr = np.concatenate([y_tr, ds.labels[idx["train"]][pick]])
-        else:
-            x_tr[: len(idx["train"])] = x_deg
+            x_tr = np.concatenate([x_tr, x_deg])
+            y_tr = np.concatenate([y_tr, ds.labels[idx["train"][pick]]])
+        else:  # x_tr starts with the training crops in idx order (a copy of ds.images)
+            x_tr[pick] = x_deg
     class_weight = None
     if opt["balance"] == "weights":
         counts = np.bincount(y_tr, minlength=n_classes)
