@@ -69,6 +69,15 @@ def test_import_batchwbc_and_all_runtime_modules(tmp_path):
     assert not log.exists(), log.read_text()
 
 
+@pytest.mark.parametrize("module", ["train", "train.diagnose", "train.robustness", "train.probe"])
+def test_training_clis_answer_help_without_tensorflow(tmp_path, module):
+    """The TensorFlow side imports it only when it trains or loads a model: --help stays instant."""
+    env, log = guarded_env(tmp_path)
+    r = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "Usage:" in r.stdout, r.stderr[-1500:]
+    assert not log.exists(), log.read_text()
+
+
 def test_full_run_with_worker_processes_never_imports_tensorflow(tmp_path):
     env, log = guarded_env(tmp_path)
     model = tinymodel.build(tmp_path / "tiny.onnx")

@@ -8,7 +8,7 @@ import click
 
 from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_ID
 
-from .models import BACKBONES
+from .backbones import BACKBONES
 
 
 def _fail(msg: str) -> None:

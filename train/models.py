@@ -2,31 +2,12 @@
 temperature are added at export, augmentation only in the training wrapper."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
+from .backbones import BACKBONES, Backbone  # noqa: F401 - re-exported
 from .layers import InputNormalization, StainJitter, ToFloat
-
-
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    factory: str  # keras.applications attribute
-    input_mode: str  # see InputNormalization.MODES
-    kwargs: tuple = ()
-
-
-BACKBONES: dict[str, Backbone] = {
-    "mobilenetv3small": Backbone("mobilenetv3small", "MobileNetV3Small", "minus1to1", (("include_preprocessing", False),)),
-    "mobilenetv3large": Backbone("mobilenetv3large", "MobileNetV3Large", "minus1to1", (("include_preprocessing", False),)),
-    "mobilenetv2": Backbone("mobilenetv2", "MobileNetV2", "minus1to1"),
-    "mobilenetv2_050": Backbone("mobilenetv2_050", "MobileNetV2", "minus1to1", (("alpha", 0.5),)),
-    "mobilenet_025": Backbone("mobilenet_025", "MobileNet", "minus1to1", (("alpha", 0.25),)),
-    "efficientnetb0": Backbone("efficientnetb0", "EfficientNetB0", "raw255"),
-    "resnet50": Backbone("resnet50", "ResNet50", "caffe"),
-}
 
 
 class WeightsError(Exception):
