@@ -68,11 +68,15 @@ _split = click.option("--split", "split_csv", required=True, type=click.Path(exi
 _size = click.option("--size", type=int, required=True)
 
 
+def _model_and_data(command):
+    """The arguments every single-model question takes: MODEL_PATH --data --split --size."""
+    for option in (_size, _split, _data, click.argument("model_path", type=click.Path(exists=True))):
+        command = option(command)
+    return command
+
+
 @main.command("fit")
-@click.argument("model_path", type=click.Path(exists=True))
-@_data
-@_split
-@_size
+@_model_and_data
 def fit_cmd(model_path, data_root, split_csv, size):
     """Evaluation-mode accuracy on the training split next to validation: under-fitting or over-fitting?"""
     d = _split_data(data_root, split_csv, size, ("train", "val"), model_path)
@@ -96,10 +100,10 @@ def soup_cmd(model_paths, data_root, split_csv, size, save_path):
     base = models[0]  # rebuilt at --size: the averaged models may have been trained at other sizes
     head_conv = base.get_layer("head_conv").filters if any(layer.name == "head_conv" for layer in base.layers) else 0
     core, _ = build_core(base.name.removeprefix("core_"), size, len(catalogue.CLASS_IDS), head_conv=head_conv)
-    for p, m in zip(model_paths, models):
-        core.set_weights(m.get_weights())
-        click.echo(f"{p}: {_acc(_predict(core, x), y)}")
     ws = [m.get_weights() for m in models]
+    for p, w in zip(model_paths, ws):
+        core.set_weights(w)
+        click.echo(f"{p}: {_acc(_predict(core, x), y)}")
     core.set_weights([np.mean([w[i] for w in ws], axis=0) for i in range(len(ws[0]))])
     click.echo(f"weight average of {len(models)}: {_acc(_predict(core, x), y)}")
     if save_path:
@@ -109,10 +113,7 @@ def soup_cmd(model_paths, data_root, split_csv, size, save_path):
 
 
 @main.command("tta")
-@click.argument("model_path", type=click.Path(exists=True))
-@_data
-@_split
-@_size
+@_model_and_data
 def tta_cmd(model_path, data_root, split_csv, size):
     """Validation accuracy with logits summed over flips / quarter turns (what N views would buy)."""
     (x, y, _), = _split_data(data_root, split_csv, size, ("val",), model_path).values()
@@ -124,10 +125,7 @@ def tta_cmd(model_path, data_root, split_csv, size):
 
 
 @main.command("teacher")
-@click.argument("model_path", type=click.Path(exists=True))
-@_data
-@_split
-@_size
+@_model_and_data
 @click.option("--views", type=click.Choice(["1", "5"]), default="1", show_default=True, help="5 = logits averaged over the crop, its h-flip and three quarter turns.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the .npz for `python -m train --teacher-logits`.")
 def teacher_cmd(model_path, data_root, split_csv, size, views, out_path):
@@ -148,10 +146,7 @@ def teacher_cmd(model_path, data_root, split_csv, size, views, out_path):
 
 
 @main.command("margin")
-@click.argument("model_path", type=click.Path(exists=True))
-@_data
-@_split
-@_size
+@_model_and_data
 @click.option("--margins", default="1.4,1.5,1.6,1.7,1.8,2.0", show_default=True)
 def margin_cmd(model_path, data_root, split_csv, size, margins):
     """Validation accuracy when the cell square's margin differs from the contract's (1.8)."""
