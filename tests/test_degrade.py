@@ -35,3 +35,27 @@ def test_random_params_stay_in_range_and_are_seeded():
     assert SCALE_RANGE[0] <= s.min() and s.max() <= SCALE_RANGE[1]
     assert QUALITY_RANGE[0] <= q.min() and q.max() <= QUALITY_RANGE[1]
     assert np.mean(s < 0.55) > 0.4  # log-uniform: about half the draws lose at least half the size
+
+
+def _sharpness(im: np.ndarray) -> float:
+    g = im.astype(float).mean(axis=2)
+    return float(np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())
+
+
+def test_defocus_blurs_more_with_a_larger_sigma():
+    im = _textured()
+    assert np.array_equal(degrade(im, 1.0, None, 0.0), im)
+    s1, s3 = degrade(im, 1.0, None, 1.0), degrade(im, 1.0, None, 3.0)
+    assert s1.shape == im.shape and s1.dtype == np.uint8
+    assert _sharpness(s3) < _sharpness(s1) < 0.8 * _sharpness(im)
+
+
+def test_defocus_draws_leave_scale_and_quality_draws_unchanged():
+    """A run without defocus must reproduce the earlier --degrade runs (model v3's O)."""
+    plain = random_params(np.random.default_rng(3), 400)
+    blurred = random_params(np.random.default_rng(3), 400, defocus_max=3.0)
+    assert [p[:2] for p in plain] == [p[:2] for p in blurred]
+    assert all(p[2] == 0.0 for p in plain)
+    sig = np.array([p[2] for p in blurred])
+    assert 0.35 < np.mean(sig > 0) < 0.65
+    assert sig[sig > 0].min() >= 0.5 and sig.max() <= 3.0

@@ -46,6 +46,7 @@ def _fail(msg: str) -> None:
 @click.option("--time-budget-min", type=float, default=0, help="Stop training after this many minutes (0 = no limit); the best model so far is kept.")
 @click.option("--degrade", type=float, default=0.0, help="Share of training crops replaced by a lower-quality analyzer's version (shrunk to 0.3-1x, JPEG quality 40-95) before framing; 0 = off.")
 @click.option("--degrade-mode", type=click.Choice(["replace", "add"]), default="replace", help="replace: the degraded version replaces the crop; add: it is added as an extra crop (epochs grow by the share).")
+@click.option("--degrade-defocus", type=float, default=0.0, help="With --degrade: half the degraded crops are also defocused (Gaussian blur, sigma 0.5 to this many pixels of the original crop); 0 = off.")
 @click.option("--teacher-logits", type=click.Path(exists=True, dir_okay=False), default=None, help="Distil: an .npz of teacher logits per crop path (`python -m train.diagnose teacher`); targets become a mix of teacher and label.")
 @click.option("--distill-alpha", type=float, default=0.7, help="Share of the teacher in the distillation targets.")
 @click.option("--train-only", is_flag=True, help="Fit and save the model, skip calibration/evaluation (e.g. on a lent GPU machine; finish with --resume --epochs 0).")
@@ -67,6 +68,8 @@ def main(**opt) -> None:
         assert len(fractions) == 3 and abs(sum(fractions) - 1) < 1e-6 and min(fractions) > 0
     except (ValueError, AssertionError):
         _fail("--split must be three positive fractions summing to 1, e.g. 0.8,0.12,0.08.")
+    if opt["degrade_defocus"] < 0 or (opt["degrade_defocus"] > 0 and not opt["degrade"]):
+        _fail("--degrade-defocus must be a blur size in pixels >= 0 and needs --degrade.")
     w = opt["weights"]
     if w not in ("none", "imagenet") and not Path(w).is_file():
         _fail(f"weights file {w} does not exist (use 'none', 'imagenet' or a path to an .h5 file).")

@@ -92,7 +92,7 @@ def _copy_weights(path: str, core) -> list[str]:
 
 
 def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, share: float,
-              seed: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+              seed: int, workers: int, defocus_max: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(indices, images): a seeded `share` of the training crops, re-decoded from their files,
     degraded like a lower-quality analyzer's export (train.degrade) and framed again."""
     import os
@@ -106,7 +106,7 @@ def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, 
         raise TrainingError("--degrade needs the original image files; it cannot work from a packed file.")
     rng = np.random.default_rng(seed + 7)
     pick = np.flatnonzero(rng.random(len(paths)) < share)
-    params = random_params(rng, len(pick))
+    params = random_params(rng, len(pick), defocus_max)
 
     def one(k):
         rgb = decode_rgb(read_bytes(data_root / paths[pick[k]]))
@@ -116,7 +116,8 @@ def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, 
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         for k, arr in enumerate(pool.map(one, range(len(pick)))):
             out[k] = arr
-    print(f"degraded {len(pick)} of {len(paths)} training crops (scale, JPEG quality) before framing")
+    what = "scale, JPEG quality" + (f", defocus up to {defocus_max:g} px" if defocus_max > 0 else "")
+    print(f"degraded {len(pick)} of {len(paths)} training crops ({what}) before framing")
     return pick, out
 
 
@@ -249,7 +250,7 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         if opt.get("teacher_logits"):
             raise TrainingError("--degrade cannot be combined with --teacher-logits.")
         pick, x_deg = _degraded([ds.paths[i] for i in idx["train"]], data_root, size, preprocessing,
-                                float(opt["degrade"]), opt["seed"], opt["workers"])
+                                float(opt["degrade"]), opt["seed"], opt["workers"], float(opt.get("degrade_defocus") or 0.0))
         if opt.get("degrade_mode") == "add":  # keep every clean crop and add the degraded ones
             x_tr = np.concatenate([x_tr, x_deg])
             y_tr = np.concatenate([y_tr, ds.labels[idx["train"][pick]]])

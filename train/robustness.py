@@ -2,7 +2,7 @@
 
 Why: the model will be scored on another hospital's crops. Its stain and magnification are
 handled (in-graph colour standardisation, ADR 0003; cell framing, ADR 0005); what remains is
-image quality - fewer pixels per cell and harder JPEG compression. This re-exports every test
+image quality - fewer pixels per cell, harder JPEG compression and defocus. This re-exports every test
 crop as such an analyzer would (train.degrade), runs it through the runtime's own
 preprocessing and ONNX model, and reports accuracy and the share sent to review per condition.
 
@@ -16,15 +16,18 @@ from pathlib import Path
 import click
 import numpy as np
 
-# (label, linear scale, JPEG quality or None = no re-encoding)
-CONDITIONS: tuple[tuple[str, float, int | None], ...] = (
-    ("as exported", 1.0, None),
-    ("JPEG q60", 1.0, 60),
-    ("1/2 size", 0.5, None),
-    ("1/2 size + JPEG q75", 0.5, 75),
-    ("1/3 size", 0.35, None),
-    ("1/3 size + JPEG q50", 0.35, 50),
-    ("1/4 size", 0.25, None),
+# (label, linear scale, JPEG quality or None = no re-encoding, defocus sigma in original pixels)
+CONDITIONS: tuple[tuple[str, float, int | None, float], ...] = (
+    ("as exported", 1.0, None, 0.0),
+    ("JPEG q60", 1.0, 60, 0.0),
+    ("1/2 size", 0.5, None, 0.0),
+    ("1/2 size + JPEG q75", 0.5, 75, 0.0),
+    ("1/3 size", 0.35, None, 0.0),
+    ("1/3 size + JPEG q50", 0.35, 50, 0.0),
+    ("1/4 size", 0.25, None, 0.0),
+    ("defocus 1 px", 1.0, None, 1.0),
+    ("defocus 2 px", 1.0, None, 2.0),
+    ("defocus 3 px", 1.0, None, 3.0),
 )
 
 
@@ -42,13 +45,13 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
     paper = y < len(catalogue.PAPER_CLASS_IDS)
     raw = [pp.decode_rgb(pp.read_bytes(data_root / r["path"])) for r in rows]
     out = []
-    for label, scale, quality in conditions:
-        xs = [pp.to_model_input(degrade(im, scale, quality), size, contract)
+    for label, scale, quality, sigma in conditions:
+        xs = [pp.to_model_input(degrade(im, scale, quality, sigma), size, contract)
               for im in raw]
         probs = np.concatenate([clf.predict(np.stack(xs[i:i + batch])) for i in range(0, len(xs), batch)])
         pred = probs.argmax(axis=1)
         out.append({
-            "condition": label, "scale": scale, "jpeg_quality": quality, "n": int(len(y)),
+            "condition": label, "scale": scale, "jpeg_quality": quality, "defocus_sigma": sigma, "n": int(len(y)),
             "accuracy": float(np.mean(pred == y)),
             "paper10_accuracy": float(np.mean(pred[paper] == y[paper])),
             "to_review": float(np.mean(probs.max(axis=1) < (clf.info.review_threshold or 0.0))),
@@ -63,7 +66,7 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
 @click.option("--rows", "which", type=click.Choice(["test", "val"]), default="test", show_default=True, help="Which rows of the split; choose models on val, report on test.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 def main(model_path, data_root, split_csv, which, json_out):
-    """Accuracy of a model on its test crops re-exported at lower resolution / JPEG quality."""
+    """Accuracy of a model on its test crops re-exported defocused, at lower resolution or JPEG quality."""
     from .split import read_split_csv
 
     rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] == which]
