@@ -65,3 +65,29 @@ def test_soup_tta_and_margin_print_one_line_per_variant(tiny_run, shared_data):
     from batchwbc import preprocess
 
     assert preprocess.CELL_MARGIN == 1.8  # the contract's constant is restored afterwards
+
+
+def test_ensemble_and_bias_commands(tiny_run, shared_data):
+    d, _ = tiny_run
+    common = ["--data", shared_data, "--split", d / "split.csv"]
+    out = _invoke("ensemble", d / "a.keras", d / "b.keras", *common, "--views", "8")
+    assert "average of 2" in out and "32 px, 8 view(s)" in out and len(_accuracies(out)) == 6
+    out = _invoke("bias", d / "a.keras", *common, "--size", 32, "--folds", "2")
+    assert "2-fold fitted biases" in out and len(_accuracies(out)) == 4
+
+
+def test_fitted_biases_undo_a_known_class_shift():
+    """Logits that favour class 0 by a constant: the fitted offsets must remove it, and the
+    cross-validated predictions must then beat the shifted ones."""
+    import numpy as np
+
+    from train.diagnose import cross_validated_bias_predictions, fit_temperature_and_bias, log_softmax
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 2000)
+    clean = rng.normal(0, 1, (2000, 4)) + 2.0 * np.eye(4)[y]
+    shifted = clean + np.array([2.0, 0, 0, 0])
+    t, b = fit_temperature_and_bias(shifted, y)
+    assert 0.1 < t < 5.0 and b[0] - b[1:].mean() < -0.6 * 2.0 / t  # offsets act on logits / t
+    assert np.mean(cross_validated_bias_predictions(shifted, y) == y) > np.mean(shifted.argmax(1) == y) + 0.05
+    assert np.allclose(np.exp(log_softmax(clean)).sum(1), 1.0)

@@ -58,6 +58,45 @@ def _views(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarra
     return _predict(model, x), _predict(model, x[:, :, ::-1]), [_predict(model, np.rot90(x, k, axes=(1, 2))) for k in (1, 2, 3)]
 
 
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def dihedral_logits(model, x: np.ndarray, views: int) -> np.ndarray:
+    """Mean logits over the crop (views=1) or its eight flips and quarter turns (views=8)."""
+    if views == 1:
+        return _predict(model, x)
+    out = [_predict(model, np.ascontiguousarray(np.rot90(xf, k, axes=(1, 2))))
+           for xf in (x, x[:, :, ::-1]) for k in range(4)]
+    return np.mean(out, axis=0)
+
+
+def fit_temperature_and_bias(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Temperature and per-class logit offsets (last class fixed at 0) minimising the NLL: the
+    most a model can gain by re-weighting its classes after training."""
+    from scipy.optimize import minimize
+
+    k = logits.shape[1]
+
+    def nll(p):
+        q = log_softmax(logits / p[0] + np.r_[p[1:], 0.0])
+        return -q[np.arange(len(y)), y].mean()
+
+    r = minimize(nll, np.r_[1.0, np.zeros(k - 1)], method="L-BFGS-B", bounds=[(0.05, 20)] + [(None, None)] * (k - 1))
+    return float(r.x[0]), np.r_[r.x[1:], 0.0]
+
+
+def cross_validated_bias_predictions(logits: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Class predictions with biases fitted on the other folds: an honest estimate of the gain."""
+    fold = np.random.default_rng(seed).permutation(len(y)) % folds
+    pred = np.empty(len(y), dtype=int)
+    for f in range(folds):
+        t, b = fit_temperature_and_bias(logits[fold != f], y[fold != f])
+        pred[fold == f] = (logits[fold == f] / t + b).argmax(axis=1)
+    return pred
+
+
 @click.group()
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -122,6 +161,39 @@ def tta_cmd(model_path, data_root, split_csv, size):
     click.echo(f"2 views (h-flip):    {_acc(base + flip, y)}")
     click.echo(f"4 views (rotations): {_acc(base + sum(rots), y)}")
     click.echo(f"5 views (both):      {_acc(base + sum(rots) + flip, y)}")
+
+
+@main.command("ensemble")
+@click.argument("model_paths", nargs=-1, required=True, type=click.Path(exists=True))
+@_data
+@_split
+@click.option("--views", type=click.Choice(["1", "8"]), default="1", show_default=True, help="8 = each model's logits averaged over flips and quarter turns.")
+def ensemble_cmd(model_paths, data_root, split_csv, views):
+    """Validation accuracy of each model and of their averaged log-probabilities; each model sees
+    the crops at its own input size and contract, so models of different resolutions combine."""
+    total, y = None, None
+    for p in model_paths:
+        m = _load(p)
+        (x, y_, _), = _split_data(data_root, split_csv, int(m.input_shape[1]), ("val",), p).values()
+        if y is not None and not np.array_equal(y, y_):
+            raise click.ClickException("the models' validation crops differ")
+        y = y_
+        lp = log_softmax(dihedral_logits(m, x, int(views)))
+        click.echo(f"{p} ({m.input_shape[1]} px, {views} view(s)): {_acc(lp, y)}")
+        total = lp if total is None else total + lp
+    click.echo(f"average of {len(model_paths)}: {_acc(total, y)}")
+
+
+@main.command("bias")
+@_model_and_data
+@click.option("--folds", type=int, default=5, show_default=True)
+def bias_cmd(model_path, data_root, split_csv, size, folds):
+    """Validation accuracy with a temperature and per-class biases fitted on the other folds."""
+    (x, y, _), = _split_data(data_root, split_csv, size, ("val",), model_path).values()
+    lg = _predict(_load(model_path), x)
+    click.echo(f"as trained:            {_acc(lg, y)}")
+    pred = cross_validated_bias_predictions(lg, y, folds)
+    click.echo(f"{folds}-fold fitted biases: {_acc(np.eye(lg.shape[1])[pred], y)}")
 
 
 @main.command("teacher")
