@@ -48,9 +48,9 @@ def test_beats_the_paper_on_its_ten_classes(predictions):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="model v3 (MobileNet 0.25, cell-centred 144 px, trained on this 2-core CPU) measures 0.908 "
+    reason="model v4 (MobileNet 0.25, cell-centred 144 px, trained on this 2-core CPU) measures 0.909 "
     "accuracy on the paper's ten classes: the 0.93 accuracy target is not met yet - see "
-    "docs/decisions/0004, 0005 and 0006. Strict: a model that meets it makes this fail until the marker is removed.",
+    "docs/decisions/0004 to 0007. Strict: a model that meets it makes this fail until the marker is removed.",
 )
 def test_meets_the_accuracy_target_on_the_ten_classes(predictions):
     acc, _, _ = _paper_metrics(*predictions[:3])
@@ -58,7 +58,7 @@ def test_meets_the_accuracy_target_on_the_ten_classes(predictions):
 
 
 def test_no_regression_below_the_bundled_level(predictions):
-    """Guard the measured level (v3 0.908 / 0.903, v2 0.913 / 0.909) so a worse model can never be
+    """Guard the measured level (v4 0.909 / 0.904, v3 0.908 / 0.903, v2 0.913 / 0.909) so a worse model can never be
     bundled silently."""
     acc, f1, _ = _paper_metrics(*predictions[:3])
     assert acc >= 0.905, acc
@@ -68,15 +68,29 @@ def test_no_regression_below_the_bundled_level(predictions):
 def test_robust_to_a_lower_quality_analyzer(shared_data):
     """Another hospital's analyzer may export smaller, more compressed JPEGs. Model v2 fell to
     0.80 / 0.64 on the paper's classes at 1/2 size + JPEG q75 / 1/3 size + q50; v3 measures
-    0.878 / 0.811 (train.robustness, ADR 0006)."""
+    0.878 / 0.811, v4 0.888 / 0.872 (train.robustness, ADR 0006 and 0007)."""
     from train.robustness import evaluate
 
     with open(TEST_SPLIT, newline="") as fh:
         rows = list(csv.DictReader(fh))
     res = {r["condition"]: r for r in evaluate(None, shared_data, rows, conditions=(
-        ("1/2 size + JPEG q75", 0.5, 75), ("1/3 size + JPEG q50", 0.35, 50)))}
+        ("1/2 size + JPEG q75", 0.5, 75, 0.0), ("1/3 size + JPEG q50", 0.35, 50, 0.0)))}
     assert res["1/2 size + JPEG q75"]["paper10_accuracy"] >= 0.86, res
     assert res["1/3 size + JPEG q50"]["paper10_accuracy"] >= 0.78, res
+
+
+def test_robust_to_a_slightly_defocused_or_low_resolution_scan(shared_data):
+    """A slide scanned slightly out of focus, or an analyzer with a quarter of the pixels: v3 fell
+    to 0.838 / 0.839 on the paper's classes at defocus sigma 2 px / 1/4 size; v4 measures 0.890 /
+    0.894 (train.robustness, ADR 0007)."""
+    from train.robustness import evaluate
+
+    with open(TEST_SPLIT, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    res = {r["condition"]: r for r in evaluate(None, shared_data, rows, conditions=(
+        ("defocus 2 px", 1.0, None, 2.0), ("1/4 size", 0.25, None, 0.0)))}
+    assert res["defocus 2 px"]["paper10_accuracy"] >= 0.87, res
+    assert res["1/4 size"]["paper10_accuracy"] >= 0.87, res
 
 
 def test_blasts_are_recognised_at_another_scanners_magnification(predictions, shared_data):
