@@ -59,3 +59,30 @@ def test_defocus_draws_leave_scale_and_quality_draws_unchanged():
     sig = np.array([p[2] for p in blurred])
     assert 0.35 < np.mean(sig > 0) < 0.65
     assert sig[sig > 0].min() >= 0.5 and sig.max() <= 3.0
+
+
+def test_recolour_gives_the_target_lab_statistics():
+    from train.degrade import lab_stats, recolour
+
+    rng = np.random.default_rng(5)
+    im = np.clip(rng.normal([200, 150, 170], 20, (80, 90, 3)), 0, 255).astype(np.uint8)
+    target_mean, target_std = np.array([150.0, 140.0, 120.0]), np.array([30.0, 6.0, 8.0])
+    m, s = lab_stats([recolour(im, target_mean, target_std)])
+    assert np.all(np.abs(m - target_mean) < 3), m
+    assert np.all(np.abs(s - target_std) < 3), s
+    m0, _ = lab_stats([im])
+    assert np.abs(m0 - target_mean).max() > 10  # it did move
+
+
+def test_colour_donors_share_and_sources():
+    """Donors come from each source about equally often, even when one source is rare."""
+    from train.degrade import colour_donors
+
+    sources = ["PBC"] * 900 + ["AML-LMU"] * 100
+    none = colour_donors(np.random.default_rng(0), 500, sources, 0.0)
+    assert (none == -1).all()
+    d = colour_donors(np.random.default_rng(0), 4000, sources, 0.5)
+    chosen = d[d >= 0]
+    assert 0.45 < len(chosen) / 4000 < 0.55
+    from_munich = np.mean([sources[i] == "AML-LMU" for i in chosen])
+    assert 0.45 < from_munich < 0.55, from_munich

@@ -55,6 +55,7 @@ def test_tiny_training_run_exports_with_parity(shared_data, tmp_path):
         (["--data", "{shared}", "--backbone", "vgg99"], "Invalid value for '--backbone'"),
         (["--data", "{shared}", "--weights", "/nonexistent.h5"], "does not exist"),
         (["--data", "{shared}", "--degrade-defocus", "2"], "needs --degrade"),
+        (["--data", "{shared}", "--degrade", "0.5", "--degrade-recolour", "1.5"], "between 0 and 1"),
         (["--data", "{shared}", "--weights", "{weights}", "--backbone", "mobilenetv3small", "--limit-per-class", "2", "--size", "32"], "does not match backbone"),
     ],
 )
@@ -92,11 +93,12 @@ def test_distillation_from_teacher_logits_end_to_end(shared_data, tmp_path):
     common = ["--data", str(shared_data), "--limit-per-class", "4", "--size", "32", "--batch-size", "8",
               "--backbone", "mobilenet_025"]
     r = _run("train", *common, "--out", str(tmp_path / "t"), "--epochs", "1", "--train-only", "--degrade", "0.5",
-             "--degrade-mode", "add", "--degrade-defocus", "2")
+             "--degrade-mode", "add", "--degrade-defocus", "2", "--degrade-recolour", "0.5")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     m = re.search(r"degraded (\d+) of (\d+) training crops", r.stdout)
     assert m and 0 < int(m.group(1)) < int(m.group(2)), r.stdout[-2000:]
     assert "defocus up to 2 px" in r.stdout
+    assert re.search(r"[1-9]\d* recoloured like other crops", r.stdout), r.stdout[-2000:]
     assert '"train_only": true' in (tmp_path / "t" / "run.json").read_text()
     r = _run("train.diagnose", "teacher", str(tmp_path / "t" / "model.keras"), "--data", str(shared_data),
              "--split", str(tmp_path / "t" / "split.csv"), "--size", "32", "--views", "5", "--out", str(tmp_path / "t.npz"))

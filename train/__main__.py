@@ -47,6 +47,7 @@ def _fail(msg: str) -> None:
 @click.option("--degrade", type=float, default=0.0, help="Share of training crops replaced by a lower-quality analyzer's version (shrunk to 0.3-1x, JPEG quality 40-95) before framing; 0 = off.")
 @click.option("--degrade-mode", type=click.Choice(["replace", "add"]), default="replace", help="replace: the degraded version replaces the crop; add: it is added as an extra crop (epochs grow by the share).")
 @click.option("--degrade-defocus", type=float, default=0.0, help="With --degrade: half the degraded crops are also defocused (Gaussian blur, sigma 0.5 to this many pixels of the original crop); 0 = off.")
+@click.option("--degrade-recolour", type=float, default=0.0, help="With --degrade: share of the degraded crops recoloured (Lab colour transfer) like a random training crop, its source drawn uniformly; imitates another lab's stain; 0 = off.")
 @click.option("--teacher-logits", type=click.Path(exists=True, dir_okay=False), default=None, help="Distil: an .npz of teacher logits per crop path (`python -m train.diagnose teacher`); targets become a mix of teacher and label.")
 @click.option("--distill-alpha", type=float, default=0.7, help="Share of the teacher in the distillation targets.")
 @click.option("--train-only", is_flag=True, help="Fit and save the model, skip calibration/evaluation (e.g. on a lent GPU machine; finish with --resume --epochs 0).")
@@ -70,6 +71,8 @@ def main(**opt) -> None:
         _fail("--split must be three positive fractions summing to 1, e.g. 0.8,0.12,0.08.")
     if opt["degrade_defocus"] < 0 or (opt["degrade_defocus"] > 0 and not opt["degrade"]):
         _fail("--degrade-defocus must be a blur size in pixels >= 0 and needs --degrade.")
+    if not 0 <= opt["degrade_recolour"] <= 1 or (opt["degrade_recolour"] > 0 and not opt["degrade"]):
+        _fail("--degrade-recolour must be a share between 0 and 1 and needs --degrade.")
     w = opt["weights"]
     if w not in ("none", "imagenet") and not Path(w).is_file():
         _fail(f"weights file {w} does not exist (use 'none', 'imagenet' or a path to an .h5 file).")

@@ -38,6 +38,42 @@ def degrade(rgb: np.ndarray, scale: float, quality: int | None, blur_sigma: floa
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def lab_stats(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over images of each image's per-channel Lab mean and standard deviation."""
+    import cv2
+
+    labs = [cv2.cvtColor(im, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32) for im in images]
+    return np.mean([lab.mean(0) for lab in labs], 0), np.mean([lab.std(0) for lab in labs], 0)
+
+
+def recolour(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Reinhard colour transfer: the crop's per-channel Lab statistics become (mean, std), the
+    way a crop would look under another lab's stain and scanner white balance."""
+    import cv2
+
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    m, s = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0) + 1e-6
+    out = (lab - m) / s * std + mean
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def colour_donors(rng: np.random.Generator, n: int, sources: list[str], share: float) -> np.ndarray:
+    """For n degraded crops, the index of a training crop whose colours each takes (-1: keep its
+    own): a `share` of them, the donor's source drawn uniformly so the rarer source's colours
+    (Munich: 12 % of the crops) are handed out as often as the common one's."""
+    donors = np.full(n, -1, dtype=int)
+    if share <= 0:
+        return donors
+    by_src: dict[str, np.ndarray] = {}
+    for i, src in enumerate(sources):
+        by_src.setdefault(src, []).append(i)
+    groups = [np.asarray(v) for _, v in sorted(by_src.items())]
+    chosen = np.flatnonzero(rng.random(n) < share)
+    g = rng.integers(0, len(groups), len(chosen))
+    donors[chosen] = [groups[k][rng.integers(0, len(groups[k]))] for k in g]
+    return donors
+
+
 def random_params(rng: np.random.Generator, n: int, defocus_max: float = 0.0) -> list[tuple[float, int, float]]:
     """n (scale, quality, defocus sigma) draws: scale log-uniform (each halving as likely),
     quality uniform; with defocus_max > 0, half the draws are also defocused by a sigma uniform

@@ -92,24 +92,30 @@ def _copy_weights(path: str, core) -> list[str]:
 
 
 def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, share: float,
-              seed: int, workers: int, defocus_max: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+              seed: int, workers: int, defocus_max: float = 0.0, recolour_share: float = 0.0,
+              sources: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, images): a seeded `share` of the training crops, re-decoded from their files,
-    degraded like a lower-quality analyzer's export (train.degrade) and framed again."""
+    degraded like a lower-quality analyzer's export (train.degrade), optionally recoloured like
+    another training crop (another stain), and framed again."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
 
-    from .degrade import degrade, random_params
+    from .degrade import colour_donors, degrade, lab_stats, random_params, recolour
 
     if not data_root.is_dir():
         raise TrainingError("--degrade needs the original image files; it cannot work from a packed file.")
     rng = np.random.default_rng(seed + 7)
     pick = np.flatnonzero(rng.random(len(paths)) < share)
     params = random_params(rng, len(pick), defocus_max)
+    # drawn after the earlier draws, so runs without recolouring reproduce the earlier ones
+    donors = colour_donors(rng, len(pick), sources or [], recolour_share) if recolour_share > 0 else np.full(len(pick), -1)
 
     def one(k):
         rgb = decode_rgb(read_bytes(data_root / paths[pick[k]]))
+        if donors[k] >= 0:  # the colour statistics of another whole training crop
+            rgb = recolour(rgb, *lab_stats([decode_rgb(read_bytes(data_root / paths[donors[k]]))]))
         return to_model_input(degrade(rgb, *params[k]), size, preprocessing)
 
     out = np.empty((len(pick), size, size, 3), dtype=np.uint8)
@@ -117,6 +123,7 @@ def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, 
         for k, arr in enumerate(pool.map(one, range(len(pick)))):
             out[k] = arr
     what = "scale, JPEG quality" + (f", defocus up to {defocus_max:g} px" if defocus_max > 0 else "")
+    what += f", {int((donors >= 0).sum())} recoloured like other crops" if recolour_share > 0 else ""
     print(f"degraded {len(pick)} of {len(paths)} training crops ({what}) before framing")
     return pick, out
 
@@ -250,7 +257,8 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         if opt.get("teacher_logits"):
             raise TrainingError("--degrade cannot be combined with --teacher-logits.")
         pick, x_deg = _degraded([ds.paths[i] for i in idx["train"]], data_root, size, preprocessing,
-                                float(opt["degrade"]), opt["seed"], opt["workers"], float(opt.get("degrade_defocus") or 0.0))
+                                float(opt["degrade"]), opt["seed"], opt["workers"], float(opt.get("degrade_defocus") or 0.0),
+                                float(opt.get("degrade_recolour") or 0.0), [ds.sources[i] for i in idx["train"]])
         if opt.get("degrade_mode") == "add":  # keep every clean crop and add the degraded ones
             x_tr = np.concatenate([x_tr, x_deg])
             y_tr = np.concatenate([y_tr, ds.labels[idx["train"][pick]]])

@@ -20,25 +20,10 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .degrade import lab_stats, recolour  # noqa: F401 - also this module's public helpers
 from .rescale import zoom_out
 
 ZOOM_OUT = 0.62  # Munich (M8, 100x) cells appear ~1.6x larger than CellaVision DM96 ones in the crops
-
-
-def lab_stats(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    import cv2
-
-    labs = [cv2.cvtColor(im, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32) for im in images]
-    return np.mean([l.mean(0) for l in labs], 0), np.mean([l.std(0) for l in labs], 0)
-
-
-def recolour(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    import cv2
-
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
-    m, s = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0) + 1e-6
-    out = (lab - m) / s * std + mean
-    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 
 @click.command()

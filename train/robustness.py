@@ -2,7 +2,8 @@
 
 Why: the model will be scored on another hospital's crops. Its stain and magnification are
 handled (in-graph colour standardisation, ADR 0003; cell framing, ADR 0005); what remains is
-image quality - fewer pixels per cell, harder JPEG compression and defocus. This re-exports every test
+image quality - fewer pixels per cell, harder JPEG compression and defocus - and, as a
+check on the colour standardisation, each crop recoloured to the other source's statistics. This re-exports every test
 crop as such an analyzer would (train.degrade), runs it through the runtime's own
 preprocessing and ONNX model, and reports accuracy and the share sent to review per condition.
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-# (label, linear scale, JPEG quality or None = no re-encoding, defocus sigma in original pixels)
-CONDITIONS: tuple[tuple[str, float, int | None, float], ...] = (
+# (label, linear scale, JPEG quality or None = no re-encoding, defocus sigma in original pixels[, recolour])
+CONDITIONS: tuple[tuple, ...] = (
     ("as exported", 1.0, None, 0.0),
     ("JPEG q60", 1.0, 60, 0.0),
     ("1/2 size", 0.5, None, 0.0),
@@ -28,6 +29,8 @@ CONDITIONS: tuple[tuple[str, float, int | None, float], ...] = (
     ("defocus 1 px", 1.0, None, 1.0),
     ("defocus 2 px", 1.0, None, 2.0),
     ("defocus 3 px", 1.0, None, 3.0),
+    # optional 5th element: recoloured (Lab colour transfer) to the other source's statistics
+    ("colour of the other source", 1.0, None, 0.0, True),
 )
 
 
@@ -37,21 +40,30 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
     from batchwbc import preprocess as pp
     from batchwbc.model import Classifier
 
-    from .degrade import degrade
+    from .degrade import degrade, lab_stats, recolour
 
     clf = Classifier(model_path, threads=0)
     size, contract = clf.info.input_size, clf.info.preprocessing
     y = np.array([catalogue.CLASS_IDS.index(r["class_id"]) for r in rows])
     paper = y < len(catalogue.PAPER_CLASS_IDS)
     raw = [pp.decode_rgb(pp.read_bytes(data_root / r["path"])) for r in rows]
+    sources = sorted({r.get("source", "") for r in rows})
+    stats = {}
+    if len(sources) > 1 and any(len(c) > 4 and c[4] for c in conditions):
+        stats = {s: lab_stats([im for im, r in zip(raw, rows) if r.get("source", "") == s]) for s in sources}
     out = []
-    for label, scale, quality, sigma in conditions:
+    for label, scale, quality, sigma, *rest in conditions:
+        if rest and rest[0] and stats:  # each crop in the colours of the (first) other source
+            ims = [recolour(im, *stats[next(s for s in sources if s != r.get("source", ""))]) for im, r in zip(raw, rows)]
+        else:
+            ims = raw
         xs = [pp.to_model_input(degrade(im, scale, quality, sigma), size, contract)
-              for im in raw]
+              for im in ims]
         probs = np.concatenate([clf.predict(np.stack(xs[i:i + batch])) for i in range(0, len(xs), batch)])
         pred = probs.argmax(axis=1)
         out.append({
-            "condition": label, "scale": scale, "jpeg_quality": quality, "defocus_sigma": sigma, "n": int(len(y)),
+            "condition": label, "scale": scale, "jpeg_quality": quality, "defocus_sigma": sigma,
+            "recoloured": bool(rest and rest[0] and stats), "n": int(len(y)),
             "accuracy": float(np.mean(pred == y)),
             "paper10_accuracy": float(np.mean(pred[paper] == y[paper])),
             "to_review": float(np.mean(probs.max(axis=1) < (clf.info.review_threshold or 0.0))),
