@@ -65,16 +65,20 @@ def test_no_regression_below_the_bundled_level(predictions):
     assert f1 >= 0.90, f1
 
 
-def test_robust_to_a_lower_quality_analyzer(shared_data):
-    """Another hospital's analyzer may export smaller, more compressed JPEGs. Model v2 fell to
-    0.80 / 0.64 on the paper's classes at 1/2 size + JPEG q75 / 1/3 size + q50; v3 measures
-    0.878 / 0.811, v4 0.888 / 0.872 (train.robustness, ADR 0006 and 0007)."""
+def _robustness(shared_data, *conditions) -> dict[str, dict]:
+    """The bundled model's train.robustness results on the committed test rows, by condition."""
     from train.robustness import evaluate
 
     with open(TEST_SPLIT, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    res = {r["condition"]: r for r in evaluate(None, shared_data, rows, conditions=(
-        ("1/2 size + JPEG q75", 0.5, 75, 0.0), ("1/3 size + JPEG q50", 0.35, 50, 0.0)))}
+    return {r["condition"]: r for r in evaluate(None, shared_data, rows, conditions=conditions)}
+
+
+def test_robust_to_a_lower_quality_analyzer(shared_data):
+    """Another hospital's analyzer may export smaller, more compressed JPEGs. Model v2 fell to
+    0.80 / 0.64 on the paper's classes at 1/2 size + JPEG q75 / 1/3 size + q50; v3 measures
+    0.878 / 0.811, v4 0.888 / 0.872 (train.robustness, ADR 0006 and 0007)."""
+    res = _robustness(shared_data, ("1/2 size + JPEG q75", 0.5, 75, 0.0), ("1/3 size + JPEG q50", 0.35, 50, 0.0))
     assert res["1/2 size + JPEG q75"]["paper10_accuracy"] >= 0.86, res
     assert res["1/3 size + JPEG q50"]["paper10_accuracy"] >= 0.78, res
 
@@ -83,12 +87,7 @@ def test_robust_to_a_slightly_defocused_or_low_resolution_scan(shared_data):
     """A slide scanned slightly out of focus, or an analyzer with a quarter of the pixels: v3 fell
     to 0.838 / 0.839 on the paper's classes at defocus sigma 2 px / 1/4 size; v4 measures 0.890 /
     0.894 (train.robustness, ADR 0007)."""
-    from train.robustness import evaluate
-
-    with open(TEST_SPLIT, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    res = {r["condition"]: r for r in evaluate(None, shared_data, rows, conditions=(
-        ("defocus 2 px", 1.0, None, 2.0), ("1/4 size", 0.25, None, 0.0)))}
+    res = _robustness(shared_data, ("defocus 2 px", 1.0, None, 2.0), ("1/4 size", 0.25, None, 0.0))
     assert res["defocus 2 px"]["paper10_accuracy"] >= 0.87, res
     assert res["1/4 size"]["paper10_accuracy"] >= 0.87, res
 
@@ -146,9 +145,5 @@ def test_colour_of_the_other_source_costs_a_bounded_amount(shared_data):
     """Each test crop recoloured to the other source's Lab statistics (another stain): v4 keeps
     0.856 on the paper's classes (v3 0.881; ADR 0007). A floor, so a model that leans harder on
     colour cannot be bundled silently."""
-    from train.robustness import evaluate
-
-    with open(TEST_SPLIT, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    (res,) = evaluate(None, shared_data, rows, conditions=(("colour of the other source", 1.0, None, 0.0, True),))
+    res = _robustness(shared_data, ("colour of the other source", 1.0, None, 0.0, True))["colour of the other source"]
     assert res["recoloured"] and res["paper10_accuracy"] >= 0.83, res

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .degrade import lab_stats, recolour  # noqa: F401 - also this module's public helpers
+from .degrade import lab_stats, recolour
 from .rescale import zoom_out
 
 ZOOM_OUT = 0.62  # Munich (M8, 100x) cells appear ~1.6x larger than CellaVision DM96 ones in the crops

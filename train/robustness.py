@@ -2,10 +2,11 @@
 
 Why: the model will be scored on another hospital's crops. Its stain and magnification are
 handled (in-graph colour standardisation, ADR 0003; cell framing, ADR 0005); what remains is
-image quality - fewer pixels per cell, harder JPEG compression and defocus - and, as a
-check on the colour standardisation, each crop recoloured to the other source's statistics. This re-exports every test
-crop as such an analyzer would (train.degrade), runs it through the runtime's own
-preprocessing and ONNX model, and reports accuracy and the share sent to review per condition.
+image quality - fewer pixels per cell, harder JPEG compression and defocus - and, as a check
+on the colour standardisation, each crop recoloured to the other source's statistics. This
+re-exports every test crop as such an analyzer would (train.degrade), runs it through the
+runtime's own preprocessing and ONNX model, and reports accuracy and the share sent to review
+per condition.
 
     python -m train.robustness --model batchwbc/models/batchwbc-wbc12.onnx --data ../shared/data --split docs/model/test-split.csv
 """
@@ -53,17 +54,17 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
         stats = {s: lab_stats([im for im, r in zip(raw, rows) if r.get("source", "") == s]) for s in sources}
     out = []
     for label, scale, quality, sigma, *rest in conditions:
-        if rest and rest[0] and stats:  # each crop in the colours of the (first) other source
+        recoloured = bool(rest and rest[0] and stats)
+        ims = raw
+        if recoloured:  # each crop in the colours of the (first) other source
             ims = [recolour(im, *stats[next(s for s in sources if s != r.get("source", ""))]) for im, r in zip(raw, rows)]
-        else:
-            ims = raw
         xs = [pp.to_model_input(degrade(im, scale, quality, sigma), size, contract)
               for im in ims]
         probs = np.concatenate([clf.predict(np.stack(xs[i:i + batch])) for i in range(0, len(xs), batch)])
         pred = probs.argmax(axis=1)
         out.append({
             "condition": label, "scale": scale, "jpeg_quality": quality, "defocus_sigma": sigma,
-            "recoloured": bool(rest and rest[0] and stats), "n": int(len(y)),
+            "recoloured": recoloured, "n": int(len(y)),
             "accuracy": float(np.mean(pred == y)),
             "paper10_accuracy": float(np.mean(pred[paper] == y[paper])),
             "to_review": float(np.mean(probs.max(axis=1) < (clf.info.review_threshold or 0.0))),
@@ -83,9 +84,9 @@ def main(model_path, data_root, split_csv, which, json_out):
 
     rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] == which]
     res = evaluate(model_path, Path(data_root), rows)
-    click.echo(f"{'condition':22s} {'acc':>6s} {'paper10':>8s} {'review':>7s}   (n={len(rows)})")
+    click.echo(f"{'condition':28s} {'acc':>6s} {'paper10':>8s} {'review':>7s}   (n={len(rows)})")
     for r in res:
-        click.echo(f"{r['condition']:22s} {r['accuracy']:6.3f} {r['paper10_accuracy']:8.3f} {r['to_review']:7.3f}")
+        click.echo(f"{r['condition']:28s} {r['accuracy']:6.3f} {r['paper10_accuracy']:8.3f} {r['to_review']:7.3f}")
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=2))
 
