@@ -81,7 +81,8 @@ def test_fitted_biases_undo_a_known_class_shift():
     cross-validated predictions must then beat the shifted ones."""
     import numpy as np
 
-    from train.diagnose import cross_validated_bias_predictions, fit_temperature_and_bias, log_softmax
+    from train.calibration import log_softmax
+    from train.diagnose import cross_validated_bias_predictions, fit_temperature_and_bias
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 2000)

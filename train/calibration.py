@@ -15,6 +15,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities without overflow: what ensembles add up and NLL fits minimise."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     p = softmax(logits, temperature)
     return float(-np.mean(np.log(p[np.arange(len(labels)), labels] + 1e-12)))

@@ -17,6 +17,8 @@ import numpy as np
 from batchwbc import catalogue
 from batchwbc import preprocess as pp
 
+from .calibration import log_softmax
+
 
 def _split_data(data_root: str, split_csv: str, size: int, splits: tuple[str, ...], model_path: str):
     """{split: (uint8 images, labels, rows)} for those rows of a run's split.csv, decoded with the
@@ -56,11 +58,6 @@ def _predict(model, x: np.ndarray) -> np.ndarray:
 def _views(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Logits of the crop, of its horizontal flip and of its three quarter turns."""
     return _predict(model, x), _predict(model, x[:, :, ::-1]), [_predict(model, np.rot90(x, k, axes=(1, 2))) for k in (1, 2, 3)]
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def dihedral_logits(model, x: np.ndarray, views: int) -> np.ndarray:

@@ -110,7 +110,7 @@ def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, 
     pick = np.flatnonzero(rng.random(len(paths)) < share)
     params = random_params(rng, len(pick), defocus_max)
     # drawn after the earlier draws, so runs without recolouring reproduce the earlier ones
-    donors = colour_donors(rng, len(pick), sources or [], recolour_share) if recolour_share > 0 else np.full(len(pick), -1)
+    donors = colour_donors(rng, len(pick), sources or [], recolour_share)
 
     def one(k):
         rgb = decode_rgb(read_bytes(data_root / paths[pick[k]]))
@@ -140,10 +140,7 @@ def soft_targets(teacher_npz: str, paths: list[str], labels: np.ndarray, n_class
     missing = [p for p in paths if p not in table]
     if missing:
         raise TrainingError(f"{teacher_npz} has no teacher logits for {len(missing)} training crops (e.g. {missing[0]}).")
-    logits = np.stack([table[p] for p in paths]).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    soft = np.exp(logits)
-    soft /= soft.sum(axis=1, keepdims=True)
+    soft = calibration.softmax(np.stack([table[p] for p in paths]).astype(np.float64))
     return (alpha * soft + (1 - alpha) * np.eye(n_classes)[labels]).astype(np.float32)
 
 
