@@ -14,6 +14,7 @@ IMMATURE_GRANULOCYTE = "immature_granulocyte"
 BAND = "band"
 MATURE = "mature"
 NON_LEUKOCYTE = "non_leukocyte"
+SMUDGE = "smudge"  # reported apart: a count and % of all cells, never in the WBC denominator
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class CellClass:
     lineage: str
     immature: bool
     counts_in_wbc: bool  # leukocytes form the differential's denominator; NRBC and platelets do not
-    group: str  # BLAST / IMMATURE_GRANULOCYTE / BAND / MATURE / NON_LEUKOCYTE
+    group: str  # BLAST / IMMATURE_GRANULOCYTE / BAND / MATURE / NON_LEUKOCYTE / SMUDGE
 
 
 CLASSES: tuple[CellClass, ...] = (
@@ -41,6 +42,7 @@ CLASSES: tuple[CellClass, ...] = (
     CellClass("metamyelocyte", "Metamyelocyte", "granulocytic", True, True, IMMATURE_GRANULOCYTE),
     CellClass("erythroblast", "Erythroblast (NRBC)", "erythroid", True, False, NON_LEUKOCYTE),
     CellClass("platelet", "Platelet", "megakaryocytic", False, False, NON_LEUKOCYTE),
+    CellClass("smudge", "Smudge cell", "unknown", False, False, SMUDGE),
 )
 
 CLASS_IDS: tuple[str, ...] = tuple(c.id for c in CLASSES)

@@ -17,6 +17,7 @@ from .preprocess import is_image_name
 
 PBC_SOURCE = "PBC"  # Acevedo et al. 2020, CellaVision DM96, Barcelona
 LMU_SOURCE = "AML-LMU"  # Matek et al. 2019, M8 scanner, Munich
+DEEPAPL_SOURCE = "DeepAPL"  # Sidhom et al. 2021, CellaVision, Johns Hopkins (Discovery cohort)
 
 # PBC_dataset_normal_DIB: folder -> {file-name prefix -> class id or None (= unspecified, skip)}
 PBC_PREFIXES: dict[str, dict[str, str | None]] = {
@@ -38,6 +39,30 @@ LMU_CODES: dict[str, str | None] = {
     "KSC": None, "LYA": None, "MOB": None, "PMB": None,
 }
 
+# DeepAPL "Signed slides" label folders -> class id or None (outside the catalogue: skipped).
+# Why each mapping: docs/decisions/0009-deepapl-labels-and-smudge-cells.md.
+DEEPAPL_LABELS: dict[str, str | None] = {
+    "Blast, no lineage spec": "myeloblast",
+    "Promonocyte": "myeloblast",  # a blast equivalent in WHO 2022 / ICC 2022 AML blast counts
+    "Promyelocyte": "promyelocyte",
+    "Myelocyte": "myelocyte",
+    "Metamyelocyte": "metamyelocyte",
+    "Band neutrophils": "neutrophil_band",
+    "Segmented neutrophils": "neutrophil_segmented",
+    "Lymphocyte": "lymphocyte",
+    "Lymphocyte, variant": "lymphocyte",  # reactive lymphocytes are counted as lymphocytes (ICSH 2015)
+    "Monocyte": "monocyte",
+    "Eosinophils": "eosinophil",
+    "Basophil": "basophil",
+    "Erythroblast": "erythroblast",
+    "Giant thrombocyte": "platelet",
+    "Thrombocyte aggregation": "platelet",
+    "Smudge cells": "smudge",
+    "Plasma cells": None,  # no class: too few to learn; the out-of-distribution check must catch them
+    "Prolymphocyte": None,
+}
+DEEPAPL_SIGNED = "Signed slides"
+
 _PREFIX_RE = re.compile(r"^([A-Za-z]+)_[^/\\]+$")
 
 
@@ -46,6 +71,7 @@ class LabelledImage:
     path: Path
     class_id: str
     source: str
+    patient: str | None = None  # known only where the layout records it (DeepAPL); splits group by it
 
 
 @dataclass
@@ -136,6 +162,33 @@ def read_lmu(root: Path, source: str = LMU_SOURCE) -> DatasetScan:
     return scan
 
 
+def is_deepapl_layout(root: Path) -> bool:
+    return root.is_dir() and (root / "All").is_dir() and (root / "master.csv").is_file()
+
+
+def read_deepapl(root: Path, source: str = DEEPAPL_SOURCE) -> DatasetScan:
+    """DeepAPL: All/<patient>/[<slide>/]Signed slides/<label>/<file>; the patient id is kept.
+
+    The label is the folder the technologist signed the cell into; a file anywhere else
+    (outside a "Signed slides" label folder) is skipped and counted, never guessed.
+    """
+    scan = DatasetScan()
+    for patient_dir in sorted(p for p in (root / "All").iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in _files(patient_dir):
+            if not _classify_file(path, scan, source):
+                continue
+            label = path.parent.name
+            if path.parent.parent.name != DEEPAPL_SIGNED:
+                scan.skipped[(source, "not inside a Signed slides label folder")] += 1
+            elif label not in DEEPAPL_LABELS:
+                scan.skipped[(source, f"unknown label {label}")] += 1
+            elif DEEPAPL_LABELS[label] is None:
+                scan.skipped[(source, f"label {label} not in the catalogue")] += 1
+            else:
+                scan.items.append(LabelledImage(path, DEEPAPL_LABELS[label], source, patient_dir.name))
+    return scan
+
+
 def read_generic(root: Path, source: str | None = None) -> DatasetScan:
     """A lab's own folders: root/<class_id>/**/image; folders that are not class ids are skipped."""
     from . import catalogue
@@ -170,6 +223,8 @@ def read_any(root: str | os.PathLike) -> DatasetScan:
             return read_pbc(folder)
         if is_lmu_layout(folder):
             return read_lmu(folder)
+        if is_deepapl_layout(folder):
+            return read_deepapl(folder)
         if is_generic_layout(folder):
             return read_generic(folder)
         return None
@@ -187,6 +242,6 @@ def read_any(root: str | os.PathLike) -> DatasetScan:
     if not found:
         raise DatasetError(
             f"{root} holds no labelled images in a known layout "
-            "(PBC_dataset_normal_DIB, AML-Cytomorphology_LMU, or <class_id>/ folders)."
+            "(PBC_dataset_normal_DIB, AML-Cytomorphology_LMU, DeepAPL, or <class_id>/ folders)."
         )
     return scan

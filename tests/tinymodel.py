@@ -20,6 +20,7 @@ from batchwbc.preprocess import PREPROCESSING_DESCRIPTION, PREPROCESSING_ID
 COLOURS = [
     (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
     (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 0), (128, 0, 128), (0, 128, 128),
+    (255, 128, 0),
 ]
 
 
