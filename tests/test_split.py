@@ -37,3 +37,36 @@ def test_adding_a_stratum_does_not_reshuffle_others():
 def test_small_strata_reach_every_split():
     out = stratified_split(["rare|A"] * 4 + ["big|A"] * 100, seed=0)
     assert set(out[:4]) == {"train", "val", "test"}
+
+
+def test_grouped_split_keeps_each_patient_in_one_split():
+    from train.split import grouped_split
+
+    strata, groups = [], []
+    for p in range(40):
+        for k in range(5 + p % 7):
+            strata.append(("myeloblast" if k % 2 else "lymphocyte") + "|DeepAPL")
+            groups.append(f"P{p:02d}")
+    strata += ["basophil|PBC"] * 100
+    groups += [None] * 100
+    out = grouped_split(strata, groups, (0.8, 0.12, 0.08), seed=3)
+    by_patient: dict[str, set] = {}
+    for g, a in zip(groups, out):
+        if g is not None:
+            by_patient.setdefault(g, set()).add(a)
+    assert all(len(s) == 1 for s in by_patient.values())
+    assert {a for s in by_patient.values() for a in s} == {"train", "val", "test"}
+    n = sum(g is not None for g in groups)
+    share = {k: sum(1 for g, a in zip(groups, out) if g is not None and a == k) / n for k in ("test", "val")}
+    assert 0.06 <= share["test"] <= 0.2 and 0.1 <= share["val"] <= 0.3
+    assert out == grouped_split(strata, groups, (0.8, 0.12, 0.08), seed=3)
+
+
+def test_grouped_split_pins_test_rows_and_splits_the_rest_train_val():
+    from train.split import grouped_split
+
+    strata = ["basophil|PBC"] * 50
+    pinned = [i < 5 for i in range(50)]
+    out = grouped_split(strata, [None] * 50, (0.8, 0.12, 0.08), seed=0, pinned_test=pinned)
+    assert out[:5] == ["test"] * 5
+    assert set(out[5:]) == {"train", "val"}

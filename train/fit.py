@@ -222,7 +222,16 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         assign = np.array(ds.assigned_split)
     else:
         strata = [f"{catalogue.CLASS_IDS[l]}|{s}" for l, s in zip(ds.labels, ds.sources)]
-        assign = np.array(split.stratified_split(strata, fractions, opt["seed"]))
+        patients = ds.patients or [None] * len(strata)
+        pinned = None
+        if opt.get("pin_test"):
+            pinned_paths = {r["path"] for r in split.read_split_csv(Path(opt["pin_test"])) if r["split"] == "test"}
+            pinned = [p in pinned_paths for p in ds.paths]
+            print(f"{sum(pinned)} images pinned to the test split by {opt['pin_test']}")
+        if pinned is None and all(p is None for p in patients):
+            assign = np.array(split.stratified_split(strata, fractions, opt["seed"]))
+        else:
+            assign = np.array(split.grouped_split(strata, patients, fractions, opt["seed"], pinned))
     split.write_split_csv(
         out / "split.csv",
         [(p, catalogue.CLASS_IDS[l], s, a) for p, l, s, a in zip(ds.paths, ds.labels, ds.sources, assign)],

@@ -14,12 +14,42 @@ class WeightsError(Exception):
     """A weights file that does not fit the chosen backbone; str is one sentence."""
 
 
+def _build_lite0(size: int, weights: str | None, pooling: str | None) -> keras.Model:
+    from . import effnet_lite
+
+    net = effnet_lite.build((size, size, 3), pooling=pooling)
+    if weights is None:
+        return net
+    path = effnet_lite.packaged_weights() if weights == "imagenet" else weights
+    try:
+        effnet_lite.load_weights(net, _read_state(path))
+    except (effnet_lite.PortError, ValueError) as exc:  # a state dict of another network
+        raise WeightsError(f"weights file {path} does not match backbone efficientnet_lite0 ({exc}).") from None
+    return net
+
+
+def _read_state(path: str):
+    from .torch_legacy import TorchLegacyError, load_state_dict
+
+    try:
+        return load_state_dict(path)
+    except (TorchLegacyError, OSError, EOFError, ValueError) as exc:
+        raise WeightsError(f"weights file {path} is not a readable PyTorch legacy state dict ({exc}).") from None
+
+
 def build_backbone(name: str, size: int, weights: str, bn_momentum: float | None, pooling: str | None = "avg") -> keras.Model:
     spec = BACKBONES[name]
-    factory = getattr(keras.applications, spec.factory)
     w = None if weights in ("none", "", None) else weights
     if w not in (None, "imagenet") and not Path(w).is_file():
         raise WeightsError(f"weights file {w} does not exist.")
+    if name == "efficientnet_lite0":
+        net = _build_lite0(size, w, pooling)
+        if bn_momentum is not None:
+            for layer in net.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = bn_momentum
+        return net
+    factory = getattr(keras.applications, spec.factory)
     try:
         net = factory(input_shape=(size, size, 3), include_top=False, weights=w, pooling=pooling, **dict(spec.kwargs))
     except (ValueError, OSError, KeyError) as exc:
