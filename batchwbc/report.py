@@ -31,7 +31,7 @@ from . import catalogue
 from .config import Settings
 from .differential import NRBC_CLASS, PLATELET_CLASS, Differential, summarize
 from .flags import CRITICAL, WARNING, Flag, evaluate, worst_severity
-from .model import KEY_TEST_METRICS, KEY_TRAINING_DATA
+from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import CellResult, FileError, RunData
 
 

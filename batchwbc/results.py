@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .model import ModelInfo
+from .modelmeta import ModelInfo
 
 #: Group name for images lying directly under the slides root (no patient folder).
 #: Angle brackets cannot occur in Windows folder names, so it cannot collide with a patient.
