@@ -348,7 +348,7 @@ def _append(sh: "_Sheet", columns: Sequence[Column], row: Any) -> None:
     """One line, ending with the hidden check of its protected (non-editable) values."""
     cells = [c.cell(sh, row) for c in columns]
     protected = [getattr(v, "value", v) for c, v in zip(columns, cells) if not c.editable]
-    sh.append([*cells, row_check(protected)])
+    sh.append([*cells, row_check(protected, sh.rows + 1)])
 
 
 def _pct(x: float | None) -> float | None:
@@ -556,6 +556,10 @@ ERRORS_COLUMNS = tuple(c.header for c in _ERRORS)
 RUN_COLUMNS = tuple(c.header for c in _RUN)
 SUMMARY_VERIFIED_COLUMNS = tuple(c.header for c in _SUMMARY_VERIFIED)
 DIFFERENTIAL_VERIFIED_COLUMNS = tuple(c.header for c in _DIFFERENTIAL_VERIFIED)
+#: Every column header batchwbc writes; a column a person adds under another header is ignored.
+KNOWN_HEADERS = frozenset(
+    c.header for table in (_SUMMARY, _DIFFERENTIAL, _CELLS, _REVIEW, _ERRORS, _RUN, _SUMMARY_VERIFIED,
+                           _DIFFERENTIAL_VERIFIED) for c in table)
 #: Columns a person may edit, on any sheet; all others are protected by the hidden Check column.
 EDITABLE_COLUMNS = tuple(dict.fromkeys(
     c.header for table in (_SUMMARY, _CELLS, _REVIEW, _SUMMARY_VERIFIED) for c in table if c.editable))

@@ -44,9 +44,19 @@ def _digest(value: Any) -> str:
     return hashlib.blake2b(data, digest_size=_HEX_PER_VALUE // 2).hexdigest()
 
 
-def row_check(values: Sequence[Any]) -> str:
-    """The check text of one row's protected values, in column order."""
-    return "".join(_digest(v) for v in values)
+def row_check(values: Sequence[Any], row: int) -> str:
+    """The check text of one row's protected values, in column order, and of the row number
+    it is written at (after "@"): a reader can tell a re-sorted sheet, whose pictures no
+    longer sit beside the rows they were placed at, from one in its written order."""
+    return "".join(_digest(v) for v in values) + f"@{row}"
+
+
+def written_row(check: Any) -> int | None:
+    """The row number a line was written at, from its check; None when unreadable."""
+    if not isinstance(check, str) or "@" not in check:
+        return None
+    tail = check.rsplit("@", 1)[1]
+    return int(tail) if tail.isdigit() else None
 
 
 def edited(headers: Sequence[str], values: Sequence[Any], check: Any) -> list[str] | None:
@@ -54,7 +64,10 @@ def edited(headers: Sequence[str], values: Sequence[Any], check: Any) -> list[st
 
     None when the check cannot be compared at all: it is missing, or it covers a different
     number of columns (a column was inserted or deleted, or the row was typed in by hand)."""
-    if not isinstance(check, str) or len(check) != _HEX_PER_VALUE * len(values):
+    if not isinstance(check, str) or "@" not in check:
+        return None
+    check = check.rsplit("@", 1)[0]
+    if len(check) != _HEX_PER_VALUE * len(values):
         return None
     return [
         h for i, (h, v) in enumerate(zip(headers, values))
