@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .labelled import LABELS_CSV
 from .report import atomic_output, csv_text
 from .verification import PatientVerification, VerifiedCell, is_exported
 
@@ -84,6 +83,8 @@ def export_labelled(patients: Sequence[PatientVerification], cells: Sequence[Ver
                     out_dir: Path, fallback_reviewer: str = "") -> ExportResult:
     """Copy the exported cells' crops into out_dir and write labels.csv; a crop that cannot be
     found or copied is reported in the result and skipped, the rest are exported."""
+    from .labelled import LABELS_CSV  # here: batchwbc.labelled's readers load the image stack
+
     check_export_folder(out_dir)
     out_dir.mkdir(exist_ok=True)
     by_patient = {p.patient: p for p in patients}
