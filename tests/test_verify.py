@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import shutil
+import subprocess
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -305,3 +308,51 @@ def test_missing_crop_is_reported_and_skipped_the_rest_exported(made, tmp_path):
     r = invoke("verify", rep, "--out", tmp_path / "v2.xlsx", "--export-labelled", labelled)
     assert r.exit_code == exitcodes.USAGE and "is not empty" in error_lines(r.stderr)[0]
     assert not (tmp_path / "v2.xlsx").exists()
+
+
+# ----------------------------------------------------------------------------- LibreOffice
+
+SOFFICE = shutil.which("soffice") or shutil.which("libreoffice")
+
+
+def libreoffice_convert(src: Path, fmt: str, outdir: Path, profile: Path) -> Path:
+    """Open `src` in headless LibreOffice Calc and save it as `fmt` (its own profile: no clash
+    with another LibreOffice running on the machine)."""
+    r = subprocess.run([SOFFICE, f"-env:UserInstallation={profile.as_uri()}", "--headless", "--norestore",
+                        "--convert-to", fmt, "--outdir", str(outdir), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    out = outdir / (src.stem + "." + fmt.split(":")[0])
+    assert r.returncode == 0 and out.is_file(), r.stdout + r.stderr
+    return out
+
+
+@pytest.mark.skipif(SOFFICE is None, reason="LibreOffice (soffice) is not installed; .ci/run installs libreoffice-calc-nogui")
+def test_libreoffice_offers_the_drop_down_and_a_workbook_it_saved_verifies(made, tmp_path):
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    profile = tmp_path / "lo-profile"
+    # 1. LibreOffice reads the drop-down as a list of the class ids on exactly the Verified class cells
+    ods = libreoffice_convert(rep, "ods", tmp_path / "ods", profile)
+    content = zipfile.ZipFile(ods).read("content.xml").decode("utf-8")
+    lists = re.findall(r'table:condition="of:cell-content-is-in-list\(([^)]*)\)"', content)
+    assert len(lists) == 1, lists
+    assert lists[0].replace("&quot;", "").split(";") == list(catalogue.CLASS_IDS)
+    name = re.search(r'<table:content-validation table:name="(\w+)"', content).group(1)
+    per_sheet = {m.group(1): m.start() for m in re.finditer(r'<table:table table:name="([^"]+)"', content)}
+    starts = sorted(per_sheet.items(), key=lambda kv: kv[1]) + [("", len(content))]
+    uses = {sheet: content[a:b].count(f'table:content-validation-name="{name}"')
+            for (sheet, a), (_, b) in zip(starts, starts[1:])}
+    n_cells = sum(len(c) for c in SLIDES.values())
+    n_review = sum(len(colours) > 1 for crops in SLIDES.values() for _, colours, _ in crops)
+    assert uses == {"Summary": 0, "Differential": 0, "Cells": n_cells, "Review": n_review, "Errors": 0, "Run": 0}
+    # 2. saved again as .xlsx by LibreOffice, the workbook still verifies, to the same result
+    resaved = libreoffice_convert(rep, "xlsx:Calc MS Excel 2007 XML", tmp_path / "lo", profile)
+    direct, via_lo = tmp_path / "direct.xlsx", tmp_path / "via-lo.xlsx"
+    assert invoke("verify", rep, "--out", direct).exit_code == exitcodes.OK
+    r = invoke("verify", resaved, "--out", via_lo)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    for sheet in ("Differential", "Cells"):
+        assert [list(x)[:-1] for x in load_workbook(via_lo)[sheet].iter_rows(values_only=True)] == \
+            [list(x)[:-1] for x in load_workbook(direct)[sheet].iter_rows(values_only=True)], sheet
+    statuses = {row["Patient"]: row["Status"] for row in dicts(load_workbook(via_lo)["Summary"])}
+    assert statuses["P1"] == statuses["P3"] == "signed" and statuses["P2"].startswith("not signed")
