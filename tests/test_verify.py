@@ -335,12 +335,12 @@ def test_libreoffice_offers_the_drop_down_and_a_workbook_it_saved_verifies(made,
     ods = libreoffice_convert(rep, "ods", tmp_path / "ods", profile)
     content = zipfile.ZipFile(ods).read("content.xml").decode("utf-8")
     lists = re.findall(r'table:condition="of:cell-content-is-in-list\(([^)]*)\)"', content)
-    assert len(lists) == 1, lists
-    assert lists[0].replace("&quot;", "").split(";") == list(catalogue.CLASS_IDS)
-    name = re.search(r'<table:content-validation table:name="(\w+)"', content).group(1)
+    assert lists and all(x.replace("&quot;", "").split(";") == list(catalogue.CLASS_IDS) for x in lists), lists
+    names = re.findall(r'<table:content-validation table:name="(\w+)"', content)
+    assert len(names) == len(lists)  # every validation LibreOffice sees is such a list
     per_sheet = {m.group(1): m.start() for m in re.finditer(r'<table:table table:name="([^"]+)"', content)}
     starts = sorted(per_sheet.items(), key=lambda kv: kv[1]) + [("", len(content))]
-    uses = {sheet: content[a:b].count(f'table:content-validation-name="{name}"')
+    uses = {sheet: len(re.findall(r'table:content-validation-name="', content[a:b]))
             for (sheet, a), (_, b) in zip(starts, starts[1:])}
     n_cells = sum(len(c) for c in SLIDES.values())
     n_review = sum(len(colours) > 1 for crops in SLIDES.values() for _, colours, _ in crops)
@@ -356,3 +356,63 @@ def test_libreoffice_offers_the_drop_down_and_a_workbook_it_saved_verifies(made,
             [list(x)[:-1] for x in load_workbook(direct)[sheet].iter_rows(values_only=True)], sheet
     statuses = {row["Patient"]: row["Status"] for row in dicts(load_workbook(via_lo)["Summary"])}
     assert statuses["P1"] == statuses["P3"] == "signed" and statuses["P2"].startswith("not signed")
+
+
+# ----------------------------------------------------------------------------- the parts
+
+def test_a_re_sorted_review_sheet_loses_its_thumbnails_rather_than_mismatching_them(made, tmp_path):
+    rep = copy_report(made, tmp_path)
+    wb = load_workbook(rep)
+    ws = wb["Review"]
+    first, second = ([c.value for c in ws[n]] for n in (2, 3))  # what sorting two rows does
+    for col, (a, b) in enumerate(zip(first, second), 1):
+        ws.cell(2, col).value, ws.cell(3, col).value = b, a
+    wb.save(rep)
+    out = tmp_path / "v.xlsx"
+    r = invoke("verify", rep, "--out", out)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    assert "re-sorted" in r.stderr and len(load_workbook(out)["Review"]._images) == 0
+
+
+def test_row_checks_agree_across_the_ways_a_spreadsheet_stores_values():
+    from batchwbc.rowcheck import edited, row_check, written_row
+
+    check = row_check(["P1", 3, 0.8333, None, "a\nb"], 7)
+    assert written_row(check) == 7
+    assert edited(list("abcde"), ["P1", 3.0, 0.83330000000000004, "", "a\r\nb"], check) == []
+    assert edited(list("abcde"), ["P1", 4, 0.8333, None, "a\nb"], check) == ["b"]
+    assert edited(list("abcd"), ["P1", 3, 0.8333, None], check) is None  # a column fewer
+    assert edited(list("abcde"), ["P1", 3, 0.8333, None, "a\nb"], None) is None
+
+
+def test_thresholds_are_read_back_from_the_run_sheet_exactly():
+    from batchwbc.config import settings_from_dict
+    from batchwbc.reportread import settings_from_run
+
+    custom = settings_from_dict({"flags": {"blasts_high_pct": 12.5, "min_wbc": 200},
+                                 "review": {"threshold": 0.7, "max_images": 50},
+                                 "reference_ranges": {"lymphocyte": [18, 45], "basophil": []}})
+    got, missing = settings_from_run(custom.describe())
+    assert got == custom and missing == []
+    got, missing = settings_from_run([row for row in custom.describe() if "min_wbc" not in row[0]])
+    assert got.min_wbc == DEFAULT_SETTINGS.min_wbc and missing == ["flags.min_wbc"]
+
+
+def test_exported_names_are_safe_and_unique():
+    from batchwbc.labelexport import _Namer, safe_name
+
+    assert safe_name("<root>") == "_root_"
+    assert safe_name("CON.jpg") == "_CON.jpg" and safe_name(".hidden.png") == "_hidden.png"
+    assert safe_name('a:b*c?.png') == "a_b_c_.png" and safe_name("x. ") == "x" and safe_name("") == "_"
+    assert len(safe_name("n" * 300 + ".png")) <= 120 and safe_name("n" * 300 + ".png").endswith(".png")
+    namer = _Namer()
+    assert [namer.name("d", n) for n in ("a.png", "A.png", "a.png", "b.png")] == ["a.png", "A-2.png", "a-3.png", "b.png"]
+
+
+def test_class_names_resolve_leniently_but_never_guess():
+    from batchwbc.verification import resolve_class
+
+    ids = list(catalogue.CLASS_IDS)
+    assert resolve_class("  Band   NEUTROPHIL ", ids) == "neutrophil_band"
+    assert resolve_class("Erythroblast (NRBC)", ids) == "erythroblast"
+    assert resolve_class("lymph", ids) is None and resolve_class("smudge", ids[:12]) is None
