@@ -11,7 +11,11 @@ Three promises shape this module:
   cell in Excel keeps it text.
 * Modest memory: openpyxl's write-only mode streams rows to disk, so 50,000 cells cost little.
 
-Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md).
+Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md). A few columns
+are the technologist's (Verified class with a drop-down, Verified by, Verified on: yellow);
+every other one is the machine's (grey) and each row ends with a hidden Check of its values
+(batchwbc.rowcheck), so `batchwbc verify` can tell a correction from an accidental edit.
+`write_verified_workbook` formats verify's result with the same sheets and checks.
 """
 from __future__ import annotations
 
