@@ -185,6 +185,8 @@ class _Sheet:
         cells = []
         for i, name in enumerate(headers):
             if i < len(editable) and editable[i]:
+                # a column style: its empty cells show yellow without one styled cell per row
+                self.ws.column_dimensions[get_column_letter(i + 1)].fill = self.edit_fill
                 cell = self.text(name, font=header_font, fill=self.edit_fill)
                 cell.comment = Comment(EDITABLE_NOTE, "batchwbc", height=90, width=260)
             else:
@@ -230,15 +232,6 @@ class _Sheet:
 
     def wrap(self) -> Any:
         return self._Alignment(wrap_text=True, vertical="top")
-
-    def blank(self, **style: Any) -> Any:
-        """An empty cell carrying a style (the yellow of an editable column)."""
-        from openpyxl.cell import WriteOnlyCell
-
-        cell = WriteOnlyCell(self.ws, None)
-        for key, val in style.items():
-            setattr(cell, key, val)
-        return cell
 
     def dropdown(self, column: int, rows: int, choices: Sequence[str]) -> None:
         """A drop-down of `choices` on rows 2..rows+1 of a column (Excel and LibreOffice).
@@ -317,9 +310,9 @@ class Column:
             return value
         style: dict[str, Any] = {}
         if self.editable:
-            style["fill"] = sh.edit_fill
             if value is None or value == "":
-                return sh.blank(**style)
+                return None  # yellow from the column's style
+            style["fill"] = sh.edit_fill
         if self.wrap:
             style["alignment"] = sh.wrap()
         if self.severity is not None:

@@ -132,6 +132,7 @@ def test_report_offers_a_verified_class_drop_down_and_hides_a_check_per_row(made
         assert ws.cell(1, col).fill.fgColor.rgb.endswith(report.EDITABLE_FILL)
         assert ws.cell(1, 1).fill.fgColor.rgb.endswith(report.PROTECTED_FILL)
         assert ws.cell(1, col).comment is not None
+        assert ws.column_dimensions[letter].fill.fgColor.rgb.endswith(report.EDITABLE_FILL)  # empty cells yellow too
     assert {"Verified by", "Verified on"} <= {c.value for c in wb["Summary"][1]}
 
 
@@ -416,3 +417,11 @@ def test_class_names_resolve_leniently_but_never_guess():
     assert resolve_class("  Band   NEUTROPHIL ", ids) == "neutrophil_band"
     assert resolve_class("Erythroblast (NRBC)", ids) == "erythroblast"
     assert resolve_class("lymph", ids) is None and resolve_class("smudge", ids[:12]) is None
+
+
+def test_verify_help_names_every_option_and_the_exit_codes():
+    r = invoke("verify", "--help")
+    assert r.exit_code == 0
+    for opt in ("--out", "--reviewer", "--model", "--config", "--export-labelled", "--slides", "--log-file", "--quiet"):
+        assert opt in r.output
+    assert "Exit codes: 0" in r.output and "3 verified" in r.output
