@@ -16,9 +16,15 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, exitcodes
 from .job import JobError
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .reportread import ReportContents
+    from .verification import PatientVerification, VerifiedCell
 
 log = logging.getLogger("batchwbc")
 
@@ -104,7 +110,7 @@ def verify_job(opts: VerifyOptions) -> int:
     return _verify(opts, contents, settings)
 
 
-def _verify(opts: VerifyOptions, contents, settings) -> int:
+def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings") -> int:
     from . import report
     from .verification import VerifiedReport, class_choices, verify_patients
 
@@ -125,7 +131,7 @@ def _verify(opts: VerifyOptions, contents, settings) -> int:
     code = exitcodes.OK
     if opts.export_labelled is not None:
         code, export_rows = _export(opts, contents, patients, cells)
-    rows = verification_rows(opts, contents, settings, patients, cells, now) + export_rows
+    rows = verification_rows(opts, patients, cells, now) + export_rows
     rep = VerifiedReport(patients=tuple(patients), cells=tuple(cells), errors=tuple(contents.errors),
                          model_classes=contents.model_classes, choices=tuple(choices),
                          run_rows=tuple(_with_settings(contents.run_rows, settings) + rows))
@@ -141,7 +147,7 @@ def _verify(opts: VerifyOptions, contents, settings) -> int:
     return code
 
 
-def resolve_verified(contents, choices: list[str]):
+def resolve_verified(contents: "ReportContents", choices: Sequence[str]) -> tuple[list["VerifiedCell"], list[str]]:
     """Each cell with the class id a person chose (Cells or Review sheet), and one sentence per
     value that is not a class of this model or that the two sheets disagree on."""
     from .verification import VerifiedCell, resolve_class
@@ -159,8 +165,8 @@ def resolve_verified(contents, choices: list[str]):
             return ""
         return cid
 
-    from_review = {}
-    row_of = {}
+    from_review: dict[tuple[str, str], str] = {}
+    row_of: dict[tuple[str, str], int] = {}
     for line in contents.review:
         from_review[(line.patient, line.file)] = resolve("Review", line.row, line.verified_text)
         row_of[(line.patient, line.file)] = line.row
@@ -180,13 +186,15 @@ def resolve_verified(contents, choices: list[str]):
     return cells, problems
 
 
-def _with_settings(run_rows, settings) -> list[tuple[str, str]]:
+def _with_settings(run_rows: Sequence[tuple[str, str]], settings: "Settings") -> list[tuple[str, str]]:
     """The report's Run rows, with the threshold rows stating the thresholds actually used."""
     now = dict(settings.describe())
     return [(k, now.get(k, v)) for k, v in run_rows]
 
 
-def verification_rows(opts: VerifyOptions, contents, settings, patients, cells, now: datetime) -> list[tuple[str, str]]:
+def verification_rows(opts: VerifyOptions, patients: Sequence["PatientVerification"], cells: Sequence["VerifiedCell"],
+                      now: datetime) -> list[tuple[str, str]]:
+    """The Run sheet's `Verification: ...` rows: when, by whom, from what, with what result."""
     from .reportread import VERIFICATION_PREFIX as V
 
     signed = sum(p.signed for p in patients)
@@ -204,7 +212,9 @@ def verification_rows(opts: VerifyOptions, contents, settings, patients, cells, 
     ]
 
 
-def _export(opts: VerifyOptions, contents, patients, cells) -> tuple[int, list[tuple[str, str]]]:
+def _export(opts: VerifyOptions, contents: "ReportContents", patients: Sequence["PatientVerification"],
+            cells: Sequence["VerifiedCell"]) -> tuple[int, list[tuple[str, str]]]:
+    """Copy the verified cells' crops; PARTIAL when some were missing (each one logged)."""
     from .labelexport import ExportError, export_labelled
     from .reportread import VERIFICATION_PREFIX as V
 
