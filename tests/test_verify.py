@@ -427,3 +427,23 @@ def test_verify_help_names_every_option_and_the_exit_codes():
         assert opt in r.output
     text = " ".join(r.output.split())
     assert "Exit codes: 0 verified; 2 the workbook cannot be verified" in text and "3 verified, but some crops" in text
+
+
+def test_config_thresholds_replace_the_run_sheets_and_are_recorded(made, tmp_path):
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    cfg = tmp_path / "lab.toml"
+    cfg.write_text("[flags]\nblasts_high_pct = 10\n", encoding="utf-8")
+    out = tmp_path / "v.xlsx"
+    r = invoke("verify", rep, "--out", out, "--config", cfg)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    wb = load_workbook(out)
+    summary = {row["Patient"]: row for row in dicts(wb["Summary"])}
+    assert summary["P1"]["Flag codes (verified)"].startswith(BLASTS_HIGH)  # 1/10 blasts >= 10%
+    run = {row[0]: row[1] for row in wb["Run"].iter_rows(min_row=2, values_only=True)}
+    assert run["Flag BLASTS_HIGH: blasts >= (% of WBC) [flags.blasts_high_pct]"] == "10"
+    assert run["Verification: thresholds from"] == f"--config {cfg}"
+    again = tmp_path / "again.xlsx"  # verifying it again without --config keeps the thresholds it states
+    assert invoke("verify", out, "--out", again).exit_code == exitcodes.OK
+    assert {row["Patient"]: row for row in dicts(load_workbook(again)["Summary"])}["P1"]["Flag codes (verified)"] \
+        == summary["P1"]["Flag codes (verified)"]
