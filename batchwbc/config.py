@@ -4,16 +4,19 @@ Every number that turns a count into a flag lives here, with a default a haemato
 would recognise (sources in docs/report.md), so a lab can adapt them with one TOML file
 (`--config FILE`) instead of editing code. Unknown keys and wrong types are errors, never
 silently ignored: a typo in a safety threshold must not fall back to a default unnoticed.
+The flag thresholds, their defaults and their config keys come from one table,
+flags.FLAG_RULES; this module adds the review options and reference ranges.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import field, make_dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from . import catalogue
+from .flags import FLAG_RULES, PERCENT, FlagRule
 
 
 class ConfigError(Exception):
@@ -42,22 +45,13 @@ DEFAULT_REFERENCE_RANGES: Mapping[str, tuple[float, float]] = _ranges(
 )
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Thresholds for flags and review; comparison direction is part of each name's meaning."""
+class _SettingsMethods:
+    """Behaviour of Settings; its fields are generated from the flag-rule table below."""
 
-    blasts_present_min_count: int = 1  # BLASTS_PRESENT when blasts >= this many cells
-    blasts_high_pct: float = 20.0  # BLASTS_HIGH when blasts % of WBC >= this (WHO 2022 AML)
-    ig_high_pct: float = 2.0  # IG_HIGH when IG % of WBC > this
-    bands_high_pct: float = 10.0  # BANDS_HIGH when band % of WBC > this
-    nrbc_present_min_count: int = 1  # NRBC_PRESENT when erythroblasts >= this many cells
-    min_wbc: int = 100  # LOW_WBC when fewer WBC than this were classified
-    low_confidence_high_pct: float = 10.0  # MANY_LOW_CONFIDENCE when review cells % of all cells > this
-    review_threshold: float | None = None  # None: the model's own default from its metadata
-    review_max_images: int = 2000  # thumbnails embedded in the Review sheet; the rest are listed only
-    reference_ranges: Mapping[str, tuple[float, float]] = field(
-        default_factory=lambda: DEFAULT_REFERENCE_RANGES, hash=False
-    )
+    flag_rules: ClassVar[tuple[FlagRule, ...]] = FLAG_RULES
+    reference_ranges: Mapping[str, tuple[float, float]]
+    review_threshold: float | None
+    review_max_images: int
 
     def reference_range(self, class_id: str) -> tuple[float, float] | None:
         return self.reference_ranges.get(class_id)
@@ -65,17 +59,8 @@ class Settings:
     def describe(self) -> list[tuple[str, str]]:
         """Rows for the Run sheet, so a report always says which thresholds produced its flags."""
         rt = "model default" if self.review_threshold is None else _num(self.review_threshold)
-        rows = [
-            ("Flag BLASTS_PRESENT: blasts >= (cells) [flags.blasts_present_min_count]", str(self.blasts_present_min_count)),
-            ("Flag BLASTS_HIGH: blasts >= (% of WBC) [flags.blasts_high_pct]", _num(self.blasts_high_pct)),
-            ("Flag IG_HIGH: immature granulocytes > (% of WBC) [flags.ig_high_pct]", _num(self.ig_high_pct)),
-            ("Flag BANDS_HIGH: band neutrophils > (% of WBC) [flags.bands_high_pct]", _num(self.bands_high_pct)),
-            ("Flag NRBC_PRESENT: erythroblasts >= (cells) [flags.nrbc_present_min_count]", str(self.nrbc_present_min_count)),
-            ("Flag LOW_WBC: WBC classified < [flags.min_wbc]", str(self.min_wbc)),
-            (
-                "Flag MANY_LOW_CONFIDENCE: review cells > (% of cells) [flags.low_confidence_high_pct]",
-                _num(self.low_confidence_high_pct),
-            ),
+        rows = [rule.describe(getattr(self, rule.setting)) for rule in self.flag_rules]
+        rows += [
             ("Review threshold from config [review.threshold]", rt),
             ("Review thumbnails embedded at most [review.max_images]", str(self.review_max_images)),
         ]
@@ -84,6 +69,30 @@ class Settings:
             text = "none" if rng is None else f"{_num(rng[0])}-{_num(rng[1])} %"
             rows.append((f"Reference range {catalogue.get(cid).display} [reference_ranges.{cid}]", text))
         return rows
+
+
+def make_settings_class(rules: Sequence[FlagRule], name: str = "Settings") -> type:
+    """A frozen Settings dataclass: one field per flag rule (its threshold, with the rule's
+    default), then the review options and the reference ranges. Public so a test can show
+    that a new rule becomes a setting, a config key and a documented row by itself."""
+    fields: list[tuple[str, Any, Any]] = [
+        (r.setting, float if r.unit == PERCENT else int, field(default=r.default)) for r in rules
+    ]
+    fields += [
+        ("review_threshold", "float | None", field(default=None)),  # None: the model's own default
+        ("review_max_images", int, field(default=2000)),  # thumbnails embedded in Review; the rest are listed
+        ("reference_ranges", "Mapping[str, tuple[float, float]]",
+         field(default_factory=lambda: DEFAULT_REFERENCE_RANGES, hash=False)),
+    ]
+    cls = make_dataclass(name, fields, bases=(_SettingsMethods,), frozen=True,
+                         namespace={"flag_rules": tuple(rules), "__module__": __name__})
+    cls.__doc__ = ("Thresholds for flags and review; each flag threshold's comparison is part of its rule "
+                   "(flags.FLAG_RULES).")
+    return cls
+
+
+#: Thresholds for flags and review (the fields follow flags.FLAG_RULES).
+Settings = make_settings_class(FLAG_RULES)
 
 
 def _num(x: float) -> str:
@@ -114,22 +123,21 @@ def _probability(v: Any) -> float | None:
     return float(v) if _is_number(v) and 0.0 < v < 1.0 else None
 
 
-# table -> key -> (Settings field, validator, what a valid value is)
-_SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any], str]]] = {
-    "flags": {
-        "blasts_present_min_count": ("blasts_present_min_count", _count(1), "a whole number >= 1"),
-        "blasts_high_pct": ("blasts_high_pct", _percent, "a number from 0 to 100"),
-        "ig_high_pct": ("ig_high_pct", _percent, "a number from 0 to 100"),
-        "bands_high_pct": ("bands_high_pct", _percent, "a number from 0 to 100"),
-        "nrbc_present_min_count": ("nrbc_present_min_count", _count(1), "a whole number >= 1"),
-        "min_wbc": ("min_wbc", _count(0), "a whole number >= 0"),
-        "low_confidence_high_pct": ("low_confidence_high_pct", _percent, "a number from 0 to 100"),
-    },
-    "review": {
-        "threshold": ("review_threshold", _probability, "a probability between 0 and 1 (exclusive)"),
-        "max_images": ("review_max_images", _count(0), "a whole number >= 0"),
-    },
-}
+Schema = dict[str, dict[str, tuple[str, Callable[[Any], Any], str]]]
+
+
+def make_schema(rules: Sequence[FlagRule]) -> Schema:
+    """table -> key -> (Settings field, validator, what a valid value is); [flags] is the rule table."""
+    return {
+        "flags": {r.setting: (r.setting, r.parse, r.expected) for r in rules},
+        "review": {
+            "threshold": ("review_threshold", _probability, "a probability between 0 and 1 (exclusive)"),
+            "max_images": ("review_max_images", _count(0), "a whole number >= 0"),
+        },
+    }
+
+
+_SCHEMA: Schema = make_schema(FLAG_RULES)
 
 
 def _shown(v: Any) -> str:

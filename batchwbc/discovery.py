@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .preprocess import is_image_name
 from .results import ROOT_GROUP, FileError
 
 # Reasons a file or folder was ignored (keys of Discovery.ignored).
@@ -51,9 +50,6 @@ class Discovery:
     @property
     def ignored_total(self) -> int:
         return sum(self.ignored.values())
-
-    def counts_by_patient(self) -> Counter:
-        return Counter(c.patient for c in self.crops)
 
 
 def natural_key(name: str) -> tuple:
@@ -117,7 +113,29 @@ def _folder_error(patient: str, rel: str, exc: OSError) -> FileError:
     return FileError(patient, rel, f"folder could not be read ({why}); the images in it were not classified")
 
 
-def _walk_patient(root: str, patient: str, top: str, visited_root: object, out: Discovery) -> None:
+def _sort_entry(entry: os.DirEntry, patient: str, rel: str, out: Discovery) -> bool:
+    """File one directory entry into `out` (a crop, an error or an ignored count); True when
+    it is a folder, which the caller may descend into. The one rule for every level."""
+    from .preprocess import is_image_name  # lazy: discovery itself needs no image stack
+
+    if _is_hidden(entry):
+        out.ignored[IGNORED_HIDDEN] += 1
+        return False
+    kind = _entry_kind(entry)
+    if kind == "dir":
+        return True
+    if not is_image_name(entry.name):
+        out.ignored[IGNORED_NOT_IMAGE] += 1
+    elif kind == "file":
+        out.crops.append(Crop(patient, rel, os.path.abspath(entry.path)))
+    elif kind == "broken":
+        out.errors.append(FileError(patient, rel, "the file is a link to a file that does not exist"))
+    else:
+        out.ignored[IGNORED_NOT_REGULAR] += 1
+    return False
+
+
+def _walk_patient(patient: str, top: str, visited_root: object, out: Discovery) -> None:
     """Depth-first, iterative, sorted walk of one patient folder (any depth)."""
     visited = {visited_root, _real_id(top)}
     stack: list[tuple[str, str]] = [(top, patient)]  # (abs dir, rel dir)
@@ -131,25 +149,14 @@ def _walk_patient(root: str, patient: str, top: str, visited_root: object, out: 
         subdirs: list[tuple[str, str]] = []
         for entry in entries:
             rel = f"{d_rel}/{entry.name}"
-            if _is_hidden(entry):
-                out.ignored[IGNORED_HIDDEN] += 1
+            if not _sort_entry(entry, patient, rel, out):
                 continue
-            kind = _entry_kind(entry)
-            if kind == "dir":
-                rid = _real_id(entry.path)
-                if rid in visited:
-                    out.ignored[IGNORED_REPEATED_FOLDER] += 1
-                    continue
-                visited.add(rid)
-                subdirs.append((entry.path, rel))
-            elif not is_image_name(entry.name):
-                out.ignored[IGNORED_NOT_IMAGE] += 1
-            elif kind == "file":
-                out.crops.append(Crop(patient, rel, os.path.abspath(entry.path)))
-            elif kind == "broken":
-                out.errors.append(FileError(patient, rel, "the file is a link to a file that does not exist"))
-            else:
-                out.ignored[IGNORED_NOT_REGULAR] += 1
+            rid = _real_id(entry.path)
+            if rid in visited:
+                out.ignored[IGNORED_REPEATED_FOLDER] += 1
+                continue
+            visited.add(rid)
+            subdirs.append((entry.path, rel))
         # Files of a folder first, then its subfolders in sorted order.
         stack.extend(reversed(subdirs))
 
@@ -172,26 +179,15 @@ def discover(root: str | os.PathLike) -> Discovery:
     root_id = _real_id(root_abs)
     patient_dirs: list[os.DirEntry] = []
     for entry in entries:
-        if _is_hidden(entry):
-            out.ignored[IGNORED_HIDDEN] += 1
+        if not _sort_entry(entry, ROOT_GROUP, entry.name, out):
             continue
-        kind = _entry_kind(entry)
-        if kind == "dir":
-            if _real_id(entry.path) == root_id:
-                out.ignored[IGNORED_REPEATED_FOLDER] += 1
-            else:
-                patient_dirs.append(entry)
-        elif not is_image_name(entry.name):
-            out.ignored[IGNORED_NOT_IMAGE] += 1
-        elif kind == "file":
-            out.crops.append(Crop(ROOT_GROUP, entry.name, os.path.abspath(entry.path)))
-        elif kind == "broken":
-            out.errors.append(FileError(ROOT_GROUP, entry.name, "the file is a link to a file that does not exist"))
+        if _real_id(entry.path) == root_id:
+            out.ignored[IGNORED_REPEATED_FOLDER] += 1
         else:
-            out.ignored[IGNORED_NOT_REGULAR] += 1
+            patient_dirs.append(entry)
     if out.crops or any(e.patient == ROOT_GROUP for e in out.errors):
         out.patients.append(ROOT_GROUP)
     for entry in patient_dirs:
         out.patients.append(entry.name)
-        _walk_patient(root_abs, entry.name, entry.path, root_id, out)
+        _walk_patient(entry.name, entry.path, root_id, out)
     return out

@@ -43,12 +43,6 @@ def _handled_signals() -> list[signal.Signals]:
     return [getattr(signal, n) for n in names if hasattr(signal, n)]
 
 
-def worker_ignore_interrupts() -> None:
-    """Process-pool initializer: workers ignore SIGINT (Ctrl+C reaches the whole process group)
-    so only the main process reacts, and it shuts the pool down cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 @contextlib.contextmanager
 def signals_as_interrupt() -> Iterator[None]:
     """Within this block, SIGINT/SIGTERM/SIGBREAK raise RunInterrupted in the main thread.

@@ -1,67 +1,40 @@
-"""Loading and validating a batchwbc ONNX model: everything the runtime needs is in the file.
+"""Loading a batchwbc ONNX model into onnxruntime: everything the runtime needs is in the file.
 
-The metadata keys defined here are the contract between `export/` (which writes them) and
-the runtime (which refuses a file that lacks them), so a model can never be run with the
-wrong class order, input size or preprocessing.
+The metadata contract (keys, format version, validation, ModelInfo) lives in
+`batchwbc.modelmeta`, which imports nothing heavy; this module adds the inference session
+and checks that the graph's input and output agree with the metadata.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from . import catalogue
+# Re-exported: the metadata contract lives in modelmeta (no heavy imports); callers that
+# import these names from batchwbc.model keep working.
+from .modelmeta import (  # noqa: F401
+    FORMAT_VERSION,
+    KEY_BACKBONE,
+    KEY_CLASSES,
+    KEY_FORMAT,
+    KEY_INPUT_SIZE,
+    KEY_MODEL_VERSION,
+    KEY_PREPROCESSING,
+    KEY_PREPROCESSING_DESC,
+    KEY_REVIEW_THRESHOLD,
+    KEY_TEMPERATURE,
+    KEY_TEST_METRICS,
+    KEY_TRAINING_DATA,
+    REQUIRED_KEYS,
+    ModelError,
+    ModelInfo,
+)
+from .modelmeta import parse_metadata as _parse_metadata
 from .preprocess import PREPROCESSING_DESCRIPTIONS
 
-FORMAT_VERSION = "1"
-
-# metadata_props keys
-KEY_FORMAT = "batchwbc.format_version"
-KEY_CLASSES = "batchwbc.classes"  # JSON list of class ids, in output order
-KEY_INPUT_SIZE = "batchwbc.input_size"  # int S of the [N,S,S,3] uint8 input
-KEY_PREPROCESSING = "batchwbc.preprocessing"  # one of preprocess.PREPROCESSING_DESCRIPTIONS
-KEY_PREPROCESSING_DESC = "batchwbc.preprocessing_description"
-KEY_TEMPERATURE = "batchwbc.temperature"  # already applied in the graph; recorded for audit
-KEY_MODEL_VERSION = "batchwbc.model_version"
-KEY_REVIEW_THRESHOLD = "batchwbc.review_threshold"  # default confidence cut-off, from validation data
-KEY_TRAINING_DATA = "batchwbc.training_data"  # JSON summary
-KEY_TEST_METRICS = "batchwbc.test_metrics"  # JSON summary
-KEY_BACKBONE = "batchwbc.backbone"
-
-REQUIRED_KEYS = (KEY_FORMAT, KEY_CLASSES, KEY_INPUT_SIZE, KEY_PREPROCESSING, KEY_MODEL_VERSION)
-
 DEFAULT_MODEL_PATH = Path(__file__).parent / "models" / "batchwbc-wbc12.onnx"
-
-
-class ModelError(Exception):
-    """A model file that cannot be used; str(exc) is one sentence for the user."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    path: Path
-    sha256: str
-    classes: tuple[str, ...]
-    input_size: int
-    model_version: str
-    temperature: float | None
-    review_threshold: float | None
-    preprocessing: str
-    metadata: dict[str, str] = field(repr=False)
-
-    def json_field(self, key: str) -> Any:
-        raw = self.metadata.get(key)
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return raw
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -73,51 +46,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def parse_metadata(meta: dict[str, str], path: Path, sha256: str) -> ModelInfo:
-    """Validate metadata_props and turn them into a ModelInfo (pure; raises ModelError)."""
-    name = path.name
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise ModelError(f"{name} is not a batchwbc model: its metadata lacks {', '.join(missing)}.")
-    if meta[KEY_FORMAT] != FORMAT_VERSION:
-        raise ModelError(f"{name} uses model format {meta[KEY_FORMAT]!r}; this batchwbc reads format {FORMAT_VERSION}.")
-    try:
-        classes = json.loads(meta[KEY_CLASSES])
-        assert isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
-    except (ValueError, AssertionError):
-        raise ModelError(f"{name} has an unreadable class list in its metadata.") from None
-    unknown = [c for c in classes if not catalogue.is_known(c)]
-    if unknown:
-        raise ModelError(f"{name} predicts classes that batchwbc does not know: {', '.join(unknown)}.")
-    if len(set(classes)) != len(classes):
-        raise ModelError(f"{name} lists a class twice in its metadata.")
-    try:
-        size = int(meta[KEY_INPUT_SIZE])
-        assert 16 <= size <= 1024
-    except (ValueError, AssertionError):
-        raise ModelError(f"{name} has an invalid input size {meta[KEY_INPUT_SIZE]!r} in its metadata.") from None
-    if meta[KEY_PREPROCESSING] not in PREPROCESSING_DESCRIPTIONS:
-        raise ModelError(
-            f"{name} expects preprocessing {meta[KEY_PREPROCESSING]!r}, which this batchwbc does not provide "
-            f"(it provides {', '.join(sorted(PREPROCESSING_DESCRIPTIONS))})."
-        )
-
-    def _float(key: str) -> float | None:
-        try:
-            return float(meta[key]) if key in meta else None
-        except ValueError:
-            raise ModelError(f"{name} has a non-numeric {key} in its metadata.") from None
-
-    return ModelInfo(
-        path=path,
-        sha256=sha256,
-        classes=tuple(classes),
-        input_size=size,
-        model_version=meta[KEY_MODEL_VERSION],
-        temperature=_float(KEY_TEMPERATURE),
-        review_threshold=_float(KEY_REVIEW_THRESHOLD),
-        preprocessing=meta[KEY_PREPROCESSING],
-        metadata=dict(meta),
-    )
+    """modelmeta.parse_metadata against the preprocessing contracts this runtime provides."""
+    return _parse_metadata(meta, path, sha256, PREPROCESSING_DESCRIPTIONS)
 
 
 class Classifier:

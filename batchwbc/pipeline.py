@@ -21,11 +21,11 @@ import os
 import stat
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .discovery import Crop
-from .results import CellResult, FileError
+from .results import THUMBNAIL_PX, CellResult, FileError
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `batchwbc --help` is instant
     import numpy as np
@@ -35,9 +35,6 @@ if TYPE_CHECKING:  # heavy imports stay lazy so `batchwbc --help` is instant
 
 log = logging.getLogger(__name__)
 
-#: Edge of the review thumbnail in pixels: big enough to see a nucleus in a spreadsheet cell,
-#: small enough (~10-20 kB PNG) that thousands of review cells keep the workbook light.
-THUMBNAIL_SIZE = 80
 #: Measured on a 2-core PC with the bundled model (docs/performance.md): batch 4 gave end to end
 #: 0.70-0.71 of the decode-only rate vs 0.68 at 16 and 0.67 at 32, and less memory (a small
 #: model's activations stay in cache); with a MobileNetV3-Small stand-in 4 and 16 cost the same.
@@ -124,7 +121,7 @@ class PipelineError(Exception):
 # Main-process side
 # ---------------------------------------------------------------------------------------
 
-def make_thumbnail(rgb: "np.ndarray", edge: int = THUMBNAIL_SIZE) -> bytes:
+def make_thumbnail(rgb: "np.ndarray", edge: int = THUMBNAIL_PX) -> bytes:
     """JPEG (quality 90) of the model input, for the review sheet. JPEG rather than PNG:
     measured 0.10 vs 0.27 ms per thumbnail and 2.5 vs 11 kB, on a path that runs for every
     uncertain cell (a quarter of all cells with the v1 model)."""
@@ -167,7 +164,6 @@ class PipelineOutput:
     cached: int = 0  # results taken from the cache
     pool_restarts: int = 0
     seconds: float = 0.0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Pipeline:

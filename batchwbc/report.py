@@ -20,19 +20,20 @@ import math
 import os
 import re
 import secrets
-from collections import defaultdict
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import catalogue
 from .config import Settings
-from .differential import NRBC_CLASS, PLATELET_CLASS, Differential, summarize
-from .flags import CRITICAL, WARNING, Flag, evaluate, worst_severity
-from .model import KEY_TEST_METRICS, KEY_TRAINING_DATA
-from .results import CellResult, FileError, RunData
+from .differential import NRBC_CLASS, PLATELET_CLASS, Differential
+from .flags import CRITICAL, WARNING, worst_severity
+from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
+from .results import THUMBNAIL_PX, CellResult, FileError, RunData
+from .summary import PatientSummary, totals
 
 
 class OutputError(Exception):
@@ -40,23 +41,10 @@ class OutputError(Exception):
 
 
 SHEETS = ("Summary", "Differential", "Cells", "Review", "Errors", "Run")
-SUMMARY_COLUMNS = (
-    "Patient", "Cells classified", "WBC", "Flags", "Blasts %", "IG %", "Band %", "Immature %",
-    "NRBC /100 WBC", "Platelets", "Review cells", "Unreadable files", "Notes", "Flag codes",
-)
-DIFFERENTIAL_COLUMNS = (
-    "Patient", "Class", "Count", "% of WBC", "95% CI low", "95% CI high", "Reference range (%)",
-    "vs. reference", "Note", "Class id",
-)
-CELLS_COLUMNS = ("Patient", "File", "Class", "Confidence", "Second class", "Second probability", "Review")
-REVIEW_COLUMNS = ("Thumbnail", "Patient", "File", "Class", "Confidence", "Second class", "Second probability")
-ERRORS_COLUMNS = ("Patient", "File", "Reason")
-RUN_COLUMNS = ("Item", "Value")
 #: Column names of the cells CSV, for software; class columns hold catalogue ids.
 CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review")
 
 WHOLE_PATIENT = "(whole patient folder)"
-THUMB_PX = 80  # longest side of an embedded thumbnail on screen
 
 _FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C"}  # Excel's own "bad" red and "neutral" amber
 _FONTS = {CRITICAL: "9C0006", WARNING: "9C5700"}
@@ -229,52 +217,119 @@ def _fit(texts: Iterable[str], minimum: float, maximum: float) -> float:
     return float(min(max(longest + 2, minimum), maximum))
 
 
-# =================================================================== the workbook
+# =================================================================== columns
 
-def _group(run: RunData) -> tuple[list[str], dict[str, list[CellResult]], dict[str, list[FileError]]]:
-    cells_by: dict[str, list[CellResult]] = defaultdict(list)
-    for c in run.cells:
-        cells_by[c.patient].append(c)
-    errors_by: dict[str, list[FileError]] = defaultdict(list)
-    for e in run.errors:
-        errors_by[e.patient].append(e)
-    order = list(dict.fromkeys([*run.patients, *cells_by, *errors_by]))  # defensive: nobody is dropped
-    return order, cells_by, errors_by
+TEXT = "text"  # a string cell, forced to text (None leaves the cell empty)
+NUMBER = "number"  # a number with `fmt` as its Excel number format (None, NaN: empty)
+PLAIN = "plain"  # written as is (counts)
+
+
+def fit(key: Callable[[Any], str], minimum: float, maximum: float) -> Callable[[Sequence[Any]], float]:
+    """A column width that fits the longest key(row) text, within [minimum, maximum]."""
+    return lambda rows: _fit((key(r) for r in rows), minimum, maximum)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One report column: everything about it in one place, so adding a column is one entry.
+
+    `value` turns a sheet's row object into the cell's value; `width` is fixed or computed
+    from all rows (see `fit`); `severity` colours the cell by a row's flag severity.
+    """
+
+    header: str
+    value: Callable[[Any], Any]
+    width: float | Callable[[Sequence[Any]], float]
+    kind: str = TEXT
+    fmt: str | None = None
+    severity: Callable[[Any], str | None] | None = None
+    wrap: bool = False
+
+    def width_for(self, rows: Sequence[Any]) -> float:
+        return self.width(rows) if callable(self.width) else self.width
+
+    def cell(self, sh: "_Sheet", row: Any) -> Any:
+        value = self.value(row)
+        if self.kind == PLAIN:
+            return value
+        style: dict[str, Any] = {}
+        if self.wrap:
+            style["alignment"] = sh.wrap()
+        if self.severity is not None:
+            style.update(sh.severity_style(self.severity(row)))
+        if self.kind == NUMBER:
+            return sh.number(value, self.fmt, **style)
+        return None if value is None else sh.text(value, **style)
+
+
+def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[Any],
+                 widths_from: Sequence[Any], autofilter: int | None) -> "_Sheet":
+    """A sheet with these columns and one line per row; `autofilter` is the row count to
+    filter over (None: no filter). `rows` may be a generator (the Review sheet's is)."""
+    sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns])
+    if autofilter is not None:
+        sh.filter(autofilter)
+    for row in rows:
+        sh.append([c.cell(sh, row) for c in columns])
+    return sh
 
 
 def _pct(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _write_summary(wb: Any, order: list[str], diffs: dict[str, Differential],
-                   flags: dict[str, list[Flag]], errors_by: dict[str, list[FileError]]) -> None:
-    widths = [_fit(order, 12, 40), 10, 8, 70, 9, 9, 9, 11, 10, 10, 10, 11, 40, 24]
-    sh = _Sheet(wb, "Summary", SUMMARY_COLUMNS, widths)
-    sh.filter(len(order))
-    for patient in order:
-        d, fl = diffs[patient], flags[patient]
-        errs = errors_by.get(patient, [])
-        unreadable = sum(1 for e in errs if e.file)
-        notes = "; ".join(e.reason for e in errs if not e.file)
-        sev = worst_severity(fl)
-        style = sh.severity_style(sev)
-        flag_text = "\n".join(f.message for f in fl) if fl else "none"
-        sh.append([
-            sh.text(patient, **style),
-            d.n_cells,
-            d.wbc,
-            sh.text(flag_text, alignment=sh.wrap(), **style),
-            sh.number(_pct(d.blasts_pct), "0.0"),
-            sh.number(_pct(d.ig_pct), "0.0"),
-            sh.number(_pct(d.band_pct), "0.0"),
-            sh.number(_pct(d.immature_pct), "0.0"),
-            sh.number(_pct(d.nrbc_per_100_wbc), "0.0"),
-            d.platelets,
-            d.n_review,
-            unreadable,
-            sh.text(notes, **sh.severity_style(WARNING if notes else None)),
-            sh.text(", ".join(f.code for f in fl)),
-        ])
+def _display(class_id: str) -> str:
+    """A class's display name; an unknown id (an empty second class) is shown as it is."""
+    return catalogue.get(class_id).display if catalogue.is_known(class_id) else class_id
+
+
+def _worst(s: PatientSummary) -> str | None:
+    return worst_severity(list(s.flags))
+
+
+def _notes(s: PatientSummary) -> str:
+    return "; ".join(e.reason for e in s.errors if not e.file)
+
+
+def _patient(s: PatientSummary) -> str:
+    return s.patient
+
+
+_SUMMARY: tuple[Column, ...] = (
+    Column("Patient", _patient, fit(_patient, 12, 40), severity=_worst),
+    Column("Cells classified", lambda s: s.differential.n_cells, 10, PLAIN),
+    Column("WBC", lambda s: s.differential.wbc, 8, PLAIN),
+    Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 70,
+           severity=_worst, wrap=True),
+    Column("Blasts %", lambda s: _pct(s.differential.blasts_pct), 9, NUMBER, "0.0"),
+    Column("IG %", lambda s: _pct(s.differential.ig_pct), 9, NUMBER, "0.0"),
+    Column("Band %", lambda s: _pct(s.differential.band_pct), 9, NUMBER, "0.0"),
+    Column("Immature %", lambda s: _pct(s.differential.immature_pct), 11, NUMBER, "0.0"),
+    Column("NRBC /100 WBC", lambda s: _pct(s.differential.nrbc_per_100_wbc), 10, NUMBER, "0.0"),
+    Column("Platelets", lambda s: s.differential.platelets, 10, PLAIN),
+    Column("Review cells", lambda s: s.differential.n_review, 10, PLAIN),
+    Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
+    Column("Notes", _notes, 40, severity=lambda s: WARNING if _notes(s) else None),
+    Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 24),
+)
+
+
+@dataclass(frozen=True)
+class _DiffRow:
+    """One Differential line: a patient's count of one class, with its reference range."""
+
+    patient: str
+    diff: Differential
+    class_id: str
+    reference: tuple[float, float] | None
+
+    @property
+    def pct(self) -> float | None:
+        return self.diff.percent.get(self.class_id)
+
+    def ci(self, i: int) -> float | None:
+        ci = self.diff.ci.get(self.class_id)
+        return None if ci is None else round(ci[i], 4)
 
 
 def _range_text(rng: tuple[float, float] | None) -> str:
@@ -291,104 +346,144 @@ def _vs_reference(pct: float | None, rng: tuple[float, float] | None) -> str:
     return "within"
 
 
-def _write_differential(wb: Any, order: list[str], diffs: dict[str, Differential],
-                        classes: Sequence[str], settings: Settings) -> None:
+def _class_note(r: _DiffRow) -> str:
+    if r.class_id == NRBC_CLASS:
+        per100 = "" if r.diff.nrbc_per_100_wbc is None else f": {r.diff.nrbc_per_100_wbc:.1f} per 100 WBC"
+        return f"not a leukocyte, not in WBC{per100}"
+    if r.class_id == PLATELET_CLASS:
+        return "not a leukocyte, counted apart"
+    return ""
+
+
+_DIFFERENTIAL: tuple[Column, ...] = (
+    Column("Patient", lambda r: r.patient, fit(lambda r: r.patient, 12, 40)),
+    Column("Class", lambda r: catalogue.get(r.class_id).display, 22),
+    Column("Count", lambda r: r.diff.counts[r.class_id], 8, PLAIN),
+    Column("% of WBC", lambda r: _pct(r.pct), 9, NUMBER, "0.0"),
+    Column("95% CI low", lambda r: r.ci(0), 10, NUMBER, "0.0"),
+    Column("95% CI high", lambda r: r.ci(1), 10, NUMBER, "0.0"),
+    Column("Reference range (%)", lambda r: _range_text(r.reference), 18),
+    Column("vs. reference", lambda r: _vs_reference(r.pct, r.reference), 12),
+    Column("Note", _class_note, 26),
+    Column("Class id", lambda r: r.class_id, 22),
+)
+
+_CELLS: tuple[Column, ...] = (
+    Column("Patient", lambda c: c.patient, fit(lambda c: c.patient, 12, 40)),
+    Column("File", lambda c: c.file, fit(lambda c: c.file, 20, 80)),
+    Column("Class", lambda c: c.class_id, 22),
+    Column("Confidence", lambda c: round(c.confidence, 4), 11, NUMBER, "0.000"),
+    Column("Second class", lambda c: c.second_class, 22),
+    Column("Second probability", lambda c: round(c.second_prob, 4), 11, NUMBER, "0.000"),
+    Column("Review", lambda c: "yes" if c.review else "no", 8),
+)
+
+
+@dataclass(frozen=True)
+class _ReviewRow:
+    cell: CellResult
+    note: str | None  # why no thumbnail is shown; None when one is embedded
+
+
+_REVIEW: tuple[Column, ...] = (
+    Column("Thumbnail", lambda r: r.note, THUMBNAIL_PX / 7 + 2),
+    # widths are fitted over the review CellResults (see _write_review)
+    Column("Patient", lambda r: r.cell.patient, fit(lambda c: c.patient, 12, 40)),
+    Column("File", lambda r: r.cell.file, fit(lambda c: c.file, 20, 80)),
+    Column("Class", lambda r: catalogue.get(r.cell.class_id).display, 22),
+    Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
+    Column("Second class", lambda r: _display(r.cell.second_class), 22),
+    Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
+)
+
+_ERRORS: tuple[Column, ...] = (
+    Column("Patient", lambda e: e.patient, fit(lambda e: e.patient, 12, 40)),
+    Column("File", lambda e: e.file or WHOLE_PATIENT, fit(lambda e: e.file, 20, 80)),
+    Column("Reason", lambda e: e.reason, fit(lambda e: e.reason, 30, 100)),
+)
+
+_RUN: tuple[Column, ...] = (
+    Column("Item", lambda kv: kv[0], fit(lambda kv: kv[0], 20, 70)),
+    Column("Value", lambda kv: kv[1], fit(lambda kv: kv[1], 20, 100)),
+)
+
+SUMMARY_COLUMNS = tuple(c.header for c in _SUMMARY)
+DIFFERENTIAL_COLUMNS = tuple(c.header for c in _DIFFERENTIAL)
+CELLS_COLUMNS = tuple(c.header for c in _CELLS)
+REVIEW_COLUMNS = tuple(c.header for c in _REVIEW)
+ERRORS_COLUMNS = tuple(c.header for c in _ERRORS)
+RUN_COLUMNS = tuple(c.header for c in _RUN)
+
+
+# =================================================================== the sheets
+
+def _write_summary(wb: Any, summaries: Sequence[PatientSummary]) -> None:
+    _write_sheet(wb, "Summary", _SUMMARY, summaries, summaries, autofilter=len(summaries))
+
+
+def _write_differential(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
+                        settings: Settings) -> None:
     shown = [c for c in catalogue.CLASS_IDS if c in classes]  # a class the model cannot predict is not "0%"
-    widths = [_fit(order, 12, 40), 22, 8, 9, 10, 10, 18, 12, 26, 22]
-    sh = _Sheet(wb, "Differential", DIFFERENTIAL_COLUMNS, widths)
-    sh.filter(len(order) * len(shown))
-    for patient in order:
-        d = diffs[patient]
-        for cid in shown:
-            cls = catalogue.get(cid)
-            ci = d.ci.get(cid)
-            rng = settings.reference_range(cid) if cls.counts_in_wbc else None
-            pct = d.percent.get(cid)
-            if cid == NRBC_CLASS:
-                per100 = "" if d.nrbc_per_100_wbc is None else f": {d.nrbc_per_100_wbc:.1f} per 100 WBC"
-                note = f"not a leukocyte, not in WBC{per100}"
-            elif cid == PLATELET_CLASS:
-                note = "not a leukocyte, counted apart"
-            else:
-                note = ""
-            sh.append([
-                sh.text(patient),
-                sh.text(cls.display),
-                d.counts[cid],
-                sh.number(_pct(pct), "0.0"),
-                sh.number(None if ci is None else round(ci[0], 4), "0.0"),
-                sh.number(None if ci is None else round(ci[1], 4), "0.0"),
-                sh.text(_range_text(rng)),
-                sh.text(_vs_reference(pct, rng)),
-                sh.text(note),
-                sh.text(cid),
-            ])
+    rows = [
+        _DiffRow(s.patient, s.differential, cid,
+                 settings.reference_range(cid) if catalogue.get(cid).counts_in_wbc else None)
+        for s in summaries for cid in shown
+    ]
+    _write_sheet(wb, "Differential", _DIFFERENTIAL, rows, rows, autofilter=len(rows))
 
 
 def _write_cells(wb: Any, cells: Sequence[CellResult]) -> None:
-    widths = [_fit((c.patient for c in cells), 12, 40), _fit((c.file for c in cells), 20, 80), 22, 11, 22, 11, 8]
-    sh = _Sheet(wb, "Cells", CELLS_COLUMNS, widths)
-    sh.filter(len(cells))
-    for c in cells:
-        sh.append([
-            sh.text(c.patient), sh.text(c.file), sh.text(c.class_id),
-            sh.number(round(c.confidence, 4), "0.000"), sh.text(c.second_class),
-            sh.number(round(c.second_prob, 4), "0.000"), sh.text("yes" if c.review else "no"),
-        ])
+    _write_sheet(wb, "Cells", _CELLS, cells, cells, autofilter=len(cells))
 
 
 def _thumbnail(jpeg: bytes) -> Any:
-    """An openpyxl Image scaled to THUMB_PX, or None when the bytes are not a readable image."""
+    """An openpyxl Image scaled to THUMBNAIL_PX, or None when the bytes are not a readable image."""
     from openpyxl.drawing.image import Image
 
     try:
         img = Image(BytesIO(jpeg))
     except Exception:  # noqa: BLE001 - PIL raises several types for bad data
         return None
-    scale = THUMB_PX / max(img.width, img.height, 1)
+    scale = THUMBNAIL_PX / max(img.width, img.height, 1)
     img.width, img.height = max(1, round(img.width * scale)), max(1, round(img.height * scale))
     return img
 
 
-def _write_review(wb: Any, order: list[str], cells_by: dict[str, list[CellResult]], limit: int) -> None:
-    review = [c for p in order for c in sorted((c for c in cells_by.get(p, []) if c.review),
-                                                 key=lambda c: c.confidence)]
-    widths = [THUMB_PX / 7 + 2, _fit((c.patient for c in review), 12, 40), _fit((c.file for c in review), 20, 80),
-              22, 11, 22, 11]
-    sh = _Sheet(wb, "Review", REVIEW_COLUMNS, widths)
+def _review_rows(sh: "_Sheet", review: Sequence[CellResult], limit: int) -> Iterator[_ReviewRow]:
+    """Review lines, in order; each thumbnail is embedded at the row it is about to fill."""
     embedded = 0
     for c in review:
         row = sh.rows + 1
         if embedded >= limit:  # checked first: the pipeline keeps no thumbnails past the limit
-            first = f"(not embedded: limit of {limit} images)"
+            note: str | None = f"(not embedded: limit of {limit} images)"
         elif c.thumbnail_jpeg is None:
-            first = "(no thumbnail)"
+            note = "(no thumbnail)"
         else:
             img = _thumbnail(c.thumbnail_jpeg)
             if img is None:
-                first = "(thumbnail unreadable)"
+                note = "(thumbnail unreadable)"
             else:
                 img.anchor = f"A{row}"
                 sh.ws.add_image(img)
-                sh.ws.row_dimensions[row].height = THUMB_PX * 0.75 + 4  # points
+                sh.ws.row_dimensions[row].height = THUMBNAIL_PX * 0.75 + 4  # points
                 embedded += 1
-                first = ""
-        sh.append([
-            sh.text(first) if first else None,
-            sh.text(c.patient), sh.text(c.file),
-            sh.text(catalogue.get(c.class_id).display), sh.number(round(c.confidence, 4), "0.000"),
-            sh.text(catalogue.get(c.second_class).display if catalogue.is_known(c.second_class) else c.second_class),
-            sh.number(round(c.second_prob, 4), "0.000"),
-        ])
+                note = None
+        yield _ReviewRow(c, note)
+
+
+def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int) -> None:
+    """Cells below the review threshold, patient by patient, least confident first.
+
+    Widths fit the review cells; rows are produced while writing because each embedded
+    thumbnail is anchored to the row it belongs to."""
+    review = [c for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
+    sh = _write_sheet(wb, "Review", _REVIEW, (), review, autofilter=None)
+    for r in _review_rows(sh, review, limit):
+        sh.append([col.cell(sh, r) for col in _REVIEW])
 
 
 def _write_errors(wb: Any, errors: Sequence[FileError]) -> None:
-    widths = [_fit((e.patient for e in errors), 12, 40), _fit((e.file for e in errors), 20, 80),
-              _fit((e.reason for e in errors), 30, 100)]
-    sh = _Sheet(wb, "Errors", ERRORS_COLUMNS, widths)
-    sh.filter(len(errors))
-    for e in errors:
-        sh.append([sh.text(e.patient), sh.text(e.file or WHOLE_PATIENT), sh.text(e.reason)])
+    _write_sheet(wb, "Errors", _ERRORS, errors, errors, autofilter=len(errors))
 
 
 def _when(t: datetime) -> str:
@@ -405,9 +500,10 @@ def _duration(run: RunData) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def run_rows(run: RunData, settings: Settings, diffs: dict[str, Differential]) -> list[tuple[str, str]]:
+def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummary]) -> list[tuple[str, str]]:
     """The Run sheet's key/value rows: everything needed to audit or reproduce the report."""
     m = run.model
+    t = totals(list(summaries))
     unreadable = sum(1 for e in run.errors if e.file)
     failed = sum(1 for e in run.errors if not e.file)
     rows: list[tuple[str, Any]] = [
@@ -424,10 +520,10 @@ def run_rows(run: RunData, settings: Settings, diffs: dict[str, Differential]) -
         ("Model calibration temperature", "" if m.temperature is None else f"{m.temperature:g}"),
         ("Model default review threshold", "" if m.review_threshold is None else f"{m.review_threshold:g}"),
         ("Review threshold used (confidence below it goes to Review)", f"{run.review_threshold:g}"),
-        ("Patients", str(len(diffs))),
+        ("Patients", str(t.patients)),
         ("Cells classified", str(len(run.cells))),
-        ("WBC classified", str(sum(d.wbc for d in diffs.values()))),
-        ("Cells to review", str(sum(d.n_review for d in diffs.values()))),
+        ("WBC classified", str(t.wbc)),
+        ("Cells to review", str(t.review_cells)),
         ("Unreadable files", str(unreadable)),
         ("Patients that failed as a whole", str(failed)),
         ("Ignored files (hidden or not images)", str(run.ignored_files)),
@@ -446,9 +542,7 @@ def run_rows(run: RunData, settings: Settings, diffs: dict[str, Differential]) -
 
 
 def _write_run(wb: Any, rows: list[tuple[str, str]]) -> None:
-    sh = _Sheet(wb, "Run", RUN_COLUMNS, [_fit((k for k, _ in rows), 20, 70), _fit((v for _, v in rows), 20, 100)])
-    for key, value in rows:
-        sh.append([sh.text(key), sh.text(value)])
+    _write_sheet(wb, "Run", _RUN, rows, rows, autofilter=None)
 
 
 def _discard_sheet_buffers(wb: Any) -> None:
@@ -466,22 +560,23 @@ def _discard_sheet_buffers(wb: Any) -> None:
                 os.remove(out)
 
 
-def write_workbook(run: RunData, settings: Settings, out_path: str | os.PathLike) -> None:
-    """Write the report atomically; the old report survives any failure or interruption."""
+def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: Settings,
+                   out_path: str | os.PathLike) -> None:
+    """Write the report atomically; the old report survives any failure or interruption.
+
+    `summaries` come from summary.summarize_run(run, settings): this module only formats.
+    """
     from openpyxl import Workbook
 
-    order, cells_by, errors_by = _group(run)
-    diffs = {p: summarize(cells_by.get(p, [])) for p in order}
-    flags = {p: evaluate(diffs[p], settings) for p in order}
     wb = Workbook(write_only=True)
     try:
         with atomic_output(out_path) as tmp:
-            _write_summary(wb, order, diffs, flags, errors_by)
-            _write_differential(wb, order, diffs, run.model.classes, settings)
+            _write_summary(wb, summaries)
+            _write_differential(wb, summaries, run.model.classes, settings)
             _write_cells(wb, run.cells)
-            _write_review(wb, order, cells_by, settings.review_max_images)
+            _write_review(wb, summaries, settings.review_max_images)
             _write_errors(wb, run.errors)
-            _write_run(wb, run_rows(run, settings, diffs))
+            _write_run(wb, run_rows(run, settings, summaries))
             wb.save(tmp)
     finally:
         _discard_sheet_buffers(wb)

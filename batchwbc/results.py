@@ -4,11 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .model import ModelInfo
+from .modelmeta import ModelInfo
 
 #: Group name for images lying directly under the slides root (no patient folder).
 #: Angle brackets cannot occur in Windows folder names, so it cannot collide with a patient.
 ROOT_GROUP = "<root>"
+
+#: Longest side of a review thumbnail in pixels, made by the pipeline and shown by the report
+#: at this size: big enough to see a nucleus in a spreadsheet cell, small enough (~10-20 kB)
+#: that thousands of review cells keep the workbook light.
+THUMBNAIL_PX = 80
 
 
 @dataclass(frozen=True)

@@ -193,8 +193,9 @@ class RunLock:
     def _locked_error(self, raw: bytes) -> LockedError:
         try:
             info = json.loads(raw.decode("utf-8"))
-            assert isinstance(info, dict)
-        except (ValueError, UnicodeDecodeError, AssertionError):
+        except (ValueError, UnicodeDecodeError):
+            info = None
+        if not isinstance(info, dict):
             return LockedError(
                 f"{self.target.name} is locked by {self.path}, which cannot be read; another run may be "
                 f"starting - try again in a few minutes, or delete {self.path} if no batchwbc run is active."

@@ -164,7 +164,7 @@ def measure(slides: Path, model: Path, workers: int, threads: int, batch: int, r
 
 
 def main() -> None:
-    from batchwbc.cli import inference_threads
+    from batchwbc.job import inference_threads
     from batchwbc.model import DEFAULT_MODEL_PATH, Classifier
     from batchwbc.pipeline import DEFAULT_BATCH_SIZE, default_workers
 

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 import tinymodel
 from batchwbc import __version__, exitcodes
-from batchwbc.cli import inference_threads, main, resolve_review_threshold
+from batchwbc.cli import main
+from batchwbc.job import inference_threads, resolve_review_threshold
 from batchwbc.discovery import discover
 
 REPO = Path(__file__).resolve().parents[1]

@@ -361,15 +361,38 @@ def test_sigterm_while_writing_removes_temp_file(tmp_path, model_path, monkeypat
 
 
 # =========================================================================== 4. concurrency
-@pytest.mark.slow
-def test_second_concurrent_run_is_refused(tmp_path, model_path, slow_slides):
+@pytest.fixture(scope="module")
+def busy_slides(tmp_path_factory) -> Path:
+    """80 large crops (hard links to one 1600x1600 JPEG): a run busy for a few seconds, long
+    enough for a second run to meet its lock, short enough that the whole test costs seconds
+    (the refusal message itself is covered in under a second by the next test)."""
+    base = tmp_path_factory.mktemp("busy") / "slides"
+    yy, xx = np.mgrid[0:1600, 0:1600]
+    img = np.dstack([(xx % 256), (yy % 256), ((xx + yy) % 256)]).astype(np.uint8)
+    src = base.parent / "source.jpg"
+    src.write_bytes(fuzz_corpus._pil_bytes(img, "JPEG", quality=90))
+    for p in range(2):
+        d = base / f"P{p:02d}"
+        d.mkdir(parents=True)
+        for i in range(40):
+            try:
+                os.link(src, d / f"c{i:03d}.jpg")
+            except OSError:
+                (d / f"c{i:03d}.jpg").write_bytes(src.read_bytes())
+    return base
+
+
+def test_second_concurrent_run_is_refused(tmp_path, model_path, busy_slides):
+    """A real run holds the lock; a second run on the same output is refused before touching
+    a crop, and the first completes undisturbed and removes its lock."""
     out, log = tmp_path / "report.xlsx", tmp_path / "first.log"
-    p = subprocess.Popen([sys.executable, "-m", "batchwbc", "run", str(slow_slides), "--out", str(out),
+    p = subprocess.Popen([sys.executable, "-m", "batchwbc", "run", str(busy_slides), "--out", str(out),
                           "--model", str(model_path), "--workers", "1", "--log-file", str(log)],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: lock_path_for(out).exists() and lock_path_for(out).stat().st_size > 0, 60, "the first run's lock")
-        second = run_cli(["run", slow_slides, "--out", out, "--model", model_path, "--workers", "0"])
+        second = run_cli(["run", busy_slides, "--out", out, "--model", model_path, "--workers", "0"])
+        assert p.poll() is None, "the first run ended before the second was refused; give it more crops"
         assert second.exit_code == exitcodes.USAGE, second.output
         errs = error_lines(second.output)
         assert len(errs) == 1 and f"process {p.pid}" in errs[0] and "another batchwbc run" in errs[0], second.output
@@ -379,7 +402,7 @@ def test_second_concurrent_run_is_refused(tmp_path, model_path, slow_slides):
         if p.poll() is None:
             p.kill()
     assert p.returncode == exitcodes.OK, err  # the first run was not disturbed
-    assert len(sheet_rows(out, "Cells")) == 800
+    assert len(sheet_rows(out, "Cells")) == 80
     assert not lock_path_for(out).exists()
 
 

@@ -14,6 +14,7 @@ from batchwbc import pipeline
 from batchwbc import preprocess as pp
 from batchwbc.discovery import discover
 from batchwbc.model import Classifier
+from batchwbc.results import THUMBNAIL_PX
 from batchwbc.pipeline import CRASH_REASON, Pipeline, decode_one, make_thumbnail, top_two
 
 CRASH_MARKER = "crashme"
@@ -98,7 +99,7 @@ def test_review_cells_get_top2_and_a_jpeg_thumbnail(clf, tmp_path):
     assert unsure.confidence >= unsure.second_prob > 0
     thumb = cv2.imdecode(np.frombuffer(unsure.thumbnail_jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert unsure.thumbnail_jpeg[:3] == b"\xff\xd8\xff"  # JPEG
-    assert thumb.shape == (pipeline.THUMBNAIL_SIZE, pipeline.THUMBNAIL_SIZE, 3)
+    assert thumb.shape == (THUMBNAIL_PX, THUMBNAIL_PX, 3)
     assert not sure.review and sure.thumbnail_jpeg is None
 
 

@@ -21,8 +21,14 @@ from batchwbc.config import DEFAULT_SETTINGS
 from batchwbc.differential import summarize
 from batchwbc.model import ModelInfo
 from batchwbc.results import CellResult, FileError, RunData
+from batchwbc.summary import summarize_run
 
 NASTY = ['=HYPERLINK("http://x","y")', "+SUM(1,2)", "-2+3", "@cmd", "Ünïcødé 患者 ☃", "#N/A", "=1+1"]
+
+
+def write(run: RunData, settings, out) -> None:
+    """What the job does: summarise each patient once, then let the report format."""
+    report.write_workbook(run, summarize_run(run, settings), settings, out)
 
 
 def png(colour=(200, 30, 30), size=32) -> bytes:
@@ -84,7 +90,7 @@ def as_dicts(ws) -> list[dict]:
 def written(tmp_path_factory):
     run = make_run()
     out = tmp_path_factory.mktemp("rep") / "report.xlsx"
-    report.write_workbook(run, DEFAULT_SETTINGS, out)
+    write(run, DEFAULT_SETTINGS, out)
     return run, out, load_workbook(out)
 
 
@@ -184,7 +190,7 @@ def test_differential_lists_only_classes_the_model_predicts(tmp_path):
     run = replace(make_run(extra_patients=[]), model=model_info(catalogue.PAPER_CLASS_IDS + ("erythroblast",)))
     run.cells = [c for c in run.cells if c.class_id != "platelet"]
     out = tmp_path / "r.xlsx"
-    report.write_workbook(run, DEFAULT_SETTINGS, out)
+    write(run, DEFAULT_SETTINGS, out)
     ids = {r["Class id"] for r in as_dicts(load_workbook(out)["Differential"])}
     assert "platelet" not in ids and "erythroblast" in ids
 
@@ -217,7 +223,7 @@ def test_review_image_cap_and_missing_thumbnails(tmp_path):
     run.cells.append(mk("P1", "basophil", 999, conf=0.2, thumb=False))
     run.cells.append(replace(mk("P1", "basophil", 998, conf=0.25), thumbnail_jpeg=b"not a png"))
     out = tmp_path / "cap.xlsx"
-    report.write_workbook(run, replace(DEFAULT_SETTINGS, review_max_images=2), out)
+    write(run, replace(DEFAULT_SETTINGS, review_max_images=2), out)
     ws = load_workbook(out)["Review"]
     first_col = [r[0] for r in rows(ws)[1:]]
     assert len(first_col) == 5
@@ -250,7 +256,7 @@ def test_errors_and_run_sheets(written):
 def test_control_characters_in_names_do_not_crash(tmp_path):
     run = make_run(extra_patients=["bad\x01name\x1f", "surrogate\udcff"])
     out = tmp_path / "ctl.xlsx"
-    report.write_workbook(run, DEFAULT_SETTINGS, out)
+    write(run, DEFAULT_SETTINGS, out)
     names = [r["Patient"] for r in as_dicts(load_workbook(out)["Summary"])]
     assert "bad\ufffdname\ufffd" in names and "surrogate\ufffd" in names
 
@@ -277,18 +283,18 @@ def test_failure_during_save_keeps_the_old_report_and_leaves_no_temp_files(tmp_p
     monkeypatch.setattr(wbmod.Workbook, "save", half_save)
     expected = report.OutputError if exc_type is OSError else exc_type
     with pytest.raises(expected):
-        report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)
+        write(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)
     assert out.read_bytes() == b"previous report"
     assert listing(tmp_path) == ["report.xlsx"]
     assert not [p for p in _writer.ALL_TEMP_FILES if os.path.exists(p)]  # openpyxl's row buffers too
     monkeypatch.setattr(wbmod.Workbook, "save", real_save)
-    report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)  # and the next run works
+    write(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)  # and the next run works
     assert load_workbook(out).sheetnames == list(report.SHEETS)
 
 
 def test_interrupt_while_building_rows_keeps_the_old_report(tmp_path, monkeypatch):
     out = tmp_path / "report.xlsx"
-    report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)
+    write(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)
     before = out.read_bytes()
 
     def interrupted(*args, **kwargs):
@@ -296,7 +302,7 @@ def test_interrupt_while_building_rows_keeps_the_old_report(tmp_path, monkeypatc
 
     monkeypatch.setattr(report, "_write_review", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        report.write_workbook(make_run(), DEFAULT_SETTINGS, out)
+        write(make_run(), DEFAULT_SETTINGS, out)
     assert out.read_bytes() == before
     assert listing(tmp_path) == ["report.xlsx"]
 
@@ -376,7 +382,7 @@ def test_check_output_writable_reports_locked_file_and_unwritable_folder(tmp_pat
     with pytest.raises(report.OutputError, match="cannot write in the folder .*Permission denied"):
         report.check_output_writable(target)
     with pytest.raises(report.OutputError, match="Permission denied"):
-        report.write_workbook(make_run(extra_patients=[]), DEFAULT_SETTINGS, target)
+        write(make_run(extra_patients=[]), DEFAULT_SETTINGS, target)
     assert target.read_bytes() == b"old"
 
 
@@ -427,7 +433,7 @@ run = t.make_run(extra_patients=[])
 run.cells = cells
 run.patients = sorted({c.patient for c in cells})
 t0 = time.time()
-report.write_workbook(run, DEFAULT_SETTINGS, sys.argv[1])
+t.write(run, DEFAULT_SETTINGS, sys.argv[1])
 print(time.time() - t0, peak_kib())
 """
 
@@ -461,7 +467,7 @@ run.cells = [CellResult(f"p{i % 50}", f"p{i % 50}/c{i}.jpg", "lymphocyte", 0.9, 
              for i in range(int(sys.argv[3]))]
 print("writing", flush=True)
 try:
-    report.write_workbook(run, DEFAULT_SETTINGS, sys.argv[1])
+    t.write(run, DEFAULT_SETTINGS, sys.argv[1])
 except KeyboardInterrupt:
     print("interrupted", flush=True)
     sys.exit(130)

@@ -149,3 +149,14 @@ def test_pid_alive():
     assert runlock.pid_alive(os.getpid())
     assert not runlock.pid_alive(_dead_pid())
     assert not runlock.pid_alive(0)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "42", "null", '{"pid": "x"}'])
+def test_young_lock_that_is_not_a_readable_record_is_refused_in_one_sentence(tmp_path, content):
+    """A lock file holding valid JSON that is not a lock record is still a refusal with a
+    sentence, never a traceback (the check must not be an assert: it holds under python -O)."""
+    target = tmp_path / "r.xlsx"
+    lock_path_for(target).write_text(content)
+    with pytest.raises(LockedError) as err:
+        RunLock(target).acquire()
+    assert str(err.value).endswith(".") and target.name in str(err.value)
