@@ -82,7 +82,7 @@ def test_fitted_biases_undo_a_known_class_shift():
     import numpy as np
 
     from train.calibration import log_softmax
-    from train.diagnose import cross_validated_bias_predictions, fit_temperature_and_bias
+    from train.experiments.bias import cross_validated_bias_predictions, fit_temperature_and_bias
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 2000)
