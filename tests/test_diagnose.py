@@ -1,4 +1,4 @@
-"""`python -m train.diagnose` on a tiny saved model and a few real crops."""
+"""`python -m train.experiments` (formerly train.diagnose) on a tiny saved model and a few real crops."""
 from __future__ import annotations
 
 import re
@@ -10,6 +10,7 @@ pytest.importorskip("tensorflow")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, shared_data):
+    from batchwbc.catalogue import CLASS_IDS
     from batchwbc.datasets import read_any
     from train.models import build_core
     from train.split import write_split_csv
@@ -25,7 +26,7 @@ def tiny_run(tmp_path_factory, shared_data):
             rows.append((it.path.relative_to(shared_data).as_posix(), cid, it.source, "train" if i < 2 else "val"))
     write_split_csv(d / "split.csv", rows)
     for name in ("a", "b"):
-        core, _ = build_core("mobilenet_025", 32, 12)
+        core, _ = build_core("mobilenet_025", 32, len(CLASS_IDS))
         core.save(d / f"{name}.keras")
     return d, len(rows)
 
@@ -33,7 +34,7 @@ def tiny_run(tmp_path_factory, shared_data):
 def _invoke(*args):
     from click.testing import CliRunner
 
-    from train.diagnose import main
+    from train.experiments.cli import main
 
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 0, r.output
