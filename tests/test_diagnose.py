@@ -93,3 +93,15 @@ def test_fitted_biases_undo_a_known_class_shift():
     assert 0.1 < t < 5.0 and b[0] - b[1:].mean() < -0.6 * 2.0 / t  # offsets act on logits / t
     assert np.mean(cross_validated_bias_predictions(shifted, y) == y) > np.mean(shifted.argmax(1) == y) + 0.05
     assert np.allclose(np.exp(log_softmax(clean)).sum(1), 1.0)
+
+
+def test_bad_margins_are_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from train.experiments.cli import main
+
+    for name in ("m.keras", "s.csv"):
+        (tmp_path / name).write_text("")
+    r = CliRunner().invoke(main, ["margin", str(tmp_path / "m.keras"), "--data", str(tmp_path), "--split",
+                                  str(tmp_path / "s.csv"), "--size", "32", "--margins", "1.4,wide"])
+    assert r.exit_code == 2 and "--margins" in r.output and "Traceback" not in r.output, r.output

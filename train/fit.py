@@ -100,7 +100,7 @@ def soft_targets(teacher_npz: str, paths: list[str], labels: np.ndarray, n_class
     """alpha x the teacher's probabilities + (1 - alpha) x the one-hot label, per training crop.
 
     The teacher's logits are looked up by crop path (they may come from another input size or
-    several views, `python -m train.diagnose teacher`); the hard label keeps a share so a
+    several views, `python -m train.experiments teacher`); the hard label keeps a share so a
     confidently wrong teacher cannot overrule the annotation.
     """
     with np.load(teacher_npz, allow_pickle=False) as z:
