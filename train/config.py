@@ -69,12 +69,12 @@ class TrainConfig:
     def check_values(self) -> None:
         """Refuse values and combinations that cannot work, before anything is decoded or
         built; pure (no file is read), so the config can be built anywhere."""
-        self.fractions  # noqa: B018 - parses --split or raises
+        _ = self.fractions  # parses --split or raises
         if self.degrade_defocus < 0 or (self.degrade_defocus > 0 and not self.degrade):
             raise TrainingError("--degrade-defocus must be a blur size in pixels >= 0 and needs --degrade.")
         if not 0 <= self.degrade_recolour <= 1 or (self.degrade_recolour > 0 and not self.degrade):
             raise TrainingError("--degrade-recolour must be a share between 0 and 1 and needs --degrade.")
-        self.zoom_out  # noqa: B018 - parses --zoom-out-source or raises
+        _ = self.zoom_out  # parses --zoom-out-source or raises
         # distillation replaces the training targets crop by crop; copies added to the training
         # set have no teacher logits, and degraded crops would be taught the clean crop's answer
         if self.teacher_logits and self.degrade:

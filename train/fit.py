@@ -13,56 +13,14 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from batchwbc import catalogue
 
 from . import calibration, data, evalkit, evaluate, extend, split
+from .callbacks import KeepBest, Throughput
 from .config import TrainConfig, TrainingError, resolve_preprocessing  # noqa: F401 - TrainingError re-exported
-
-
-class _KeepBest:
-    """Save the core model whenever validation accuracy improves, so a run cut short (a time
-    limit, a lost machine) still leaves its best model behind."""
-
-    def __new__(cls, core, path: Path, budget_s: float):
-        import keras
-
-        class CB(keras.callbacks.Callback):
-            best = -1.0
-            t0 = time.time()
-
-            def on_epoch_end(self, epoch, logs=None):
-                acc = float((logs or {}).get("val_accuracy", -1))
-                if acc > self.best:
-                    self.best = acc
-                    core.save(path)
-                if budget_s and time.time() - self.t0 > budget_s:
-                    print(f"time budget reached after epoch {epoch + 1}; stopping", flush=True)
-                    self.model.stop_training = True
-
-        return CB()
-
-
-class _Throughput:
-    """Keras callback printing images/s per epoch (the number the model card quotes)."""
-
-    def __new__(cls, n_train: int):
-        import keras
-
-        class CB(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t0 = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                dt = time.perf_counter() - self.t0
-                logs = logs or {}
-                logs["epoch_seconds"] = dt
-                print(f"epoch {epoch + 1}: {n_train / dt:.0f} img/s, {dt:.0f} s", flush=True)
-
-        return CB()
 
 
 def _copy_weights(path: str, core) -> list[str]:
@@ -273,8 +231,8 @@ def fit(cfg: TrainConfig, core, backbone, prep: Prepared, ts: extend.TrainingSet
         keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True, verbose=1),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5, verbose=1),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
-        _Throughput(len(y.train)),
-        _KeepBest(core, out / "model.keras", 60.0 * (cfg.time_budget_min or 0)),
+        Throughput(len(y.train)),
+        KeepBest(core, out / "model.keras", 60.0 * (cfg.time_budget_min or 0)),
     ]
     if cfg.epochs > 0:
         (out / "history.csv").unlink(missing_ok=True)
