@@ -69,7 +69,7 @@ def test_import_batchwbc_and_all_runtime_modules(tmp_path):
     assert not log.exists(), log.read_text()
 
 
-@pytest.mark.parametrize("module", ["train", "train.diagnose", "train.robustness", "train.probe"])
+@pytest.mark.parametrize("module", ["train", "train.experiments", "train.diagnose", "train.robustness", "train.probe", "train.packed"])
 def test_training_clis_answer_help_without_tensorflow(tmp_path, module):
     """The TensorFlow side imports it only when it trains or loads a model: --help stays instant."""
     env, log = guarded_env(tmp_path)
