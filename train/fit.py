@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
