@@ -48,12 +48,12 @@ DIFFERENTIAL_COLUMNS = (
     "Patient", "Class", "Count", "% of WBC", "95% CI low", "95% CI high", "Reference range (%)",
     "vs. reference", "Note", "Class id",
 )
-CELLS_COLUMNS = ("Patient", "File", "Class", "Confidence", "Second class", "Second probability", "Review")
-REVIEW_COLUMNS = ("Thumbnail", "Patient", "File", "Class", "Confidence", "Second class", "Second probability")
+CELLS_COLUMNS = ("Patient", "File", "Class", "Confidence", "Second class", "Second probability", "Review", "Review reason")
+REVIEW_COLUMNS = ("Thumbnail", "Patient", "File", "Class", "Confidence", "Second class", "Second probability", "Review reason")
 ERRORS_COLUMNS = ("Patient", "File", "Reason")
 RUN_COLUMNS = ("Item", "Value")
 #: Column names of the cells CSV, for software; class columns hold catalogue ids.
-CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review")
+CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review", "review_reason")
 
 WHOLE_PATIENT = "(whole patient folder)"
 THUMB_PX = 80  # longest side of an embedded thumbnail on screen
@@ -326,14 +326,14 @@ def _write_differential(wb: Any, order: list[str], diffs: dict[str, Differential
 
 
 def _write_cells(wb: Any, cells: Sequence[CellResult]) -> None:
-    widths = [_fit((c.patient for c in cells), 12, 40), _fit((c.file for c in cells), 20, 80), 22, 11, 22, 11, 8]
+    widths = [_fit((c.patient for c in cells), 12, 40), _fit((c.file for c in cells), 20, 80), 22, 11, 22, 11, 8, 36]
     sh = _Sheet(wb, "Cells", CELLS_COLUMNS, widths)
     sh.filter(len(cells))
     for c in cells:
         sh.append([
             sh.text(c.patient), sh.text(c.file), sh.text(c.class_id),
             sh.number(round(c.confidence, 4), "0.000"), sh.text(c.second_class),
-            sh.number(round(c.second_prob, 4), "0.000"), sh.text("yes" if c.review else "no"),
+            sh.number(round(c.second_prob, 4), "0.000"), sh.text("yes" if c.review else "no"), sh.text(c.review_reason),
         ])
 
 
@@ -354,7 +354,7 @@ def _write_review(wb: Any, order: list[str], cells_by: dict[str, list[CellResult
     review = [c for p in order for c in sorted((c for c in cells_by.get(p, []) if c.review),
                                                  key=lambda c: c.confidence)]
     widths = [THUMB_PX / 7 + 2, _fit((c.patient for c in review), 12, 40), _fit((c.file for c in review), 20, 80),
-              22, 11, 22, 11]
+              22, 11, 22, 11, 36]
     sh = _Sheet(wb, "Review", REVIEW_COLUMNS, widths)
     embedded = 0
     for c in review:
@@ -378,7 +378,7 @@ def _write_review(wb: Any, order: list[str], cells_by: dict[str, list[CellResult
             sh.text(c.patient), sh.text(c.file),
             sh.text(catalogue.get(c.class_id).display), sh.number(round(c.confidence, 4), "0.000"),
             sh.text(catalogue.get(c.second_class).display if catalogue.is_known(c.second_class) else c.second_class),
-            sh.number(round(c.second_prob, 4), "0.000"),
+            sh.number(round(c.second_prob, 4), "0.000"), sh.text(c.review_reason),
         ])
 
 
@@ -511,5 +511,5 @@ def write_cells_csv(cells: Iterable[CellResult], out_path: str | os.PathLike) ->
             for c in cells:
                 writer.writerow([
                     csv_text(c.patient), csv_text(c.file), c.class_id, f"{c.confidence:.4f}",
-                    c.second_class, f"{c.second_prob:.4f}", "yes" if c.review else "no",
+                    c.second_class, f"{c.second_prob:.4f}", "yes" if c.review else "no", c.review_reason,
                 ])
