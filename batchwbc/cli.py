@@ -112,11 +112,14 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
     are listed with a thumbnail for a person to check.
     """
     from .logsetup import LogFileError, setup_logging, stderr_is_terminal
+    from .paths import OutputCollision, check_distinct_outputs
 
     show_bar = stderr_is_terminal() and not quiet
-    try:
+    try:  # collisions first: a --log-file that is the report must not be appended to
+        check_distinct_outputs({"--out": out, "--cells-csv": cells_csv, "--cache": cache_path, "--log-file": log_file},
+                               {"--model": model_path, "--config": config_path})
         setup_logging(quiet, str(log_file) if log_file else None, show_bar)
-    except LogFileError as exc:
+    except (OutputCollision, LogFileError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exitcodes.USAGE)
     try:
