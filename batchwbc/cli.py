@@ -76,7 +76,8 @@ def main() -> None:
 
     Exit codes: 0 all files classified; 1 the run failed (no new report); 2 usage error,
     unusable model/config/output (nothing classified); 3 report written but some files were
-    unreadable; 130 interrupted (previous report untouched).
+    unreadable; 4 no images in the slides folder (previous report untouched, see --allow-empty);
+    130 interrupted (previous report untouched).
     """
 
 
@@ -102,9 +103,13 @@ def main() -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the run's log lines to this file as well.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on the terminal; no progress.")
+@click.option("--allow-empty", is_flag=True,
+              help="Write a report with zero cells when SLIDES holds no images. Without it such a run exits 4 "
+                   "and leaves the previous report untouched (an empty folder is usually an unmounted share).")
 def run_command(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
                 review_threshold: float | None, workers: int | None, batch_size: int,
-                cache_path: Path | None, cells_csv: Path | None, log_file: Path | None, quiet: bool) -> None:
+                cache_path: Path | None, cells_csv: Path | None, log_file: Path | None, quiet: bool,
+                allow_empty: bool) -> None:
     """Classify every crop below SLIDES/<patient>/ and write the report to --out.
 
     SLIDES holds one folder per patient or slide (crops at any depth below it); images
@@ -124,7 +129,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
         sys.exit(exitcodes.USAGE)
     try:
         code = _run(slides, out, model_path, config_path, review_threshold, workers, batch_size,
-                    cache_path, cells_csv, show_bar)
+                    cache_path, cells_csv, show_bar, allow_empty)
     except Abort as exc:
         log.error("%s", exc)
         code = exc.code
@@ -140,7 +145,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
 
 def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
          review_threshold: float | None, workers: int | None, batch_size: int,
-         cache_path: Path | None, cells_csv: Path | None, show_bar: bool) -> int:
+         cache_path: Path | None, cells_csv: Path | None, show_bar: bool, allow_empty: bool = False) -> int:
     import os
 
     from . import config as config_mod
@@ -190,7 +195,7 @@ def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | N
         state = _RunState()
         try:
             return _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,
-                                        n_workers, batch_size, cache, show_bar, started, t0, state)
+                                        n_workers, batch_size, cache, show_bar, started, t0, state, allow_empty)
         except RunInterrupted as exc:
             log.error("interrupted (%s) %s; no report was written and the previous one is untouched.",
                       exc.signal_name, state.where())
@@ -218,7 +223,8 @@ class _RunState:
 
 
 def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,
-                         n_workers, batch_size, cache, show_bar, started, t0, state: _RunState) -> int:
+                         n_workers, batch_size, cache, show_bar, started, t0, state: _RunState,
+                         allow_empty: bool = False) -> int:
     from . import differential, flags, report
     from .discovery import DiscoveryError, discover
     from .logsetup import Progress
@@ -234,6 +240,9 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
     n_groups = len(found.patients)
     log.info("found %d crops in %d patient folders (%d other files ignored)",
              len(found.crops), n_groups, found.ignored_total)
+    if not found.crops and not allow_empty:
+        raise Abort(exitcodes.NO_INPUT, f"no images found below {slides} (an empty folder or an unmounted share?); "
+                                        "no report was written and the previous one is untouched (--allow-empty writes an empty report).")
     if not found.crops:
         log.warning("no images found below %s; the report will list the patients with zero cells.", slides)
 
