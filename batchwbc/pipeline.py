@@ -62,12 +62,17 @@ def default_workers() -> int:
 # Worker side (module top level and picklable, as the spawn start method requires)
 # ---------------------------------------------------------------------------------------
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
     """Ctrl-C goes to the whole process group; only the main process should react to it.
+    A worker ends when the run that started it dies, even by kill -9 (batchwbc.parentwatch).
     One OpenCV thread per worker: the pool already uses every core."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        from .parentwatch import watch_parent
+
+        watch_parent(parent_pid)
     try:
         import cv2
 
@@ -363,7 +368,8 @@ class Pipeline:
         from concurrent.futures import ProcessPoolExecutor
 
         return ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+            initargs=(os.getpid(),),
         )
 
     def _run_pool(self, chunks: Iterator[list[tuple[int, Crop]]]) -> None:

@@ -71,3 +71,119 @@ def test_no_input_code_is_documented():
     for doc in ("README.md", "docs/usage.md", "docs/operations.md"):
         text = (REPO / doc).read_text(encoding="utf-8")
         assert "--allow-empty" in text and "| 4 " in text, doc
+
+
+# =========================================================================== hard kill of the parent
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and re-parenting are POSIX")
+
+_GRANDCHILD = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from batchwbc import parentwatch
+if {poll_only!r}:
+    import threading
+    threading.Thread(target=parentwatch._poll_ppid, args=(os.getppid(), 0.2), daemon=True).start()
+else:
+    parentwatch.watch_parent(os.getppid())
+print(os.getpid(), flush=True)
+time.sleep(120)
+"""
+_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {code!r}], stdout=subprocess.PIPE, text=True)
+print(child.stdout.readline().strip(), flush=True)
+time.sleep(120)
+"""
+
+
+def _gone_within(pids, seconds: float) -> list[int]:
+    """pids still alive (zombies count as gone) after waiting up to `seconds`."""
+    import psutil
+
+    end = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < end:
+        still = []
+        for pid in alive:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    still.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        alive = still
+        if alive:
+            time.sleep(0.1)
+    return alive
+
+
+@posix_only
+@pytest.mark.parametrize("poll_only", [False, True], ids=["watch_parent", "getppid-thread-alone"])
+def test_watched_child_exits_when_its_parent_is_killed(poll_only):
+    code = _GRANDCHILD.format(repo=str(REPO), poll_only=poll_only)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT.format(code=code)], stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert _gone_within([child_pid], 0.5) == [child_pid]  # alive while the parent lives
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert _gone_within([child_pid], 5) == [], "the child outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+@pytest.fixture(scope="module")
+def many_crops(tmp_path_factory) -> Path:
+    """600 large crops (hard links to one 1600x1600 JPEG): decoding takes many seconds."""
+    base = tmp_path_factory.mktemp("many") / "slides"
+    yy, xx = np.mgrid[0:1600, 0:1600]
+    img = np.dstack([(xx % 256), (yy % 256), ((xx + yy) % 256)]).astype(np.uint8)
+    src = base.parent / "source.jpg"
+    src.write_bytes(fuzz_corpus._pil_bytes(img, "JPEG", quality=90))
+    for p in range(6):
+        d = base / f"P{p}"
+        d.mkdir(parents=True)
+        for i in range(100):
+            try:
+                os.link(src, d / f"c{i:03d}.jpg")
+            except OSError:
+                (d / f"c{i:03d}.jpg").write_bytes(src.read_bytes())
+    return base
+
+
+@posix_only
+@pytest.mark.slow
+def test_sigkill_of_the_run_ends_its_decode_workers(tmp_path, model_path, many_crops):
+    import psutil
+
+    out, log = tmp_path / "r.xlsx", tmp_path / "run.log"
+    run = subprocess.Popen([sys.executable, "-m", "batchwbc", "run", str(many_crops), "--out", str(out),
+                            "--model", str(model_path), "--workers", "2", "--log-file", str(log)],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc = psutil.Process(run.pid)
+        end = time.monotonic() + 60
+        workers: list = []
+        everyone: list[int] = []
+        while time.monotonic() < end:  # both decode workers started and the run is classifying
+            workers = [c for c in proc.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+            if len(workers) >= 2 and "found 600 crops" in (log.read_text() if log.exists() else ""):
+                break
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the run never started its decode workers"
+        time.sleep(1.0)  # mid-run: workers busy decoding
+        everyone = [c.pid for c in proc.children(recursive=True)]
+        assert run.poll() is None, "the run finished before it could be killed; give it more crops"
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        left = _gone_within(everyone, 5)
+        assert left == [], f"processes of the killed run still running: {left}"
+        assert not out.exists()  # nothing half-written in its place
+    finally:  # never leave this test's processes behind, whatever failed
+        if run.poll() is None:
+            run.kill()
+        for pid in everyone:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
