@@ -187,3 +187,62 @@ def test_sigkill_of_the_run_ends_its_decode_workers(tmp_path, model_path, many_c
                 psutil.Process(pid).kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+# =========================================================================== onnxruntime output
+def _model_with_unused_initializer(path: Path) -> Path:
+    """The tiny model plus a weight no node uses: onnxruntime warns about it at load, in colour."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tinymodel.build(path)
+    m = onnx.load(str(path))
+    m.graph.initializer.append(helper.make_tensor("unused_weight", TensorProto.FLOAT, [2], [1.0, 2.0]))
+    onnx.save(m, str(path))
+    return path
+
+
+def test_classifier_silences_onnxruntime_before_its_session(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from batchwbc.model import Classifier
+
+    calls: list = []
+    monkeypatch.setattr(ort, "set_default_logger_severity", lambda level: calls.append(("severity", level)))
+    monkeypatch.setattr(ort, "disable_telemetry_events", lambda: calls.append(("telemetry off",)), raising=False)
+    real_session = ort.InferenceSession
+
+    def session(*a, **k):
+        calls.append(("session", k["sess_options"].log_severity_level))
+        return real_session(*a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    Classifier(tinymodel.build(tmp_path / "m.onnx"))
+    assert calls == [("severity", 3), ("telemetry off",), ("session", 3)]
+
+
+def test_quiet_without_telemetry_switch_still_works(tmp_path, monkeypatch):
+    """Older or other onnxruntime builds lack disable_telemetry_events."""
+    import onnxruntime as ort
+
+    from batchwbc.ortlog import quiet_session_options
+
+    monkeypatch.delattr(ort, "disable_telemetry_events", raising=False)
+    assert quiet_session_options().log_severity_level == 3
+
+
+@pytest.mark.parametrize("which", ["unused-initializer model", "bundled model"])
+def test_quiet_successful_run_leaves_stderr_empty(tmp_path, which):
+    from batchwbc.model import DEFAULT_MODEL_PATH
+
+    if which == "bundled model":
+        if not DEFAULT_MODEL_PATH.is_file():
+            pytest.skip("no bundled model in this checkout")
+        model = DEFAULT_MODEL_PATH
+    else:
+        model = _model_with_unused_initializer(tmp_path / "unused.onnx")
+    r = subprocess.run([sys.executable, "-m", "batchwbc", "run", str(SAMPLES), "--out", str(tmp_path / "r.xlsx"),
+                        "--model", str(model), "--workers", "1", "--quiet"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == exitcodes.OK, r.stderr
+    assert r.stderr == "" and r.stdout == "", (r.stdout, r.stderr)
