@@ -48,7 +48,8 @@ def main() -> None:
 
     Exit codes: 0 all files classified; 1 the run failed (no new report); 2 usage error,
     unusable model/config/output (nothing classified); 3 report written but some files were
-    unreadable; 130 interrupted (previous report untouched).
+    unreadable; 4 no images in the slides folder (previous report untouched, see --allow-empty);
+    130 interrupted (previous report untouched).
     """
 
 
@@ -71,9 +72,13 @@ def main() -> None:
               help="Also write every cell's result (patient, file, class, probabilities) to this CSV file.")
 @log_file_option
 @quiet_option
+@click.option("--allow-empty", is_flag=True,
+              help="Write a report with zero cells when SLIDES holds no images. Without it such a run exits 4 "
+                   "and leaves the previous report untouched (an empty folder is usually an unmounted share).")
 def run_command(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
                 review_threshold: float | None, workers: int | None, batch_size: int,
-                cache_path: Path | None, cells_csv: Path | None, log_file: Path | None, quiet: bool) -> None:
+                cache_path: Path | None, cells_csv: Path | None, log_file: Path | None, quiet: bool,
+                allow_empty: bool) -> None:
     """Classify every crop below SLIDES/<patient>/ and write the report to --out.
 
     SLIDES holds one folder per patient or slide (crops at any depth below it); images
@@ -81,16 +86,19 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
     are listed with a thumbnail for a person to check.
     """
     from .logsetup import LogFileError, setup_logging, stderr_is_terminal
+    from .paths import OutputCollision, check_distinct_outputs
 
     show_bar = stderr_is_terminal() and not quiet
-    try:
+    try:  # collisions first: a --log-file that is the report must not be appended to
+        check_distinct_outputs({"--out": out, "--cells-csv": cells_csv, "--cache": cache_path, "--log-file": log_file},
+                               {"--model": model_path, "--config": config_path})
         setup_logging(quiet, str(log_file) if log_file else None, show_bar)
-    except LogFileError as exc:
+    except (OutputCollision, LogFileError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exitcodes.USAGE)
     opts = RunOptions(slides=slides, out=out, model_path=model_path, config_path=config_path,
                       review_threshold=review_threshold, workers=workers, batch_size=batch_size,
-                      cache_path=cache_path, cells_csv=cells_csv, show_bar=show_bar)
+                      cache_path=cache_path, cells_csv=cells_csv, show_bar=show_bar, allow_empty=allow_empty)
     sys.exit(_exit_code(opts))
 
 

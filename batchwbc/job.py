@@ -52,6 +52,7 @@ class RunOptions:
     cache_path: Path | None = None
     cells_csv: Path | None = None
     show_bar: bool = False  # a progress bar on the terminal
+    allow_empty: bool = False  # a slides folder without images writes an empty report instead of exit 4
 
 
 def resolve_review_threshold(cli_value: float | None, config_value: float | None, model_value: float | None) -> tuple[float, str]:
@@ -203,6 +204,9 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         raise JobError(exitcodes.USAGE, str(exc)) from None
     log.info("found %d crops in %d patient folders (%d other files ignored)",
              len(found.crops), len(found.patients), found.ignored_total)
+    if not found.crops and not opts.allow_empty:
+        raise JobError(exitcodes.NO_INPUT, f"no images found below {opts.slides} (an empty folder or an unmounted share?); "
+                                           "no report was written and the previous one is untouched (--allow-empty writes an empty report).")
     if not found.crops:
         log.warning("no images found below %s; the report will list the patients with zero cells.", opts.slides)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -213,14 +214,23 @@ def to_model_input(
 
 
 def prepare_bytes(
-    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID,
+    check: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """Encoded bytes -> model input (size x size x 3 uint8 RGB)."""
-    return to_model_input(decode_rgb(data, max_pixels), size, preprocessing)
+    """Encoded bytes -> model input (size x size x 3 uint8 RGB).
+
+    `check` sees the decoded image before framing and may raise UnreadableImage: the runtime
+    refuses images that cannot be a cell crop (batchwbc.cropcheck); training passes none.
+    """
+    rgb = decode_rgb(data, max_pixels)
+    if check is not None:
+        check(rgb)
+    return to_model_input(rgb, size, preprocessing)
 
 
 def prepare_file(
-    path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID
+    path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID,
+    check: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """A crop on disk -> model input; the function both training and runtime call."""
-    return prepare_bytes(read_bytes(path), size, max_pixels, preprocessing)
+    return prepare_bytes(read_bytes(path), size, max_pixels, preprocessing, check)

@@ -42,7 +42,7 @@ class OutputError(Exception):
 
 SHEETS = ("Summary", "Differential", "Cells", "Review", "Errors", "Run")
 #: Column names of the cells CSV, for software; class columns hold catalogue ids.
-CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review")
+CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review", "review_reason")
 
 WHOLE_PATIENT = "(whole patient folder)"
 
@@ -376,6 +376,7 @@ _CELLS: tuple[Column, ...] = (
     Column("Second class", lambda c: c.second_class, 22),
     Column("Second probability", lambda c: round(c.second_prob, 4), 11, NUMBER, "0.000"),
     Column("Review", lambda c: "yes" if c.review else "no", 8),
+    Column("Review reason", lambda c: c.review_reason, 36),
 )
 
 
@@ -394,6 +395,7 @@ _REVIEW: tuple[Column, ...] = (
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
     Column("Second class", lambda r: _display(r.cell.second_class), 22),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
+    Column("Review reason", lambda r: r.cell.review_reason, 36),
 )
 
 _ERRORS: tuple[Column, ...] = (
@@ -606,5 +608,5 @@ def write_cells_csv(cells: Iterable[CellResult], out_path: str | os.PathLike) ->
             for c in cells:
                 writer.writerow([
                     csv_text(c.patient), csv_text(c.file), c.class_id, f"{c.confidence:.4f}",
-                    c.second_class, f"{c.second_prob:.4f}", "yes" if c.review else "no",
+                    c.second_class, f"{c.second_prob:.4f}", "yes" if c.review else "no", c.review_reason,
                 ])

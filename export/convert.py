@@ -81,8 +81,9 @@ def set_metadata(proto, meta: dict[str, str]) -> None:
 def ort_session(path: Path):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    from batchwbc.ortlog import quiet_session_options
+
+    opts = quiet_session_options()
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -90,9 +91,10 @@ def ms_per_crop(path: Path, x: np.ndarray, repeats: int = 5) -> float:
     """Median single-thread latency per crop at batch 32 (what a 2-core PC's runtime sees)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from batchwbc.ortlog import quiet_session_options
+
+    opts = quiet_session_options()
     opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     b = x[:32]

@@ -32,7 +32,7 @@ def colour_data(tmp_path) -> Path:
     for cid in catalogue.CLASS_IDS:
         (root / cid).mkdir(parents=True)
         for i in range(30):
-            img = np.zeros((24 + i % 7, 30, 3), np.uint8)
+            img = np.zeros((40 + i % 7, 46, 3), np.uint8)  # at least 32 px a side: smaller is not a crop
             img[:] = tinymodel.colour_for(cid)[::-1]
             cv2.imwrite(str(root / cid / f"{cid}_{i:02d}.png"), img)
     return root
