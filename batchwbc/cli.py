@@ -13,6 +13,7 @@ import time
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -99,12 +100,15 @@ def main() -> None:
               help="SQLite file remembering results per file and model, so a later run only classifies new or changed crops.")
 @click.option("--cells-csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every cell's result (patient, file, class, probabilities) to this CSV file.")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write an offline HTML gallery of every cell, by class, into this folder (replaced atomically).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the run's log lines to this file as well.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on the terminal; no progress.")
 def run_command(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
                 review_threshold: float | None, workers: int | None, batch_size: int,
-                cache_path: Path | None, cells_csv: Path | None, log_file: Path | None, quiet: bool) -> None:
+                cache_path: Path | None, cells_csv: Path | None, html_dir: Path | None, log_file: Path | None,
+                quiet: bool) -> None:
     """Classify every crop below SLIDES/<patient>/ and write the report to --out.
 
     SLIDES holds one folder per patient or slide (crops at any depth below it); images
@@ -121,7 +125,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
         sys.exit(exitcodes.USAGE)
     try:
         code = _run(slides, out, model_path, config_path, review_threshold, workers, batch_size,
-                    cache_path, cells_csv, show_bar)
+                    cache_path, cells_csv, show_bar, html_dir)
     except Abort as exc:
         log.error("%s", exc)
         code = exc.code
@@ -137,7 +141,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
 
 def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
          review_threshold: float | None, workers: int | None, batch_size: int,
-         cache_path: Path | None, cells_csv: Path | None, show_bar: bool) -> int:
+         cache_path: Path | None, cells_csv: Path | None, show_bar: bool, html_dir: Path | None = None) -> int:
     import os
 
     from . import config as config_mod
@@ -164,6 +168,13 @@ def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | N
             report.check_output_writable(path, suffixes)
         except report.OutputError as exc:
             raise Abort(exitcodes.USAGE, str(exc)) from None
+    if html_dir is not None:
+        from .gallery import GalleryError, check_target
+
+        try:
+            check_target(html_dir)
+        except GalleryError as exc:
+            raise Abort(exitcodes.USAGE, str(exc)) from None
     log.info("model %s (version %s, sha256 %s...), review threshold %.3g from %s",
              info.path.name, info.model_version, info.sha256[:12], threshold, threshold_source)
 
@@ -187,7 +198,7 @@ def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | N
         state = _RunState()
         try:
             return _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,
-                                        n_workers, batch_size, cache, show_bar, started, t0, state)
+                                        n_workers, batch_size, cache, show_bar, started, t0, state, html_dir)
         except RunInterrupted as exc:
             log.error("interrupted (%s) %s; no report was written and the previous one is untouched.",
                       exc.signal_name, state.where())
@@ -215,7 +226,8 @@ class _RunState:
 
 
 def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,
-                         n_workers, batch_size, cache, show_bar, started, t0, state: _RunState) -> int:
+                         n_workers, batch_size, cache, show_bar, started, t0, state: _RunState,
+                         html_dir: Path | None = None) -> int:
     from . import differential, flags, report
     from .discovery import DiscoveryError, discover
     from .logsetup import Progress
@@ -272,7 +284,11 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
     except (OSError, report.OutputError) as exc:
         raise Abort(exitcodes.FAILED, f"the report could not be written ({str(exc).rstrip('.')}).") from None
 
-    n_flags = _count_flags(run, settings, differential, flags)
+    summaries = _patient_summaries(run, settings, differential, flags)
+    n_flags = sum(len(s.flags) for s in summaries.values())
+    if html_dir is not None:
+        state.stage = "writing the HTML gallery"
+        _write_gallery(run, summaries, slides, html_dir)
     n_review = sum(c.review for c in run.cells)
     log.info(
         "summary: %d patients, %d cells classified, %d unreadable, %d for review, %d flags raised, %.1f s; report: %s",
@@ -285,11 +301,44 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
     return exitcodes.OK
 
 
-def _count_flags(run, settings, differential, flags) -> int:
-    by_patient: dict[str, list] = {p: [] for p in run.patients}
+class _PatientSummary(NamedTuple):
+    """Stand-in for job.PatientSummary until the run moves to batchwbc/job.py (same fields)."""
+
+    patient: str
+    differential: object
+    flags: list
+    errors: list
+
+
+def _patient_summaries(run, settings, differential, flags) -> dict[str, _PatientSummary]:
+    cells_by: dict[str, list] = {p: [] for p in run.patients}
+    errors_by: dict[str, list] = {p: [] for p in run.patients}
     for cell in run.cells:
-        by_patient.setdefault(cell.patient, []).append(cell)
-    return sum(len(flags.evaluate(differential.summarize(cells), settings)) for cells in by_patient.values())
+        cells_by.setdefault(cell.patient, []).append(cell)
+    for err in run.errors:
+        cells_by.setdefault(err.patient, [])
+        errors_by.setdefault(err.patient, []).append(err)
+    out = {}
+    for p, cells in cells_by.items():
+        diff = differential.summarize(cells)
+        out[p] = _PatientSummary(p, diff, flags.evaluate(diff, settings), errors_by.get(p, []))
+    return out
+
+
+def _write_gallery(run, summaries: dict[str, _PatientSummary], slides: Path, html_dir: Path) -> None:
+    """The --html gallery, written after the workbook: a failure here leaves the workbook written."""
+    from .gallery import GalleryError, GalleryRunInfo, write_gallery
+
+    t = time.monotonic()
+    cells_by: dict[str, list] = {p: [] for p in summaries}
+    for cell in run.cells:
+        cells_by[cell.patient].append(cell)
+    try:
+        res = write_gallery(html_dir, list(summaries), cells_by, summaries, GalleryRunInfo.from_run(run), slides)
+    except GalleryError as exc:
+        raise Abort(exitcodes.FAILED, f"{str(exc).rstrip('.')}; the workbook was written.") from None
+    log.info("HTML gallery: %d patient pages, %d cells, %d thumbnails, %.1f s; open %s",
+             res.pages, res.cells, res.thumbnails, time.monotonic() - t, Path(html_dir) / "index.html")
 
 
 @main.command("info")
