@@ -107,6 +107,10 @@ def _pct(x: float | None) -> str:
     return "&ndash;" if x is None else f"{x:.1f}"
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
 def patient_page_name(index: int) -> str:
     """Page file of the index-th patient (0-based): generated, so no patient name reaches a URL."""
     return f"patient-{index + 1:04d}.html"
@@ -136,7 +140,13 @@ h2{font-size:1.15em;margin:1.4em 0 .4em;border-bottom:1px solid #ccc;padding-bot
 .banner{background:#fff4ce;border:1px solid #c9a400;padding:.35em .7em;margin:.6em 0;font-weight:600}
 .run{color:#555;font-size:.85em;overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:.4em 0}
-th,td{border:1px solid #bbb;padding:.2em .5em;text-align:left;vertical-align:top}
+th,td{border:1px solid #bbb;padding:.15em .5em;text-align:left;vertical-align:top}
+table.diff{font-size:.9em}
+.top{display:flex;flex-wrap:wrap;gap:0 2.5em;align-items:flex-start}
+.top>.f{flex:1 1 22em;max-width:50em}
+.top>.d{flex:0 0 auto}
+.top>.d .legend{max-width:32em}
+table.diff td,table.diff th{white-space:nowrap}
 th{background:#e8e8e8}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 td.name{overflow-wrap:anywhere;max-width:24em}
@@ -145,6 +155,7 @@ tr.warning td:first-child{border-left:6px solid #c98a00}
 ul.flags{margin:.2em 0;padding-left:1.2em}
 .sev-critical{color:#9c0006;font-weight:700}
 .sev-warning{color:#7a4b00;font-weight:600}
+nav.classes{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #ddd;z-index:1}
 nav.classes a{margin-right:.9em;white-space:nowrap}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
 figure.cell{margin:0;width:104px;border:2px solid #ccc;border-radius:3px;padding:2px;background:#fafafa}
@@ -278,7 +289,7 @@ def render_patient(patient: str, cells: Sequence[CellResult], summary: PatientSu
         n_review = sum(c.review for c in cs)
         review = f", {n_review} to review" if n_review else ""
         sections.append(
-            f"<section id=\"{anchors[cid]}\"><h2>{esc(_display(cid))} <small>({len(cs)} cells{review})</small></h2>\n"
+            f"<section id=\"{anchors[cid]}\"><h2>{esc(_display(cid))} <small>({_cells(len(cs))}{review})</small></h2>\n"
             "<div class=\"grid\">\n" + "".join(_cell_html(c, thumbs, info.review_threshold) for c in cs) + "</div></section>\n"
         )
     errors = ""
@@ -288,8 +299,9 @@ def render_patient(patient: str, cells: Sequence[CellResult], summary: PatientSu
     body = (
         f"<p><a href=\"{INDEX}\">&larr; All patients</a></p>\n<h1>{esc(patient)}</h1>\n"
         f"<p class=\"banner\">{esc(BANNER)}</p>\n{_run_line(info)}"
-        f"<p>{d.n_cells} cells, {d.wbc} WBC, {d.n_review} to review.</p>\n"
-        f"<h2>Flags</h2>\n{_flags_html(summary.flags)}\n<h2>Differential</h2>\n{_differential_table(d, info.classes)}"
+        f"<p>{_cells(d.n_cells)}, {d.wbc} WBC, {d.n_review} to review.</p>\n"
+        f"<div class=\"top\"><div class=\"f\"><h2>Flags</h2>\n{_flags_html(summary.flags)}</div>\n"
+        f"<div class=\"d\"><h2>Differential</h2>\n{_differential_table(d, info.classes)}</div></div>\n"
         "<h2>Cells by class</h2>\n"
         "<p class=\"legend\">Least confident first in each class. Under each cell: its confidence and the second most "
         "likely class with its probability (also on hover). <span class=\"tag\">REVIEW</span> and a dashed frame: "
