@@ -6,9 +6,10 @@ same cell gets the same name on every run. The original crop is read whole in Py
 (`open()` works with any path, where `cv2.imread` fails on non-ASCII Windows paths) and
 decoded by preprocess.decode_rgb, so the decompression-bomb guard of the run applies here too.
 
-Cost: one decode + resize + encode per cell, measured ~1 ms per 360x363 PBC crop on one core
-(docs/report.md); OpenCV releases the GIL, so a few threads share the work without the start-up
-cost or pickling of a process pool.
+Cost: one decode + resize + encode per cell: 3.7 ms per 360x363 PBC crop on one thread, 2.6 ms
+with two, on a loaded 2-core machine (docs/report.md), i.e. about 2-3 minutes for 50,000 cells.
+OpenCV releases the GIL, so a few threads share the work without the start-up cost or the
+pickling of a process pool.
 """
 from __future__ import annotations
 
