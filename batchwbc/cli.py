@@ -200,11 +200,10 @@ def _run(slides: Path, out: Path, model_path: Path | None, config_path: Path | N
             return _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,
                                         n_workers, batch_size, cache, show_bar, started, t0, state, html_dir)
         except RunInterrupted as exc:
-            log.error("interrupted (%s) %s; no report was written and the previous one is untouched.",
-                      exc.signal_name, state.where())
+            log.error("interrupted (%s) %s; %s.", exc.signal_name, state.where(), state.outcome())
             return exitcodes.INTERRUPTED
         except KeyboardInterrupt:
-            log.error("interrupted %s; no report was written and the previous one is untouched.", state.where())
+            log.error("interrupted %s; %s.", state.where(), state.outcome())
             return exitcodes.INTERRUPTED
 
 
@@ -214,6 +213,7 @@ class _RunState:
     def __init__(self) -> None:
         self.pipeline = None
         self.stage = "start-up"
+        self.report_written = False  # the workbook is in place; only the --html gallery was still being written
 
     def where(self) -> str:
         """'after 1234 of 5000 cells', 'while looking for images', ..."""
@@ -223,6 +223,11 @@ class _RunState:
         if p is not None:
             return f"after all {p.total} cells were classified, while {self.stage}"
         return f"while {self.stage}" if self.stage != "start-up" else "during start-up"
+
+    def outcome(self) -> str:
+        if self.report_written:
+            return "the report was written; the previous HTML gallery is untouched"
+        return "no report was written and the previous one is untouched"
 
 
 def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold, threshold_source,
@@ -287,7 +292,7 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
     summaries = _patient_summaries(run, settings, differential, flags)
     n_flags = sum(len(s.flags) for s in summaries.values())
     if html_dir is not None:
-        state.stage = "writing the HTML gallery"
+        state.stage, state.report_written = "writing the HTML gallery", True
         _write_gallery(run, summaries, slides, html_dir)
     n_review = sum(c.review for c in run.cells)
     log.info(

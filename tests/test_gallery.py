@@ -354,6 +354,32 @@ def test_run_html_into_a_foreign_folder_is_refused_before_classifying(tiny, tmp_
     assert not (tmp_path / "r.xlsx").exists()
 
 
+def test_interrupt_while_writing_the_gallery_keeps_the_workbook_and_the_old_gallery(tiny, tmp_path, monkeypatch):
+    from batchwbc.cli import main
+
+    out, xlsx = tmp_path / "gallery", tmp_path / "r.xlsx"
+    args = ["run", str(SAMPLES), "--out", str(xlsx), "--model", str(tiny), "--workers", "0", "--html", str(out)]
+    assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == exitcodes.OK
+    before = (out / "index.html").read_bytes()
+    xlsx.unlink()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery, "render_index", interrupted)
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == exitcodes.INTERRUPTED
+    assert "while writing the HTML gallery; the report was written; the previous HTML gallery is untouched" in r.stderr
+    assert xlsx.is_file() and (out / "index.html").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".gallery")) == []
+
+
+def test_run_help_lists_html():
+    from batchwbc.cli import main
+
+    assert "--html" in CliRunner().invoke(main, ["run", "--help"]).output
+
+
 # ------------------------------------------------------------------ a real browser
 
 def _chromium() -> str:
