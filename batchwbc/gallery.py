@@ -51,7 +51,7 @@ class GalleryError(Exception):
     """The gallery cannot be written where asked; str(exc) is one sentence for the user."""
 
 
-class PatientSummary(Protocol):
+class PatientSummaryLike(Protocol):
     """What the gallery needs of a patient's already computed summary (job.PatientSummary fits)."""
 
     @property
@@ -207,7 +207,7 @@ def _row_class(flags: Sequence[Flag]) -> str:
 
 
 def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequence[CellResult]],
-                 summaries: Mapping[str, PatientSummary], info: GalleryRunInfo) -> str:
+                 summaries: Mapping[str, PatientSummaryLike], info: GalleryRunInfo) -> str:
     """index.html: one row per patient, in report order, linking to its page."""
     rows = []
     for i, patient in enumerate(patients):
@@ -277,7 +277,7 @@ def _cell_html(c: CellResult, thumbs: set[str], threshold: float) -> str:
     )
 
 
-def render_patient(patient: str, cells: Sequence[CellResult], summary: PatientSummary,
+def render_patient(patient: str, cells: Sequence[CellResult], summary: PatientSummaryLike,
                    info: GalleryRunInfo, thumbs: set[str]) -> str:
     """One patient's page: flags, differential, then every cell by class, least confident first."""
     d = summary.differential
@@ -366,7 +366,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def write_gallery(out_dir: str | os.PathLike, patients: Sequence[str],
                   cells_by_patient: Mapping[str, Sequence[CellResult]],
-                  summaries: Mapping[str, PatientSummary], run_info: GalleryRunInfo,
+                  summaries: Mapping[str, PatientSummaryLike], run_info: GalleryRunInfo,
                   crops_root: str | os.PathLike | None, *, threads: int | None = None) -> GalleryResult:
     """Write the gallery for already computed per-patient summaries, atomically.
 
