@@ -70,6 +70,8 @@ def main() -> None:
               help="SQLite file remembering results per file and model, so a later run only classifies new or changed crops.")
 @click.option("--cells-csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every cell's result (patient, file, class, probabilities) to this CSV file.")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write an offline HTML gallery of every cell, by class, into this folder (replaced atomically).")
 @log_file_option
 @quiet_option
 @click.option("--allow-empty", is_flag=True,
@@ -77,8 +79,8 @@ def main() -> None:
                    "and leaves the previous report untouched (an empty folder is usually an unmounted share).")
 def run_command(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
                 review_threshold: float | None, workers: int | None, batch_size: int,
-                cache_path: Path | None, cells_csv: Path | None, log_file: Path | None, quiet: bool,
-                allow_empty: bool) -> None:
+                cache_path: Path | None, cells_csv: Path | None, html_dir: Path | None, log_file: Path | None,
+                quiet: bool, allow_empty: bool) -> None:
     """Classify every crop below SLIDES/<patient>/ and write the report to --out.
 
     SLIDES holds one folder per patient or slide (crops at any depth below it); images
@@ -98,7 +100,8 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
         sys.exit(exitcodes.USAGE)
     opts = RunOptions(slides=slides, out=out, model_path=model_path, config_path=config_path,
                       review_threshold=review_threshold, workers=workers, batch_size=batch_size,
-                      cache_path=cache_path, cells_csv=cells_csv, show_bar=show_bar, allow_empty=allow_empty)
+                      cache_path=cache_path, cells_csv=cells_csv, show_bar=show_bar, allow_empty=allow_empty,
+                      html_dir=html_dir)
     sys.exit(_exit_code(opts))
 
 
