@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__, exitcodes
-from .results import FileError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # results -> model imports numpy; `batchwbc --help` stays light
+    from .results import FileError
     from .evaluation import Evaluation
     from .labelled import LabelledSet
     from .model import Classifier, ModelInfo
@@ -38,7 +38,7 @@ class LabelledPredictions:
     confidence: list[float] = field(default_factory=list)
     patients: list[str | None] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # relative to the labelled folder
-    errors: list[FileError] = field(default_factory=list)  # unreadable crops (patient = class folder)
+    errors: "list[FileError]" = field(default_factory=list)  # unreadable crops (patient = class folder)
 
 
 @dataclass
@@ -53,7 +53,7 @@ class EvaluationRun:
     found: Counter  # class id -> crops found
     unknown_folders: Counter  # folder name -> crops skipped
     skipped: Counter  # reason -> files skipped (hidden, not an image)
-    errors: list[FileError]
+    errors: "list[FileError]"
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -78,6 +78,7 @@ def predict_labelled(labelled: "LabelledSet", root: Path, classifier: "Classifie
     """Classify every labelled crop through the run's Pipeline; unreadable crops are listed."""
     from .discovery import Crop
     from .pipeline import Pipeline
+    from .results import FileError
 
     crops, by_rel = [], {}
     for item in labelled.items:
