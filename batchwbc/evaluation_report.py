@@ -96,6 +96,8 @@ def _reliability_png(result: "Evaluation", Figure: Any, Canvas: Any) -> bytes:
     ax = fig.add_subplot()
     ax.bar([(b.lo + b.hi) / 2 for b in bins], [b.accuracy for b in bins], width=width, edgecolor="k",
            alpha=0.7, label="accuracy of the cells in the bin")
+    for b in bins:  # a tall bar over 3 cells means little: say how many
+        ax.text((b.lo + b.hi) / 2, min(b.accuracy, 0.93) + 0.02, str(b.n), ha="center", fontsize=6)
     ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

@@ -181,3 +181,39 @@ def test_help_names_every_option_without_heavy_imports():
     probe = ("import sys; from batchwbc import cli, evaluation, evaluation_job; "
              "print(sorted(m for m in ('numpy','cv2','onnxruntime','openpyxl','matplotlib') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO).stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_bundled_model_on_its_own_test_split_reproduces_its_recorded_metrics(shared_data, tmp_path):
+    """The model card's numbers (recorded in the model file's metadata at export) come back out of
+    `batchwbc evaluate` run on a LABELLED folder built from docs/model/test-split.csv."""
+    import csv
+    import os
+    import shutil
+
+    from batchwbc.model import DEFAULT_MODEL_PATH, KEY_TEST_METRICS, Classifier
+
+    folder = tmp_path / "LABELLED"
+    with open(REPO / "docs" / "model" / "test-split.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        dst = folder / row["class_id"] / Path(row["path"]).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(shared_data / row["path"], dst)
+        except OSError:  # no symlink rights (Windows without developer mode)
+            shutil.copyfile(shared_data / row["path"], dst)
+    js = tmp_path / "eval.json"
+    r = invoke(folder, "--out", tmp_path / "EVAL.xlsx", "--json", js, "--quiet")
+    assert r.exit_code == exitcodes.OK, r.stderr
+    got = json.loads(js.read_text())
+    card = Classifier(DEFAULT_MODEL_PATH, threads=1).info.json_field(KEY_TEST_METRICS)
+    assert got["n"] == card["n"] == len(rows)
+    near = {"abs": 6e-5}  # the metadata keeps 4 decimals
+    assert got["accuracy"] == pytest.approx(card["accuracy"], **near)
+    assert got["macro_f1"] == pytest.approx(card["macro_f1"], **near)
+    assert got["paper10"]["accuracy"] == pytest.approx(card["paper10_accuracy"], **near)
+    assert got["paper10"]["macro_f1"] == pytest.approx(card["paper10_macro_f1"], **near)
+    assert got["ece"] == pytest.approx(card["test_ece"], **near)
+    for cls, f1 in card["f1_per_class"].items():
+        assert got["per_class"][cls]["f1"] == pytest.approx(f1, **near), cls
