@@ -353,17 +353,19 @@ def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_pa
     classes of the model are counted and skipped; unreadable crops are listed (exit code 3).
     """
     from .evaluation_job import run_evaluate
+    from .interrupt import signals_as_interrupt
     from .logsetup import setup_logging, stderr_is_terminal
 
     show_bar = stderr_is_terminal() and not quiet
     setup_logging(quiet, None, show_bar)
     try:
-        code = run_evaluate(labelled, out, model_path, json_path, workers, show_bar)
+        with signals_as_interrupt():  # SIGTERM too: the temp files go, the previous EVAL.xlsx stays
+            code = run_evaluate(labelled, out, model_path, json_path, workers, show_bar)
     except Abort as exc:
         log.error("%s", exc)
         code = exc.code
-    except KeyboardInterrupt:
-        log.error("interrupted; no evaluation was written.")
+    except KeyboardInterrupt as exc:
+        log.error("interrupted (%s); no evaluation was written and the previous one is untouched.", str(exc) or "Ctrl-C")
         code = exitcodes.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one sentence for the user
         log.error("the evaluation failed unexpectedly (%s: %s); nothing was written.", type(exc).__name__, exc)

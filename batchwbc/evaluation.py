@@ -42,6 +42,7 @@ REVIEW_THRESHOLDS: tuple[float, ...] = tuple(round(0.30 + 0.05 * i, 2) for i in 
 #: Bland-Altman limits of agreement: bias +- 1.96 standard deviations of the differences.
 LOA_Z = 1.96
 NAN = float("nan")
+_CONF_SLACK = 1e-4
 
 
 class EvaluationError(Exception):
@@ -314,7 +315,8 @@ def evaluate(true_ids: Sequence[str], pred_ids: Sequence[str], confidence: Seque
     if unknown:
         raise EvaluationError(f"labels outside the model's classes: {', '.join(unknown)}.")
     for x in confidence:
-        if not (0.0 <= x <= 1.0):  # also refuses nan
+        # float32 softmax may land a hair above 1; nan fails every comparison and is refused
+        if not (-_CONF_SLACK <= x <= 1.0 + _CONF_SLACK):
             raise EvaluationError("a confidence lies outside 0..1.")
     cm = confusion_matrix([pos[c] for c in true_ids], [pos[c] for c in pred_ids], len(classes))
     correct = [t == p for t, p in zip(true_ids, pred_ids)]

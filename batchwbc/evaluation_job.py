@@ -133,8 +133,9 @@ def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_p
     log.info("batchwbc %s: evaluating model %s (version %s) on %d verified crops of %d classes in %s",
              __version__, info.path.name, info.model_version, len(labelled.items), len(found), labelled_root)
     if labelled.unknown_folders:
-        log.warning("skipped %d crops in folders that are not classes of the model (%s); `batchwbc info` lists its classes.",
-                    sum(labelled.unknown_folders.values()),
+        n_unknown = sum(labelled.unknown_folders.values())
+        log.warning("skipped %d %s in folders that are not classes of the model (%s); `batchwbc info` lists its classes.",
+                    n_unknown, "crop" if n_unknown == 1 else "crops",
                     ", ".join(f"{k}: {v}" for k, v in sorted(labelled.unknown_folders.items())))
 
     n_workers = default_workers() if workers is None else workers

@@ -217,3 +217,28 @@ def test_bundled_model_on_its_own_test_split_reproduces_its_recorded_metrics(sha
     assert got["ece"] == pytest.approx(card["test_ece"], **near)
     for cls, f1 in card["f1_per_class"].items():
         assert got["per_class"][cls]["f1"] == pytest.approx(f1, **near), cls
+
+
+def test_folder_names_that_look_like_formulas_stay_text(tiny, tmp_path):
+    from openpyxl import load_workbook
+
+    folder = tmp_path / "LAB"
+    crop(folder / L / "=SUM(1,2)" / "a.png", L)
+    crop(folder / M / "=SUM(1,2)" / "b.png", M)
+    out = tmp_path / "e.xlsx"
+    assert invoke(folder, "--out", out, "--model", tiny, "--workers", "0").exit_code == exitcodes.OK
+    cell = load_workbook(out)["Patients"]["A2"]
+    assert cell.value == "=SUM(1,2)" and cell.data_type == "s"
+
+
+def test_an_interrupt_is_exit_130_and_one_sentence(tiny, tmp_path, monkeypatch):
+    from batchwbc import evaluation_job
+    from batchwbc.interrupt import RunInterrupted
+
+    def stopped(*args, **kwargs):
+        raise RunInterrupted("SIGTERM")
+
+    monkeypatch.setattr(evaluation_job, "run_evaluate", stopped)
+    r = invoke(tmp_path, "--out", tmp_path / "e.xlsx", "--model", tiny)
+    assert r.exit_code == exitcodes.INTERRUPTED
+    assert "stopped by SIGTERM" in error_lines(r.stderr)[0]

@@ -150,8 +150,12 @@ def test_bad_inputs_are_one_sentence():
         evaluate([L, M], [L], [0.5], [None], (L, M))
     with pytest.raises(EvaluationError, match="outside 0..1"):
         evaluate([L], [L], [float("nan")], [None], (L, M))
+    with pytest.raises(EvaluationError, match="outside 0..1"):
+        evaluate([L], [L], [1.5], [None], (L, M))
     with pytest.raises(EvaluationError):
         confusion_matrix([0, 2], [0, 1], 2)
+    # float32 rounding just above 1 is a top bin cell, not an error
+    assert evaluate([L], [L], [1.0000001], [None], (L, M)).calibration.bins[-1].n == 1
 
 
 def test_summary_over_an_absent_subset_is_nan_not_an_error():
