@@ -161,5 +161,44 @@ def info_command(model_path: Path | None, as_json: bool) -> None:
         click.echo(f"{k.ljust(width)}  {v}")
 
 
+@main.command("evaluate")
+@click.argument("labelled", type=click.Path(exists=True, file_okay=False, dir_okay=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Excel workbook to write (.xlsx): per-class metrics, confusion, calibration, review threshold, "
+                   "per-patient differentials with Bland-Altman limits.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="batchwbc ONNX model to evaluate instead of the bundled one.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the numbers as JSON (accuracy, macro_f1, per_class, ece, ...).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes decoding images in parallel. Default: one per CPU core. 0 decodes in the main process.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on the terminal; no progress.")
+def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_path: Path | None,
+                     workers: int | None, quiet: bool) -> None:
+    """Compare the model with a lab's verified cells in LABELLED/<class_id>/[<patient>/]crop.
+
+    Each crop is classified exactly as `batchwbc run` would classify it. Folders that are not
+    classes of the model are counted and skipped; unreadable crops are listed (exit code 3).
+    """
+    from .evaluation_job import run_evaluate
+    from .interrupt import signals_as_interrupt
+    from .logsetup import setup_logging, stderr_is_terminal
+
+    show_bar = stderr_is_terminal() and not quiet
+    setup_logging(quiet, None, show_bar)
+    try:
+        with signals_as_interrupt():  # SIGTERM too: the temp files go, the previous EVAL.xlsx stays
+            code = run_evaluate(labelled, out, model_path, json_path, workers, show_bar)
+    except Abort as exc:
+        log.error("%s", exc)
+        code = exc.code
+    except KeyboardInterrupt as exc:
+        log.error("interrupted (%s); no evaluation was written and the previous one is untouched.", str(exc) or "Ctrl-C")
+        code = exitcodes.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one sentence for the user
+        log.error("the evaluation failed unexpectedly (%s: %s); nothing was written.", type(exc).__name__, exc)
+        code = exitcodes.FAILED
+    sys.exit(code)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
