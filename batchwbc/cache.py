@@ -9,6 +9,9 @@ Why these choices:
   file overwrites its old row instead of piling up.
 * The full probability vector is stored (not just the winning class), so a later run with
   another review threshold recomputes the review flag exactly as a full run would.
+* The image's own review reason (a greyscale crop, batchwbc.cropcheck) is stored too. Rows
+  from before that column existed hold NULL there and count as misses, so such crops are
+  checked again once; the column is added in place, so an older cache keeps working.
 * WAL journal + batched commits: a killed run loses at most the last uncommitted batch
   (those crops are simply classified again next time) and never corrupts the file.
 """
@@ -45,6 +48,7 @@ _CREATE = (
     " mtime_ns INTEGER NOT NULL,"
     " probs BLOB NOT NULL,"
     " thumbnail_jpeg BLOB,"
+    " image_reason TEXT,"
     " PRIMARY KEY (path, model_sha256))",
 )
 
@@ -57,6 +61,7 @@ class CacheError(Exception):
 class CachedEntry:
     probs: "np.ndarray"  # float32 vector in the model's class order
     thumbnail_jpeg: bytes | None
+    image_reason: str = ""  # review reason from the image itself ('' for none)
 
 
 class ResultCache:
@@ -135,8 +140,22 @@ class ResultCache:
                 f"{meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}); delete it to start a new cache."
             )
         conn.execute("PRAGMA journal_mode=WAL")
+        self._add_image_reason_column(conn)
         # NORMAL is crash-safe in WAL mode (a power cut can lose the last commit, never corrupt).
         conn.execute("PRAGMA synchronous=NORMAL")
+
+    @staticmethod
+    def _add_image_reason_column(conn: sqlite3.Connection) -> None:
+        """Upgrade a cache written before image review reasons existed (its rows stay misses)."""
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
+        if "image_reason" in columns:
+            return
+        try:
+            conn.execute("ALTER TABLE results ADD COLUMN image_reason TEXT")
+        except sqlite3.OperationalError:  # another run sharing the cache added it first
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
+            if "image_reason" not in columns:
+                raise
 
     # -- use -----------------------------------------------------------------------------
     def lookup(self, abs_path: str, size: int, mtime_ns: int) -> CachedEntry | None:
@@ -148,19 +167,20 @@ class ResultCache:
             if self.disabled_reason is None:
                 try:
                     row = self._conn.execute(
-                        "SELECT probs, thumbnail_jpeg FROM results WHERE path=? AND model_sha256=? AND size=? AND mtime_ns=?",
+                        "SELECT probs, thumbnail_jpeg, image_reason FROM results WHERE path=? AND model_sha256=? AND size=? AND mtime_ns=?",
                         (abs_path, self.model_sha256, int(size), int(mtime_ns)),
                     ).fetchone()
                 except sqlite3.Error as exc:
                     self._disable(exc)
-            if row is None or len(row[0]) == 0 or len(row[0]) % 4:
+            if row is None or len(row[0]) == 0 or len(row[0]) % 4 or row[2] is None:
                 self.misses += 1
                 return None
             self.hits += 1
         probs = np.frombuffer(row[0], dtype="<f4").astype(np.float32)
-        return CachedEntry(probs=probs, thumbnail_jpeg=bytes(row[1]) if row[1] is not None else None)
+        return CachedEntry(probs=probs, thumbnail_jpeg=bytes(row[1]) if row[1] is not None else None, image_reason=row[2])
 
-    def store(self, abs_path: str, size: int, mtime_ns: int, probs: "np.ndarray", thumbnail_jpeg: bytes | None) -> None:
+    def store(self, abs_path: str, size: int, mtime_ns: int, probs: "np.ndarray", thumbnail_jpeg: bytes | None,
+              image_reason: str = "") -> None:
         """Remember one result; committed in batches (see DEFAULT_COMMIT_EVERY) and on close."""
         import numpy as np
 
@@ -172,8 +192,9 @@ class ResultCache:
                 if not self._conn.in_transaction:
                     self._conn.execute("BEGIN")
                 self._conn.execute(
-                    "INSERT OR REPLACE INTO results(path, model_sha256, size, mtime_ns, probs, thumbnail_jpeg) VALUES (?,?,?,?,?,?)",
-                    (abs_path, self.model_sha256, int(size), int(mtime_ns), blob, thumbnail_jpeg),
+                    "INSERT OR REPLACE INTO results(path, model_sha256, size, mtime_ns, probs, thumbnail_jpeg, image_reason)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (abs_path, self.model_sha256, int(size), int(mtime_ns), blob, thumbnail_jpeg, image_reason),
                 )
                 self._pending += 1
                 self.stored += 1

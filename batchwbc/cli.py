@@ -48,7 +48,8 @@ def main() -> None:
 
     Exit codes: 0 all files classified; 1 the run failed (no new report); 2 usage error,
     unusable model/config/output (nothing classified); 3 report written but some files were
-    unreadable; 130 interrupted (previous report untouched).
+    unreadable; 4 no images in the slides folder (previous report untouched, see --allow-empty);
+    130 interrupted (previous report untouched).
     """
 
 
@@ -69,11 +70,17 @@ def main() -> None:
               help="SQLite file remembering results per file and model, so a later run only classifies new or changed crops.")
 @click.option("--cells-csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every cell's result (patient, file, class, probabilities) to this CSV file.")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write an offline HTML gallery of every cell, by class, into this folder (replaced atomically).")
 @log_file_option
 @quiet_option
+@click.option("--allow-empty", is_flag=True,
+              help="Write a report with zero cells when SLIDES holds no images. Without it such a run exits 4 "
+                   "and leaves the previous report untouched (an empty folder is usually an unmounted share).")
 def run_command(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
                 review_threshold: float | None, workers: int | None, batch_size: int,
-                cache_path: Path | None, cells_csv: Path | None, log_file: Path | None, quiet: bool) -> None:
+                cache_path: Path | None, cells_csv: Path | None, html_dir: Path | None, log_file: Path | None,
+                quiet: bool, allow_empty: bool) -> None:
     """Classify every crop below SLIDES/<patient>/ and write the report to --out.
 
     SLIDES holds one folder per patient or slide (crops at any depth below it); images
@@ -81,16 +88,20 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
     are listed with a thumbnail for a person to check.
     """
     from .logsetup import LogFileError, setup_logging, stderr_is_terminal
+    from .paths import OutputCollision, check_distinct_outputs
 
     show_bar = stderr_is_terminal() and not quiet
-    try:
+    try:  # collisions first: a --log-file that is the report must not be appended to
+        check_distinct_outputs({"--out": out, "--cells-csv": cells_csv, "--cache": cache_path, "--log-file": log_file},
+                               {"--model": model_path, "--config": config_path})
         setup_logging(quiet, str(log_file) if log_file else None, show_bar)
-    except LogFileError as exc:
+    except (OutputCollision, LogFileError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exitcodes.USAGE)
     opts = RunOptions(slides=slides, out=out, model_path=model_path, config_path=config_path,
                       review_threshold=review_threshold, workers=workers, batch_size=batch_size,
-                      cache_path=cache_path, cells_csv=cells_csv, show_bar=show_bar)
+                      cache_path=cache_path, cells_csv=cells_csv, show_bar=show_bar, allow_empty=allow_empty,
+                      html_dir=html_dir)
     sys.exit(_exit_code(opts))
 
 
@@ -203,6 +214,45 @@ def info_command(model_path: Path | None, as_json: bool) -> None:
     for k, v in rows:
         click.echo(f"{k.ljust(width)}  {v}")
 
+
+@main.command("evaluate")
+@click.argument("labelled", type=click.Path(exists=True, file_okay=False, dir_okay=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Excel workbook to write (.xlsx): per-class metrics, confusion, calibration, review threshold, "
+                   "per-patient differentials with Bland-Altman limits.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="batchwbc ONNX model to evaluate instead of the bundled one.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the numbers as JSON (accuracy, macro_f1, per_class, ece, ...).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes decoding images in parallel. Default: one per CPU core. 0 decodes in the main process.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on the terminal; no progress.")
+def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_path: Path | None,
+                     workers: int | None, quiet: bool) -> None:
+    """Compare the model with a lab's verified cells in LABELLED/<class_id>/[<patient>/]crop.
+
+    Each crop is classified exactly as `batchwbc run` would classify it. Folders that are not
+    classes of the model are counted and skipped; unreadable crops are listed (exit code 3).
+    """
+    from .evaluation_job import run_evaluate
+    from .interrupt import signals_as_interrupt
+    from .logsetup import setup_logging, stderr_is_terminal
+
+    show_bar = stderr_is_terminal() and not quiet
+    setup_logging(quiet, None, show_bar)
+    try:
+        with signals_as_interrupt():  # SIGTERM too: the temp files go, the previous EVAL.xlsx stays
+            code = run_evaluate(labelled, out, model_path, json_path, workers, show_bar)
+    except Abort as exc:
+        log.error("%s", exc)
+        code = exc.code
+    except KeyboardInterrupt as exc:
+        log.error("interrupted (%s); no evaluation was written and the previous one is untouched.", str(exc) or "Ctrl-C")
+        code = exitcodes.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one sentence for the user
+        log.error("the evaluation failed unexpectedly (%s: %s); nothing was written.", type(exc).__name__, exc)
+        code = exitcodes.FAILED
+    sys.exit(code)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

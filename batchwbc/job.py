@@ -52,6 +52,8 @@ class RunOptions:
     cache_path: Path | None = None
     cells_csv: Path | None = None
     show_bar: bool = False  # a progress bar on the terminal
+    allow_empty: bool = False  # a slides folder without images writes an empty report instead of exit 4
+    html_dir: Path | None = None  # also write the offline HTML gallery here
 
 
 def resolve_review_threshold(cli_value: float | None, config_value: float | None, model_value: float | None) -> tuple[float, str]:
@@ -101,6 +103,7 @@ class RunState:
     def __init__(self) -> None:
         self.pipeline: "Pipeline | None" = None
         self.stage = "start-up"
+        self.report_written = False  # the workbook is in place; only the --html gallery was still being written
 
     def where(self) -> str:
         """'after 1234 of 5000 cells', 'while looking for images', ..."""
@@ -110,6 +113,11 @@ class RunState:
         if p is not None:
             return f"after all {p.total} cells were classified, while {self.stage}"
         return f"while {self.stage}" if self.stage != "start-up" else "during start-up"
+
+    def outcome(self) -> str:
+        if self.report_written:
+            return "the report was written; the previous HTML gallery is untouched"
+        return "no report was written and the previous one is untouched"
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,13 @@ def run_job(opts: RunOptions) -> int:
             report.check_output_writable(path, suffixes)
         except report.OutputError as exc:
             raise JobError(exitcodes.USAGE, str(exc)) from None
+    if opts.html_dir is not None:
+        from .gallery import GalleryError, check_target
+
+        try:
+            check_target(opts.html_dir)
+        except GalleryError as exc:
+            raise JobError(exitcodes.USAGE, str(exc)) from None
     log.info("model %s (version %s, sha256 %s...), review threshold %.3g from %s",
              info.path.name, info.model_version, info.sha256[:12], threshold, threshold_source)
     prepared = _Prepared(settings, classifier, threshold, threshold_source, n_workers)
@@ -178,11 +193,10 @@ def run_job(opts: RunOptions) -> int:
         try:
             return _classify_and_report(opts, prepared, cache, started, t0, state)
         except RunInterrupted as exc:
-            log.error("interrupted (%s) %s; no report was written and the previous one is untouched.",
-                      exc.signal_name, state.where())
+            log.error("interrupted (%s) %s; %s.", exc.signal_name, state.where(), state.outcome())
             return exitcodes.INTERRUPTED
         except KeyboardInterrupt:
-            log.error("interrupted %s; no report was written and the previous one is untouched.", state.where())
+            log.error("interrupted %s; %s.", state.where(), state.outcome())
             return exitcodes.INTERRUPTED
 
 
@@ -203,6 +217,9 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         raise JobError(exitcodes.USAGE, str(exc)) from None
     log.info("found %d crops in %d patient folders (%d other files ignored)",
              len(found.crops), len(found.patients), found.ignored_total)
+    if not found.crops and not opts.allow_empty:
+        raise JobError(exitcodes.NO_INPUT, f"no images found below {opts.slides} (an empty folder or an unmounted share?); "
+                                           "no report was written and the previous one is untouched (--allow-empty writes an empty report).")
     if not found.crops:
         log.warning("no images found below %s; the report will list the patients with zero cells.", opts.slides)
 
@@ -234,6 +251,9 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
     except (OSError, report.OutputError) as exc:
         raise JobError(exitcodes.FAILED, f"the report could not be written ({str(exc).rstrip('.')}).") from None
 
+    if opts.html_dir is not None:
+        state.stage, state.report_written = "writing the HTML gallery", True
+        write_html_gallery(run, summaries, opts.slides, opts.html_dir)
     t = totals(summaries)
     log.info(
         "summary: %d patients, %d cells classified, %d unreadable, %d for review, %d flags raised, %.1f s; report: %s",
@@ -244,6 +264,23 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
                     "file or folder" if len(errors) == 1 else "files or folders")
         return exitcodes.PARTIAL
     return exitcodes.OK
+
+
+def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides: Path, html_dir: Path) -> None:
+    """The --html gallery, written after the workbook: a failure here leaves the workbook written."""
+    from .gallery import GalleryError, GalleryRunInfo, write_gallery
+
+    t = time.monotonic()
+    by_patient = {s.patient: s for s in summaries}
+    cells_by: dict[str, list] = {p: [] for p in by_patient}
+    for cell in run.cells:
+        cells_by.setdefault(cell.patient, []).append(cell)
+    try:
+        res = write_gallery(html_dir, list(by_patient), cells_by, by_patient, GalleryRunInfo.from_run(run), slides)
+    except GalleryError as exc:
+        raise JobError(exitcodes.FAILED, f"{str(exc).rstrip('.')}; the workbook was written.") from None
+    log.info("HTML gallery: %d patient pages, %d cells, %d thumbnails, %.1f s; open %s",
+             res.pages, res.cells, res.thumbnails, time.monotonic() - t, Path(html_dir) / "index.html")
 
 
 def run_sheet_rows(opts: RunOptions, prep: _Prepared, found: "Discovery", result: "PipelineOutput",

@@ -59,6 +59,8 @@ class Classifier:
         (measured in docs/performance.md)."""
         import onnxruntime as ort
 
+        from .ortlog import quiet_session_options
+
         p = Path(path) if path is not None else DEFAULT_MODEL_PATH
         if not p.is_file():
             raise ModelError(f"model file {p} does not exist.")
@@ -66,8 +68,7 @@ class Classifier:
             sha = file_sha256(p)
         except OSError as exc:
             raise ModelError(f"model file {p} cannot be read ({exc.strerror or exc}).") from None
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts = quiet_session_options()  # batchwbc.ortlog: nothing from onnxruntime on stderr
         if threads > 0:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

@@ -59,12 +59,17 @@ def default_workers() -> int:
 # Worker side (module top level and picklable, as the spawn start method requires)
 # ---------------------------------------------------------------------------------------
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
     """Ctrl-C goes to the whole process group; only the main process should react to it.
+    A worker ends when the run that started it dies, even by kill -9 (batchwbc.parentwatch).
     One OpenCV thread per worker: the pool already uses every core."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        from .parentwatch import watch_parent
+
+        watch_parent(parent_pid)
     try:
         import cv2
 
@@ -80,6 +85,7 @@ Decoded = tuple
 def decode_one(path: str, size: int, preprocessing: str | None = None) -> Decoded:
     """Read, decode and frame one crop as the model expects; never raises (the reason travels
     back instead)."""
+    from .cropcheck import check_crop_shape
     from .preprocess import PREPROCESSING_ID, UnreadableImage, prepare_file
 
     try:
@@ -92,7 +98,7 @@ def decode_one(path: str, size: int, preprocessing: str | None = None) -> Decode
         # e.g. replaced by a FIFO after discovery: opening it would block forever
         return (None, "not a regular file", 0, 0)
     try:
-        arr = prepare_file(path, size, preprocessing=preprocessing or PREPROCESSING_ID)
+        arr = prepare_file(path, size, preprocessing=preprocessing or PREPROCESSING_ID, check=check_crop_shape)
     except UnreadableImage as exc:
         return (None, str(exc), st.st_size, st.st_mtime_ns)
     except MemoryError:
@@ -149,11 +155,16 @@ def top_two(probs: "np.ndarray", classes: Sequence[str]) -> tuple[str, float, st
 
 
 def cell_from_probs(
-    crop: Crop, probs: "np.ndarray", classes: Sequence[str], review_threshold: float, thumbnail: bytes | None
+    crop: Crop, probs: "np.ndarray", classes: Sequence[str], review_threshold: float, thumbnail: bytes | None,
+    image_reason: str = "",
 ) -> CellResult:
+    """`image_reason` sends the cell to review whatever its confidence (e.g. a greyscale crop)."""
+    from .cropcheck import review_reasons
+
     c1, p1, c2, p2 = top_two(probs, classes)
-    review = p1 < review_threshold
-    return CellResult(crop.patient, crop.rel, c1, p1, c2, p2, review, thumbnail if review else None)
+    reason = review_reasons(p1, review_threshold, image_reason)
+    review = bool(reason)
+    return CellResult(crop.patient, crop.rel, c1, p1, c2, p2, review, thumbnail if review else None, reason)
 
 
 @dataclass
@@ -211,7 +222,7 @@ class Pipeline:
         self._thumb_heap: list[tuple] = []  # max-heap (negated review-sheet order) of kept thumbnails
         self._patient_rank: dict[str, int] = {}
         self._errors: list[tuple[int, FileError]] = []
-        self._batch_items: list[tuple[int, Crop, int, int]] = []
+        self._batch_items: list[tuple[int, Crop, int, int, str]] = []  # idx, crop, size, mtime_ns, image review reason
         self._batch: "np.ndarray | None" = None
         self._out = PipelineOutput([], [])
 
@@ -255,7 +266,8 @@ class Pipeline:
         entry = self.cache.lookup(crop.path, st.st_size, st.st_mtime_ns)
         if entry is None or entry.probs.shape != (len(self.classes),) or not np.all(np.isfinite(entry.probs)):
             return False
-        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_jpeg)
+        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_jpeg,
+                               entry.image_reason)
         if cell.review and entry.thumbnail_jpeg is None:
             return False  # needs review now (other threshold) but no thumbnail was kept: redo it
         self._add_cell(idx, cell)
@@ -278,8 +290,10 @@ class Pipeline:
         if self._batch is None:
             s = self.input_size
             self._batch = np.empty((self.batch_size, s, s, 3), dtype=np.uint8)
+        from .cropcheck import GREYSCALE_REASON, is_greyscale
+
         self._batch[len(self._batch_items)] = arr
-        self._batch_items.append((idx, crop, size, mtime_ns))
+        self._batch_items.append((idx, crop, size, mtime_ns, GREYSCALE_REASON if is_greyscale(arr) else ""))
         if len(self._batch_items) == self.batch_size:
             self._flush()
 
@@ -297,20 +311,20 @@ class Pipeline:
                 raise ValueError(f"model returned shape {probs.shape}")
         except Exception as exc:  # noqa: BLE001 - fail these cells, keep the run
             log.error("the model failed on a batch of %d images (%s); they are listed as errors", n, exc)
-            for idx, crop, _, _ in items:
+            for idx, crop, *_ in items:
                 self._error(idx, crop, "the model could not classify this image")
             return
-        for j, (idx, crop, size, mtime_ns) in enumerate(items):
+        for j, (idx, crop, size, mtime_ns, image_reason) in enumerate(items):
             p = probs[j]
             if not np.all(np.isfinite(p)):
                 self._error(idx, crop, "the model returned no valid probabilities for this image")
                 continue
             c1, p1, _, _ = top_two(p, self.classes)
-            thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold else None
-            cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb)
+            thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold or image_reason else None
+            cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb, image_reason)
             self._add_cell(idx, cell)
             if self.cache is not None and size:
-                self.cache.store(crop.path, size, mtime_ns, p, thumb)
+                self.cache.store(crop.path, size, mtime_ns, p, thumb, image_reason)
             self._finished()
 
     # -- driving -----------------------------------------------------------------------
@@ -350,7 +364,8 @@ class Pipeline:
         from concurrent.futures import ProcessPoolExecutor
 
         return ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+            initargs=(os.getpid(),),
         )
 
     def _run_pool(self, chunks: Iterator[list[tuple[int, Crop]]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -138,8 +139,13 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interp)
 
 
-def cell_square(rgb: np.ndarray) -> tuple[int, int, int] | None:
+def cell_square(rgb: np.ndarray, margin: float = CELL_MARGIN) -> tuple[int, int, int] | None:
     """(x0, y0, side) of the square that frames the cell, or None when no cell stands out.
+
+    `margin` is the square's side as a multiple of the cell's larger side; the contract's
+    value is the default, and only experiments (`python -m train.experiments margin`) pass
+    another, as an argument rather than by patching the module constant, so it holds in any
+    thread or worker process.
 
     Why: exported crops frame the cell differently per analyzer (a Barcelona cell fills ~40 %
     of its crop, a Munich one ~55 %), so a whole-crop resize both wastes most input pixels on
@@ -183,7 +189,7 @@ def cell_square(rgb: np.ndarray) -> tuple[int, int, int] | None:
     bx0, by0 = x / scale, y / scale
     bx1, by1 = (x + bw) / scale, (y + bh) / scale
     short = min(h, w)
-    side = int(round(min(short, max(CELL_MIN_FRACTION * short, CELL_MARGIN * max(bx1 - bx0, by1 - by0)))))
+    side = int(round(min(short, max(CELL_MIN_FRACTION * short, margin * max(bx1 - bx0, by1 - by0)))))
     x0 = int(round((bx0 + bx1) / 2 - side / 2))
     y0 = int(round((by0 + by1) / 2 - side / 2))
     x0 = min(max(0, x0), w - side)
@@ -191,12 +197,15 @@ def cell_square(rgb: np.ndarray) -> tuple[int, int, int] | None:
     return x0, y0, side
 
 
-def to_model_input(rgb: np.ndarray, size: int, preprocessing: str = PREPROCESSING_ID) -> np.ndarray:
-    """Decoded RGB -> size x size model input under the named contract (pure)."""
+def to_model_input(
+    rgb: np.ndarray, size: int, preprocessing: str = PREPROCESSING_ID, margin: float = CELL_MARGIN
+) -> np.ndarray:
+    """Decoded RGB -> size x size model input under the named contract (pure); `margin` as in
+    cell_square (ignored by the whole-crop contract)."""
     if preprocessing == PREPROCESSING_WHOLE:
         return resize_square(rgb, size)
     if preprocessing == PREPROCESSING_CELL:
-        box = cell_square(rgb)
+        box = cell_square(rgb, margin)
         if box is None:
             return resize_square(rgb, size)
         x0, y0, side = box
@@ -205,14 +214,23 @@ def to_model_input(rgb: np.ndarray, size: int, preprocessing: str = PREPROCESSIN
 
 
 def prepare_bytes(
-    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID,
+    check: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """Encoded bytes -> model input (size x size x 3 uint8 RGB)."""
-    return to_model_input(decode_rgb(data, max_pixels), size, preprocessing)
+    """Encoded bytes -> model input (size x size x 3 uint8 RGB).
+
+    `check` sees the decoded image before framing and may raise UnreadableImage: the runtime
+    refuses images that cannot be a cell crop (batchwbc.cropcheck); training passes none.
+    """
+    rgb = decode_rgb(data, max_pixels)
+    if check is not None:
+        check(rgb)
+    return to_model_input(rgb, size, preprocessing)
 
 
 def prepare_file(
-    path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID
+    path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: str = PREPROCESSING_ID,
+    check: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """A crop on disk -> model input; the function both training and runtime call."""
-    return prepare_bytes(read_bytes(path), size, max_pixels, preprocessing)
+    return prepare_bytes(read_bytes(path), size, max_pixels, preprocessing, check)

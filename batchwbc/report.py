@@ -48,7 +48,7 @@ class OutputError(Exception):
 
 SHEETS = ("Summary", "Differential", "Cells", "Review", "Errors", "Run")
 #: Column names of the cells CSV, for software; class columns hold catalogue ids.
-CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review")
+CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review", "review_reason")
 
 WHOLE_PATIENT = "(whole patient folder)"
 
@@ -470,6 +470,7 @@ _CELLS: tuple[Column, ...] = (
     Column("Second class", lambda r: r.cell.second_class, 22),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
     Column("Review", lambda r: "yes" if r.cell.review else "no", 8),
+    Column("Review reason", lambda r: r.cell.review_reason, 36),
     _VERIFIED_CLASS,
 )
 
@@ -481,6 +482,7 @@ _REVIEW: tuple[Column, ...] = (
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
     Column("Second class", lambda r: _display(r.cell.second_class), 22),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
+    Column("Review reason", lambda r: r.cell.review_reason, 36),
     _VERIFIED_CLASS,
 )
 
@@ -797,5 +799,5 @@ def write_cells_csv(cells: Iterable[CellResult], out_path: str | os.PathLike) ->
             for c in cells:
                 writer.writerow([
                     csv_text(c.patient), csv_text(c.file), c.class_id, f"{c.confidence:.4f}",
-                    c.second_class, f"{c.second_prob:.4f}", "yes" if c.review else "no",
+                    c.second_class, f"{c.second_prob:.4f}", "yes" if c.review else "no", c.review_reason,
                 ])

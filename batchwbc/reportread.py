@@ -182,7 +182,7 @@ def _read(wb: Any, p: Path) -> ReportContents:
             patient=_text_keep(r.get("Patient")), file=_text_keep(r.get("File")),
             class_id=_text(r.get("Class")), confidence=_number(r.get("Confidence")),
             second_class=_text(r.get("Second class")), second_prob=_number(r.get("Second probability")),
-            review=_text(r.get("Review")).lower() == "yes",
+            review=_text(r.get("Review")).lower() == "yes", review_reason=_text_keep(r.get("Review reason")),
         )
         key = (c.patient, c.file)
         if key in seen:

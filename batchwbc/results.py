@@ -24,8 +24,9 @@ class CellResult:
     confidence: float  # calibrated probability of class_id
     second_class: str
     second_prob: float
-    review: bool  # confidence below the review threshold
+    review: bool  # confidence below the review threshold, or an image that always needs review
     thumbnail_jpeg: bytes | None = None  # small JPEG of the model input, kept for review cells only
+    review_reason: str = ""  # why it needs review, '; '-joined ('' when it does not); see cropcheck
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import numpy as np
 
 from batchwbc import catalogue
 from batchwbc import model as bm
-from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_WHOLE, prepare_file
+from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_WHOLE
+from train import evalkit
 
 ATTRIBUTION = (
     "PBC_dataset_normal_DIB: Acevedo et al., Data in Brief 30 (2020), doi:10.17632/snkd93bnjr.1, CC BY 4.0; "
@@ -20,19 +21,6 @@ ATTRIBUTION = (
 
 class ExportError(Exception):
     """An export that cannot proceed; str is one sentence."""
-
-
-def _split_rows(run_dir: Path, which: str) -> list[dict]:
-    from train.split import read_split_csv
-
-    return [r for r in read_split_csv(run_dir / "split.csv") if r["split"] == which]
-
-
-def load_images(data_root: Path, rows: list[dict], size: int, preprocessing: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode split rows through the runtime's own preprocessing function."""
-    x = np.stack([prepare_file(data_root / r["path"], size, preprocessing=preprocessing) for r in rows])
-    y = np.array([catalogue.CLASS_IDS.index(r["class_id"]) for r in rows])
-    return x, y, [r["source"] for r in rows]
 
 
 @contextlib.contextmanager
@@ -93,23 +81,20 @@ def set_metadata(proto, meta: dict[str, str]) -> None:
 def ort_session(path: Path):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    from batchwbc.ortlog import quiet_session_options
+
+    opts = quiet_session_options()
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def ort_predict(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def ms_per_crop(path: Path, x: np.ndarray, repeats: int = 5) -> float:
     """Median single-thread latency per crop at batch 32 (what a 2-core PC's runtime sees)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from batchwbc.ortlog import quiet_session_options
+
+    opts = quiet_session_options()
     opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     b = x[:32]
@@ -162,8 +147,8 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         raise ExportError(f"data folder {root} (needed for the parity check) does not exist; pass --data.")
     core = keras.saving.load_model(run_dir / "model.keras", compile=False)
 
-    test_rows = _split_rows(run_dir, "test")
-    x_test, y_test, src_test = load_images(root, test_rows, size, preprocessing)
+    # the run's held-out rows, decoded by the runtime's own preprocessing (train.evalkit)
+    x_test, y_test = evalkit.decode_rows(root, evalkit.split_rows(run_dir / "split.csv", "test"), size, preprocessing)
     proto, serve = to_onnx(core, size, temperature, opset)
     version = model_version or run_dir.name
     tmp = out_path.with_suffix(".tmp.onnx")
@@ -176,7 +161,7 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
     n = min(parity_images, len(x_test))
     keras_p = serve(x_test[:n]).numpy()
     sess = ort_session(tmp)
-    onnx_p = ort_predict(sess, x_test[:n])
+    onnx_p = evalkit.predict(sess, x_test[:n], 64)
     diff = float(np.abs(keras_p - onnx_p).max())
     print(f"parity on {n} real test images: max |keras - onnxruntime| = {diff:.2e} (limit {tolerance:.0e})")
     if diff > tolerance:
@@ -184,7 +169,7 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         print("parity check FAILED: the ONNX model is not written.")
         return False
 
-    probs = ort_predict(sess, x_test)
+    probs = evalkit.predict(sess, x_test, 64)
     float_metrics = summary_metrics(probs, y_test)
     float_ms = ms_per_crop(tmp, x_test)
     print(f"float ONNX on {len(y_test)} test images: accuracy {float_metrics['accuracy']:.4f}, paper-10 accuracy "
@@ -192,10 +177,10 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
     chosen, chosen_metrics, quant_note = tmp, float_metrics, "float32"
     if quantize == "int8":
         q_path = out_path.with_suffix(".int8.tmp.onnx")
-        val_rows = _split_rows(run_dir, "val")[:256]
-        x_cal, _, _ = load_images(root, val_rows, size, preprocessing)
+        val_rows = evalkit.split_rows(run_dir / "split.csv", "val")[:256]
+        x_cal, _ = evalkit.decode_rows(root, val_rows, size, preprocessing)
         quantize_int8(tmp, q_path, x_cal)
-        q_probs = ort_predict(ort_session(q_path), x_test)
+        q_probs = evalkit.predict(ort_session(q_path), x_test, 64)
         q_metrics = summary_metrics(q_probs, y_test)
         q_ms = ms_per_crop(q_path, x_test)
         loss = (float_metrics["accuracy"] - q_metrics["accuracy"]) * 100

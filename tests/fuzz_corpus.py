@@ -43,6 +43,8 @@ class CorpusCase:
     note: str  # what the case exercises
     class_id: str | None = None  # the class the tiny model must predict, when the colour survives
     bomb: bool = False  # refused by the pixel limit (the reason must say so)
+    shape: bool = False  # refused as too small or too elongated to be a cell crop
+    greyscale: bool = False  # classified, but always sent to review as greyscale
 
 
 @dataclass
@@ -130,6 +132,25 @@ def _noise_jpeg() -> bytes:
     return _pil_bytes(arr, "JPEG", quality=90)
 
 
+def cell_like(size: int = 96) -> np.ndarray:
+    """A crop that looks like a stained smear: pinkish background, red cells, a purple
+    leukocyte with a darker nucleus in the middle (RGB)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = (236, 220, 226)
+    for cy, cx in ((0.2, 0.2), (0.8, 0.25), (0.25, 0.85), (0.85, 0.8)):
+        img[(yy - cy * size) ** 2 + (xx - cx * size) ** 2 < (0.12 * size) ** 2] = (214, 150, 160)
+    r2 = (yy - size / 2) ** 2 + (xx - size / 2) ** 2
+    img[r2 < (0.3 * size) ** 2] = (190, 160, 215)
+    img[r2 < (0.18 * size) ** 2] = (95, 45, 140)
+    return img
+
+
+def grey_of(rgb: np.ndarray) -> np.ndarray:
+    """Luma of an RGB image (what a greyscale camera or export would keep)."""
+    return (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
+
+
 def _noise_png() -> bytes:
     arr = np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     return _pil_bytes(arr, "PNG")
@@ -145,14 +166,15 @@ def build_corpus(root: Path) -> CorpusManifest:
     m = CorpusManifest(root=root)
     col = tinymodel.colour_for
 
-    def add(rel: str, data: bytes | None, expect: str, note: str, class_id: str | None = None, bomb: bool = False) -> None:
+    def add(rel: str, data: bytes | None, expect: str, note: str, class_id: str | None = None, bomb: bool = False,
+            shape: bool = False, greyscale: bool = False) -> None:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if data is not None:
             path.write_bytes(data)
         first = rel.split("/", 1)[0]
         patient = ROOT_GROUP if "/" not in rel else first
-        m.cases.append(CorpusCase(rel, patient, expect, note, class_id, bomb))
+        m.cases.append(CorpusCase(rel, patient, expect, note, class_id, bomb, shape, greyscale))
         if patient not in m.patients:
             m.patients.append(patient)
 
@@ -160,29 +182,54 @@ def build_corpus(root: Path) -> CorpusManifest:
     p = "P001_formats"
     add(f"{p}/neutrophil.jpg", _pil_bytes(_solid(48, 48, col("neutrophil_segmented")), "JPEG", quality=95), CLASSIFY, "plain JPEG", "neutrophil_segmented")
     add(f"{p}/lymph.png", _pil_bytes(_solid(40, 40, col("lymphocyte")), "PNG"), CLASSIFY, "plain PNG", "lymphocyte")
-    add(f"{p}/one_pixel.png", _pil_bytes(_solid(1, 1, col("monocyte")), "PNG"), CLASSIFY, "1x1 image", "monocyte")
-    add(f"{p}/tall.png", _pil_bytes(_solid(3000, 1, col("eosinophil")), "PNG"), CLASSIFY, "3000:1 aspect ratio", "eosinophil")
-    add(f"{p}/wide.png", _pil_bytes(_solid(1, 3000, col("basophil")), "PNG"), CLASSIFY, "1:3000 aspect ratio", "basophil")
     grey = np.full((40, 40), 140, np.uint8)
-    add(f"{p}/grey.png", _pil_bytes(grey, "PNG"), CLASSIFY, "8-bit greyscale PNG")
-    add(f"{p}/grey.jpg", _pil_bytes(grey, "JPEG", quality=90), CLASSIFY, "greyscale JPEG")
+    add(f"{p}/grey.png", _pil_bytes(grey, "PNG"), CLASSIFY, "8-bit greyscale PNG", greyscale=True)
+    add(f"{p}/grey.jpg", _pil_bytes(grey, "JPEG", quality=90), CLASSIFY, "greyscale JPEG", greyscale=True)
     rgba = np.dstack([_solid(40, 40, col("myeloblast")), np.full((40, 40), 128, np.uint8)])
     add(f"{p}/rgba.png", _pil_bytes(rgba, "PNG"), CLASSIFY, "RGBA PNG (alpha dropped)", "myeloblast")
     add(f"{p}/palette.png", _pil_bytes(Image.new("RGB", (40, 40), col("platelet")).convert("P"), "PNG"), CLASSIFY, "palette PNG", "platelet")
     add(f"{p}/deep16.tif", tiff16(col("promyelocyte")), CLASSIFY, "16-bit RGB TIFF", "promyelocyte")
-    add(f"{p}/grey16.png", _cv_bytes(".png", np.full((40, 40), 30000, np.uint16)), CLASSIFY, "16-bit greyscale PNG")
+    add(f"{p}/grey16.png", _cv_bytes(".png", np.full((40, 40), 30000, np.uint16)), CLASSIFY, "16-bit greyscale PNG", greyscale=True)
     add(f"{p}/cmyk.jpg", cmyk_jpeg(col("erythroblast")), CLASSIFY, "CMYK JPEG", "erythroblast")
     add(f"{p}/bitmap.bmp", _pil_bytes(_solid(40, 40, col("myelocyte")), "BMP"), CLASSIFY, "BMP", "myelocyte")
     add(f"{p}/UPPER.JPG", _pil_bytes(_solid(40, 40, col("metamyelocyte")), "JPEG", quality=95), CLASSIFY, "upper-case .JPG", "metamyelocyte")
     add(f"{p}/Mixed.Png", _pil_bytes(_solid(40, 40, col("neutrophil_band")), "PNG"), CLASSIFY, "mixed-case .Png", "neutrophil_band")
     add(f"{p}/UPPER.TIFF", _cv_bytes(".tif", _solid(40, 40, col("lymphocyte"))[:, :, ::-1]), CLASSIFY, "upper-case .TIFF", "lymphocyte")
-    add(f"{p}/q1.jpeg", _pil_bytes(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG", quality=1), CLASSIFY, "JPEG quality 1")
+    add(f"{p}/q1.jpeg", _pil_bytes(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG", quality=1), CLASSIFY, "JPEG quality 1 (its chroma is quantised away: greyscale)", greyscale=True)
     add(f"{p}/noise.jpg", _noise_jpeg(), CLASSIFY, "textured JPEG")
-    add(f"{p}/=1+1.png", _pil_bytes(_solid(20, 20, col("monocyte")), "PNG"), CLASSIFY, "formula-looking file name", "monocyte")
-    add(f"{p}/name with spaces & ümlaut #1.png", _pil_bytes(_solid(20, 20, col("monocyte")), "PNG"), CLASSIFY, "spaces, unicode and # in a file name", "monocyte")
+    add(f"{p}/=1+1.png", _pil_bytes(_solid(40, 40, col("monocyte")), "PNG"), CLASSIFY, "formula-looking file name", "monocyte")
+    add(f"{p}/name with spaces & ümlaut #1.png", _pil_bytes(_solid(40, 40, col("monocyte")), "PNG"), CLASSIFY, "spaces, unicode and # in a file name", "monocyte")
     if sys.platform != "win32":
-        add(f"{p}/ctrl\x1bchar\x07.png", _pil_bytes(_solid(20, 20, col("monocyte")), "PNG"), CLASSIFY, "control characters in a file name (illegal in XLSX cells)", "monocyte")
+        add(f"{p}/ctrl\x1bchar\x07.png", _pil_bytes(_solid(40, 40, col("monocyte")), "PNG"), CLASSIFY, "control characters in a file name (illegal in XLSX cells)", "monocyte")
     add(f"{p}/big_allowed.png", _pil_bytes(_solid(2500, 2500, col("basophil")), "PNG"), CLASSIFY, "6 MP image, under the pixel limit", "basophil")
+
+    # Not a cell crop: too small or a strip (patient "P008_shapes"), Errors with a reason, never counted.
+    g = "P008_shapes"
+    add(f"{g}/one_pixel.png", _pil_bytes(_solid(1, 1, col("monocyte")), "PNG"), ERROR, "1x1 image", shape=True)
+    add(f"{g}/tiny_8.jpg", _pil_bytes(_solid(8, 8, col("monocyte")), "JPEG", quality=95), ERROR, "8x8 JPEG", shape=True)
+    add(f"{g}/w31.png", _pil_bytes(_solid(40, 31, col("monocyte")), "PNG"), ERROR, "31 px wide, one under the limit", shape=True)
+    add(f"{g}/min32.png", _pil_bytes(_solid(32, 32, col("monocyte")), "PNG"), CLASSIFY, "32x32, the smallest accepted", "monocyte")
+    add(f"{g}/strip_8000x3.png", _pil_bytes(_solid(3, 8000, col("platelet")), "PNG"), ERROR, "8000x3 strip", shape=True)
+    add(f"{g}/tall.png", _pil_bytes(_solid(3000, 1, col("eosinophil")), "PNG"), ERROR, "1x3000 strip", shape=True)
+    add(f"{g}/wide.png", _pil_bytes(_solid(1, 3000, col("basophil")), "PNG"), ERROR, "3000x1 strip", shape=True)
+    add(f"{g}/aspect_3.png", _pil_bytes(_solid(40, 120, col("basophil")), "PNG"), CLASSIFY, "120x40, the widest accepted", "basophil")
+    add(f"{g}/aspect_over_3.png", _pil_bytes(_solid(40, 121, col("basophil")), "PNG"), ERROR, "121x40, just too elongated", shape=True)
+    add(f"{g}/tall_over_3.bmp", _pil_bytes(_solid(200, 50, col("lymphocyte")), "BMP"), ERROR, "50x200 BMP", shape=True)
+
+    # Greyscale copies of a real-looking crop (patient "P009_greyscale"): classified, always reviewed.
+    cell = cell_like()
+    gy = "P009_greyscale"
+    add(f"{gy}/colour.png", _pil_bytes(cell, "PNG"), CLASSIFY, "stained-looking colour crop")
+    add(f"{gy}/colour.jpg", _pil_bytes(cell, "JPEG", quality=85), CLASSIFY, "stained-looking colour crop, JPEG")
+    add(f"{gy}/grey_L.png", _pil_bytes(grey_of(cell), "PNG"), CLASSIFY, "greyscale copy, single-channel PNG", greyscale=True)
+    add(f"{gy}/grey_L.jpg", _pil_bytes(grey_of(cell), "JPEG", quality=85), CLASSIFY, "greyscale copy, single-channel JPEG", greyscale=True)
+    grey3 = np.repeat(grey_of(cell)[:, :, None], 3, axis=2)
+    add(f"{gy}/grey_rgb.jpg", _pil_bytes(grey3, "JPEG", quality=85), CLASSIFY, "greyscale copy saved as colour JPEG", greyscale=True)
+    add(f"{gy}/grey_rgb.tif", _cv_bytes(".tif", grey3), CLASSIFY, "greyscale copy saved as colour TIFF", greyscale=True)
+    add(f"{gy}/grey_rgb_q20.jpg", _cv_bytes(".jpg", grey3, [1, 20]), CLASSIFY, "greyscale copy, colour JPEG quality 20", greyscale=True)
+    near = grey3.astype(np.int16) + np.random.default_rng(11).integers(-1, 2, grey3.shape)
+    add(f"{gy}/grey_near.png", _pil_bytes(np.clip(near, 0, 255).astype(np.uint8), "PNG"), CLASSIFY, "greyscale copy with +-1 channel noise", greyscale=True)
+    add(f"{gy}/grey16.tif", _cv_bytes(".tif", grey_of(cell).astype(np.uint16) * 257), CLASSIFY, "greyscale copy, 16-bit TIFF", greyscale=True)
 
     # Invalid files (patient "P002_broken").
     b = "P002_broken"
@@ -207,19 +254,19 @@ def build_corpus(root: Path) -> CorpusManifest:
     add(f"{z}/over_limit_7000.png", png_bomb(7000, 7000), ERROR, "valid 7000x7000 PNG, just over the limit", bomb=True)
     add(f"{z}/bomb_header.jpg", jpeg_with_header_size(30000, 30000), ERROR, "JPEG header claiming 30000x30000", bomb=True)
     add(f"{z}/bomb_header.bmp", bmp_with_header_size(25000, 25000), ERROR, "BMP header claiming 25000x25000", bomb=True)
-    add(f"{z}/ok.png", _pil_bytes(_solid(30, 30, col("lymphocyte")), "PNG"), CLASSIFY, "valid image next to bombs", "lymphocyte")
+    add(f"{z}/ok.png", _pil_bytes(_solid(40, 40, col("lymphocyte")), "PNG"), CLASSIFY, "valid image next to bombs", "lymphocyte")
 
     # Hostile patient folder names.
     for name in FORMULA_PATIENTS + (UNICODE_PATIENT,):
-        add(f"{name}/cell.png", _pil_bytes(_solid(24, 24, col("neutrophil_segmented")), "PNG"), CLASSIFY, f"patient folder {name!r}", "neutrophil_segmented")
+        add(f"{name}/cell.png", _pil_bytes(_solid(40, 40, col("neutrophil_segmented")), "PNG"), CLASSIFY, f"patient folder {name!r}", "neutrophil_segmented")
 
     # Nesting: everything under a patient folder belongs to that patient.
     deep = "P004_deep/" + "/".join(f"level{i}" for i in range(12))
-    add(f"{deep}/cell.png", _pil_bytes(_solid(24, 24, col("eosinophil")), "PNG"), CLASSIFY, "image 12 folders deep", "eosinophil")
-    add("P004_deep/folder.jpg/inside.png", _pil_bytes(_solid(24, 24, col("eosinophil")), "PNG"), CLASSIFY, "folder whose name looks like an image", "eosinophil")
+    add(f"{deep}/cell.png", _pil_bytes(_solid(40, 40, col("eosinophil")), "PNG"), CLASSIFY, "image 12 folders deep", "eosinophil")
+    add("P004_deep/folder.jpg/inside.png", _pil_bytes(_solid(40, 40, col("eosinophil")), "PNG"), CLASSIFY, "folder whose name looks like an image", "eosinophil")
 
     # An image directly under the slides root.
-    add("loose_cell.png", _pil_bytes(_solid(24, 24, col("lymphocyte")), "PNG"), CLASSIFY, "image directly under the root", "lymphocyte")
+    add("loose_cell.png", _pil_bytes(_solid(40, 40, col("lymphocyte")), "PNG"), CLASSIFY, "image directly under the root", "lymphocyte")
 
     # Files that are not crops: ignored, never errors.
     add("P001_formats/notes.txt", b"not an image", IGNORE, "non-image file")
@@ -237,7 +284,7 @@ def build_corpus(root: Path) -> CorpusManifest:
 
     # Symlinks: loops must not hang discovery, broken links are reported.
     s = "P007_links"
-    add(f"{s}/cell.png", _pil_bytes(_solid(24, 24, col("monocyte")), "PNG"), CLASSIFY, "real file next to links", "monocyte")
+    add(f"{s}/cell.png", _pil_bytes(_solid(40, 40, col("monocyte")), "PNG"), CLASSIFY, "real file next to links", "monocyte")
     try:
         os.symlink("..", root / s / "loop_to_parent", target_is_directory=True)
         os.symlink(".", root / s / "loop_to_self", target_is_directory=True)

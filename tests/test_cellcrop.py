@@ -36,6 +36,21 @@ def test_square_is_centred_on_the_cell_and_sized_by_it(h, w, cx, cy, r):
     assert abs((x0 + side / 2) - cx) <= 0.05 * side and abs((y0 + side / 2) - cy) <= 0.05 * side
 
 
+def test_margin_is_a_parameter_and_the_default_is_the_contracts():
+    """`python -m train.experiments margin` passes the margin; it must change the square, and
+    leaving it out must frame exactly as the contract does (the runtime never passes it)."""
+    img = smear(400, 400, 200, 200, 50)
+    _, _, side = pp.cell_square(img)
+    assert pp.cell_square(img, pp.CELL_MARGIN) == pp.cell_square(img)
+    _, _, narrow = pp.cell_square(img, 1.4)
+    assert abs(narrow - 1.4 * 100) <= 10 and narrow < side
+    default = pp.to_model_input(img, 32, pp.PREPROCESSING_CELL)
+    assert np.array_equal(default, pp.to_model_input(img, 32, pp.PREPROCESSING_CELL, margin=pp.CELL_MARGIN))
+    assert not np.array_equal(default, pp.to_model_input(img, 32, pp.PREPROCESSING_CELL, margin=1.4))
+    assert np.array_equal(pp.to_model_input(img, 32, pp.PREPROCESSING_WHOLE, margin=1.4),
+                          pp.to_model_input(img, 32, pp.PREPROCESSING_WHOLE))
+
+
 def test_picks_the_central_cell_not_a_bigger_neighbour():
     import cv2
 

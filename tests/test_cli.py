@@ -121,7 +121,7 @@ def test_real_command_with_worker_processes(tiny, tmp_path):
 def test_unreadable_files_give_exit_3_and_still_a_report(tiny, tmp_path):
     slides = tmp_path / "slides"
     (slides / "A").mkdir(parents=True)
-    img = np.zeros((30, 30, 3), np.uint8)
+    img = np.zeros((40, 40, 3), np.uint8)
     img[:] = tinymodel.colour_for("lymphocyte")[::-1]
     cv2.imwrite(str(slides / "A" / "good.png"), img)
     (slides / "A" / "bad.jpg").write_bytes(b"garbage")
@@ -201,9 +201,11 @@ def test_review_threshold_option_changes_the_review_list(tiny, tmp_path):
         r = invoke("run", SAMPLES, "--out", tmp_path / f"r{thr}.xlsx", "--model", tiny, "--workers", "0",
                    "--review-threshold", thr, "--cells-csv", csv)
         assert r.exit_code == 0
-    lo = [ln.endswith(",yes") for ln in csv_lo.read_text().splitlines()[1:]]
-    hi = [ln.endswith(",yes") for ln in csv_hi.read_text().splitlines()[1:]]
-    assert not any(lo) and all(hi)
+    import csv as csv_mod
+
+    lo = [r["review"] == "yes" for r in csv_mod.DictReader(csv_lo.open(newline=""))]
+    hi = [r["review"] == "yes" for r in csv_mod.DictReader(csv_hi.open(newline=""))]
+    assert lo and not any(lo) and all(hi)
 
 
 def test_inference_threads_leave_the_other_cores_to_decoding():

@@ -1,4 +1,4 @@
-"""`python -m train.diagnose` on a tiny saved model and a few real crops."""
+"""`python -m train.experiments` (formerly train.diagnose) on a tiny saved model and a few real crops."""
 from __future__ import annotations
 
 import re
@@ -10,6 +10,7 @@ pytest.importorskip("tensorflow")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, shared_data):
+    from batchwbc.catalogue import CLASS_IDS
     from batchwbc.datasets import read_any
     from train.models import build_core
     from train.split import write_split_csv
@@ -25,7 +26,7 @@ def tiny_run(tmp_path_factory, shared_data):
             rows.append((it.path.relative_to(shared_data).as_posix(), cid, it.source, "train" if i < 2 else "val"))
     write_split_csv(d / "split.csv", rows)
     for name in ("a", "b"):
-        core, _ = build_core("mobilenet_025", 32, 12)
+        core, _ = build_core("mobilenet_025", 32, len(CLASS_IDS))
         core.save(d / f"{name}.keras")
     return d, len(rows)
 
@@ -33,7 +34,7 @@ def tiny_run(tmp_path_factory, shared_data):
 def _invoke(*args):
     from click.testing import CliRunner
 
-    from train.diagnose import main
+    from train.experiments.cli import main
 
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 0, r.output
@@ -82,7 +83,7 @@ def test_fitted_biases_undo_a_known_class_shift():
     import numpy as np
 
     from train.calibration import log_softmax
-    from train.diagnose import cross_validated_bias_predictions, fit_temperature_and_bias
+    from train.experiments.bias import cross_validated_bias_predictions, fit_temperature_and_bias
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 2000)
@@ -92,3 +93,15 @@ def test_fitted_biases_undo_a_known_class_shift():
     assert 0.1 < t < 5.0 and b[0] - b[1:].mean() < -0.6 * 2.0 / t  # offsets act on logits / t
     assert np.mean(cross_validated_bias_predictions(shifted, y) == y) > np.mean(shifted.argmax(1) == y) + 0.05
     assert np.allclose(np.exp(log_softmax(clean)).sum(1), 1.0)
+
+
+def test_bad_margins_are_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from train.experiments.cli import main
+
+    for name in ("m.keras", "s.csv"):
+        (tmp_path / name).write_text("")
+    r = CliRunner().invoke(main, ["margin", str(tmp_path / "m.keras"), "--data", str(tmp_path), "--split",
+                                  str(tmp_path / "s.csv"), "--size", "32", "--margins", "1.4,wide"])
+    assert r.exit_code == 2 and "--margins" in r.output and "Traceback" not in r.output, r.output

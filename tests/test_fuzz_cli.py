@@ -83,7 +83,7 @@ def run_sheet(xlsx: Path) -> dict[str, str]:
         wb.close()
 
 
-def png(rgb, size: int = 24) -> bytes:
+def png(rgb, size: int = 40) -> bytes:
     return fuzz_corpus._pil_bytes(np.broadcast_to(np.array(rgb, np.uint8), (size, size, 3)).copy(), "PNG")
 
 
@@ -149,6 +149,40 @@ def test_corpus_every_invalid_file_in_errors_with_reason(corpus_run):
     for c in m.cases:
         if c.bomb:
             assert "pixel safety limit" in by_file[c.rel], (c.rel, by_file[c.rel])
+        if c.shape:
+            assert re.search(r"image is \d+x\d+ pixels, (too small to hold a cell|a strip rather than a cell crop)",
+                             by_file[c.rel]), (c.rel, by_file[c.rel])
+
+
+def test_corpus_impossible_shapes_are_not_counted(corpus_run):
+    """1x1, 8x8, 31 px, 8000x3 and >3:1 images are neither classified nor counted; 32 px and 3:1 are."""
+    m = corpus_run["manifest"]
+    shapes = [c for c in m.cases if c.patient == "P008_shapes"]
+    assert sum(c.shape for c in shapes) >= 6
+    summary = {r["Patient"]: r for r in sheet_rows(corpus_run["out"], "Summary")}
+    assert summary["P008_shapes"]["Cells classified"] == sum(c.expect == fuzz_corpus.CLASSIFY for c in shapes) == 2
+    assert summary["P008_shapes"]["Unreadable files"] == sum(c.shape for c in shapes)
+
+
+def test_corpus_greyscale_classified_and_always_reviewed(corpus_run):
+    m = corpus_run["manifest"]
+    cells = {c["File"]: c for c in sheet_rows(corpus_run["out"], "Cells")}
+    review = {c["File"]: c for c in sheet_rows(corpus_run["out"], "Review")}
+    grey = [c.rel for c in m.cases if c.greyscale]
+    assert len(grey) >= 8
+    for rel in grey:
+        assert cells[rel]["Review"] == "yes", rel
+        assert "greyscale image: stain colour missing" in cells[rel]["Review reason"], rel
+        assert "greyscale" in review[rel]["Review reason"], rel
+    for c in m.of(fuzz_corpus.CLASSIFY):
+        if not c.greyscale:
+            assert "greyscale" not in (cells[xlsx_text(c.rel)]["Review reason"] or ""), c.rel
+    # the reason travels to the CSV as well
+    import csv
+
+    with open(corpus_run["csv"], newline="", encoding="utf-8") as fh:
+        by_file = {r["file"]: r for r in csv.DictReader(fh)}
+    assert all("greyscale" in by_file[rel]["review_reason"] and by_file[rel]["review"] == "yes" for rel in grey)
 
 
 def test_corpus_ignored_files_are_nowhere(corpus_run):

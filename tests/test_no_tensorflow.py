@@ -69,7 +69,7 @@ def test_import_batchwbc_and_all_runtime_modules(tmp_path):
     assert not log.exists(), log.read_text()
 
 
-@pytest.mark.parametrize("module", ["train", "train.diagnose", "train.robustness", "train.probe"])
+@pytest.mark.parametrize("module", ["train", "train.experiments", "train.diagnose", "train.robustness", "train.probe", "train.packed"])
 def test_training_clis_answer_help_without_tensorflow(tmp_path, module):
     """The TensorFlow side imports it only when it trains or loads a model: --help stays instant."""
     env, log = guarded_env(tmp_path)
@@ -85,6 +85,29 @@ def test_full_run_with_worker_processes_never_imports_tensorflow(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "batchwbc", "run", str(REPO / "samples" / "slides"), "--out", str(out),
          "--model", str(model), "--workers", "2", "--cells-csv", str(tmp_path / "c.csv")],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+    assert not log.exists(), f"forbidden imports: {log.read_text()}"
+
+
+def test_evaluate_with_worker_processes_never_imports_tensorflow(tmp_path):
+    """`batchwbc evaluate` runs on the lab PC with the runtime install only (issue 14)."""
+    import cv2
+    import numpy as np
+
+    env, log = guarded_env(tmp_path)
+    model = tinymodel.build(tmp_path / "tiny.onnx")
+    for cls in ("lymphocyte", "monocyte"):
+        for i in range(3):
+            (tmp_path / "LAB" / cls / f"P{i}").mkdir(parents=True)
+            cv2.imwrite(str(tmp_path / "LAB" / cls / f"P{i}" / "c.png"),
+                        np.full((30, 30, 3), tinymodel.colour_for(cls)[::-1], np.uint8))
+    out = tmp_path / "e.xlsx"
+    r = subprocess.run(
+        [sys.executable, "-m", "batchwbc", "evaluate", str(tmp_path / "LAB"), "--out", str(out),
+         "--model", str(model), "--workers", "2", "--json", str(tmp_path / "e.json")],
         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=180,
     )
     assert r.returncode == 0, r.stderr
@@ -109,7 +132,9 @@ def test_verify_and_labelled_export_never_import_tensorflow(tmp_path):
 
 @pytest.mark.parametrize("module", ["batchwbc.cli", "batchwbc.pipeline", "batchwbc.simulate", "batchwbc.report",
                                     "batchwbc.verifyjob", "batchwbc.reportread", "batchwbc.verification",
-                                    "batchwbc.labelexport", "batchwbc.rowcheck"])
+                                    "batchwbc.labelexport", "batchwbc.rowcheck",
+                                    "batchwbc.evaluation", "batchwbc.evaluation_job", "batchwbc.evaluation_report",
+                                    "batchwbc.labelled"])
 def test_sources_do_not_name_tensorflow_imports(module):
     """A cheap static check that also covers code paths the run above did not take."""
     import importlib

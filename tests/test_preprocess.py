@@ -14,6 +14,7 @@ import pytest
 import fuzz_corpus
 import tinymodel
 from batchwbc import preprocess as pp
+from batchwbc.cropcheck import check_crop_shape
 
 SIZE = 32
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -37,7 +38,7 @@ def test_valid_cases_give_model_input(corpus):
     bad = []
     for c in corpus.of(fuzz_corpus.CLASSIFY):
         try:
-            arr = pp.prepare_file(corpus.root / c.rel, SIZE)
+            arr = pp.prepare_file(corpus.root / c.rel, SIZE, check=check_crop_shape)
         except pp.UnreadableImage as exc:
             bad.append(f"{c.rel}: refused ({exc})")
             continue
@@ -54,17 +55,24 @@ def test_valid_cases_give_model_input(corpus):
 def test_invalid_cases_raise_a_readable_reason(corpus):
     bad = []
     for c in corpus.of(fuzz_corpus.ERROR):
-        try:
-            pp.prepare_file(corpus.root / c.rel, SIZE)
+        try:  # with the runtime's crop check, as batchwbc.pipeline.decode_one calls it
+            pp.prepare_file(corpus.root / c.rel, SIZE, check=check_crop_shape)
         except pp.UnreadableImage as exc:
             reason = str(exc)
             if not reason or "\n" in reason or len(reason) < 10 or "Traceback" in reason or "cv2" in reason:
                 bad.append(f"{c.rel}: unhelpful reason {reason!r}")
             if c.bomb and "pixel safety limit" not in reason:
                 bad.append(f"{c.rel}: bomb refused for another reason: {reason!r}")
+            if c.shape and "pixels" not in reason:
+                bad.append(f"{c.rel}: odd shape refused for another reason: {reason!r}")
         else:
             bad.append(f"{c.rel}: accepted but must be refused ({c.note})")
     assert not bad, "\n".join(bad)
+
+
+def test_shape_check_is_runtime_policy_not_the_contract(corpus):
+    """Training decodes through prepare_file without the check: the contract itself accepts any size."""
+    assert pp.prepare_file(corpus.root / "P008_shapes/one_pixel.png", SIZE).shape == (SIZE, SIZE, 3)
 
 
 def test_reasons_distinguish_causes(corpus):

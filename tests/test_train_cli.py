@@ -89,7 +89,7 @@ def test_offline_imagenet_weights_file_is_loaded():
 
 
 def test_distillation_from_teacher_logits_end_to_end(shared_data, tmp_path):
-    """A teacher's logits (train.diagnose teacher) become a student's targets (train --teacher-logits)."""
+    """A teacher's logits (train.experiments teacher) become a student's targets (train --teacher-logits)."""
     common = ["--data", str(shared_data), "--limit-per-class", "4", "--size", "32", "--batch-size", "8",
               "--backbone", "mobilenet_025"]
     r = _run("train", *common, "--out", str(tmp_path / "t"), "--epochs", "1", "--train-only", "--degrade", "0.5",
@@ -100,7 +100,7 @@ def test_distillation_from_teacher_logits_end_to_end(shared_data, tmp_path):
     assert "defocus up to 2 px" in r.stdout
     assert re.search(r"[1-9]\d* recoloured like other crops", r.stdout), r.stdout[-2000:]
     assert '"train_only": true' in (tmp_path / "t" / "run.json").read_text()
-    r = _run("train.diagnose", "teacher", str(tmp_path / "t" / "model.keras"), "--data", str(shared_data),
+    r = _run("train.experiments", "teacher", str(tmp_path / "t" / "model.keras"), "--data", str(shared_data),
              "--split", str(tmp_path / "t" / "split.csv"), "--size", "32", "--views", "5", "--out", str(tmp_path / "t.npz"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "teacher on train" in r.stdout and "teacher on val" in r.stdout

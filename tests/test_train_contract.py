@@ -6,7 +6,7 @@ import json
 import pytest
 
 from batchwbc.preprocess import PREPROCESSING_CELL, PREPROCESSING_ID, PREPROCESSING_WHOLE
-from train.fit import TrainingError, resolve_preprocessing
+from train.config import TrainingError, resolve_preprocessing
 
 
 def _run_folder(tmp_path, record: dict | None):

@@ -1,63 +1,27 @@
-"""The training run: data -> split -> model -> fit -> calibrate -> evaluate -> save."""
+"""The training run in stages: build the model, prepare the data, extend the training set,
+fit, calibrate and evaluate, write the record.
+
+Why stages: each stage takes the run's `TrainConfig` and what the stages before it produced,
+and nothing else, so a new experiment is a stage option or a small variant of one (a way to
+extend the training set lives in train/extend.py), not another branch in one long function.
+`run` only calls the stages in order.
+"""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from batchwbc import catalogue
-from batchwbc.preprocess import PREPROCESSING_ID, PREPROCESSING_WHOLE
 
-from . import calibration, data, evaluate, split
-
-
-class TrainingError(Exception):
-    """A run that cannot proceed; str is one sentence."""
-
-
-class _KeepBest:
-    """Save the core model whenever validation accuracy improves, so a run cut short (a time
-    limit, a lost machine) still leaves its best model behind."""
-
-    def __new__(cls, core, path: Path, budget_s: float):
-        import keras
-
-        class CB(keras.callbacks.Callback):
-            best = -1.0
-            t0 = time.time()
-
-            def on_epoch_end(self, epoch, logs=None):
-                acc = float((logs or {}).get("val_accuracy", -1))
-                if acc > self.best:
-                    self.best = acc
-                    core.save(path)
-                if budget_s and time.time() - self.t0 > budget_s:
-                    print(f"time budget reached after epoch {epoch + 1}; stopping", flush=True)
-                    self.model.stop_training = True
-
-        return CB()
-
-
-class _Throughput:
-    """Keras callback printing images/s per epoch (the number the model card quotes)."""
-
-    def __new__(cls, n_train: int):
-        import keras
-
-        class CB(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t0 = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                dt = time.perf_counter() - self.t0
-                logs = logs or {}
-                logs["epoch_seconds"] = dt
-                print(f"epoch {epoch + 1}: {n_train / dt:.0f} img/s, {dt:.0f} s", flush=True)
-
-        return CB()
+from . import calibration, data, evalkit, evaluate, extend, split
+from .callbacks import KeepBest, Throughput
+from .config import TrainConfig, TrainingError, resolve_preprocessing  # noqa: F401 - TrainingError re-exported
 
 
 def _copy_weights(path: str, core) -> list[str]:
@@ -91,48 +55,11 @@ def _copy_weights(path: str, core) -> list[str]:
     return fresh
 
 
-def _degraded(paths: list[str], data_root: Path, size: int, preprocessing: str, share: float,
-              seed: int, workers: int, defocus_max: float = 0.0, recolour_share: float = 0.0,
-              sources: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, images): a seeded `share` of the training crops, re-decoded from their files,
-    degraded like a lower-quality analyzer's export (train.degrade), optionally recoloured like
-    another training crop (another stain), and framed again."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
-
-    from .degrade import colour_donors, degrade, lab_stats, random_params, recolour
-
-    if not data_root.is_dir():
-        raise TrainingError("--degrade needs the original image files; it cannot work from a packed file.")
-    rng = np.random.default_rng(seed + 7)
-    pick = np.flatnonzero(rng.random(len(paths)) < share)
-    params = random_params(rng, len(pick), defocus_max)
-    # drawn after the earlier draws, so runs without recolouring reproduce the earlier ones
-    donors = colour_donors(rng, len(pick), sources or [], recolour_share)
-
-    def one(k):
-        rgb = decode_rgb(read_bytes(data_root / paths[pick[k]]))
-        if donors[k] >= 0:  # the colour statistics of another whole training crop
-            rgb = recolour(rgb, *lab_stats([decode_rgb(read_bytes(data_root / paths[donors[k]]))]))
-        return to_model_input(degrade(rgb, *params[k]), size, preprocessing)
-
-    out = np.empty((len(pick), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        for k, arr in enumerate(pool.map(one, range(len(pick)))):
-            out[k] = arr
-    what = "scale, JPEG quality" + (f", defocus up to {defocus_max:g} px" if defocus_max > 0 else "")
-    what += f", {int((donors >= 0).sum())} recoloured like other crops" if recolour_share > 0 else ""
-    print(f"degraded {len(pick)} of {len(paths)} training crops ({what}) before framing")
-    return pick, out
-
-
 def soft_targets(teacher_npz: str, paths: list[str], labels: np.ndarray, n_classes: int, alpha: float) -> np.ndarray:
     """alpha x the teacher's probabilities + (1 - alpha) x the one-hot label, per training crop.
 
     The teacher's logits are looked up by crop path (they may come from another input size or
-    several views, `python -m train.diagnose teacher`); the hard label keeps a share so a
+    several views, `python -m train.experiments teacher`); the hard label keeps a share so a
     confidently wrong teacher cannot overrule the annotation.
     """
     with np.load(teacher_npz, allow_pickle=False) as z:
@@ -144,65 +71,64 @@ def soft_targets(teacher_npz: str, paths: list[str], labels: np.ndarray, n_class
     return (alpha * soft + (1 - alpha) * np.eye(n_classes)[labels]).astype(np.float32)
 
 
-def resolve_preprocessing(explicit: str | None, resume: str | None) -> str:
-    """The contract a run decodes with.
-
-    A resumed model must see the pixels it was trained on, and model.keras does not record
-    them; the run.json next to it does. So resuming takes the contract from there, and an
-    explicit --preprocessing that contradicts it is refused rather than silently retraining
-    (or evaluating) a model on the wrong framing. Runs from before contracts were recorded
-    used the whole crop (v1).
-    """
-    recorded = None
-    if resume:
-        record = Path(resume).parent / "run.json"
-        if record.is_file():
-            try:
-                info = json.loads(record.read_text())
-            except (OSError, ValueError):
-                info = {}
-            recorded = info.get("preprocessing") or (info.get("options") or {}).get("preprocessing") or PREPROCESSING_WHOLE
-    if explicit and recorded and explicit != recorded:
-        raise TrainingError(
-            f"{resume} was trained with preprocessing {recorded}; leave --preprocessing out or pass that one."
-        )
-    return explicit or recorded or PREPROCESSING_ID
 
 
-def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, float]) -> dict:
-    t_start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    size = opt["size"]
-    # Build the model first: a backbone/weights mismatch is reported before minutes of decoding.
+# -- stage 1: the model (first: a backbone/weights mismatch is reported before minutes of decoding)
+
+
+def build_model(cfg: TrainConfig):
+    """(core, backbone): resumed from --resume, or built and optionally initialised from --init-from."""
     import keras
 
     from . import models
 
-    keras.utils.set_random_seed(opt["seed"])
-    n_classes = len(catalogue.CLASS_IDS)
-    if opt.get("resume"):
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.resume:
         import train.layers  # noqa: F401 - custom layers for load_model
 
-        core = keras.saving.load_model(opt["resume"], compile=False)
-        backbone = core.layers[2]
-        print(f"resumed from {opt['resume']}")
-    else:
-        try:
-            core, backbone = models.build_core(
-                opt["backbone"], size, n_classes, opt["weights"], opt["colour_norm"], dropout=opt["dropout"], bn_momentum=opt["bn_momentum"],
-                head_conv=opt.get("head_conv") or 0,
-            )
-        except models.WeightsError as exc:
-            raise TrainingError(str(exc)) from None
-        if opt.get("init_from"):
-            fresh = _copy_weights(opt["init_from"], core)
-            print(f"initialised from {opt['init_from']} (input size {size})" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+        core = keras.saving.load_model(cfg.resume, compile=False)
+        print(f"resumed from {cfg.resume}")
+        return core, core.layers[2]
+    try:
+        core, backbone = models.build_core(
+            cfg.backbone, cfg.size, len(catalogue.CLASS_IDS), cfg.weights, cfg.colour_norm, dropout=cfg.dropout,
+            bn_momentum=cfg.bn_momentum, head_conv=cfg.head_conv or 0,
+        )
+    except models.WeightsError as exc:
+        raise TrainingError(str(exc)) from None
+    if cfg.init_from:
+        fresh = _copy_weights(cfg.init_from, core)
+        print(f"initialised from {cfg.init_from} (input size {cfg.size})" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+    return core, backbone
+
+
+# -- stage 2: the data, its quality filter and its split ------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The decoded data, the contract it was decoded with and each split's rows in it."""
+
+    ds: data.LoadedData
+    preprocessing: str
+    idx: dict[str, np.ndarray]
+
+    def labels(self, name: str) -> np.ndarray:
+        return self.ds.labels[self.idx[name]]
+
+    def sources(self, name: str) -> list[str]:
+        return [self.ds.sources[i] for i in self.idx[name]]
+
+
+def prepare_data(cfg: TrainConfig) -> Prepared:
+    """Read and quality-filter the data, split it (or take a packed file's split), and write
+    skipped.csv, dropped.csv and split.csv."""
+    out, data_root = cfg.out, cfg.data
     print(f"reading {data_root} ...", flush=True)
-    preprocessing = resolve_preprocessing(opt.get("preprocessing"), opt.get("resume"))
-    if opt.get("resume"):
-        print(f"preprocessing {preprocessing} (the resumed run's)" if not opt.get("preprocessing") else f"preprocessing {preprocessing}")
-    ds = data.load(data_root, size, opt["workers"], opt["limit_per_class"], opt["seed"], preprocessing)
-    train_only = bool(opt.get("train_only"))
+    preprocessing = resolve_preprocessing(cfg.preprocessing, cfg.resume)
+    if cfg.resume:
+        print(f"preprocessing {preprocessing} (the resumed run's)" if not cfg.preprocessing else f"preprocessing {preprocessing}")
+    ds = data.load(data_root, cfg.size, cfg.workers, cfg.limit_per_class, cfg.seed, preprocessing)
     if len(ds.labels) == 0:
         raise TrainingError(f"no usable labelled images were found in {data_root}.")
     print(data.count_table(ds.labels, ds.sources))
@@ -224,14 +150,14 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
         strata = [f"{catalogue.CLASS_IDS[l]}|{s}" for l, s in zip(ds.labels, ds.sources)]
         patients = ds.patients or [None] * len(strata)
         pinned = None
-        if opt.get("pin_test"):
-            pinned_paths = {r["path"] for r in split.read_split_csv(Path(opt["pin_test"])) if r["split"] == "test"}
+        if cfg.pin_test:
+            pinned_paths = {r["path"] for r in split.read_split_csv(Path(cfg.pin_test)) if r["split"] == "test"}
             pinned = [p in pinned_paths for p in ds.paths]
-            print(f"{sum(pinned)} images pinned to the test split by {opt['pin_test']}")
+            print(f"{sum(pinned)} images pinned to the test split by {cfg.pin_test}")
         if pinned is None and all(p is None for p in patients):
-            assign = np.array(split.stratified_split(strata, fractions, opt["seed"]))
+            assign = np.array(split.stratified_split(strata, cfg.fractions, cfg.seed))
         else:
-            assign = np.array(split.grouped_split(strata, patients, fractions, opt["seed"], pinned))
+            assign = np.array(split.grouped_split(strata, patients, cfg.fractions, cfg.seed, pinned))
     split.write_split_csv(
         out / "split.csv",
         [(p, catalogue.CLASS_IDS[l], s, a) for p, l, s, a in zip(ds.paths, ds.labels, ds.sources, assign)],
@@ -239,148 +165,208 @@ def run(opt: dict, data_root: Path, out: Path, fractions: tuple[float, float, fl
     idx = {name: np.flatnonzero(assign == name) for name in split.SPLITS}
     for name in split.SPLITS:
         print(f"{name}: {len(idx[name])} images")
-    if min(len(idx[k]) for k in (("train", "val") if train_only else split.SPLITS)) == 0:
+    if min(len(idx[k]) for k in (("train", "val") if cfg.train_only else split.SPLITS)) == 0:
         raise TrainingError("too few images to make train, validation and test splits.")
+    return Prepared(ds, preprocessing, idx)
 
-    trainer = models.build_trainer(core, models.build_augmenter(opt["augment"], opt["seed"]), size)
 
-    x_tr, y_tr = ds.images[idx["train"]], ds.labels[idx["train"]]
-    if opt.get("zoom_out_source"):
-        from .rescale import parse_spec, zoomed_copies
+# -- stage 3: the training set, extended by the variants the options ask for -----------------
 
-        try:
-            src, lo, hi = parse_spec(opt["zoom_out_source"])
-        except ValueError as exc:
-            raise TrainingError(str(exc)) from None
-        pick = np.array([i for i in idx["train"] if ds.sources[i] == src], dtype=int)
-        if len(pick) == 0:
-            raise TrainingError(f"--zoom-out-source: no training images come from source {src!r}.")
-        factors = np.random.default_rng(opt["seed"]).uniform(lo, hi, len(pick))
-        x_tr = np.concatenate([x_tr, zoomed_copies(ds.images[pick], factors)])
-        y_tr = np.concatenate([y_tr, ds.labels[pick]])
-        print(f"added {len(pick)} zoomed-out copies (x{lo}-{hi}) of {src} training crops")
-    if opt.get("degrade"):
-        if opt.get("teacher_logits"):
-            raise TrainingError("--degrade cannot be combined with --teacher-logits.")
-        pick, x_deg = _degraded([ds.paths[i] for i in idx["train"]], data_root, size, preprocessing,
-                                float(opt["degrade"]), opt["seed"], opt["workers"], float(opt.get("degrade_defocus") or 0.0),
-                                float(opt.get("degrade_recolour") or 0.0), [ds.sources[i] for i in idx["train"]])
-        if opt.get("degrade_mode") == "add":  # keep every clean crop and add the degraded ones
-            x_tr = np.concatenate([x_tr, x_deg])
-            y_tr = np.concatenate([y_tr, ds.labels[idx["train"][pick]]])
-        else:  # x_tr starts with the training crops in idx order (a copy of ds.images)
-            x_tr[pick] = x_deg
+
+def extend_training_set(cfg: TrainConfig, prep: Prepared) -> extend.TrainingSet:
+    """The training crops, then zoomed-out or degraded copies (train/extend.py)."""
+    ds, tr = prep.ds, prep.idx["train"]
+    crops = extend.Crops(
+        all_images=ds.images, index=tr, labels=prep.labels("train"), sources=prep.sources("train"),
+        paths=[ds.paths[i] for i in tr], data_root=cfg.data, size=cfg.size, preprocessing=prep.preprocessing,
+        seed=cfg.seed, workers=cfg.workers,
+    )
+    return extend.extend(crops, extend.variants(cfg))
+
+
+# -- stage 4: fit ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the fit is asked to reproduce: labels, or with --teacher-logits soft targets."""
+
+    train: np.ndarray
+    val: np.ndarray
+    class_weight: dict[int, float] | None
+    sample_weight: np.ndarray | None
+    soft: bool
+
+
+def targets(cfg: TrainConfig, prep: Prepared, ts: extend.TrainingSet) -> Targets:
+    """Class weights against imbalance (--balance weights), and distillation targets."""
+    n_classes = len(catalogue.CLASS_IDS)
     class_weight = None
-    if opt["balance"] == "weights":
-        counts = np.bincount(y_tr, minlength=n_classes)
+    if cfg.balance == "weights":
+        counts = np.bincount(ts.y, minlength=n_classes)
         present = counts > 0
-        class_weight = {k: float(len(y_tr) / (present.sum() * counts[k])) if counts[k] else 0.0 for k in range(n_classes)}
-    x_va = ds.images[idx["val"]]
-    y_va = ds.labels[idx["val"]]
+        class_weight = {k: float(len(ts.y) / (present.sum() * counts[k])) if counts[k] else 0.0 for k in range(n_classes)}
+    y_va = prep.labels("val")
+    if not cfg.distill:
+        return Targets(ts.y, y_va, class_weight, None, False)
+    # TrainConfig refuses extending the set with distillation: ts.y is the training crops' labels
+    soft = soft_targets(cfg.teacher_logits, [prep.ds.paths[i] for i in prep.idx["train"]], ts.y, n_classes, cfg.distill_alpha)
     sample_weight = None
-    y_va_fit = y_va
-    distill = bool(opt.get("teacher_logits"))
-    if distill:
-        if opt.get("zoom_out_source"):
-            raise TrainingError("--teacher-logits cannot be combined with --zoom-out-source.")
-        y_tr = soft_targets(opt["teacher_logits"], [ds.paths[i] for i in idx["train"]], y_tr, n_classes, opt.get("distill_alpha", 0.7))
-        y_va_fit = np.eye(n_classes, dtype=np.float32)[y_va]  # calibration below still needs y_va as labels
-        if class_weight is not None:  # Keras class weights need integer labels; weight the samples instead
-            sample_weight = np.array([class_weight[k] for k in ds.labels[idx["train"]]], dtype=np.float32)
-            class_weight = None
-        print(f"distilling from {opt['teacher_logits']} (alpha {opt.get('distill_alpha', 0.7)})")
+    if class_weight is not None:  # Keras class weights need integer labels; weight the samples instead
+        sample_weight = np.array([class_weight[k] for k in prep.labels("train")], dtype=np.float32)
+        class_weight = None
+    print(f"distilling from {cfg.teacher_logits} (alpha {cfg.distill_alpha})")
+    return Targets(soft, np.eye(n_classes, dtype=np.float32)[y_va], class_weight, sample_weight, True)
+
+
+def fit(cfg: TrainConfig, core, backbone, prep: Prepared, ts: extend.TrainingSet) -> float:
+    """Fit the core (head first with --freeze-epochs), keeping the best model on disk; returns
+    the seconds it took."""
+    import keras
+
+    from . import models
+
+    out = cfg.out
+    y = targets(cfg, prep, ts)
+    trainer = models.build_trainer(core, models.build_augmenter(cfg.augment, cfg.seed), cfg.size)
 
     def compile_(lr):
         trainer.compile(
             optimizer=keras.optimizers.Adam(lr),
-            loss=keras.losses.CategoricalCrossentropy(from_logits=True) if distill else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")] if distill else ["accuracy"],
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True) if y.soft else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")] if y.soft else ["accuracy"],
         )
 
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=opt["patience"], restore_best_weights=True, verbose=1),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True, verbose=1),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5, verbose=1),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
-        _Throughput(len(y_tr)),
-        _KeepBest(core, out / "model.keras", 60.0 * (opt.get("time_budget_min") or 0)),
+        Throughput(len(y.train)),
+        KeepBest(core, out / "model.keras", 60.0 * (cfg.time_budget_min or 0)),
     ]
-    if opt["epochs"] > 0:
+    if cfg.epochs > 0:
         (out / "history.csv").unlink(missing_ok=True)
+    common = dict(validation_data=(prep.ds.images[prep.idx["val"]], y.val), batch_size=cfg.batch_size,
+                  class_weight=y.class_weight, sample_weight=y.sample_weight, callbacks=callbacks, verbose=2)
     t_fit = time.time()
     epoch0 = 0
-    if opt["freeze_epochs"] > 0 and opt["weights"] != "none":
+    if cfg.freeze_epochs > 0 and cfg.weights != "none":
         backbone.trainable = False
-        compile_(opt["lr"])
-        h = trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va_fit), epochs=opt["freeze_epochs"], batch_size=opt["batch_size"],
-                        class_weight=class_weight, sample_weight=sample_weight, callbacks=callbacks, verbose=2)
+        compile_(cfg.lr)
+        h = trainer.fit(ts.x, y.train, epochs=cfg.freeze_epochs, **common)
         epoch0 = len(h.history["loss"])
         backbone.trainable = True
-        compile_(opt["fine_tune_lr"] or opt["lr"] / 10)
+        compile_(cfg.fine_tune_lr or cfg.lr / 10)
     else:
-        compile_(opt["lr"])
-    if opt["epochs"] > epoch0:
-        trainer.fit(x_tr, y_tr, validation_data=(x_va, y_va_fit), epochs=opt["epochs"], initial_epoch=epoch0,
-                    batch_size=opt["batch_size"], class_weight=class_weight, sample_weight=sample_weight, callbacks=callbacks, verbose=2)
-    fit_seconds = time.time() - t_fit
-    if train_only:
-        core.save(out / "model.keras")
-        # The contract must travel with the model even without metrics: --resume reads it here.
-        (out / "run.json").write_text(json.dumps({
-            "options": dict(opt), "input_size": size, "preprocessing": preprocessing, "train_only": True,
-            "fit_seconds": fit_seconds, "keras": keras.__version__, "backend": keras.backend.backend(),
-        }, indent=2, default=str))
-        print(f"train-only run finished in {fit_seconds / 60:.1f} min; best model in {out / 'model.keras'}")
-        return {}
+        compile_(cfg.lr)
+    if cfg.epochs > epoch0:
+        trainer.fit(ts.x, y.train, epochs=cfg.epochs, initial_epoch=epoch0, **common)
+    return time.time() - t_fit
+
+
+def write_train_only_record(cfg: TrainConfig, core, prep: Prepared, fit_seconds: float) -> None:
+    """Save the model and a run.json without metrics: the contract must travel with the model,
+    since --resume reads it there."""
+    import keras
+
+    out = cfg.out
+    core.save(out / "model.keras")
+    (out / "run.json").write_text(json.dumps({
+        "options": cfg.options(), "input_size": cfg.size, "preprocessing": prep.preprocessing, "train_only": True,
+        "fit_seconds": fit_seconds, "keras": keras.__version__, "backend": keras.backend.backend(),
+    }, indent=2, default=str))
+    print(f"train-only run finished in {fit_seconds / 60:.1f} min; best model in {out / 'model.keras'}")
+
+
+# -- stage 5: calibrate and evaluate ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    temperature: float
+    review_threshold: float
+    val_ece_uncalibrated: float
+    results: dict  # split -> evaluate.write_artifacts(...)
+
+
+def calibrate_and_evaluate(cfg: TrainConfig, core, prep: Prepared) -> Evaluation:
+    """Temperature and review threshold from validation logits, metrics and plots for val and
+    test, logits.npz and the final model.keras. Judged only by evaluation-mode predictions on
+    held-out data, never the training curve."""
+    out = cfg.out
     if (out / "history.csv").is_file():
         evaluate.plot_history(out / "history.csv", out)
 
-    # Judge only by evaluation-mode predictions on held-out data, never the training curve.
     def logits_of(name):
-        x = ds.images[idx[name]].astype(np.float32)
-        return core.predict(x, batch_size=128, verbose=0)
+        return evalkit.predict(core, prep.ds.images[prep.idx[name]], 128)
 
     val_logits, test_logits = logits_of("val"), logits_of("test")
+    y_va = prep.labels("val")
     temperature = calibration.fit_temperature(val_logits, y_va)
     val_probs = calibration.softmax(val_logits, temperature)
-    threshold = calibration.review_threshold(val_probs, y_va, opt["review_target_accuracy"])
+    threshold = calibration.review_threshold(val_probs, y_va, cfg.review_target_accuracy)
     ece_before, _ = calibration.reliability(calibration.softmax(val_logits), y_va)
     results = {}
     for name, lg in (("val", val_logits), ("test", test_logits)):
         probs = calibration.softmax(lg, temperature)
-        srcs = [ds.sources[i] for i in idx[name]]
-        results[name] = evaluate.write_artifacts(out, name, probs, ds.labels[idx[name]], srcs)
-    np.savez_compressed(out / "logits.npz", val=val_logits, test=test_logits, val_idx=idx["val"], test_idx=idx["test"])
+        results[name] = evaluate.write_artifacts(out, name, probs, prep.labels(name), prep.sources(name))
+    np.savez_compressed(out / "logits.npz", val=val_logits, test=test_logits, val_idx=prep.idx["val"], test_idx=prep.idx["test"])
     core.save(out / "model.keras")
+    return Evaluation(temperature, threshold, ece_before, results)
 
-    test = results["test"]["summary"]
+
+# -- stage 6: the record ------------------------------------------------------------------------
+
+
+def write_record(cfg: TrainConfig, prep: Prepared, ev: Evaluation, fit_seconds: float, t_start: float) -> dict:
+    """run.json: options, contract, calibration, metrics and provenance (what export reads)."""
+    import keras
+
+    out, ds = cfg.out, prep.ds
+    test = ev.results["test"]["summary"]
     record = {
-        "options": {k: v for k, v in opt.items()},
-        "data_root": str(data_root),
-        "input_size": size,
-        "preprocessing": preprocessing,
+        "options": cfg.options(),
+        "data_root": str(cfg.data),
+        "input_size": cfg.size,
+        "preprocessing": prep.preprocessing,
         "classes": list(catalogue.CLASS_IDS),
-        "temperature": temperature,
-        "review_threshold": threshold,
-        "val_ece_uncalibrated": ece_before,
-        "val_ece": results["val"]["ece"],
-        "test_ece": results["test"]["ece"],
+        "temperature": ev.temperature,
+        "review_threshold": ev.review_threshold,
+        "val_ece_uncalibrated": ev.val_ece_uncalibrated,
+        "val_ece": ev.results["val"]["ece"],
+        "test_ece": ev.results["test"]["ece"],
         "counts": {f"{c}|{s}": int(n) for (c, s), n in sorted(ds.scan.counts().items())},
-        "split_sizes": {k: int(len(v)) for k, v in idx.items()},
+        "split_sizes": {k: int(len(v)) for k, v in prep.idx.items()},
         "dropped": len(ds.dropped),
         "skipped": {f"{s}: {r}": n for (s, r), n in sorted(ds.scan.skipped.items())},
         "test_summary": test,
-        "val_summary": results["val"]["summary"],
+        "val_summary": ev.results["val"]["summary"],
         "fit_seconds": fit_seconds,
         "total_seconds": time.time() - t_start,
         "epochs_run": (sum(1 for _ in open(out / "history.csv")) - 1) if (out / "history.csv").is_file() else 0,
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}",
+        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}",
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }
     (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
     print(
         f"test: accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}; paper classes: accuracy "
-        f"{test['paper10_accuracy']:.4f}, macro-F1 {test['paper10_macro_f1']:.4f}; T={temperature:.3f}, "
-        f"review threshold {threshold:.2f}; fit {fit_seconds / 60:.1f} min"
+        f"{test['paper10_accuracy']:.4f}, macro-F1 {test['paper10_macro_f1']:.4f}; T={ev.temperature:.3f}, "
+        f"review threshold {ev.review_threshold:.2f}; fit {fit_seconds / 60:.1f} min"
     )
     return record
+
+
+def run(cfg: TrainConfig) -> dict:
+    """The whole run; returns the record (empty with --train-only)."""
+    t_start = time.time()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    core, backbone = build_model(cfg)
+    prep = prepare_data(cfg)
+    ts = extend_training_set(cfg, prep)
+    fit_seconds = fit(cfg, core, backbone, prep, ts)
+    if cfg.train_only:
+        write_train_only_record(cfg, core, prep, fit_seconds)
+        return {}
+    ev = calibrate_and_evaluate(cfg, core, prep)
+    return write_record(cfg, prep, ev, fit_seconds, t_start)

@@ -10,14 +10,22 @@ always recomputed from the original files with the exact runtime preprocessing.
 """
 from __future__ import annotations
 
-import io
+import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
 from batchwbc import catalogue
-from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_ID, PREPROCESSING_WHOLE, prepare_file
+from batchwbc.exitcodes import USAGE
+from batchwbc.preprocess import PREPROCESSING_ID, PREPROCESSING_WHOLE
+
+from . import evalkit
+from .options import contract, data_folder, split_csv
+
+
+class PackError(Exception):
+    """A crop that cannot be packed; str is one sentence (the CLI prints it and exits 2)."""
 
 
 def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, splits=("train", "val"),
@@ -25,16 +33,13 @@ def pack(data_root: Path, split_csv: Path, out: Path, size: int, quality: int, s
     import cv2
 
     preprocessing = preprocessing or PREPROCESSING_ID
-
-    from .split import read_split_csv
-
-    rows = [r for r in read_split_csv(split_csv) if r["split"] in splits]
+    rows = evalkit.split_rows(split_csv, splits)
     blobs, labels, sources, paths, assign = [], [], [], [], []
     params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-    for r in rows:
-        rgb = prepare_file(data_root / r["path"], size, preprocessing=preprocessing)
+    for r, rgb in zip(rows, evalkit.iter_inputs(data_root, rows, size, preprocessing)):
         ok, enc = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
-        assert ok
+        if not ok:
+            raise PackError(f"OpenCV could not JPEG-encode the crop {r['path']}.")
         blobs.append(enc.tobytes())
         labels.append(catalogue.CLASS_IDS.index(r["class_id"]))
         sources.append(r["source"])
@@ -51,7 +56,6 @@ def unpack(path: Path):
     """-> (images uint8 [n,S,S,3], labels, sources, paths, split, preprocessing id)."""
     import cv2
 
-
     z = np.load(path)
     buf, off = z["jpeg"], z["offsets"]
     size = int(z["size"])
@@ -62,15 +66,19 @@ def unpack(path: Path):
         (str(z["preprocessing"]) if "preprocessing" in z.files else PREPROCESSING_WHOLE)  # packed before v2 existed
 
 
-@click.command()
-@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.command(context_settings={"show_default": True})
+@data_folder
+@split_csv
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--size", type=int, default=128)
 @click.option("--quality", type=int, default=85)
-@click.option("--preprocessing", type=click.Choice(sorted(PREPROCESSING_DESCRIPTIONS)), default=PREPROCESSING_ID, show_default=True, help="Preprocessing contract, as for python -m train.")
+@contract(PREPROCESSING_ID, "Preprocessing contract, as for python -m train.")
 def main(data_root, split_csv, out, size, quality, preprocessing):
-    n = pack(Path(data_root), Path(split_csv), Path(out), size, quality, preprocessing=preprocessing)
+    try:
+        n = pack(Path(data_root), Path(split_csv), Path(out), size, quality, preprocessing=preprocessing)
+    except PackError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(USAGE)
     click.echo(f"packed {n} images into {out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
 
 

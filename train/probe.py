@@ -1,84 +1,9 @@
-"""Shortcut probe: does the model recognise a myeloblast by its morphology, or by the Munich
-scanner's magnification and colour?
-
-All myeloblasts in the training data come from one scanner. On held-out test crops this
-re-renders each source in the other's style and reports how predictions move:
-  * scale: Munich crops zoomed out to the Barcelona magnification (cells ~0.62x as large),
-    padded with their background colour or by reflection (see train.rescale.zoom_out);
-  * colour: Reinhard colour transfer (per-channel mean/std in Lab) of each crop to the other
-    source's average colour statistics.
-A model that learned "Munich look = blast" loses its blasts when they are made to look like
-Barcelona crops, and calls Barcelona cells blasts when they are made to look like Munich ones.
-
-    python -m train.probe --model batchwbc/models/batchwbc-wbc12.onnx --data ../shared/data --split runs/NAME/split.csv
-"""
+"""`python -m train.probe --model M.onnx --data DIR --split SPLIT.csv`: the older name of
+`python -m train.experiments probe` (the shortcut probe, train/experiments/probe.py), kept
+because the model card and ADR 0005 quote it."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import click
-import numpy as np
-
-from .degrade import lab_stats, recolour
-from .rescale import zoom_out
-
-ZOOM_OUT = 0.62  # Munich (M8, 100x) cells appear ~1.6x larger than CellaVision DM96 ones in the crops
-
-
-@click.command()
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None)
-def main(model_path, data_root, split_csv, json_out):
-    from batchwbc.model import Classifier
-    from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
-
-    from .split import read_split_csv
-
-    clf = Classifier(model_path)
-    size = clf.info.input_size
-    rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] == "test"]
-    by_src: dict[str, list[tuple[np.ndarray, str]]] = {}
-    for r in rows:
-        by_src.setdefault(r["source"], []).append((decode_rgb(read_bytes(Path(data_root) / r["path"])), r["class_id"]))
-    stats = {s: lab_stats([im for im, _ in v]) for s, v in by_src.items()}
-    blast = clf.info.classes.index("myeloblast")
-
-    def predict(images):
-        x = np.stack([to_model_input(im, size, clf.info.preprocessing) for im in images])
-        return np.concatenate([clf.predict(x[i : i + 64]) for i in range(0, len(x), 64)]).argmax(1)
-
-    result = {}
-    for src, items in sorted(by_src.items()):
-        other = [s for s in by_src if s != src]
-        ims = [im for im, _ in items]
-        labels = np.array([clf.info.classes.index(c) for _, c in items])
-        variants = {"original": ims}
-        if other:
-            variants[f"colour of {other[0]}"] = [recolour(im, *stats[other[0]]) for im in ims]
-        if src == "AML-LMU":
-            for mode in ("background", "reflect"):
-                variants[f"at PBC scale ({mode} pad)"] = [zoom_out(im, ZOOM_OUT, mode) for im in ims]
-                if other:
-                    variants[f"at PBC scale ({mode} pad) + colour"] = [recolour(zoom_out(im, ZOOM_OUT, mode), *stats[other[0]]) for im in ims]
-        for name, v in variants.items():
-            pred = predict(v)
-            is_blast = labels == blast
-            row = {
-                "n": int(len(labels)),
-                "accuracy": round(float((pred == labels).mean()), 4),
-                "blast_recall": round(float((pred[is_blast] == blast).mean()), 4) if is_blast.any() else None,
-                "non_blasts_called_blast": int((pred[~is_blast] == blast).sum()),
-                "n_non_blasts": int((~is_blast).sum()),
-            }
-            result[f"{src}: {name}"] = row
-            click.echo(f"{src:8s} {name:32s} acc {row['accuracy']:.3f}  blast recall {row['blast_recall']}  "
-                       f"non-blasts called blast {row['non_blasts_called_blast']}/{row['n_non_blasts']}")
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2))
-
+from .experiments.probe import command as main
 
 if __name__ == "__main__":
     main()

@@ -33,12 +33,14 @@ def zoom_out(rgb: np.ndarray, factor: float, mode: str = "background") -> np.nda
 
 def parse_spec(spec: str) -> tuple[str, float, float]:
     """'AML-LMU:0.55:0.75' -> (source, low, high)."""
+    message = f"--zoom-out-source must look like SOURCE:LOW:HIGH with 0.2 <= LOW <= HIGH <= 1, not {spec!r}."
     try:
         source, lo, hi = spec.rsplit(":", 2)
         lo_f, hi_f = float(lo), float(hi)
-        assert source and 0.2 <= lo_f <= hi_f <= 1.0
-    except (ValueError, AssertionError):
-        raise ValueError(f"--zoom-out-source must look like SOURCE:LOW:HIGH with 0.2 <= LOW <= HIGH <= 1, not {spec!r}") from None
+    except ValueError:
+        raise ValueError(message) from None
+    if not source or not 0.2 <= lo_f <= hi_f <= 1.0:
+        raise ValueError(message)
     return source, lo_f, hi_f
 
 

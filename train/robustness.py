@@ -18,6 +18,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .options import data_folder, onnx_model, split_csv
+
 # (label, linear scale, JPEG quality or None = no re-encoding, defocus sigma in original pixels[, recolour])
 CONDITIONS: tuple[tuple, ...] = (
     ("as exported", 1.0, None, 0.0),
@@ -38,16 +40,16 @@ CONDITIONS: tuple[tuple, ...] = (
 def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditions=CONDITIONS, batch: int = 64) -> list[dict]:
     """One dict per condition: accuracy (12 classes), paper-10 accuracy, share below the review threshold."""
     from batchwbc import catalogue
-    from batchwbc import preprocess as pp
     from batchwbc.model import Classifier
 
+    from . import evalkit
     from .degrade import degrade, lab_stats, recolour
 
     clf = Classifier(model_path, threads=0)
     size, contract = clf.info.input_size, clf.info.preprocessing
-    y = np.array([catalogue.CLASS_IDS.index(r["class_id"]) for r in rows])
+    y = evalkit.labels(rows)
     paper = y < len(catalogue.PAPER_CLASS_IDS)
-    raw = [pp.decode_rgb(pp.read_bytes(data_root / r["path"])) for r in rows]
+    raw = evalkit.decode_raw(data_root, rows)
     sources = sorted({r.get("source", "") for r in rows})
     stats = {}
     if len(sources) > 1 and any(len(c) > 4 and c[4] for c in conditions):
@@ -58,9 +60,8 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
         ims = raw
         if recoloured:  # each crop in the colours of the (first) other source
             ims = [recolour(im, *stats[next(s for s in sources if s != r.get("source", ""))]) for im, r in zip(raw, rows)]
-        xs = [pp.to_model_input(degrade(im, scale, quality, sigma), size, contract)
-              for im in ims]
-        probs = np.concatenate([clf.predict(np.stack(xs[i:i + batch])) for i in range(0, len(xs), batch)])
+        x = evalkit.frame((degrade(im, scale, quality, sigma) for im in ims), size, contract)
+        probs = evalkit.predict(clf, x, batch)
         pred = probs.argmax(axis=1)
         out.append({
             "condition": label, "scale": scale, "jpeg_quality": quality, "defocus_sigma": sigma,
@@ -73,16 +74,16 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
 
 
 @click.command()
-@click.option("--model", "model_path", default=None, type=click.Path(exists=True, dir_okay=False), help="ONNX model (default: the bundled one).")
-@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False), help="A split CSV (a run's split.csv or docs/model/test-split.csv).")
+@onnx_model(required=False, help="ONNX model (default: the bundled one).")
+@data_folder
+@split_csv
 @click.option("--rows", "which", type=click.Choice(["test", "val"]), default="test", show_default=True, help="Which rows of the split; choose models on val, report on test.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 def main(model_path, data_root, split_csv, which, json_out):
     """Accuracy of a model on its test crops re-exported defocused, at lower resolution or JPEG quality."""
-    from .split import read_split_csv
+    from .evalkit import split_rows
 
-    rows = [r for r in read_split_csv(Path(split_csv)) if r["split"] == which]
+    rows = split_rows(split_csv, which)
     res = evaluate(model_path, Path(data_root), rows)
     click.echo(f"{'condition':28s} {'acc':>6s} {'paper10':>8s} {'review':>7s}   (n={len(rows)})")
     for r in res:
