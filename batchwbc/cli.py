@@ -136,11 +136,14 @@ def _exit_code(opts: RunOptions) -> int:
               help="Also copy every verified cell's crop to DIR/<class_id>/<patient>/ with DIR/labels.csv "
                    "(the input of evaluate and adapt). DIR must be new or empty.")
 @click.option("--slides", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Where the crops are now, for --export-labelled (default: the Slides folder in the Run sheet).")
+              help="Where the crops are now, for --export-labelled and --html (default: the Slides folder in the Run sheet).")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write an offline HTML gallery of the verified cells, by verified class, corrections marked.")
 @log_file_option
 @quiet_option
 def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path | None, config_path: Path | None,
-                   export_labelled: Path | None, slides: Path | None, log_file: Path | None, quiet: bool) -> None:
+                   export_labelled: Path | None, slides: Path | None, html_dir: Path | None, log_file: Path | None,
+                   quiet: bool) -> None:
     """Read a reviewed REPORT.xlsx and write the verified differential to --out.
 
     In the report, choose the class you see in "Verified class" (Cells or Review sheet; blank
@@ -158,7 +161,7 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exitcodes.USAGE)
     opts = VerifyOptions(report=report_path, out=out, reviewer=" ".join(reviewer.split()), model_path=model_path,
-                         config_path=config_path, export_labelled=export_labelled, slides=slides)
+                         config_path=config_path, export_labelled=export_labelled, slides=slides, html_dir=html_dir)
     try:
         code = verify_job(opts)
     except JobError as exc:

@@ -23,6 +23,7 @@ from .job import JobError
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .gallery import GalleryRunInfo
     from .reportread import ReportContents
     from .verification import PatientVerification, VerifiedCell
 
@@ -40,6 +41,7 @@ class VerifyOptions:
     config_path: Path | None = None  # None: the thresholds recorded in the workbook's Run sheet
     export_labelled: Path | None = None
     slides: Path | None = None  # where the crops are now; None: the Slides folder of the Run sheet
+    html_dir: Path | None = None  # also write the HTML gallery of the verified cells here
 
 
 def file_sha256(path: Path) -> str:
@@ -77,6 +79,13 @@ def verify_job(opts: VerifyOptions) -> int:
         try:
             check_export_folder(opts.export_labelled)
         except ExportError as exc:
+            raise JobError(exitcodes.USAGE, str(exc)) from None
+    if opts.html_dir is not None:
+        from .gallery import GalleryError, check_target
+
+        try:
+            check_target(opts.html_dir)
+        except GalleryError as exc:
             raise JobError(exitcodes.USAGE, str(exc)) from None
     if opts.model_path is not None and not opts.model_path.is_file():
         raise JobError(exitcodes.USAGE, f"model file {opts.model_path} does not exist.")
@@ -141,6 +150,8 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
         raise JobError(exitcodes.FAILED, f"the verified workbook could not be written ({str(exc).rstrip('.')}).") from None
     log.info("verified %d patients: %d signed, %d not signed; %d cells corrected; workbook: %s",
              len(patients), signed, len(patients) - signed, corrected, opts.out)
+    if opts.html_dir is not None:
+        write_verified_gallery(opts, contents, patients)
     for p in patients:
         if not p.signed:
             log.info("patient %s %s", p.patient, p.status)
@@ -218,7 +229,7 @@ def _export(opts: VerifyOptions, contents: "ReportContents", patients: Sequence[
     from .labelexport import ExportError, export_labelled
     from .reportread import VERIFICATION_PREFIX as V
 
-    root = opts.slides or Path(contents.run.get("Slides folder") or contents.run.get("Slides root", ""))
+    root = _crops_root(opts, contents)
     try:
         result = export_labelled(patients, cells, root, opts.export_labelled, opts.reviewer)
     except ExportError as exc:
@@ -232,3 +243,49 @@ def _export(opts: VerifyOptions, contents: "ReportContents", patients: Sequence[
     rows = [(f"{V}labelled export", f"{opts.export_labelled} ({result.exported} cells from {root}; "
                                     f"{len(result.missing)} crops missing)")]
     return (exitcodes.PARTIAL if result.missing else exitcodes.OK), rows
+
+
+def _crops_root(opts: VerifyOptions, contents: "ReportContents") -> Path:
+    return opts.slides or Path(contents.run.get("Slides folder") or contents.run.get("Slides root", ""))
+
+
+def gallery_run_info(contents: "ReportContents") -> "GalleryRunInfo":
+    """The run facts the gallery prints, as the workbook's Run sheet records them."""
+    from .gallery import GalleryRunInfo
+
+    run = contents.run
+    try:
+        started = datetime.fromisoformat(run.get("Run started", ""))
+    except ValueError:
+        started = datetime.now().astimezone()
+    try:
+        threshold = float(run.get("Review threshold used (confidence below it goes to Review)", ""))
+    except ValueError:
+        threshold = float("nan")
+    return GalleryRunInfo(started, run.get("batchwbc version", ""), run.get("Slides root", ""),
+                          Path(run.get("Model file", "")).name, run.get("Model version", ""),
+                          run.get("Model sha256", ""), threshold, contents.model_classes,
+                          title="batchwbc verified cell gallery")
+
+
+def write_verified_gallery(opts: VerifyOptions, contents: "ReportContents",
+                           patients: Sequence["PatientVerification"]) -> None:
+    """The --html gallery of the verified cells (each under its verified class, corrections
+    marked), written after the workbook: a failure here leaves the workbook written."""
+    import time
+
+    from .gallery import GalleryError, write_gallery
+
+    t = time.monotonic()
+    by_patient = {p.patient: p.post for p in patients}
+    cells_by = {p.patient: list(p.post.cells) for p in patients}
+    machine = {(c.patient, c.file): c.class_id for p in patients for c in p.pre.cells}
+    corrected = {key: cid for p in patients for c in p.post.cells
+                 if (cid := machine[(key := (c.patient, c.file))]) != c.class_id}
+    try:
+        res = write_gallery(opts.html_dir, list(by_patient), cells_by, by_patient, gallery_run_info(contents),
+                            _crops_root(opts, contents), corrected=corrected)
+    except GalleryError as exc:
+        raise JobError(exitcodes.FAILED, f"{str(exc).rstrip('.')}; the verified workbook was written.") from None
+    log.info("HTML gallery: %d patient pages, %d cells, %d thumbnails, %.1f s; open %s",
+             res.pages, res.cells, res.thumbnails, time.monotonic() - t, Path(opts.html_dir) / "index.html")

@@ -447,3 +447,28 @@ def test_config_thresholds_replace_the_run_sheets_and_are_recorded(made, tmp_pat
     assert invoke("verify", out, "--out", again).exit_code == exitcodes.OK
     assert {row["Patient"]: row for row in dicts(load_workbook(again)["Summary"])}["P1"]["Flag codes (verified)"] \
         == summary["P1"]["Flag codes (verified)"]
+
+
+def test_html_gallery_of_the_verified_cells_marks_corrections(made, tmp_path):
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    gallery = tmp_path / "gallery"
+    r = invoke("verify", rep, "--out", tmp_path / "v.xlsx", "--html", gallery)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    index = (gallery / "index.html").read_text(encoding="utf-8")
+    page = next(p for p in gallery.glob("patient-*.html") if "<h1>P1</h1>" in p.read_text(encoding="utf-8"))
+    html = page.read_text(encoding="utf-8")
+    assert "verified cell gallery" in index
+    files = re.findall(r'<figure class="cell[^"]*" data-file="([^"]+)"', html)
+    assert sorted(files) == sorted(f"P1/{n}" for n, _, _ in SLIDES["P1"])  # every cell of the patient
+    sections = {m.group(1): m.start() for m in re.finditer(r"<section id=\"c\d+\"><h2>([^<]+?) <small>", html)}
+    figure = {f: html.index(f'data-file="{f}"') for f in files}
+
+    def section_of(f):
+        return max((s for s in sections.items() if s[1] < figure[f]), key=lambda s: s[1])[0]
+
+    assert section_of("P1/bl1.png") == "Lymphocyte" and section_of("P1/amb1.png") == "Myelocyte"  # verified classes
+    assert section_of("P1/bl0.png") == "Myeloblast"
+    corrected = re.findall(r'<figure class="cell[^"]*corrected" data-file="([^"]+)"', html)
+    assert sorted(corrected) == ["P1/amb1.png", "P1/bl1.png"]
+    assert "machine: Myeloblast" in html
