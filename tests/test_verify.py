@@ -198,6 +198,10 @@ def test_verify_recounts_signs_exports_and_round_trips(made, tmp_path):
     expected_export = sorted((p, seen, n.replace("/", "__")) for p, crops in SLIDES.items() if p != "P2"
                              for n, _, seen in crops)
     assert exported == expected_export
+    from batchwbc.datasets import read_generic  # python -m train's reader for a lab's own folders
+
+    assert sorted((it.class_id, it.path.name) for it in read_generic(labelled).items) == \
+        sorted((c, n) for _, c, n in expected_export)
     for it in got.items:  # the crop itself was copied
         assert it.path.read_bytes() == (slides / it.patient / it.path.name).read_bytes()
     with open(labelled / LABELS_CSV, newline="", encoding="utf-8") as fh:
