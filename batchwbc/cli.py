@@ -166,13 +166,12 @@ def info_command(model_path: Path | None, as_json: bool) -> None:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Excel workbook to write (.xlsx): per-class metrics, confusion, calibration, review threshold, "
                    "per-patient differentials with Bland-Altman limits.")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="batchwbc ONNX model to evaluate instead of the bundled one.")
+@model_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the numbers as JSON (accuracy, macro_f1, per_class, ece, ...).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes decoding images in parallel. Default: one per CPU core. 0 decodes in the main process.")
-@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on the terminal; no progress.")
+@quiet_option
 def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_path: Path | None,
                      workers: int | None, quiet: bool) -> None:
     """Compare the model with a lab's verified cells in LABELLED/<class_id>/[<patient>/]crop.
@@ -189,7 +188,7 @@ def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_pa
     try:
         with signals_as_interrupt():  # SIGTERM too: the temp files go, the previous EVAL.xlsx stays
             code = run_evaluate(labelled, out, model_path, json_path, workers, show_bar)
-    except Abort as exc:
+    except JobError as exc:
         log.error("%s", exc)
         code = exc.code
     except KeyboardInterrupt as exc:
@@ -199,6 +198,7 @@ def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_pa
         log.error("the evaluation failed unexpectedly (%s: %s); nothing was written.", type(exc).__name__, exc)
         code = exitcodes.FAILED
     sys.exit(code)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

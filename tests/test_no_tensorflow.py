@@ -103,7 +103,7 @@ def test_evaluate_with_worker_processes_never_imports_tensorflow(tmp_path):
         for i in range(3):
             (tmp_path / "LAB" / cls / f"P{i}").mkdir(parents=True)
             cv2.imwrite(str(tmp_path / "LAB" / cls / f"P{i}" / "c.png"),
-                        np.full((30, 30, 3), tinymodel.colour_for(cls)[::-1], np.uint8))
+                        np.full((40, 40, 3), tinymodel.colour_for(cls)[::-1], np.uint8))
     out = tmp_path / "e.xlsx"
     r = subprocess.run(
         [sys.executable, "-m", "batchwbc", "evaluate", str(tmp_path / "LAB"), "--out", str(out),
