@@ -34,9 +34,14 @@ def _metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
     return {"acc": every.accuracy, "f1": every.macro_f1, "acc10": p10.accuracy, "f1_10": p10.macro_f1}
 
 
-def _align(train_mean: np.ndarray, x_lab: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Unlabelled: shift embeddings so the lab's mean lands on a reference mean (clipped at 0, post-ReLU)."""
-    return np.maximum(x - x_lab.mean(axis=0) + train_mean, 0.0)
+def _align(ref: np.ndarray, x_lab: np.ndarray, x: np.ndarray, scale: bool) -> np.ndarray:
+    """Unlabelled alignment: move the lab's embedding mean (and, with scale, each dimension's
+    spread: diagonal CORAL) onto the training sources', clipped at 0 as after the ReLU."""
+    mu_l, mu_r = x_lab.mean(axis=0), ref.mean(axis=0)
+    if not scale:
+        return np.maximum(x - mu_l + mu_r, 0.0)
+    sd_l, sd_r = x_lab.std(axis=0) + 1e-6, ref.std(axis=0) + 1e-6
+    return np.maximum((x - mu_l) / sd_l * sd_r + mu_r, 0.0)
 
 
 @click.command()
@@ -44,9 +49,9 @@ def _align(train_mean: np.ndarray, x_lab: np.ndarray, x: np.ndarray) -> np.ndarr
 @click.option("--seeds", type=int, multiple=True, default=(0, 1, 2))
 @click.option("--sizes", type=int, multiple=True, default=(50, 100, 200, 500))
 @click.option("--model", default=None, help="Model the cache was made with (default: the bundled one).")
-@click.option("--unlabelled", "reference", default=None,
-              help="Also try mean alignment without labels; reference embeddings .npz of the training sources.")
-def main(cache: str, seeds: tuple[int, ...], sizes: tuple[int, ...], model: str | None, reference: str | None) -> None:
+@click.option("--unlabelled", "reference", multiple=True,
+              help="Also try alignment without labels; reference embeddings (.npz, repeatable) of the training sources.")
+def main(cache: str, seeds: tuple[int, ...], sizes: tuple[int, ...], model: str | None, reference: tuple[str, ...]) -> None:
     import onnx
 
     from batchwbc.adapt import adapt_head
@@ -68,9 +73,10 @@ def main(cache: str, seeds: tuple[int, ...], sizes: tuple[int, ...], model: str 
         before = _metrics(y[test], probs[test].argmax(1), classes)
         rows.append((seed, 0, len(test), before, None, 0.0))
         if reference:
-            ref = np.load(reference)["embeddings"].astype(np.float64).mean(axis=0)
-            xa = _align(ref, x[pool], x[test])
-            rows.append((seed, -1, len(test), _metrics(y[test], (xa @ w0 + b0).argmax(1), classes), None, 0.0))
+            ref = np.concatenate([np.load(r)["embeddings"] for r in reference]).astype(np.float64)
+            for code, scale in ((-1, False), (-2, True)):  # the pool's cells, unlabelled, stand in for the lab's slides
+                xa = _align(ref, x[pool], x[test], scale)
+                rows.append((seed, code, len(test), _metrics(y[test], (xa @ w0 + b0).argmax(1), classes), None, 0.0))
         for n in sizes:
             pick = rng.choice(pool, size=min(n, len(pool)), replace=False)
             t = time.perf_counter()
@@ -81,7 +87,7 @@ def main(cache: str, seeds: tuple[int, ...], sizes: tuple[int, ...], model: str 
     print("| seed | labelled cells | test cells | accuracy | macro-F1 | paper-10 acc | paper-10 macro-F1 | CV acc before->after | refused | alpha | T | threshold | fit s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for seed, n, nt, m, fit, secs in rows:
-        label = {0: "0 (original)", -1: "0 (mean-aligned, no labels)"}.get(n, str(n))
+        label = {0: "0 (original)", -1: "0 (mean-aligned, no labels)", -2: "0 (mean+sd aligned, no labels)"}.get(n, str(n))
         extra = (f"{fit.before['accuracy']:.3f}->{fit.after['accuracy']:.3f} | {'yes' if fit.worse else 'no'} | "
                  f"{fit.alpha:g} | {fit.temperature:.2f} | {fit.review_threshold:.2f} | {secs:.1f}") if fit else "| | | | |"
         print(f"| {seed} | {label} | {nt} | {m['acc']:.3f} | {m['f1']:.3f} | {m['acc10']:.3f} | {m['f1_10']:.3f} | {extra} |")
