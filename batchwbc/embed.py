@@ -28,11 +28,14 @@ class Embedded:
 
 
 def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0, batch_size: int = 32,
-                on_progress: Callable[[int], None] | None = None) -> Embedded:
-    """Decode `paths` (in worker processes when workers > 0) and run the model on them in batches."""
+                on_progress: Callable[[int], None] | None = None, decode: Callable | None = None) -> Embedded:
+    """Decode `paths` (in worker processes when workers > 0) and run the model on them in batches.
+    `decode` (module level, default pipeline.decode_one) lets tests crash a worker on purpose."""
     import numpy as np
 
-    from .pipeline import CHUNK_FILES, decode_chunk
+    from .pipeline import CHUNK_FILES, decode_chunk, decode_one
+
+    decode = decode or decode_one
 
     info = classifier.info
     chunks = [list(range(i, min(i + CHUNK_FILES, len(paths)))) for i in range(0, len(paths), CHUNK_FILES)]
@@ -40,18 +43,9 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
     def decoded_chunks():
         if workers <= 0:
             for idx in chunks:
-                yield idx, decode_chunk([str(paths[i]) for i in idx], info.input_size, preprocessing=info.preprocessing)
+                yield idx, decode_chunk([str(paths[i]) for i in idx], info.input_size, decode, info.preprocessing)
             return
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        from .pipeline import _init_worker, decode_one
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
-            futures = [(idx, pool.submit(decode_chunk, [str(paths[i]) for i in idx], info.input_size, decode_one,
-                                         info.preprocessing)) for idx in chunks]
-            for idx, fut in futures:
-                yield idx, fut.result()
+        yield from _pool_decoded(chunks, paths, info.input_size, info.preprocessing, workers, decode)
 
     probs, embs, ok, errors = [], [], [], []
     batch, batch_idx = [], []
@@ -86,3 +80,64 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
         embeddings=np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
         ok=ok, errors=errors,
     )
+
+
+def _pool_decoded(chunks: list[list[int]], paths: Sequence[str], size: int, preprocessing: str, workers: int,
+                  decode: Callable):
+    """Decode chunks in spawned worker processes, a bounded window at a time, in order.
+
+    A worker that dies (a decoder crash on a damaged file) breaks the pool: the chunk it held
+    is then decoded file by file in a single-worker pool, so the culprit becomes an error, and
+    the other chunks go on in a new pool, as in the nightly run (batchwbc.pipeline)."""
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .pipeline import CRASH_REASON, TASKS_PER_WORKER, _init_worker, decode_chunk
+
+    ctx = mp.get_context("spawn")
+
+    def new_pool(n: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker)
+
+    def submit(pool, idx):
+        return pool.submit(decode_chunk, [str(paths[i]) for i in idx], size, decode, preprocessing)
+
+    todo = deque(chunks)
+    while todo:
+        with new_pool(workers) as pool:
+            window: deque = deque()
+            broken = False
+            while todo or window:
+                while todo and len(window) < workers * TASKS_PER_WORKER:
+                    idx = todo.popleft()
+                    window.append((idx, submit(pool, idx)))
+                idx, fut = window.popleft()
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    todo.extendleft(reversed([i for i, _ in window]))
+                    yield from _isolated(idx, new_pool, submit, CRASH_REASON)
+                    break
+                yield idx, result
+            if broken:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _isolated(idx: list[int], new_pool, submit, crash_reason: str):
+    """One file at a time in a single worker; a new worker only after a crash (each start costs
+    seconds on a busy PC)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    rest = list(idx)
+    while rest:
+        with new_pool(1) as single:
+            while rest:
+                i = rest.pop(0)
+                try:
+                    yield [i], submit(single, [i]).result()
+                except BrokenProcessPool:
+                    yield [i], [(None, crash_reason, 0, 0)]
+                    break

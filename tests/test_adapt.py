@@ -267,3 +267,22 @@ def test_adapt_skips_unreadable_crops_and_goes_on(tmp_path):
     r = _adapt(lab, "--out", out, "--model", model)
     assert r.exit_code == 0, r.output
     assert "broken.png" in r.output and "unreadable skipped: 1" in r.output
+
+
+def test_embed_files_survives_a_worker_crash_and_keeps_order(tmp_path):
+    """A file that kills its decode worker becomes one error; every other crop is embedded, in order."""
+    from batchwbc.embed import embed_files
+    from test_pipeline import CRASH_MARKER, crash_on_marker
+
+    clf = Classifier(tiny_with_embedding(tmp_path))
+    looks = ["lymphocyte", "monocyte", "eosinophil"] * 4
+    paths = []
+    for i, look in enumerate(looks):
+        name = f"{i:02d}-{CRASH_MARKER}.png" if i == 9 else f"{i:02d}.png"
+        write_crop(tmp_path / "c" / name, tinymodel.colour_for(look), i)
+        paths.append(str(tmp_path / "c" / name))
+    got = embed_files(clf, paths, workers=2, decode=crash_on_marker)
+    assert [i for i, _ in got.errors] == [9] and "crashed" in got.errors[0][1]
+    assert got.ok == [i for i in range(len(paths)) if i != 9]
+    pred = [clf.info.classes[k] for k in got.probs.argmax(axis=1)]
+    assert pred == [looks[i] for i in got.ok]
