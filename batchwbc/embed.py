@@ -7,7 +7,6 @@ so one bad crop does not cost the lab its labels.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -15,8 +14,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .model import Classifier
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -89,8 +89,7 @@ def lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray,
     return x
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, v0: np.ndarray, c0: np.ndarray, alpha: float,
-             start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fit_head(x: np.ndarray, y: np.ndarray, v0: np.ndarray, c0: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Weighted softmax regression logits = x @ V + c, penalised by alpha/2 * |(V, c) - (V0, c0)|^2.
 
     Only the columns of classes present in y are fitted; the others stay at V0/c0."""
@@ -116,8 +115,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, v0: np.ndarray, c0: np.ndarray, alpha
         diff = p - p0
         return float(loss + 0.5 * alpha * (diff * diff).sum()), (grad + alpha * diff).ravel()
 
-    start_p = p0 if start is None else np.vstack([start[0], start[1][None, :]])[:, cols]
-    p = lbfgs(fun, start_p.ravel()).reshape(d + 1, len(cols))
+    p = lbfgs(fun, p0.ravel()).reshape(d + 1, len(cols))
     theta = theta0.copy()
     theta[:, cols] = p
     return theta[:d], theta[d]
