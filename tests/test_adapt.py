@@ -176,6 +176,7 @@ def test_adapt_fixes_a_stain_shift_and_the_model_round_trips_through_run_and_inf
     model = tiny_with_embedding(tmp_path)
     lab = labelled_folder(tmp_path / "lab", SWAPPED)
     write_crop(lab / "plasma_cell" / "P1" / "x.png", (10, 10, 10), 99)  # not a class of the model
+    (lab / "labels.csv").write_text("patient,file,class\n")  # written by verify --export-labelled; not a crop
     out = tmp_path / "LAB.onnx"
     r = _adapt(lab, "--out", out, "--model", model)
     assert r.exit_code == 0, r.output
