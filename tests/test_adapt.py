@@ -38,7 +38,7 @@ def tiny_with_embedding(tmp_path: Path, sharpness: float = 10.0) -> Path:
 
 def write_crop(path: Path, colour: tuple[int, int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
-    img = np.clip(np.array(colour[::-1], float) + rng.normal(0, 6, (24, 24, 3)), 0, 255).astype(np.uint8)
+    img = np.clip(np.array(colour[::-1], float) + rng.normal(0, 6, (40, 40, 3)), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), img)
 

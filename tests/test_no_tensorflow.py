@@ -141,7 +141,7 @@ def test_adapt_info_and_export_embedding_never_import_tensorflow(tmp_path):
         for p in ("P1", "P2", "P3"):
             for i in range(4):
                 (lab / cls / p).mkdir(parents=True, exist_ok=True)
-                img = np.full((16, 16, 3), tinymodel.colour_for(cls)[::-1], np.uint8)
+                img = np.full((40, 40, 3), tinymodel.colour_for(cls)[::-1], np.uint8)
                 img[i, i] = 128  # distinct files
                 cv2.imwrite(str(lab / cls / p / f"{i}.png"), img)
     out = tmp_path / "lab.onnx"
