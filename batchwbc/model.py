@@ -19,6 +19,7 @@ from .modelmeta import (  # noqa: F401
     KEY_BACKBONE,
     KEY_CLASSES,
     KEY_FORMAT,
+    KEY_EMBEDDING_OUTPUT,
     KEY_INPUT_SIZE,
     KEY_MODEL_VERSION,
     KEY_PREPROCESSING,
@@ -97,7 +98,7 @@ class Classifier:
         self._input = inputs[0].name
         self._output = outputs[0].name
         # Set when the file exposes its last layer's input (onnxgraph.add_embedding_output).
-        emb = meta.get("batchwbc.embedding_output")
+        emb = meta.get(KEY_EMBEDDING_OUTPUT)
         self.embedding_output: str | None = emb if emb in {o.name for o in outputs[1:]} else None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
