@@ -58,18 +58,18 @@ class EvaluationRun:
 
 
 def check_labelled(labelled: "LabelledSet", root: Path) -> None:
-    """Refuse a folder that cannot give a meaningful evaluation (raises cli.Abort, exit 2)."""
-    from .cli import Abort
+    """Refuse a folder that cannot give a meaningful evaluation (raises job.JobError, exit 2)."""
+    from .job import JobError
 
     counts = labelled.class_counts()
     if not counts:
         hint = (f" (only folders that are not classes of the model: {', '.join(sorted(labelled.unknown_folders))})"
                 if labelled.unknown_folders else "")
-        raise Abort(exitcodes.USAGE, f"no labelled crops found in {root}{hint}; it needs one sub-folder per class id "
+        raise JobError(exitcodes.USAGE, f"no labelled crops found in {root}{hint}; it needs one sub-folder per class id "
                                      "of the model (as `batchwbc info` lists them) holding the verified crops.")
     if len(counts) < 2:
         (only,) = counts
-        raise Abort(exitcodes.USAGE, f"every labelled crop in {root} is of one class ({only}); an evaluation needs "
+        raise JobError(exitcodes.USAGE, f"every labelled crop in {root} is of one class ({only}); an evaluation needs "
                                      "verified cells of at least two classes.")
 
 
@@ -104,11 +104,12 @@ def predict_labelled(labelled: "LabelledSet", root: Path, classifier: "Classifie
 
 def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_path: Path | None,
                  workers: int | None, show_bar: bool, batch_size: int | None = None) -> int:
-    """The whole command; returns the exit code (usage problems raise cli.Abort)."""
+    """The whole command; returns the exit code (usage problems raise job.JobError)."""
     import os
 
     from . import evaluation, evaluation_report, report
-    from .cli import Abort, inference_threads, load_classifier
+    from .job import JobError
+    from .job import inference_threads, load_classifier
     from .labelled import LabelledError, read_labelled
     from .logsetup import Progress
     from .pipeline import DEFAULT_BATCH_SIZE, PipelineError, default_workers
@@ -121,13 +122,13 @@ def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_p
         try:
             report.check_output_writable(path, suffixes)
         except report.OutputError as exc:
-            raise Abort(exitcodes.USAGE, str(exc)) from None
+            raise JobError(exitcodes.USAGE, str(exc)) from None
     classifier = load_classifier(str(model_path) if model_path else None, inference_threads(os.cpu_count() or 1))
     info = classifier.info
     try:
         labelled = read_labelled(labelled_root, info.classes)
     except LabelledError as exc:
-        raise Abort(exitcodes.USAGE, str(exc)) from None
+        raise JobError(exitcodes.USAGE, str(exc)) from None
     check_labelled(labelled, labelled_root)
     found = labelled.class_counts()
     log.info("batchwbc %s: evaluating model %s (version %s) on %d verified crops of %d classes in %s",
@@ -144,9 +145,9 @@ def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_p
         with Progress(len(labelled.items), show_bar) as progress:
             preds = predict_labelled(labelled, labelled_root, classifier, n_workers, batch_size, progress)
     except PipelineError as exc:
-        raise Abort(exitcodes.FAILED, str(exc)) from None
+        raise JobError(exitcodes.FAILED, str(exc)) from None
     if not preds.true_ids:
-        raise Abort(exitcodes.FAILED, f"none of the {len(labelled.items)} labelled crops could be decoded; "
+        raise JobError(exitcodes.FAILED, f"none of the {len(labelled.items)} labelled crops could be decoded; "
                                       "no evaluation was written.")
     result: Evaluation = evaluation.evaluate(preds.true_ids, preds.pred_ids, preds.confidence, preds.patients,
                                              info.classes, model_threshold=info.review_threshold)
@@ -161,7 +162,7 @@ def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_p
         if json_path is not None:
             evaluation_report.write_json(result, run, json_path)
     except (OSError, report.OutputError) as exc:
-        raise Abort(exitcodes.FAILED, f"the evaluation could not be written ({str(exc).rstrip('.')}).") from None
+        raise JobError(exitcodes.FAILED, f"the evaluation could not be written ({str(exc).rstrip('.')}).") from None
     if plots_note:
         log.warning("%s", plots_note)
     log.info("evaluated %d cells: accuracy %s, macro-F1 %s (paper's ten: %s / %s), ECE %s; %.1f s; workbook: %s",

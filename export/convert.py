@@ -10,6 +10,7 @@ import numpy as np
 
 from batchwbc import catalogue
 from batchwbc import model as bm
+from batchwbc import modelmeta as meta_keys
 from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_WHOLE
 from train import evalkit
 
@@ -196,23 +197,23 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
 
     counts = run.get("counts", {})
     meta = {
-        bm.KEY_FORMAT: bm.FORMAT_VERSION,
-        bm.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS)),
-        bm.KEY_INPUT_SIZE: str(size),
-        bm.KEY_PREPROCESSING: preprocessing,
-        bm.KEY_PREPROCESSING_DESC: PREPROCESSING_DESCRIPTIONS[preprocessing],
-        bm.KEY_TEMPERATURE: f"{temperature:.6f}",
-        bm.KEY_MODEL_VERSION: version,
-        bm.KEY_REVIEW_THRESHOLD: f"{float(run['review_threshold']):.2f}",
-        bm.KEY_BACKBONE: str(run["options"]["backbone"]),
-        bm.KEY_TRAINING_DATA: json.dumps({
+        meta_keys.KEY_FORMAT: meta_keys.FORMAT_VERSION,
+        meta_keys.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS)),
+        meta_keys.KEY_INPUT_SIZE: str(size),
+        meta_keys.KEY_PREPROCESSING: preprocessing,
+        meta_keys.KEY_PREPROCESSING_DESC: PREPROCESSING_DESCRIPTIONS[preprocessing],
+        meta_keys.KEY_TEMPERATURE: f"{temperature:.6f}",
+        meta_keys.KEY_MODEL_VERSION: version,
+        meta_keys.KEY_REVIEW_THRESHOLD: f"{float(run['review_threshold']):.2f}",
+        meta_keys.KEY_BACKBONE: str(run["options"]["backbone"]),
+        meta_keys.KEY_TRAINING_DATA: json.dumps({
             "attribution": ATTRIBUTION,
             "counts_class_source": counts,
             "split_sizes": run.get("split_sizes"),
             "split_seed": run["options"]["seed"],
             "quality_filter_dropped": run.get("dropped"),
         }),
-        bm.KEY_TEST_METRICS: json.dumps({
+        meta_keys.KEY_TEST_METRICS: json.dumps({
             "n": chosen_metrics["n"],
             "accuracy": round(chosen_metrics["accuracy"], 4),
             "paper10_accuracy": round(chosen_metrics["paper10_accuracy"], 4),
@@ -224,8 +225,14 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         }),
         "batchwbc.numeric_format": quant_note,
     }
+    from batchwbc.onnxgraph import GraphError, add_embedding_output
+
     final = onnx.load(str(chosen))
     set_metadata(final, meta)
+    try:  # `batchwbc adapt` refits the last layer on this output
+        final = add_embedding_output(final)
+    except GraphError as exc:
+        print(f"no embedding output added ({exc}); `batchwbc adapt` will not accept this model.")
     onnx.save(final, str(chosen))
     chosen.replace(out_path)
     # Re-open through the runtime's own loader: the file must be self-sufficient.

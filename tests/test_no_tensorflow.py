@@ -103,7 +103,7 @@ def test_evaluate_with_worker_processes_never_imports_tensorflow(tmp_path):
         for i in range(3):
             (tmp_path / "LAB" / cls / f"P{i}").mkdir(parents=True)
             cv2.imwrite(str(tmp_path / "LAB" / cls / f"P{i}" / "c.png"),
-                        np.full((30, 30, 3), tinymodel.colour_for(cls)[::-1], np.uint8))
+                        np.full((40, 40, 3), tinymodel.colour_for(cls)[::-1], np.uint8))
     out = tmp_path / "e.xlsx"
     r = subprocess.run(
         [sys.executable, "-m", "batchwbc", "evaluate", str(tmp_path / "LAB"), "--out", str(out),
@@ -134,7 +134,8 @@ def test_verify_and_labelled_export_never_import_tensorflow(tmp_path):
                                     "batchwbc.verifyjob", "batchwbc.reportread", "batchwbc.verification",
                                     "batchwbc.labelexport", "batchwbc.rowcheck",
                                     "batchwbc.evaluation", "batchwbc.evaluation_job", "batchwbc.evaluation_report",
-                                    "batchwbc.labelled"])
+                                    "batchwbc.labelled", "batchwbc.adapt", "batchwbc.onnxgraph", "batchwbc.embed",
+                                    "batchwbc.headfit", "export.embedding"])
 def test_sources_do_not_name_tensorflow_imports(module):
     """A cheap static check that also covers code paths the run above did not take."""
     import importlib
@@ -142,3 +143,29 @@ def test_sources_do_not_name_tensorflow_imports(module):
     src = Path(importlib.import_module(module).__file__).read_text(encoding="utf-8")
     for name in FORBIDDEN:
         assert f"import {name}" not in src and f"from {name}" not in src
+
+
+def test_adapt_info_and_export_embedding_never_import_tensorflow(tmp_path):
+    """The lab PC adapts with the runtime install only: export.embedding, adapt and info."""
+    import cv2
+    import numpy as np
+
+    env, log = guarded_env(tmp_path)
+    plain = tinymodel.build(tmp_path / "plain.onnx", sharpness=10.0)
+    model = tmp_path / "tiny.onnx"
+    lab = tmp_path / "lab"
+    for k, cls in enumerate(("lymphocyte", "monocyte")):
+        for p in ("P1", "P2", "P3"):
+            for i in range(4):
+                (lab / cls / p).mkdir(parents=True, exist_ok=True)
+                img = np.full((40, 40, 3), tinymodel.colour_for(cls)[::-1], np.uint8)
+                img[i, i] = 128  # distinct files
+                cv2.imwrite(str(lab / cls / p / f"{i}.png"), img)
+    out = tmp_path / "lab.onnx"
+    for args in (["-m", "export.embedding", str(plain), "--out", str(model)],
+                 ["-m", "batchwbc", "adapt", str(lab), "--out", str(out), "--model", str(model), "--workers", "1", "--force"],
+                 ["-m", "batchwbc", "info", "--model", str(out)]):
+        r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 0, (args, r.stderr[-1500:])
+    assert "Adapted" in r.stdout
+    assert not log.exists(), f"forbidden imports: {log.read_text()}"
