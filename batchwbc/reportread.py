@@ -145,6 +145,8 @@ def read_report(path: str | os.PathLike) -> ReportContents:
         raise ReportReadError(f"{p} does not exist or is not a file.")
     try:
         wb = load_workbook(p, data_only=True)  # not read-only: the Review thumbnails are needed
+    except OSError as exc:
+        raise ReportReadError(f"{p.name} cannot be read ({exc.strerror or exc}).") from None
     except Exception as exc:  # noqa: BLE001 - zip, XML and openpyxl errors all mean "not readable"
         raise ReportReadError(f"{p.name} is not an Excel workbook batchwbc can read ({type(exc).__name__}).") from None
     try:
