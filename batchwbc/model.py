@@ -165,6 +165,9 @@ class Classifier:
         self._sess = sess
         self._input = inputs[0].name
         self._output = outputs[0].name
+        # Set when the file exposes its last layer's input (onnxgraph.add_embedding_output).
+        emb = meta.get("batchwbc.embedding_output")
+        self.embedding_output: str | None = emb if emb in {o.name for o in outputs[1:]} else None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N,S,S,3] RGB -> float32 [N, classes] calibrated probabilities."""
@@ -172,3 +175,14 @@ class Classifier:
             raise ValueError("model input must be uint8")
         (probs,) = self._sess.run([self._output], {self._input: batch})
         return np.asarray(probs, dtype=np.float32)
+
+    def predict_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, embeddings [N, D]) in one pass; `batchwbc adapt` needs both.
+        `predict` keeps requesting the probabilities only, so a nightly run pays nothing."""
+        if batch.dtype != np.uint8:
+            raise ValueError("model input must be uint8")
+        if self.embedding_output is None:
+            raise ModelError(f"{self.info.path.name} has no embedding output; add it with "
+                             f"`python -m export.embedding {self.info.path} --out NEW.onnx`.")
+        probs, emb = self._sess.run([self._output, self.embedding_output], {self._input: batch})
+        return np.asarray(probs, dtype=np.float32), np.asarray(emb, dtype=np.float32)

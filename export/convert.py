@@ -239,8 +239,14 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         }),
         "batchwbc.numeric_format": quant_note,
     }
+    from batchwbc.onnxgraph import GraphError, add_embedding_output
+
     final = onnx.load(str(chosen))
     set_metadata(final, meta)
+    try:  # `batchwbc adapt` refits the last layer on this output
+        final = add_embedding_output(final)
+    except GraphError as exc:
+        print(f"no embedding output added ({exc}); `batchwbc adapt` will not accept this model.")
     onnx.save(final, str(chosen))
     chosen.replace(out_path)
     # Re-open through the runtime's own loader: the file must be self-sufficient.
