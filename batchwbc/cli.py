@@ -272,7 +272,13 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
     except (OSError, report.OutputError) as exc:
         raise Abort(exitcodes.FAILED, f"the report could not be written ({str(exc).rstrip('.')}).") from None
 
-    n_flags = _count_flags(run, settings, differential, flags)
+    from .datashift import decide_all, log_line
+
+    shifts, run_shift = decide_all(info.metadata, run.cells)
+    n_flags = _count_flags(run, settings, differential, flags, shifts)
+    shift_line = log_line(shifts, run_shift)
+    if shift_line:
+        log.warning("%s", shift_line)
     n_review = sum(c.review for c in run.cells)
     log.info(
         "summary: %d patients, %d cells classified, %d unreadable, %d for review, %d flags raised, %.1f s; report: %s",
@@ -285,11 +291,13 @@ def _classify_and_report(slides, out, cells_csv, classifier, settings, threshold
     return exitcodes.OK
 
 
-def _count_flags(run, settings, differential, flags) -> int:
+def _count_flags(run, settings, differential, flags, shifts=None) -> int:
     by_patient: dict[str, list] = {p: [] for p in run.patients}
     for cell in run.cells:
         by_patient.setdefault(cell.patient, []).append(cell)
-    return sum(len(flags.evaluate(differential.summarize(cells), settings)) for cells in by_patient.values())
+    shifts = shifts or {}
+    return sum(len(flags.evaluate(differential.summarize(cells), settings, shifts.get(p)))
+               for p, cells in by_patient.items())
 
 
 @main.command("info")

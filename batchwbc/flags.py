@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from .config import Settings
 from .differential import Differential
+
+if TYPE_CHECKING:
+    from .datashift import ShiftDecision
 
 CRITICAL = "critical"  # needs prompt attention (coloured red)
 WARNING = "warning"  # needs review (coloured amber)
@@ -22,6 +27,7 @@ BANDS_HIGH = "BANDS_HIGH"
 NRBC_PRESENT = "NRBC_PRESENT"
 LOW_WBC = "LOW_WBC"
 MANY_LOW_CONFIDENCE = "MANY_LOW_CONFIDENCE"
+DATA_SHIFT = "DATA_SHIFT"  # source: batchwbc, compared with the model's own validation data (datashift.py)
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,9 @@ def _fraction_text(label: str, count: int, pct: float, diff: Differential) -> st
     return f"{label} {pct:.1f}% ({count}/{diff.wbc} WBC{ci_text})"
 
 
-def evaluate(diff: Differential, settings: Settings) -> list[Flag]:
-    """All flags raised by one differential, most severe first; pure."""
+def evaluate(diff: Differential, settings: Settings, shift: "ShiftDecision | None" = None) -> list[Flag]:
+    """All flags raised by one differential (and the patient's data-shift decision, when
+    given), most severe first; pure."""
     flags: list[Flag] = []
     if diff.blasts_pct is not None and _ge(diff.blasts_pct, settings.blasts_high_pct):
         text = _fraction_text("Blasts", diff.blasts, diff.blasts_pct, diff)
@@ -104,6 +111,8 @@ def evaluate(diff: Differential, settings: Settings) -> list[Flag]:
                     WARNING,
                 )
             )
+    if shift is not None and shift.raised:
+        flags.append(Flag(DATA_SHIFT, f"Data shift: {shift.text()}", WARNING))
     return flags
 
 

@@ -152,11 +152,19 @@ def top_two(probs: "np.ndarray", classes: Sequence[str]) -> tuple[str, float, st
 
 
 def cell_from_probs(
-    crop: Crop, probs: "np.ndarray", classes: Sequence[str], review_threshold: float, thumbnail: bytes | None
+    crop: Crop, probs: "np.ndarray", classes: Sequence[str], review_threshold: float, thumbnail: bytes | None,
+    ood_score: float | None = None, unclassified: bool = False,
 ) -> CellResult:
+    """An unclassified crop (beyond the model's OOD reference) is labelled ood.UNCLASSIFIED,
+    always reviewed, and keeps the model's best class as its second class for the reviewer."""
+    from .ood import UNCLASSIFIED, UNCLASSIFIED_REASON
+
     c1, p1, c2, p2 = top_two(probs, classes)
+    score = None if ood_score is None else float(ood_score)
+    if unclassified:
+        return CellResult(crop.patient, crop.rel, UNCLASSIFIED, p1, c1, p1, True, thumbnail, UNCLASSIFIED_REASON, score)
     review = p1 < review_threshold
-    return CellResult(crop.patient, crop.rel, c1, p1, c2, p2, review, thumbnail if review else None)
+    return CellResult(crop.patient, crop.rel, c1, p1, c2, p2, review, thumbnail if review else None, ood_score=score)
 
 
 @dataclass
@@ -200,6 +208,7 @@ class Pipeline:
         self.input_size = int(input_size)
         self.classifier = classifier
         self.classes: tuple[str, ...] = tuple(classifier.info.classes) if classifier is not None else ()
+        self._ood = getattr(classifier, "ood", None)  # the model's OOD reference, if any
         self.review_threshold = float(review_threshold)
         self.workers = default_workers() if workers is None else max(0, int(workers))
         self.batch_size = int(batch_size)
@@ -257,9 +266,15 @@ class Pipeline:
         except OSError:
             return False  # the worker reports the error
         entry = self.cache.lookup(crop.path, st.st_size, st.st_mtime_ns)
-        if entry is None or entry.probs.shape != (len(self.classes),) or not np.all(np.isfinite(entry.probs)):
+        # With an OOD reference the cache stores [probabilities..., score, unclassified] (the model's
+        # sha256 keys the cache, and the reference is inside the model file, so they always match).
+        extra = 2 if self._ood is not None else 0
+        if entry is None or entry.probs.shape != (len(self.classes) + extra,) or not np.all(np.isfinite(entry.probs[: len(self.classes)])):
             return False
-        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_jpeg)
+        probs, score, flagged = entry.probs[: len(self.classes)], None, False
+        if extra:
+            score, flagged = float(entry.probs[-2]), bool(entry.probs[-1] > 0.5)
+        cell = cell_from_probs(crop, probs, self.classes, self.review_threshold, entry.thumbnail_jpeg, score, flagged)
         if cell.review and entry.thumbnail_jpeg is None:
             return False  # needs review now (other threshold) but no thumbnail was kept: redo it
         self._add_cell(idx, cell)
@@ -296,7 +311,10 @@ class Pipeline:
         self._batch_items = []
         batch = self._batch[:n]
         try:
-            probs = self.classifier.predict(batch)
+            if self._ood is not None:
+                probs, scores, flagged = self.classifier.predict_scored(batch)
+            else:
+                probs, scores, flagged = self.classifier.predict(batch), None, None
             if probs.shape != (n, len(self.classes)):
                 raise ValueError(f"model returned shape {probs.shape}")
         except Exception as exc:  # noqa: BLE001 - fail these cells, keep the run
@@ -310,11 +328,14 @@ class Pipeline:
                 self._error(idx, crop, "the model returned no valid probabilities for this image")
                 continue
             c1, p1, _, _ = top_two(p, self.classes)
-            thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold else None
-            cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb)
+            score = None if scores is None else float(scores[j])
+            out_of_dist = flagged is not None and bool(flagged[j])
+            thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold or out_of_dist else None
+            cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb, score, out_of_dist)
             self._add_cell(idx, cell)
             if self.cache is not None and size:
-                self.cache.store(crop.path, size, mtime_ns, p, thumb)
+                stored = p if scores is None else np.concatenate([p, [min(score, 3e38), float(out_of_dist)]])
+                self.cache.store(crop.path, size, mtime_ns, stored, thumb)
             self._finished()
 
     # -- driving -----------------------------------------------------------------------

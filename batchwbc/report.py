@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from . import catalogue
 from .config import Settings
+from .datashift import ShiftDecision, decide_all
 from .differential import NRBC_CLASS, PLATELET_CLASS, Differential, summarize
 from .flags import CRITICAL, WARNING, Flag, evaluate, worst_severity
 from .model import KEY_TEST_METRICS, KEY_TRAINING_DATA
@@ -42,7 +43,7 @@ class OutputError(Exception):
 SHEETS = ("Summary", "Differential", "Cells", "Review", "Errors", "Run")
 SUMMARY_COLUMNS = (
     "Patient", "Cells classified", "WBC", "Flags", "Blasts %", "IG %", "Band %", "Immature %",
-    "NRBC /100 WBC", "Platelets", "Review cells", "Unreadable files", "Notes", "Flag codes",
+    "NRBC /100 WBC", "Platelets", "Review cells", "Unclassified", "Unreadable files", "Notes", "Flag codes",
 )
 DIFFERENTIAL_COLUMNS = (
     "Patient", "Class", "Count", "% of WBC", "95% CI low", "95% CI high", "Reference range (%)",
@@ -248,7 +249,7 @@ def _pct(x: float | None) -> float | None:
 
 def _write_summary(wb: Any, order: list[str], diffs: dict[str, Differential],
                    flags: dict[str, list[Flag]], errors_by: dict[str, list[FileError]]) -> None:
-    widths = [_fit(order, 12, 40), 10, 8, 70, 9, 9, 9, 11, 10, 10, 10, 11, 40, 24]
+    widths = [_fit(order, 12, 40), 10, 8, 70, 9, 9, 9, 11, 10, 10, 10, 12, 11, 40, 24]
     sh = _Sheet(wb, "Summary", SUMMARY_COLUMNS, widths)
     sh.filter(len(order))
     for patient in order:
@@ -271,6 +272,7 @@ def _write_summary(wb: Any, order: list[str], diffs: dict[str, Differential],
             sh.number(_pct(d.nrbc_per_100_wbc), "0.0"),
             d.platelets,
             d.n_review,
+            d.unclassified,
             unreadable,
             sh.text(notes, **sh.severity_style(WARNING if notes else None)),
             sh.text(", ".join(f.code for f in fl)),
@@ -376,10 +378,19 @@ def _write_review(wb: Any, order: list[str], cells_by: dict[str, list[CellResult
         sh.append([
             sh.text(first) if first else None,
             sh.text(c.patient), sh.text(c.file),
-            sh.text(catalogue.get(c.class_id).display), sh.number(round(c.confidence, 4), "0.000"),
+            sh.text(class_display(c.class_id)), sh.number(round(c.confidence, 4), "0.000"),
             sh.text(catalogue.get(c.second_class).display if catalogue.is_known(c.second_class) else c.second_class),
             sh.number(round(c.second_prob, 4), "0.000"),
         ])
+
+
+def class_display(class_id: str) -> str:
+    """Display name for the Review sheet; an unclassified crop says why it is there."""
+    from .ood import UNCLASSIFIED, UNCLASSIFIED_DISPLAY, UNCLASSIFIED_REASON
+
+    if class_id == UNCLASSIFIED:
+        return f"{UNCLASSIFIED_DISPLAY}: {UNCLASSIFIED_REASON}"
+    return catalogue.get(class_id).display
 
 
 def _write_errors(wb: Any, errors: Sequence[FileError]) -> None:
@@ -405,7 +416,8 @@ def _duration(run: RunData) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def run_rows(run: RunData, settings: Settings, diffs: dict[str, Differential]) -> list[tuple[str, str]]:
+def run_rows(run: RunData, settings: Settings, diffs: dict[str, Differential],
+             shift: "ShiftDecision | None" = None) -> list[tuple[str, str]]:
     """The Run sheet's key/value rows: everything needed to audit or reproduce the report."""
     m = run.model
     unreadable = sum(1 for e in run.errors if e.file)
@@ -428,6 +440,10 @@ def run_rows(run: RunData, settings: Settings, diffs: dict[str, Differential]) -
         ("Cells classified", str(len(run.cells))),
         ("WBC classified", str(sum(d.wbc for d in diffs.values()))),
         ("Cells to review", str(sum(d.n_review for d in diffs.values()))),
+        ("Unclassified cells (not recognised as a cell the model knows; in no count)",
+         str(sum(d.unclassified for d in diffs.values()))),
+        ("Data shift (whole run, compared with the model's own validation data)",
+         _shift_verdict(shift)),
         ("Unreadable files", str(unreadable)),
         ("Patients that failed as a whole", str(failed)),
         ("Ignored files (hidden or not images)", str(run.ignored_files)),
@@ -437,11 +453,36 @@ def run_rows(run: RunData, settings: Settings, diffs: dict[str, Differential]) -
         ("Immature total", "blasts + IG + band neutrophils"),
         ("Class columns", "Cells sheet and CSV: class ids; Summary, Differential, Review: display names"),
     ]
+    rows += _ood_rows(m)
     rows += settings.describe()
     for key in (KEY_TRAINING_DATA, KEY_TEST_METRICS):
         if key in m.metadata:
             rows.append((f"Model metadata {key}", m.metadata[key]))
     rows += [(str(k), str(v)) for k, v in run.extra.items()]
+    return rows
+
+
+def _shift_verdict(shift: "ShiftDecision | None") -> str:
+    if shift is None or (not shift.decided and shift.threshold is None):
+        return "not checked: the model carries no out-of-distribution reference"
+    return f"DATA_SHIFT: {shift.text()}" if shift.raised else shift.text()
+
+
+def _ood_rows(m) -> list[tuple[str, str]]:
+    from .ood import KEY_OOD, ReferenceError, from_metadata
+
+    try:
+        ref = from_metadata(m.metadata)
+    except ReferenceError as exc:
+        return [("Out-of-distribution reference", f"unusable: {exc}")]
+    if ref is None:
+        return [("Out-of-distribution reference", "none in the model file: no crop is labelled unclassified")]
+    rows = [("Out-of-distribution reference", f"{ref.describe()} ({KEY_OOD}); unclassified when the score is above "
+             f"{ref.threshold:.4g} or it lies nearer a reject centre by more than {ref.reject_margin:.4g}")]
+    if ref.shift is not None:
+        rows.append(("Data-shift rule", f"DATA_SHIFT when the lower 95% bound of the share of cells scoring above "
+                     f"{ref.shift.cell_cut:.4g} exceeds {100 * ref.shift.threshold:.1f}%; no decision under "
+                     f"{ref.shift.min_cells} cells"))
     return rows
 
 
@@ -472,7 +513,8 @@ def write_workbook(run: RunData, settings: Settings, out_path: str | os.PathLike
 
     order, cells_by, errors_by = _group(run)
     diffs = {p: summarize(cells_by.get(p, [])) for p in order}
-    flags = {p: evaluate(diffs[p], settings) for p in order}
+    shifts, run_shift = decide_all(run.model.metadata, run.cells)
+    flags = {p: evaluate(diffs[p], settings, shifts.get(p)) for p in order}
     wb = Workbook(write_only=True)
     try:
         with atomic_output(out_path) as tmp:
@@ -481,7 +523,7 @@ def write_workbook(run: RunData, settings: Settings, out_path: str | os.PathLike
             _write_cells(wb, run.cells)
             _write_review(wb, order, cells_by, settings.review_max_images)
             _write_errors(wb, run.errors)
-            _write_run(wb, run_rows(run, settings, diffs))
+            _write_run(wb, run_rows(run, settings, diffs, run_shift))
             wb.save(tmp)
     finally:
         _discard_sheet_buffers(wb)

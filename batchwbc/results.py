@@ -15,12 +15,14 @@ ROOT_GROUP = "<root>"
 class CellResult:
     patient: str
     file: str  # POSIX path relative to the slides root
-    class_id: str
-    confidence: float  # calibrated probability of class_id
+    class_id: str  # a model class, or ood.UNCLASSIFIED (then never counted in the differential)
+    confidence: float  # calibrated probability of class_id (of the model's best class when unclassified)
     second_class: str
     second_prob: float
     review: bool  # confidence below the review threshold
     thumbnail_jpeg: bytes | None = None  # small JPEG of the model input, kept for review cells only
+    review_reason: str = ""  # why it needs review, '; '-joined ('' when it does not)
+    ood_score: float | None = None  # distance from the training cells (batchwbc.ood); None: model has no reference
 
 
 @dataclass(frozen=True)
