@@ -5,7 +5,10 @@ a cell to the model, so few of them are unclassified, yet together they sit furt
 training cells than any batch of the model's own data does (measured: docs/model-card.md,
 "Out-of-distribution crops and DATA_SHIFT"). The statistic is the share of the batch's cells
 whose OOD score (batchwbc.ood) lies beyond `cell_cut`, the 80th percentile of held-out
-training cells' scores, so about 20% of a normal batch is expected there. To be fair to small
+training cells' scores, so about 20% of a normal batch is expected there. The score is scaled
+per class (ood.py), so this holds whatever the patient's mix of classes: a patient with 70%
+eosinophils or monocytes is not "shifted" (measured; an unscaled distance raised it for all
+such pseudo-patients). To be fair to small
 batches the decision uses the lower bound of that share's exact 95% confidence interval
 (Clopper-Pearson), and DATA_SHIFT is raised when that lower bound exceeds `threshold`: the
 highest value seen on pseudo-patients of 20-200 held-out training cells of one source.

@@ -10,7 +10,11 @@ subspace of the training embeddings (Lee et al., NeurIPS 2018), plus one "reject
 fitted on background corners cut from training crops (red cells, no leukocyte: the crops a
 distance to the cell classes alone missed most often). A crop is unclassified when
 
-* its distance to the nearest cell class (the OOD score) is beyond `threshold`, or
+* its OOD score is beyond `threshold`: the smallest, over the cell classes, of the distance to
+  the class centre divided by that class's median distance among held-out training cells
+  (1 = a typical cell of that class; the division makes the score mean the same for a
+  tight class such as platelets and a spread-out one such as eosinophils, so a patient's
+  class mix does not move the DATA_SHIFT statistic), or
 * it lies nearer the background centre than any cell class by more than `reject_margin`
   (score minus distance to the background centre beyond the margin).
 
@@ -68,7 +72,8 @@ class OodReference:
     classes: tuple[str, ...]
     threshold: float  # cell score above which a crop is unclassified
     embedding_output: str
-    reject_margin: float = float("inf")  # (score - distance to a reject centre) above this: unclassified
+    reject_margin: float = float("inf")  # (nearest class distance - nearest reject distance) above this: unclassified
+    scales: "np.ndarray | None" = None  # [C] typical distance per class (1 for reject centres); None = all 1
     basis: "np.ndarray | None" = None  # [k, D] PCA basis (kept for analysis only, not stored)
     shift: ShiftReference | None = None
     info: Mapping[str, Any] = field(default_factory=dict)  # how it was fitted and measured, for audit
@@ -122,41 +127,45 @@ def fit_reference(emb: "np.ndarray", labels: Sequence[str], k: int = 32, shrinka
 
 # ----------------------------------------------------------------------------- scoring (runtime)
 
-def distances(ref: OodReference, emb: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
-    """(squared Mahalanobis distance to the nearest cell class, to the nearest reject centre;
-    +inf where there is none) per embedding row."""
+def distances(ref: OodReference, emb: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Per embedding row: (OOD score = smallest scaled distance to a cell class, raw squared
+    Mahalanobis distance to the nearest cell class, to the nearest reject centre; +inf where
+    there is none)."""
     import numpy as np
 
     z = (np.asarray(emb, dtype=np.float32) - ref.mean) @ ref.projection.T  # [N, k]
     d = (z * z).sum(axis=1, keepdims=True) - 2.0 * z @ ref.centres.T + (ref.centres * ref.centres).sum(axis=1)
     d = np.maximum(d, 0.0).astype(np.float64)
     reject = np.array([c.startswith(REJECT_PREFIX) for c in ref.classes])
+    scales = np.ones(len(ref.classes)) if ref.scales is None else np.asarray(ref.scales, dtype=np.float64)
     inf = np.full(len(d), np.inf)
-    known = d[:, ~reject].min(axis=1) if (~reject).any() else inf
+    if not (~reject).any():
+        return inf, inf, d.min(axis=1) if reject.any() else inf
+    known = d[:, ~reject]
     rejected = d[:, reject].min(axis=1) if reject.any() else inf
-    return known, rejected
+    return (known / scales[~reject]).min(axis=1), known.min(axis=1), rejected
 
 
 def mahalanobis(ref: OodReference, emb: "np.ndarray") -> "np.ndarray":
     """Squared Mahalanobis distance of each embedding row to its nearest cell-class centre."""
-    return distances(ref, emb)[0]
+    return distances(ref, emb)[1]
 
 
 def score_and_flag(ref: OodReference, emb: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
-    """(OOD score per crop, unclassified yes/no per crop). The score is the distance to the
-    nearest cell class (higher = less like the training cells); a non-finite embedding scores
-    +inf and is unclassified, so it is never mistaken for a known cell."""
+    """(OOD score per crop, unclassified yes/no per crop). Higher scores are less like the
+    training cells; a non-finite embedding scores +inf and is unclassified, so it is never
+    mistaken for a known cell."""
     import numpy as np
 
     emb = np.asarray(emb, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[1] != ref.dim:
         raise ValueError(f"embedding has shape {emb.shape}; the OOD reference needs [N, {ref.dim}]")
     finite = np.all(np.isfinite(emb), axis=1)
-    known, rejected = distances(ref, np.where(finite[:, None], emb, 0.0))
-    known[~finite] = np.inf
+    score, known, rejected = distances(ref, np.where(finite[:, None], emb, 0.0))
+    score[~finite] = np.inf
     with np.errstate(invalid="ignore"):
         nearer_reject = (known - rejected) > ref.reject_margin
-    return known, (known > ref.threshold) | nearer_reject | ~finite
+    return score, (score > ref.threshold) | nearer_reject | ~finite
 
 
 def score(ref: OodReference, emb: "np.ndarray") -> "np.ndarray":
@@ -194,6 +203,8 @@ def to_metadata(ref: OodReference) -> str:
     """The JSON stored under KEY_OOD (arrays as base64 little-endian float32: compact and exact)."""
     import math
 
+    import numpy as np
+
     if not math.isfinite(ref.threshold):
         raise ValueError("set the reference's threshold before storing it")
     body: dict[str, Any] = {
@@ -206,6 +217,7 @@ def to_metadata(ref: OodReference) -> str:
         "mean": _pack(ref.mean),
         "projection": _pack(ref.projection, "float16"),
         "centres": _pack(ref.centres),
+        "scales": _pack(ref.scales if ref.scales is not None else np.ones(len(ref.classes))),
         "info": dict(ref.info),
     }
     if ref.shift is not None:
@@ -238,9 +250,10 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
         raise
     except Exception:  # noqa: BLE001
         raise ReferenceError(f"the model's {KEY_OOD} metadata is not valid JSON with a threshold.") from None
-    mean, proj, centres = (_unpack(body.get(n), n) for n in ("mean", "projection", "centres"))
+    mean, proj, centres, scales = (_unpack(body.get(n), n) for n in ("mean", "projection", "centres", "scales"))
     if not (mean.ndim == 1 and proj.ndim == 2 and centres.ndim == 2 and proj.shape[1] == mean.shape[0]
-            and centres.shape[1] == proj.shape[0] and len(classes) == centres.shape[0] and math.isfinite(threshold)):
+            and centres.shape[1] == proj.shape[0] and len(classes) == centres.shape[0] == len(scales)
+            and scales.ndim == 1 and (scales > 0).all() and math.isfinite(threshold)):
         raise ReferenceError(f"the model's {KEY_OOD} metadata has arrays of inconsistent shapes.")
     shift = None
     if shift_body is not None:
@@ -251,4 +264,5 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
             raise ReferenceError(f"the model's {KEY_OOD} metadata has an unreadable data_shift entry.") from None
     if math.isnan(margin):
         raise ReferenceError(f"the model's {KEY_OOD} metadata has an invalid reject_margin.")
-    return OodReference(mean, proj, centres, classes, threshold, out_name, margin, shift=shift, info=body.get("info", {}))
+    return OodReference(mean, proj, centres, classes, threshold, out_name, margin, scales, shift=shift,
+                        info=body.get("info", {}))

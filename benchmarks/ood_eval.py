@@ -90,6 +90,26 @@ def cand_knn(kn: int = 10):
     return fit
 
 
+def cand_reject(k: int, quantile: float):
+    """The shipped kind of rule: Mahalanobis to the class centres in PCA k, plus a background
+    reject centre fitted on corners of `ref` crops; each rule at `quantile` of held cells."""
+    def fit(ref, head, feats=None):
+        from export.ood_reference import fit_with_thresholds
+        from batchwbc import ood
+
+        r = fit_with_thresholds(ref.emb, ref.labels, _FEATS["ref_background"].emb, _FEATS["held"].emb,
+                                _FEATS["held"].labels, _FEATS["held"].sources, np.random.default_rng(1), k=k, quantile=quantile)
+
+        def caught(fs):
+            return ood.score_and_flag(r, fs.emb)[1]
+        caught.is_flag = True
+        return caught
+    return fit
+
+
+_FEATS: dict = {}
+
+
 def candidates():
     return {
         "max softmax (MSP)": cand_msp,
@@ -100,6 +120,10 @@ def candidates():
         "Mahalanobis, PCA 64": cand_maha(64),
         "Mahalanobis, PCA 32 + residual": cand_maha(32, residual=True),
         "kNN cosine (k=10)": cand_knn(10),
+        "Mahalanobis PCA 32 + background reject centre (2 rules at 0.5% each)": cand_reject(32, 0.995),
+        "Mahalanobis PCA 128 + background reject centre (2 rules at 0.5% each)": cand_reject(128, 0.995),
+        "Mahalanobis PCA 128 + background reject centre (2 rules at 0.25% each, shipped)": cand_reject(128, 0.9975),
+        "Mahalanobis full 256 + background reject centre (2 rules at 0.5% each)": cand_reject(256, 0.995),
     }
 
 
@@ -127,6 +151,12 @@ def cell_table(feats, score_fns: dict, quantile: float = 0.99) -> dict:
     d = feats["deepapl"]
     known = _subset(d, [i for i, c in enumerate(d.labels) if c != "smudge"])
     for name, fn in score_fns.items():
+        if getattr(fn, "is_flag", False):  # a rule with its own thresholds (fitted on held cells)
+            row = {"threshold": float("nan"), "held": float(fn(feats["held"]).mean()), "test": float(fn(feats["test"]).mean())}
+            row.update({k: float(fn(fs).mean()) for k, fs in ks.items()})
+            row["deepapl_known_classes"] = float(fn(known).mean())
+            results[name] = row
+            continue
         thr = float(np.quantile(fn(feats["held"]), quantile))
         row = {"threshold": thr, "held": float((fn(feats["held"]) > thr).mean()), "test": float((fn(feats["test"]) > thr).mean())}
         for k, fs in ks.items():
@@ -194,8 +224,44 @@ def shift_eval(feats, ref_obj, seed: int = 0) -> dict:
                 raised.append(datashift.decide(ref_obj, cell_scores["deepapl"][rng.choice(idx, n, replace=False)]).raised)
         res[f"deepapl_n{n}_raised"] = float(np.mean(raised)) if raised else float("nan")
         res[f"deepapl_n{n}_patients"] = len(raised)
+    # A patient's class mix must not raise it: test pseudo-patients of 100 cells, 70 of one class.
+    labs = np.array(feats["test"].labels)
+    skew = {}
+    for c in sorted(set(labs)):
+        ic, io = np.flatnonzero(labs == c), np.flatnonzero(labs != c)
+        if len(ic) < 40:
+            continue
+        raised = [datashift.decide(ref_obj, cell_scores["test"][np.concatenate([
+            rng.choice(ic, min(70, len(ic)), replace=False), rng.choice(io, 30, replace=False)])]).raised for _ in range(200)]
+        skew[c] = float(np.mean(raised))
+    res["test_skewed_70pct_raised"] = skew
+    # Is it the source or the disease? Share of cells beyond the cell cut, per class.
+    by_class = {}
+    for name in ("test", "deepapl"):
+        labs = np.array(feats[name].labels)
+        for c in sorted(set(labs)):
+            s = cell_scores[name][labs == c]
+            by_class.setdefault(c, {})[name] = (float((s > shift.cell_cut).mean()), int(len(s)))
+    res["beyond_cut_by_class"] = by_class
     res["per_patient"] = per_patient
     return res
+
+
+def safety_table(feats, ref_obj, review_threshold: float) -> dict:
+    """Per kind: share unclassified, share only sent to review (confidence below the review
+    threshold), and share counted without review - the number that matters to a lab."""
+    from batchwbc import ood
+
+    rows = {}
+    d = feats["deepapl"]
+    sets = {"test": feats["test"], **kinds(feats),
+            "deepapl_known_classes": _subset(d, [i for i, c in enumerate(d.labels) if c != "smudge"])}
+    for k, fs in sets.items():
+        flagged = ood.score_and_flag(ref_obj, fs.emb)[1]
+        low = fs.probs.max(axis=1) < review_threshold
+        rows[k] = {"unclassified": float(flagged.mean()), "review_only": float((~flagged & low).mean()),
+                   "counted_unreviewed": float((~flagged & ~low).mean()), "n": len(fs.labels)}
+    return rows
 
 
 def main() -> None:
@@ -221,6 +287,7 @@ def main() -> None:
 
         clf = Classifier(args.model, threads=1)
         head = head_parameters(onnx.load(str(clf.info.path)))
+        _FEATS.update(feats)
         fns = {name: fit(feats["ref"], head) for name, fit in candidates().items()}
         out["candidates"] = cell_table(feats, fns)
         print_cell_table(out["candidates"], n)
@@ -248,6 +315,22 @@ def main() -> None:
         for n_cells in (20, 50, 100):
             print(f"  DeepAPL patients cut to {n_cells} random cells: {100 * sh[f'deepapl_n{n_cells}_raised']:.1f}% "
                   f"of {sh[f'deepapl_n{n_cells}_patients']}")
+        skew = sh["test_skewed_70pct_raised"]
+        print("  test pseudo-patients of 100 cells, 70 of one class, raising it (200 per class): "
+              + ", ".join(f"{c} {100 * v:.0f}%" for c, v in skew.items()))
+        print("\nShare of cells beyond the DATA_SHIFT cell cut, per class (test split vs DeepAPL)")
+        print("| class | test | DeepAPL |\n|---|---:|---:|")
+        for c, v in sh["beyond_cut_by_class"].items():
+            cell = lambda k: f"{100 * v[k][0]:.0f}% of {v[k][1]}" if k in v else ""  # noqa: E731
+            print(f"| {c} | {cell('test')} | {cell('deepapl')} |")
+        rt = clf.info.review_threshold or 0.5
+        safety = safety_table(feats, ref_obj, rt)
+        out["safety"] = safety
+        print(f"\nWhat happens to each kind of crop (review threshold {rt:g})")
+        print("| crops | n | unclassified | reviewed (low confidence) | counted without review |\n|---|---:|---:|---:|---:|")
+        for k, v in safety.items():
+            print(f"| {k} | {v['n']} | {100 * v['unclassified']:.1f}% | {100 * v['review_only']:.1f}% | "
+                  f"{100 * v['counted_unreviewed']:.1f}% |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

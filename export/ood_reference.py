@@ -9,9 +9,10 @@ What is fitted on what (docs/decisions/0011-out-of-distribution-and-data-shift.m
   * `ref`: a seeded sample of cells of the training sources that are NOT in the test split:
     class centres, PCA basis and shared covariance of the model's embedding;
   * background corners cut from `ref` crops: the "reject:background" centre;
-  * `held`: a disjoint sample of those cells: the thresholds (a `--quantile` of their scores
-    for each of the two cell rules; the 80th percentile for DATA_SHIFT's cell cut; the highest
-    batch statistic of pseudo-patients of 20-200 of them for DATA_SHIFT).
+  * `held`: a disjoint sample of those cells: each class's typical (median) distance, which
+    scales the score, and the thresholds (a quantile of their scores for each of the two cell
+    rules; the 80th percentile for DATA_SHIFT's cell cut; the highest batch statistic of
+    pseudo-patients of 20-200 of them for DATA_SHIFT).
 The test split is never read except to leave its cells out.
 """
 from __future__ import annotations
@@ -117,7 +118,7 @@ def pseudo_patient_statistics(ref, held_scores: np.ndarray, held_sources: Sequen
     return np.asarray(stats)
 
 
-def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_sources, rng, k: int = PCA_DIM,
+def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held_sources, rng, k: int = PCA_DIM,
                         quantile: float = CELL_QUANTILE, embedding_output: str = "embedding", info: dict | None = None):
     """The complete reference: centres and covariance from ref (+ the background centre),
     every threshold from held (pure apart from the seeded generator)."""
@@ -125,15 +126,23 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_sources, rng
 
     labels = list(ref_labels) + [BACKGROUND] * len(bg_emb)
     r = ood.fit_reference(np.concatenate([ref_emb, bg_emb]), labels, k=k, embedding_output=embedding_output)
-    known, rejected = ood.distances(r, held_emb)
-    threshold = float(np.quantile(known, quantile))
+    # each class's typical distance: the median over held-out cells of that class
+    z = (np.asarray(held_emb, np.float32) - r.mean) @ r.projection.T
+    d = ((z[:, None, :] - r.centres[None]) ** 2).sum(axis=2)
+    hl = np.asarray(held_labels)
+    scales = np.array([float(np.median(d[hl == c, i])) if (hl == c).any() else float(np.median(d[:, i]))
+                       for i, c in enumerate(r.classes)])
+    scales[[c.startswith(ood.REJECT_PREFIX) for c in r.classes]] = 1.0
+    r = replace(r, scales=np.maximum(scales, 1e-6).astype(np.float32))
+    held_score, known, rejected = ood.distances(r, held_emb)
+    threshold = float(np.quantile(held_score, quantile))
     margin = float(np.quantile(known - rejected, quantile))
     r = replace(r, threshold=threshold, reject_margin=margin)
     _, flagged = ood.score_and_flag(r, held_emb)
-    cut = float(np.quantile(known, SHIFT_CELL_QUANTILE))
+    cut = float(np.quantile(held_score, SHIFT_CELL_QUANTILE))
     r = replace(r, shift=ood.ShiftReference(threshold=1.0, cell_quantile=SHIFT_CELL_QUANTILE, cell_cut=cut,
                                             min_cells=datashift.MIN_CELLS))
-    stats = pseudo_patient_statistics(r, known, held_sources, rng)
+    stats = pseudo_patient_statistics(r, held_score, held_sources, rng)
     shift = replace(r.shift, threshold=float(stats.max()), info={
         "pseudo_patients": int(len(stats)), "sizes": list(PSEUDO_PATIENT_SIZES),
         "rule": "raise when the batch's statistic exceeds the highest of any held-out pseudo-patient",
@@ -184,7 +193,7 @@ def build(model_path: Path, data_root: Path, split_csv: Path, sources: Sequence[
     info = {"fitted_on": f"{len(kept_ref)} training cells of {', '.join(sources) or 'all sources'} outside "
                          f"{split_csv.name}, seed {seed}", "model_sha256_before": clf.info.sha256}
     return fit_with_thresholds(ref_emb, [ref[i].class_id for i in kept_ref], bg_emb, held_emb,
-                               [held[i].source for i in kept_held], np.random.default_rng(seed + 1), k=k,
+                               [held[i].class_id for i in kept_held], [held[i].source for i in kept_held], np.random.default_rng(seed + 1), k=k,
                                embedding_output=clf.embedding_output, info=info)
 
 

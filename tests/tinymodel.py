@@ -109,9 +109,9 @@ def build_with_ood(path: str | Path, classes=catalogue.CLASS_IDS, size: int = 32
         return emb, [c for c in classes for _ in range(n_per_class)]
 
     ref_emb, ref_labels = sample(40)
-    held_emb, _ = sample(30)
+    held_emb, held_labels = sample(30)
     bg = (np.array(BACKGROUND_COLOUR, np.float32) / 255.0 + rng.normal(0, 0.01, (60, 3))).astype(np.float32)
-    ref = ood_reference.fit_with_thresholds(ref_emb, ref_labels, bg, held_emb, ["tiny"] * len(held_emb),
+    ref = ood_reference.fit_with_thresholds(ref_emb, ref_labels, bg, held_emb, held_labels, ["tiny"] * len(held_emb),
                                             np.random.default_rng(seed + 1), k=3, quantile=0.999)
     ood_reference.write(path, ref, path)
     return path
