@@ -91,8 +91,9 @@ def cand_knn(kn: int = 10):
 
 
 def cand_reject(k: int, quantile: float):
-    """The shipped kind of rule: Mahalanobis to the class centres in PCA k, plus a background
-    reject centre fitted on corners of `ref` crops; each rule at `quantile` of held cells."""
+    """The shipped kind of rule: Mahalanobis to the class centres in PCA k, scaled per class by
+    the held cells' median distance, plus a background reject centre fitted on corners of `ref`
+    crops; each rule at `quantile` of held cells."""
     def fit(ref, head, feats=None):
         from export.ood_reference import fit_with_thresholds
         from batchwbc import ood
@@ -120,10 +121,12 @@ def candidates():
         "Mahalanobis, PCA 64": cand_maha(64),
         "Mahalanobis, PCA 32 + residual": cand_maha(32, residual=True),
         "kNN cosine (k=10)": cand_knn(10),
-        "Mahalanobis PCA 32 + background reject centre (2 rules at 0.5% each)": cand_reject(32, 0.995),
-        "Mahalanobis PCA 128 + background reject centre (2 rules at 0.5% each)": cand_reject(128, 0.995),
-        "Mahalanobis PCA 128 + background reject centre (2 rules at 0.25% each, shipped)": cand_reject(128, 0.9975),
-        "Mahalanobis full 256 + background reject centre (2 rules at 0.5% each)": cand_reject(256, 0.995),
+        "scaled Mahalanobis PCA 32 + background reject centre (2 rules at 0.5% each)": cand_reject(32, 0.995),
+        "scaled Mahalanobis PCA 128 + background reject centre (2 rules at 0.5% each)": cand_reject(128, 0.995),
+        "scaled Mahalanobis full 256 + background reject centre (2 rules at 0.5% each)": cand_reject(256, 0.995),
+        "scaled Mahalanobis PCA 64 + background reject centre (2 rules at 0.25% each)": cand_reject(64, 0.9975),
+        "scaled Mahalanobis PCA 128 + background reject centre (2 rules at 0.25% each, shipped)": cand_reject(128, 0.9975),
+        "scaled Mahalanobis full 256 + background reject centre (2 rules at 0.25% each)": cand_reject(256, 0.9975),
     }
 
 
