@@ -223,12 +223,16 @@ def write(model_in: Path, reference, out: Path) -> int:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="ONNX file to write (may be MODEL_IN).")
 @click.option("--source", "sources", multiple=True, help="Training source(s) to use (default: those in the model's metadata).")
 @click.option("--seed", type=int, default=0)
-def main(model_in: Path, data_root: Path, split_csv: Path, out: Path, sources: tuple[str, ...], seed: int) -> None:
+@click.option("--n-ref", type=click.IntRange(min=20), default=N_REF, help="Training cells the centres and covariance are fitted on.")
+@click.option("--n-held", type=click.IntRange(min=200), default=N_HELD, help="Other training cells the thresholds are set on.")
+def main(model_in: Path, data_root: Path, split_csv: Path, out: Path, sources: tuple[str, ...], seed: int,
+         n_ref: int, n_held: int) -> None:
     """Fit the OOD / DATA_SHIFT reference of MODEL_IN on its training cells and store it in --out."""
     from batchwbc.model import ModelError
 
     try:
-        ref = build(model_in, data_root, split_csv, sources, seed)
+        ref = build(model_in, data_root, split_csv, sources, seed, n_ref=n_ref, n_held=n_held,
+                    n_reject=min(N_REJECT, n_ref))
     except (ReferenceBuildError, ModelError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

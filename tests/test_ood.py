@@ -174,3 +174,58 @@ def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
     assert "DATA_SHIFT" in items["Data shift (whole run, compared with the model's own validation data)"]
     review = list(wb["Review"].iter_rows(values_only=True))
     assert any(ood.UNCLASSIFIED_REASON in str(r[3]) for r in review[1:])
+
+
+# ----------------------------------------------------------------------------- export.ood_reference
+
+def test_export_ood_reference_fits_on_training_cells_only(tmp_path):
+    """The TF-free command a lab or the export runs: training cells in, test-split cells out."""
+    from click.testing import CliRunner
+
+    from export.ood_reference import main
+
+    model = tmp_path / "plain.onnx"
+    tinymodel.build(model)
+    import onnx
+
+    from batchwbc.onnxgraph import add_embedding_output
+
+    onnx.save(add_embedding_output(onnx.load(str(model))), str(model))
+    data = tmp_path / "data"
+    rng = np.random.default_rng(5)
+    rows = ["path,class_id,source,split"]
+    classes = Classifier(model).info.classes
+    for k, class_id in enumerate(classes):
+        for i in range(44):
+            rgb = np.clip(np.array(tinymodel.COLOURS[k]) + rng.normal(0, 3, 3), 0, 255).astype(int)
+            rel = f"{class_id}/c{i}.png"
+            write(data / rel, tuple(int(v) for v in rgb), shape=(48, 48))
+            if i < 12:  # test-split cells are grey: had they been used, grey would look familiar
+                write(data / rel, GREY, shape=(48, 48))
+                rows.append(f"{rel},{class_id},generic,test")
+    split = tmp_path / "split.csv"
+    split.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "with-ood.onnx"
+    res = CliRunner().invoke(main, [str(model), "--data", str(data), "--split", str(split), "--out", str(out),
+                                    "--n-ref", "120", "--n-held", "230"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    clf = Classifier(out, threads=1)
+    assert clf.ood is not None and "120 training cells" in clf.ood.info["fitted_on"]
+    probs, scores, flagged = clf.predict_scored(np.stack([
+        np.full((32, 32, 3), tinymodel.colour_for("monocyte"), np.uint8),
+        np.full((32, 32, 3), GREY, np.uint8)]))
+    assert not flagged[0] and flagged[1]  # grey = only the test-split cells, which were left out
+
+
+def test_export_ood_reference_refuses_a_model_without_embedding(tmp_path):
+    from click.testing import CliRunner
+
+    from export.ood_reference import main
+
+    model = tinymodel.build(tmp_path / "plain.onnx")
+    (tmp_path / "d" / "monocyte").mkdir(parents=True)
+    split = tmp_path / "s.csv"
+    split.write_text("path,class_id,source,split\n")
+    res = CliRunner().invoke(main, [str(model), "--data", str(tmp_path / "d"), "--split", str(split), "--out",
+                                    str(tmp_path / "o.onnx")])
+    assert res.exit_code == 2 and "no embedding output" in res.output
