@@ -85,11 +85,11 @@ def decide(ref: "OodReference | None", scores: "Sequence[float | None] | np.ndar
 def decide_all(model_metadata, cells) -> tuple[dict[str, ShiftDecision], ShiftDecision]:
     """(decision per patient, decision for the whole run) from a run's cells and the model's
     metadata; no decisions (decided=False) when the model carries no reference."""
-    from .ood import ReferenceError, from_metadata
+    from .ood import OodReferenceError, from_metadata
 
     try:
         ref = from_metadata(model_metadata)
-    except ReferenceError:  # the Classifier already refused such a model; a report never fails on it
+    except OodReferenceError:  # the Classifier already refused such a model; a report never fails on it
         ref = None
     by_patient: dict[str, list] = {}
     for c in cells:

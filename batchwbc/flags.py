@@ -7,7 +7,6 @@ judge how much a "23% blasts" from 40 cells really says.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from .config import Settings

@@ -173,7 +173,7 @@ class Classifier:
 
         try:
             self.ood = ood.from_metadata(meta)
-        except ood.ReferenceError as exc:
+        except ood.OodReferenceError as exc:
             raise ModelError(f"{p.name}: {exc}") from None
         if self.ood is not None:
             widths = {o.name: o.shape[1] for o in outputs if len(o.shape) == 2}

@@ -15,13 +15,13 @@ distance to the cell classes alone missed most often). A crop is unclassified wh
   (1 = a typical cell of that class; the division makes the score mean the same for a
   tight class such as platelets and a spread-out one such as eosinophils, so a patient's
   class mix does not move the DATA_SHIFT statistic), or
-* it lies nearer the background centre than any cell class by more than `reject_margin`
-  (score minus distance to the background centre beyond the margin).
+* it lies nearer the background centre than any cell class, by more than `reject_margin`
+  (raw distance to the nearest cell class minus distance to the background centre).
 
 Everything is folded into one linear map, so the runtime computes  || P (e - mu) - centre ||^2
 per crop and centre: a [k, D] matrix product, nothing else.
 
-The reference (mu, P, the centres, the threshold) lives in the model file's metadata under
+The reference (mu, P, the centres, the class scales, the thresholds) lives in the model file's metadata under
 KEY_OOD, written by `python -m export.ood_reference`; a model without it simply gets no OOD
 score and no "unclassified" label (older files keep working).
 """
@@ -49,7 +49,7 @@ FORMAT = 1
 REJECT_PREFIX = "reject:"
 
 
-class ReferenceError(Exception):
+class OodReferenceError(Exception):
     """A batchwbc.ood entry that cannot be used; str is one sentence."""
 
 
@@ -193,9 +193,9 @@ def _unpack(d: Any, name: str) -> "np.ndarray":
     try:
         a = np.frombuffer(base64.b64decode(d["base64"], validate=True), dtype=_DTYPES[d["dtype"]]).reshape(d["shape"])
     except Exception:  # noqa: BLE001 - any malformed entry is one sentence for the user
-        raise ReferenceError(f"the model's {KEY_OOD} metadata has an unreadable {name!r} array.") from None
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable {name!r} array.") from None
     if not np.all(np.isfinite(a)):
-        raise ReferenceError(f"the model's {KEY_OOD} metadata has non-finite values in {name!r}.")
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has non-finite values in {name!r}.")
     return a.astype(np.float32)
 
 
@@ -229,7 +229,7 @@ def to_metadata(ref: OodReference) -> str:
 
 
 def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
-    """The reference stored in a model's metadata, None when it has none; ReferenceError when
+    """The reference stored in a model's metadata, None when it has none; OodReferenceError when
     it is there but unusable (a model should not silently lose its safety check)."""
     import math
 
@@ -239,30 +239,30 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
     try:
         body = json.loads(raw)
         if body.get("format") != FORMAT or body.get("score") != SCORE_NAME:
-            raise ReferenceError(f"the model's {KEY_OOD} metadata is of a kind this batchwbc does not read "
+            raise OodReferenceError(f"the model's {KEY_OOD} metadata is of a kind this batchwbc does not read "
                                  f"({body.get('score')!r}, format {body.get('format')!r}).")
         threshold = float(body["threshold"])
         margin = float("inf") if body.get("reject_margin") is None else float(body["reject_margin"])
         out_name = str(body["embedding_output"])
         classes = tuple(str(c) for c in body["classes"])
         shift_body = body.get("data_shift")
-    except ReferenceError:
+    except OodReferenceError:
         raise
     except Exception:  # noqa: BLE001
-        raise ReferenceError(f"the model's {KEY_OOD} metadata is not valid JSON with a threshold.") from None
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata is not valid JSON with a threshold.") from None
     mean, proj, centres, scales = (_unpack(body.get(n), n) for n in ("mean", "projection", "centres", "scales"))
     if not (mean.ndim == 1 and proj.ndim == 2 and centres.ndim == 2 and proj.shape[1] == mean.shape[0]
             and centres.shape[1] == proj.shape[0] and len(classes) == centres.shape[0] == len(scales)
             and scales.ndim == 1 and (scales > 0).all() and math.isfinite(threshold)):
-        raise ReferenceError(f"the model's {KEY_OOD} metadata has arrays of inconsistent shapes.")
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has arrays of inconsistent shapes.")
     shift = None
     if shift_body is not None:
         try:
             shift = ShiftReference(float(shift_body["threshold"]), float(shift_body["cell_quantile"]),
                                    float(shift_body["cell_cut"]), int(shift_body["min_cells"]), shift_body.get("info", {}))
         except Exception:  # noqa: BLE001
-            raise ReferenceError(f"the model's {KEY_OOD} metadata has an unreadable data_shift entry.") from None
+            raise OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable data_shift entry.") from None
     if math.isnan(margin):
-        raise ReferenceError(f"the model's {KEY_OOD} metadata has an invalid reject_margin.")
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has an invalid reject_margin.")
     return OodReference(mean, proj, centres, classes, threshold, out_name, margin, scales, shift=shift,
                         info=body.get("info", {}))

@@ -469,11 +469,11 @@ def _shift_verdict(shift: "ShiftDecision | None") -> str:
 
 
 def _ood_rows(m) -> list[tuple[str, str]]:
-    from .ood import KEY_OOD, ReferenceError, from_metadata
+    from .ood import KEY_OOD, OodReferenceError, from_metadata
 
     try:
         ref = from_metadata(m.metadata)
-    except ReferenceError as exc:
+    except OodReferenceError as exc:
         return [("Out-of-distribution reference", f"unusable: {exc}")]
     if ref is None:
         return [("Out-of-distribution reference", "none in the model file: no crop is labelled unclassified")]
