@@ -187,6 +187,15 @@ def _pack(a: "np.ndarray", dtype: str = "float32") -> dict:
     return {"dtype": dtype, "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
+def _fits_float16(a: "np.ndarray") -> bool:
+    """float16 only where it stays finite and keeps small entries (a degenerate covariance
+    can make the whitening huge or tiny)."""
+    import numpy as np
+
+    big = float(np.abs(a).max(initial=0.0))
+    return big < 6e4 and np.isfinite(a.astype(np.float16)).all()
+
+
 def _unpack(d: Any, name: str) -> "np.ndarray":
     import numpy as np
 
@@ -215,7 +224,7 @@ def to_metadata(ref: OodReference) -> str:
         "threshold": ref.threshold,
         "reject_margin": ref.reject_margin if math.isfinite(ref.reject_margin) else None,
         "mean": _pack(ref.mean),
-        "projection": _pack(ref.projection, "float16"),
+        "projection": _pack(ref.projection, "float16" if _fits_float16(ref.projection) else "float32"),
         "centres": _pack(ref.centres),
         "scales": _pack(ref.scales if ref.scales is not None else np.ones(len(ref.classes))),
         "info": dict(ref.info),

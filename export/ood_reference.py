@@ -47,8 +47,17 @@ class ReferenceBuildError(Exception):
 
 
 def read_test_paths(split_csv: Path, data_root: Path) -> set[str]:
+    return read_split_paths(split_csv, data_root)[0]
+
+
+def read_split_paths(split_csv: Path, data_root: Path) -> tuple[set[str], set[str]]:
+    """(test paths, train/val paths) of a split CSV, resolved against data_root. A training
+    run's split.csv lists all three; the committed test-split.csv lists test rows only."""
+    test, fit = set(), set()
     with open(split_csv, newline="", encoding="utf-8") as fh:
-        return {str((data_root / r["path"]).resolve()) for r in csv.DictReader(fh) if r["split"] == "test"}
+        for r in csv.DictReader(fh):
+            (test if r["split"] == "test" else fit).add(str((data_root / r["path"]).resolve()))
+    return test, fit
 
 
 def training_sources(meta: dict[str, str]) -> list[str] | None:
@@ -172,13 +181,17 @@ def build(model_path: Path, data_root: Path, split_csv: Path, sources: Sequence[
     scan = datasets.read_any(data_root)
     items = [it for it in scan.items if not sources or it.source in sources]
     items = [it for it in items if it.class_id in clf.info.classes]
+    test_paths, fit_paths = read_split_paths(split_csv, data_root)
+    if fit_paths:  # a run's split.csv names its training cells: use only those (and its test rows)
+        items = [it for it in items if str(Path(it.path).resolve()) in fit_paths | test_paths]
     if not items:
         raise ReferenceBuildError(f"no labelled cells of sources {', '.join(sources) or '(any)'} found in {data_root}.")
     rng = np.random.default_rng(seed)
-    ref, held, test = sample_cells(items, read_test_paths(split_csv, data_root), rng, n_ref, n_held)
-    if len(held) < 200:
-        raise ReferenceBuildError(f"only {len(ref) + len(held)} training cells outside the test split; at least "
-                                  f"{n_ref + 200} are needed.")
+    ref, held, test = sample_cells(items, test_paths, rng, n_ref, n_held)
+    need_ref = 5 * len(clf.info.classes)
+    if len(held) < 200 or len(ref) < need_ref:
+        raise ReferenceBuildError(f"only {len(ref) + len(held)} training cells outside the test split; the reference "
+                                  f"needs {need_ref} and its thresholds 200 more (--n-ref {len(ref)}, --n-held {len(held)} drawn).")
     log(f"reference: {len(ref)} training cells, {len(held)} held-out training cells ({', '.join(sources) or 'all sources'}); "
         f"{len(test)} test-split cells left out")
 
@@ -219,7 +232,8 @@ def write(model_in: Path, reference, out: Path) -> int:
 @click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Labelled data root the model was trained on.")
 @click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with a 'path' and a 'split' column: rows with split 'test' are never used.")
+              help="CSV with a 'path' and a 'split' column: rows with split 'test' are never used; when it also "
+                   "lists train/val rows (a run's split.csv), only those cells are used.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="ONNX file to write (may be MODEL_IN).")
 @click.option("--source", "sources", multiple=True, help="Training source(s) to use (default: those in the model's metadata).")
 @click.option("--seed", type=int, default=0)

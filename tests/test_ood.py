@@ -229,3 +229,10 @@ def test_export_ood_reference_refuses_a_model_without_embedding(tmp_path):
     res = CliRunner().invoke(main, [str(model), "--data", str(tmp_path / "d"), "--split", str(split), "--out",
                                     str(tmp_path / "o.onnx")])
     assert res.exit_code == 2 and "no embedding output" in res.output
+
+
+def test_huge_whitening_is_stored_in_float32_not_lost(clf):
+    """A degenerate covariance (a tiny training run) can make the projection exceed float16."""
+    big = replace(clf.ood, projection=clf.ood.projection * 1e6)
+    again = ood.from_metadata({ood.KEY_OOD: ood.to_metadata(big)})
+    np.testing.assert_allclose(again.projection, big.projection, rtol=1e-6)
