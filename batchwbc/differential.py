@@ -137,6 +137,7 @@ class Differential:
     nrbc_per_100_wbc: float | None
     platelets: int
     n_review: int  # cells below the review threshold, of n_cells
+    unclassified: int = 0  # crops not recognised as a known cell (batchwbc.ood): in n_cells, never in a count
 
     def group_ci(self, count: int) -> tuple[float, float] | None:
         """Exact 95% CI (percent) of count / WBC, for the immature fractions in flag messages."""
@@ -149,13 +150,18 @@ def _pct_pair(pair: tuple[float, float]) -> tuple[float, float]:
 
 def summarize(cells: Sequence[CellResult]) -> Differential:
     """Count one patient's cells; pure, and safe for zero cells (percentages are then None)."""
+    from .ood import UNCLASSIFIED
+
     counts = {cid: 0 for cid in catalogue.CLASS_IDS}
-    n_review = 0
+    n_review = unclassified = 0
     for cell in cells:
+        n_review += bool(cell.review)
+        if cell.class_id == UNCLASSIFIED:  # not a cell the model knows: in no count, no percentage
+            unclassified += 1
+            continue
         if cell.class_id not in counts:
             catalogue.get(cell.class_id)  # raises KeyError naming the unknown class
         counts[cell.class_id] += 1
-        n_review += bool(cell.review)
     wbc = sum(counts[c] for c in catalogue.WBC_CLASS_IDS)
 
     def pct(k: int) -> float | None:
@@ -188,4 +194,5 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
         nrbc_per_100_wbc=pct(nrbc),
         platelets=counts[PLATELET_CLASS],
         n_review=n_review,
+        unclassified=unclassified,
     )

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import catalogue
 from .config import Settings
@@ -40,6 +40,9 @@ from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .rowcheck import CHECK_HEADER, row_check
 from .summary import PatientSummary, totals
 from .verification import PatientVerification, VerifiedReport, class_choices
+
+if TYPE_CHECKING:
+    from .datashift import ShiftDecision
 
 
 class OutputError(Exception):
@@ -382,6 +385,7 @@ _SUMMARY: tuple[Column, ...] = (
     Column("NRBC /100 WBC", lambda s: _pct(s.differential.nrbc_per_100_wbc), 10, NUMBER, "0.0"),
     Column("Platelets", lambda s: s.differential.platelets, 10, PLAIN),
     Column("Review cells", lambda s: s.differential.n_review, 10, PLAIN),
+    Column("Unclassified", lambda s: s.differential.unclassified, 12, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
     Column("Notes", _notes, 40, severity=lambda s: WARNING if _notes(s) else None),
     Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 24),
@@ -478,7 +482,7 @@ _REVIEW: tuple[Column, ...] = (
     Column("Thumbnail", lambda r: r.note, THUMBNAIL_PX / 7 + 2),
     Column("Patient", lambda r: r.cell.patient, fit(lambda r: r.cell.patient, 12, 40)),
     Column("File", lambda r: r.cell.file, fit(lambda r: r.cell.file, 20, 80)),
-    Column("Class", lambda r: catalogue.get(r.cell.class_id).display, 22),
+    Column("Class", lambda r: class_display(r.cell.class_id), 22),
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
     Column("Second class", lambda r: _display(r.cell.second_class), 22),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
@@ -531,6 +535,8 @@ _SUMMARY_VERIFIED: tuple[Column, ...] = (
     *_side_by_side("Immature %", lambda d: d.immature_pct),
     *_side_by_side("NRBC /100 WBC", lambda d: d.nrbc_per_100_wbc),
     Column("Platelets verified", lambda v: v.post.differential.platelets, 10, PLAIN),
+    Column("Unclassified pre-classified", lambda v: v.pre.differential.unclassified, 13, PLAIN),
+    Column("Unclassified verified", lambda v: v.post.differential.unclassified, 12, PLAIN),
     Column("Flags (pre-classified)", lambda v: _flag_text(v.pre), 60, wrap=True),
     Column("Unreadable files", lambda v: v.post.unreadable_files, 11, PLAIN),
     Column("Notes", lambda v: _notes(v.post), 40, severity=lambda v: WARNING if _notes(v.post) else None),
@@ -647,6 +653,15 @@ def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int, choi
         _append(sh, _REVIEW, line)
 
 
+def class_display(class_id: str) -> str:
+    """Display name for the Review sheet; an unclassified crop says why it is there."""
+    from .ood import UNCLASSIFIED, UNCLASSIFIED_DISPLAY, UNCLASSIFIED_REASON
+
+    if class_id == UNCLASSIFIED:
+        return f"{UNCLASSIFIED_DISPLAY}: {UNCLASSIFIED_REASON}"
+    return catalogue.get(class_id).display
+
+
 def _write_errors(wb: Any, errors: Sequence[FileError]) -> None:
     _write_sheet(wb, "Errors", _ERRORS, errors, errors, autofilter=len(errors))
 
@@ -689,6 +704,9 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Cells classified", str(len(run.cells))),
         ("WBC classified", str(t.wbc)),
         ("Cells to review", str(t.review_cells)),
+        ("Unclassified cells (not recognised as a cell the model knows; in no count)",
+         str(sum(x.differential.unclassified for x in summaries))),
+        ("Data shift (whole run, compared with the model's own validation data)", _shift_verdict(run.data_shift)),
         ("Unreadable files", str(unreadable)),
         ("Patients that failed as a whole", str(failed)),
         ("Ignored files (hidden or not images)", str(run.ignored_files)),
@@ -698,11 +716,36 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Immature total", "blasts + IG + band neutrophils"),
         ("Class columns", "Cells sheet and CSV: class ids; Summary, Differential, Review: display names"),
     ]
+    rows += _ood_rows(m)
     rows += settings.describe()
     for key in (KEY_TRAINING_DATA, KEY_TEST_METRICS):
         if key in m.metadata:
             rows.append((f"Model metadata {key}", m.metadata[key]))
     rows += [(str(k), str(v)) for k, v in run.extra.items()]
+    return rows
+
+
+def _shift_verdict(shift: "ShiftDecision | None") -> str:
+    if shift is None or (not shift.decided and shift.threshold is None):
+        return "not checked: the model carries no out-of-distribution reference"
+    return f"DATA_SHIFT: {shift.text()}" if shift.raised else shift.text()
+
+
+def _ood_rows(m) -> list[tuple[str, str]]:
+    from .ood import KEY_OOD, OodReferenceError, from_metadata
+
+    try:
+        ref = from_metadata(m.metadata)
+    except OodReferenceError as exc:
+        return [("Out-of-distribution reference", f"unusable: {exc}")]
+    if ref is None:
+        return [("Out-of-distribution reference", "none in the model file: no crop is labelled unclassified")]
+    rows = [("Out-of-distribution reference", f"{ref.describe()} ({KEY_OOD}); unclassified when the score is above "
+             f"{ref.threshold:.4g} or it lies nearer a reject centre by more than {ref.reject_margin:.4g}")]
+    if ref.shift is not None:
+        rows.append(("Data-shift rule", f"DATA_SHIFT when the lower 95% bound of the share of cells scoring above "
+                     f"{ref.shift.cell_cut:.4g} exceeds {100 * ref.shift.threshold:.1f}%; no decision under "
+                     f"{ref.shift.min_cells} cells"))
     return rows
 
 

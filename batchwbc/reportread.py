@@ -25,6 +25,8 @@ VERIFICATION_PREFIX = "Verification: "
 #: Run-sheet items a batchwbc report always has; without them a workbook is not one.
 RUN_REQUIRED = ("batchwbc version", "Model sha256", "Model version", "Model classes", "Cells classified")
 _MAX_PROBLEMS = 20  # sentences listed before "and N more"
+#: How the report words a DATA_SHIFT flag (flags.evaluate); verify carries the decision over.
+DATA_SHIFT_PREFIX = "Data shift: "
 _KEY = re.compile(r"\[([a-z_]+)\.([a-z_]+)\]\s*$")
 _RANGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*%?\s*$")
 
@@ -63,6 +65,7 @@ class ReportContents:
     review: list[ReviewLine]
     errors: list[FileError]
     problems: list[str] = field(default_factory=list)
+    shifts: dict[str, str] = field(default_factory=dict)  # patient -> its DATA_SHIFT message, as reported
     resorted_review: bool = False  # thumbnails could not be matched safely and were left out
 
     @property
@@ -169,11 +172,15 @@ def _read(wb: Any, p: Path) -> ReportContents:
     run_rows = [(k, v) for k, v in run_rows if not k.startswith(VERIFICATION_PREFIX)]
 
     summary = _Sheet(wb, "Summary", ("Patient", "Verified by", "Verified on"), problems)
-    patients, signoff = [], {}
+    patients, signoff, shifts = [], {}, {}
     for _, r in summary.rows:
         patient = _text_keep(r.get("Patient"))
         patients.append(patient)
         signoff[patient] = (_text(r.get("Verified by")), _text(r.get("Verified on")))
+        flags = _text_keep(r.get("Flags (verified)", r.get("Flags"))).splitlines()
+        shift = next((f for f in flags if f.startswith(DATA_SHIFT_PREFIX)), None)
+        if shift is not None:
+            shifts[patient] = shift[len(DATA_SHIFT_PREFIX):]
 
     cells_sheet = _Sheet(wb, "Cells", ("Patient", "File", "Class", "Confidence", "Second class",
                                        "Second probability", "Review", "Verified class"), problems)
@@ -216,7 +223,7 @@ def _read(wb: Any, p: Path) -> ReportContents:
         more = len(problems) - _MAX_PROBLEMS
         problems = problems[:_MAX_PROBLEMS] + [f"... and {more} more {_plural(more, 'problem', 'problems')} like these."]
     return ReportContents(path=p, run_rows=run_rows, run=run, patients=patients, signoff=signoff, cells=cells,
-                          review=review, errors=errors, problems=problems, resorted_review=resorted)
+                          review=review, errors=errors, problems=problems, shifts=shifts, resorted_review=resorted)
 
 
 def _text_keep(value: Any) -> str:

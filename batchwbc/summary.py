@@ -7,12 +7,15 @@ heavy imports (the layering test holds it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .config import Settings
 from .differential import Differential, summarize
 from .flags import Flag, evaluate
 from .results import CellResult, FileError, RunData
+
+if TYPE_CHECKING:
+    from .datashift import ShiftDecision
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,17 @@ class RunTotals:
     flags: int
 
 
-def summarize_run(run: RunData, settings: Settings) -> list[PatientSummary]:
+def summarize_run(run: RunData, settings: Settings,
+                  shifts: "Mapping[str, ShiftDecision] | None" = None) -> list[PatientSummary]:
     """One summary per patient in report order: the discovered patients first (empty ones
     included), then - defensively, so nobody is dropped - any patient seen only in cells or
-    errors."""
-    return summarize_groups(run.patients, run.cells, run.errors, settings)
+    errors. `shifts` are the patients' data-shift decisions (datashift.decide_all), which
+    add DATA_SHIFT to their flags."""
+    return summarize_groups(run.patients, run.cells, run.errors, settings, shifts)
 
 
 def summarize_groups(patients: Sequence[str], cells: Sequence[CellResult], errors: Sequence[FileError],
-                     settings: Settings) -> list[PatientSummary]:
+                     settings: Settings, shifts: "Mapping[str, ShiftDecision] | None" = None) -> list[PatientSummary]:
     """summarize_run's work on plain lists, so `batchwbc verify` can count a report's cells
     with their verified classes through exactly the same functions."""
     cells_by: dict[str, list[CellResult]] = {}
@@ -65,7 +70,7 @@ def summarize_groups(patients: Sequence[str], cells: Sequence[CellResult], error
         summaries.append(PatientSummary(
             patient=patient,
             differential=diff,
-            flags=tuple(evaluate(diff, settings)),
+            flags=tuple(evaluate(diff, settings, shift=(shifts or {}).get(patient))),
             errors=tuple(errors_by.get(patient, ())),
             cells=group,
         ))

@@ -18,23 +18,20 @@ from typing import Mapping, Sequence
 
 from . import catalogue
 from .config import Settings
+from .ood import UNCLASSIFIED, UNCLASSIFIED_DISPLAY
 from .results import CellResult, FileError
 from .summary import PatientSummary, summarize_groups
-
-#: The label an out-of-distribution check may give a cell; offered when the run knows it.
-UNCLASSIFIED = "unclassified"
 
 
 def class_choices(model_classes: Sequence[str], seen: Sequence[str] = ()) -> list[str]:
     """The class ids a person may choose as Verified class: the model's classes, then any
-    other label the run's cells carry (such as `unclassified`), then `unclassified` when the
-    catalogue defines it. The same list feeds the drop-down and the check of typed values."""
+    other label the run's cells carry, then `unclassified` (batchwbc.ood: not a cell the model
+    knows, counted in no percentage), which a person may also give a crop the model did
+    classify. The same list feeds the drop-down and the check of typed values."""
     choices = list(dict.fromkeys(model_classes))
-    for cid in seen:
+    for cid in [*seen, UNCLASSIFIED]:
         if cid and cid not in choices:
             choices.append(cid)
-    if catalogue.is_known(UNCLASSIFIED) and UNCLASSIFIED not in choices:
-        choices.append(UNCLASSIFIED)
     return choices
 
 
@@ -49,6 +46,8 @@ def resolve_class(text: str, choices: Sequence[str]) -> str | None:
         names = {cid.casefold()}
         if catalogue.is_known(cid):
             names.add(catalogue.get(cid).display.casefold())
+        elif cid == UNCLASSIFIED:
+            names.add(UNCLASSIFIED_DISPLAY.casefold())
         if wanted in names:
             return cid
     return None
@@ -102,17 +101,31 @@ class PatientVerification:
         return "not signed: " + "; ".join(missing)
 
 
+@dataclass(frozen=True)
+class CarriedShift:
+    """A DATA_SHIFT decision as the report states it. The decision needs the model's per-cell
+    scores, which verify does not compute; it is about the images, not their classes, so
+    it holds after verification and is carried over word for word."""
+
+    message: str  # the flag message after "Data shift: "
+    raised: bool = True
+
+    def text(self) -> str:
+        return self.message
+
+
 def verify_patients(patients: Sequence[str], cells: Sequence[VerifiedCell], errors: Sequence[FileError],
                     signoff: Mapping[str, tuple[str, str]], settings: Settings,
-                    now: str) -> list[PatientVerification]:
+                    now: str, shifts: Mapping[str, CarriedShift] | None = None) -> list[PatientVerification]:
     """Each patient counted twice - machine classes and verified classes - with its sign-off.
 
     `signoff` maps a patient to the (Verified by, Verified on) a person wrote; a signed
     patient whose Verified on was left blank gets `now`, so the date of the first
     verification that found it signed stays in the workbook from then on.
     """
-    pre = summarize_groups(patients, [vc.cell for vc in cells], errors, settings)
-    post = summarize_groups(patients, [replace(vc.cell, class_id=vc.final) for vc in cells], errors, settings)
+    pre = summarize_groups(patients, [vc.cell for vc in cells], errors, settings, shifts)  # type: ignore[arg-type]
+    post = summarize_groups(patients, [replace(vc.cell, class_id=vc.final) for vc in cells], errors, settings,
+                            shifts)  # type: ignore[arg-type]
     by_patient: dict[str, list[VerifiedCell]] = {}
     for vc in cells:
         by_patient.setdefault(vc.cell.patient, []).append(vc)

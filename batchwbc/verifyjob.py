@@ -121,7 +121,7 @@ def verify_job(opts: VerifyOptions) -> int:
 
 def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings") -> int:
     from . import report
-    from .verification import VerifiedReport, class_choices, verify_patients
+    from .verification import CarriedShift, VerifiedReport, class_choices, verify_patients
 
     choices = class_choices(contents.model_classes, [rc.cell.class_id for rc in contents.cells])
     cells, problems = resolve_verified(contents, choices)
@@ -129,7 +129,8 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
         raise _fail(problems, opts.report)
     now = datetime.now().astimezone()
     stamp = now.isoformat(sep=" ", timespec="minutes")
-    patients = verify_patients(contents.patients, cells, contents.errors, contents.signoff, settings, stamp)
+    shifts = {p: CarriedShift(message) for p, message in contents.shifts.items()}
+    patients = verify_patients(contents.patients, cells, contents.errors, contents.signoff, settings, stamp, shifts)
     signed = sum(p.signed for p in patients)
     corrected = sum(p.corrected for p in patients)
     if contents.resorted_review:

@@ -235,6 +235,20 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         print(f"no embedding output added ({exc}); `batchwbc adapt` will not accept this model.")
     onnx.save(final, str(chosen))
     chosen.replace(out_path)
+    # The out-of-distribution / DATA_SHIFT reference, fitted on this run's training cells (ADR 0011).
+    from .ood_reference import ReferenceBuildError, build as build_ood, write as write_ood
+
+    with_ood = out_path.with_suffix(".ood.tmp.onnx")
+    try:
+        ood_ref = build_ood(out_path, root, run_dir / "split.csv")
+        size = write_ood(out_path, ood_ref, with_ood)
+        bm.Classifier(with_ood)  # the runtime must accept it, or the model ships without it
+        with_ood.replace(out_path)
+        print(f"OOD reference stored ({size / 1000:.0f} kB): {ood_ref.describe()}, "
+              f"{100 * ood_ref.info['held_out_unclassified']:.2f}% of held-out training cells unclassified")
+    except (ReferenceBuildError, bm.ModelError, ValueError, np.linalg.LinAlgError) as exc:
+        with_ood.unlink(missing_ok=True)
+        print(f"no OOD reference stored ({exc}); the runtime will label no crop unclassified and raise no DATA_SHIFT.")
     # Re-open through the runtime's own loader: the file must be self-sufficient.
     info = bm.Classifier(out_path).info
     print(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.1f} MB, sha256 {info.sha256[:12]}..., {quant_note}); "

@@ -128,7 +128,7 @@ def test_report_offers_a_verified_class_drop_down_and_hides_a_check_per_row(made
         dvs = ws.data_validations.dataValidation
         assert len(dvs) == 1 and dvs[0].type == "list" and str(dvs[0].sqref).startswith(f"{letter}2:")
         offered = dvs[0].formula1.strip('"').split(",")
-        assert offered[:len(catalogue.CLASS_IDS)] == list(catalogue.CLASS_IDS)  # the tiny model's classes
+        assert offered == [*catalogue.CLASS_IDS, UNCLASSIFIED]  # the tiny model's classes, then unclassified
         assert ws.cell(1, col).fill.fgColor.rgb.endswith(report.EDITABLE_FILL)
         assert ws.cell(1, 1).fill.fgColor.rgb.endswith(report.PROTECTED_FILL)
         assert ws.cell(1, col).comment is not None
@@ -341,7 +341,8 @@ def test_libreoffice_offers_the_drop_down_and_a_workbook_it_saved_verifies(made,
     ods = libreoffice_convert(rep, "ods", tmp_path / "ods", profile)
     content = zipfile.ZipFile(ods).read("content.xml").decode("utf-8")
     lists = re.findall(r'table:condition="of:cell-content-is-in-list\(([^)]*)\)"', content)
-    assert lists and all(x.replace("&quot;", "").split(";") == list(catalogue.CLASS_IDS) for x in lists), lists
+    assert lists and all(x.replace("&quot;", "").split(";") == [*catalogue.CLASS_IDS, UNCLASSIFIED]
+                         for x in lists), lists
     names = re.findall(r'<table:content-validation table:name="(\w+)"', content)
     assert len(names) == len(lists)  # every validation LibreOffice sees is such a list
     per_sheet = {m.group(1): m.start() for m in re.finditer(r'<table:table table:name="([^"]+)"', content)}
@@ -476,3 +477,17 @@ def test_html_gallery_of_the_verified_cells_marks_corrections(made, tmp_path):
     corrected = re.findall(r'<figure class="cell[^"]*corrected" data-file="([^"]+)"', html)
     assert sorted(corrected) == ["P1/amb1.png", "P1/bl1.png"]
     assert "machine: Myeloblast" in html
+
+
+def test_a_data_shift_flag_is_carried_over_and_unclassified_can_be_chosen():
+    from batchwbc.flags import DATA_SHIFT
+    from batchwbc.verification import CarriedShift, VerifiedCell, verify_patients
+
+    cells = [VerifiedCell(CellResult("P", f"P/{i}.png", "lymphocyte", 0.9, "monocyte", 0.1, False)) for i in range(3)]
+    cells.append(VerifiedCell(CellResult("P", "P/x.png", "monocyte", 0.4, "lymphocyte", 0.3, True), UNCLASSIFIED))
+    (pv,) = verify_patients(["P"], cells, [], {"P": ("A. Tech", "")}, DEFAULT_SETTINGS, "now",
+                            {"P": CarriedShift("images unlike those (numbers)")})
+    assert pv.signed and pv.verified_on == "now" and pv.corrected == 1
+    assert [f.message for f in pv.post.flags if f.code == DATA_SHIFT] == ["Data shift: images unlike those (numbers)"]
+    assert (pv.pre.differential.counts["monocyte"], pv.post.differential.counts["monocyte"]) == (1, 0)
+    assert pv.post.differential.unclassified == 1 and pv.post.differential.wbc == 3
