@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from . import catalogue
 from .config import Settings
 from .differential import NRBC_CLASS, PLATELET_CLASS, Differential
-from .flags import CRITICAL, WARNING, worst_severity
+from .flags import CRITICAL, REVIEW, WARNING, worst_severity
 from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .summary import PatientSummary, totals
@@ -46,8 +46,11 @@ CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second
 
 WHOLE_PATIENT = "(whole patient folder)"
 
-_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C"}  # Excel's own "bad" red and "neutral" amber
-_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700"}
+# Excel's own "bad" red and "neutral" amber; light blue for flags only cells in review raise
+_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C", REVIEW: "DDEBF7"}
+_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700", REVIEW: "1F4E78"}
+#: Between the codes of the Summary's "Flag codes" column: split on it to get the codes.
+FLAG_CODE_SEPARATOR = "; "
 _FORMULA_START = ("=", "+", "-", "@")
 _NEEDS_CELL = (*_FORMULA_START, "#")  # "#N/A" and the other error literals all start with "#"
 # Characters XML 1.0 (and so xlsx) cannot hold; file names on Linux may contain them.
@@ -310,7 +313,7 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Review cells", lambda s: s.differential.n_review, 10, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
     Column("Notes", _notes, 40, severity=lambda s: WARNING if _notes(s) else None),
-    Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 24),
+    Column("Flag codes", lambda s: FLAG_CODE_SEPARATOR.join(f.code for f in s.flags), 24),
 )
 
 
@@ -597,6 +600,29 @@ def csv_text(value: str) -> str:
     by removing ONE leading apostrophe whenever a patient/file field starts with one.
     """
     return "'" + value if value.startswith(_CSV_GUARD) else value
+
+
+def _csv_value(column: Column, row: Any) -> str:
+    """A Summary cell as CSV text: numbers as Python writes them, empty for None/NaN, text
+    guarded against formula injection and on one line (Flags' line breaks become ' | ')."""
+    value = column.value(row)
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if column.kind in (NUMBER, PLAIN) and not isinstance(value, str):
+        return str(value)
+    return csv_text(str(value).replace("\r\n", "\n").replace("\n", " | "))
+
+
+def write_summary_csv(summaries: Sequence[PatientSummary], out_path: str | os.PathLike) -> None:
+    """The Summary sheet as UTF-8 CSV (no BOM): the same Column table, headers and values, one
+    line per patient, for LIS middleware and scripts ("Flag codes" is '; '-separated).
+    Written atomically: a failure leaves the previous file untouched."""
+    with atomic_output(out_path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="replace") as fh:
+            writer = csv.writer(fh)
+            writer.writerow([c.header for c in _SUMMARY])
+            for s in summaries:
+                writer.writerow([_csv_value(c, s) for c in _SUMMARY])
 
 
 def write_cells_csv(cells: Iterable[CellResult], out_path: str | os.PathLike) -> None:
