@@ -92,11 +92,11 @@ def pct_on_all_cells(d: Differential, s: Settings) -> list[str]:
 
 def definite(code: str) -> str:
     """The definite flag a code stands for (a pending code names the flag it may become)."""
-    return getattr(F, "PENDING_OF", {}).get(code, code)
+    return F.PENDING_OF.get(code, code)
 
 
 def is_pending(code: str) -> bool:
-    return code in getattr(F, "PENDING_OF", {})
+    return code in F.PENDING_OF
 
 
 def truth_codes(classes: Iterable[str], s: Settings) -> set[str]:
