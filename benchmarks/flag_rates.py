@@ -15,8 +15,9 @@ and scores the rule sets on the same cells:
 
     python benchmarks/flag_rates.py --data ../shared/data --normal 20 --abnormal 4 --cells 150 --seed 1
 
-The labelled folders must be PBC_dataset_normal_DIB and AML-Cytomorphology_LMU (the script
-links only those two into a temporary folder, so DeepAPL, never seen by the model, is out).
+The patients come from PBC_dataset_normal_DIB and AML-Cytomorphology_LMU below --data (only
+those two are linked into a temporary folder); --other-source (DeepAPL, never seen by the
+model) adds normal compositions from another analyzer, scored in a table of their own.
 A flag is *false* when the true differential does not raise it (nor a flag that suppresses
 it), *missed* when the true differential raises it and the model's does not.
 """
