@@ -143,6 +143,7 @@ class Differential:
     n_review: int  # cells below the review threshold, of n_cells
     #: every catalogue class id -> cells of it NOT in review (confident); counts - this = review cells
     confident_counts: Mapping[str, int]
+    unclassified: int = 0  # crops not recognised as a known cell (batchwbc.ood): in n_cells, never in a count
 
     def confident(self, class_ids: Sequence[str] | str) -> int:
         """Confident (not in review) cells of one class id or of several, e.g. BLAST_IDS."""
@@ -180,14 +181,19 @@ def _pct_pair(pair: tuple[float, float]) -> tuple[float, float]:
 
 def summarize(cells: Sequence[CellResult]) -> Differential:
     """Count one patient's cells; pure, and safe for zero cells (percentages are then None)."""
+    from .ood import UNCLASSIFIED
+
     counts = {cid: 0 for cid in catalogue.CLASS_IDS}
     confident = {cid: 0 for cid in catalogue.CLASS_IDS}
-    n_review = 0
+    n_review = unclassified = 0
     for cell in cells:
+        n_review += bool(cell.review)
+        if cell.class_id == UNCLASSIFIED:  # not a cell the model knows: in no count, no percentage
+            unclassified += 1
+            continue
         if cell.class_id not in counts:
             catalogue.get(cell.class_id)  # raises KeyError naming the unknown class
         counts[cell.class_id] += 1
-        n_review += bool(cell.review)
         confident[cell.class_id] += not cell.review
     wbc = sum(counts[c] for c in catalogue.WBC_CLASS_IDS)
 
@@ -222,4 +228,5 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
         platelets=counts[PLATELET_CLASS],
         n_review=n_review,
         confident_counts=MappingProxyType(confident),
+        unclassified=unclassified,
     )

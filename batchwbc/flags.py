@@ -29,6 +29,7 @@ from .differential import Differential, exact_binomial_ci
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .datashift import ShiftDecision
 
 CRITICAL = "critical"  # needs prompt attention (coloured red)
 WARNING = "warning"  # needs review (coloured amber)
@@ -42,6 +43,7 @@ BANDS_HIGH = "BANDS_HIGH"
 NRBC_PRESENT = "NRBC_PRESENT"
 LOW_WBC = "LOW_WBC"
 MANY_LOW_CONFIDENCE = "MANY_LOW_CONFIDENCE"
+DATA_SHIFT = "DATA_SHIFT"  # source: batchwbc, compared with the model's own validation data (datashift.py)
 # Pending twins: what the flag would be if the cells in review were what the model guessed.
 BLASTS_HIGH_PENDING_REVIEW = "BLASTS_HIGH_PENDING_REVIEW"
 BLASTS_PENDING_REVIEW = "BLASTS_PENDING_REVIEW"
@@ -269,9 +271,13 @@ PENDING_OF: dict[str, str] = {r.pending_code: r.code for r in FLAG_RULES if r.pe
 _SEVERITY_RANK = {CRITICAL: 0, WARNING: 1, REVIEW: 2}
 
 
-def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule] | None = None) -> list[Flag]:
+def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule] | None = None,
+             shift: "ShiftDecision | None" = None) -> list[Flag]:
     """All flags raised by one differential, most severe first (table order within a
-    severity); pure. `rules` defaults to the rules `settings` was built from.
+    severity; DATA_SHIFT, when the patient's data-shift decision raised it, after the table's
+    warnings and before the pending flags); pure. `rules` defaults to the rules `settings` was
+    built from. DATA_SHIFT is not a table row: its threshold comes from the model file
+    (batchwbc.datashift), not from the lab's config.
 
     A rule raises its definite flag, or else its pending twin (REVIEW severity), never both.
     A flag named in `suppressed_by` silences the rule (both forms); its pending twin silences
@@ -299,6 +305,8 @@ def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule]
             continue
         codes.add(flag.code)
         raised.append((_SEVERITY_RANK[flag.severity], i, flag))
+    if shift is not None and shift.raised:
+        raised.append((_SEVERITY_RANK[WARNING], len(table), Flag(DATA_SHIFT, f"Data shift: {shift.text()}", WARNING)))
     return [f for _, _, f in sorted(raised, key=lambda t: (t[0], t[1]))]
 
 
