@@ -297,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     truth_by.pop("testsplit", None)
     if split_cells:
         k = sum(c.review for c in split_cells)
-        print(f"the model's own test split: {k}/{len(split_cells)} cells in review ({100.0 * k / len(split_cells):.1f}%)")
+        u = sum(c.class_id == "unclassified" for c in split_cells)
+        print(f"the model's own test split: {k}/{len(split_cells)} cells in review ({100.0 * k / len(split_cells):.1f}%), "
+              f"{u} of them unclassified")
     patients = {p: (p.split("_SIM")[0], truth_codes([c for _, c in truth_by[p]], settings), cells_by[p])
                 for p in sorted(truth_by)}
     others = {p: v for p, v in patients.items() if v[0] == "other"}
@@ -307,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = sum(len(cs) for _, _, cs in patients.values())
     variants = {"before": legacy_flags, "after": current_flags, "after, % flags on all cells": pct_on_all_cells}
     scores = {k: score(patients, fn, settings) for k, fn in variants.items()}
-    print(f"{len(patients)} patients, {total} cells, {review} in review ({100.0 * review / total:.1f}%)")
+    unclassified = sum(c.class_id == "unclassified" for _, _, cs in patients.values() for c in cs)
+    print(f"{len(patients)} patients, {total} cells, {review} in review ({100.0 * review / total:.1f}%), "
+          f"{unclassified} of them unclassified")
     shares: dict[str, list[float]] = defaultdict(list)
     for p, (preset, _, cs) in {**patients, **others}.items():
         shares[preset].append(100.0 * sum(c.review for c in cs) / len(cs))
