@@ -152,6 +152,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 td.name{overflow-wrap:anywhere;max-width:24em}
 tr.critical td:first-child{border-left:6px solid #9c0006}
 tr.warning td:first-child{border-left:6px solid #c98a00}
+tr.review td:first-child{border-left:6px solid #1f4e78}
 ul.flags{margin:.2em 0;padding-left:1.2em}
 .sev-critical{color:#9c0006;font-weight:700}
 .sev-warning{color:#7a4b00;font-weight:600}
