@@ -366,6 +366,7 @@ _DIFFERENTIAL: tuple[Column, ...] = (
     Column("Patient", lambda r: r.patient, fit(lambda r: r.patient, 12, 40)),
     Column("Class", lambda r: catalogue.get(r.class_id).display, 22),
     Column("Count", lambda r: r.diff.counts[r.class_id], 8, PLAIN),
+    Column("In review", lambda r: r.diff.counts[r.class_id] - r.diff.confident_counts[r.class_id], 9, PLAIN),
     Column("% of WBC", lambda r: _pct(r.pct), 9, NUMBER, "0.0"),
     Column("95% CI low", lambda r: r.ci(0), 10, NUMBER, "0.0"),
     Column("95% CI high", lambda r: r.ci(1), 10, NUMBER, "0.0"),

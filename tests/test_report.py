@@ -176,6 +176,7 @@ def test_differential_sheet_matches_the_arithmetic(written):
     for r in wbc_rows:
         cid = r["Class id"]
         assert r["Count"] == d.counts[cid]
+        assert r["In review"] == d.counts[cid] - d.confident_counts[cid]  # the cells a pending flag rests on
         assert r["Class"] == catalogue.get(cid).display
         assert (r["95% CI low"], r["95% CI high"]) == pytest.approx(d.ci[cid], abs=1e-3)
     lym = next(r for r in rows_p1 if r["Class id"] == "lymphocyte")
@@ -184,6 +185,8 @@ def test_differential_sheet_matches_the_arithmetic(written):
     assert blast["vs. reference"] == "above"
     nrbc = next(r for r in rows_p1 if r["Class id"] == "erythroblast")
     assert nrbc["% of WBC"] is None and nrbc["Count"] == 2 and "per 100 WBC" in nrbc["Note"]
+    mono = next(r for r in rows_p1 if r["Class id"] == "monocyte")
+    assert (mono["Count"], mono["In review"]) == (3, 3)  # make_run's 3 low-confidence monocytes
 
 
 def test_differential_lists_only_classes_the_model_predicts(tmp_path):
