@@ -126,6 +126,63 @@ def _exit_code(opts: RunOptions) -> int:
         return exitcodes.FAILED
 
 
+@main.command("verify")
+@click.argument("report_path", metavar="REPORT.xlsx",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Verified workbook to write (.xlsx, not REPORT itself). Written atomically.")
+@click.option("--reviewer", default="", metavar="NAME",
+              help="Who runs this verification, recorded in the Run sheet (patients are signed by the name "
+                   "in their Verified by cell).")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Refuse the workbook unless this model file made it (compares SHA-256). The model is not run.")
+@config_option
+@click.option("--export-labelled", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy every verified cell's crop to DIR/<class_id>/<patient>/ with DIR/labels.csv "
+                   "(the input of evaluate and adapt). DIR must be new or empty.")
+@click.option("--slides", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Where the crops are now, for --export-labelled and --html (default: the Slides folder in the Run sheet).")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write an offline HTML gallery of the verified cells, by verified class, corrections marked.")
+@log_file_option
+@quiet_option
+def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path | None, config_path: Path | None,
+                   export_labelled: Path | None, slides: Path | None, html_dir: Path | None, log_file: Path | None,
+                   quiet: bool) -> None:
+    """Read a reviewed REPORT.xlsx and write the verified differential to --out.
+
+    In the report, choose the class you see in "Verified class" (Cells or Review sheet; blank
+    accepts the machine's class) and type your name in the patient's "Verified by" cell
+    (Summary). A patient is signed when every review cell has a Verified class and Verified
+    by holds a name. Exit codes: 0 verified; 2 the workbook cannot be verified (each problem
+    is named, nothing is written); 3 verified, but some crops were missing from the export.
+    """
+    from .logsetup import LogFileError, setup_logging
+    from .verifyjob import VerifyOptions, verify_job
+
+    try:
+        setup_logging(quiet, str(log_file) if log_file else None, False)
+    except LogFileError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exitcodes.USAGE)
+    opts = VerifyOptions(report=report_path, out=out, reviewer=" ".join(reviewer.split()), model_path=model_path,
+                         config_path=config_path, export_labelled=export_labelled, slides=slides, html_dir=html_dir)
+    try:
+        code = verify_job(opts)
+    except JobError as exc:
+        log.error("%s", exc)
+        code = exc.code
+    except KeyboardInterrupt:
+        log.error("interrupted; the verified workbook was not written and the report is unchanged.")
+        code = exitcodes.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one sentence for the user, details in the log file
+        log.debug("unexpected failure", exc_info=True)
+        log.error("verification failed unexpectedly (%s: %s); no verified workbook was written.",
+                  type(exc).__name__, exc)
+        code = exitcodes.FAILED
+    sys.exit(code)
+
+
 @main.command("info")
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")

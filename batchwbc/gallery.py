@@ -166,6 +166,8 @@ figure.cell img,.noimg{display:block;width:96px;height:96px;object-fit:contain;m
 figure.review{border:3px dashed #b00020;background:#fff0f0;padding:1px}
 figcaption{font-size:.75em;line-height:1.25;margin-top:2px;overflow-wrap:anywhere}
 figcaption .tag{font-weight:700;color:#b00020}
+figcaption .fix{font-weight:700;color:#00529b}
+figure.corrected{border-color:#00529b}
 figcaption small{display:block;color:#444}
 .legend{font-size:.85em;color:#333}
 @media print{figure.cell{break-inside:avoid}nav.classes{display:none}}
@@ -265,25 +267,36 @@ def _differential_table(d: Differential, classes: Sequence[str]) -> str:
     )
 
 
-def _cell_html(c: CellResult, thumbs: set[str], threshold: float) -> str:
+def _cell_html(c: CellResult, thumbs: set[str], threshold: float, machine_class: str | None = None) -> str:
+    """One cell; `machine_class` is set when a person corrected the machine's class (verify
+    --html): c.class_id is then the verified class and c.confidence the machine's own."""
     name = thumbnail_name(c.patient, c.file)
     second = f"2nd {_display(c.second_class)} {c.second_prob:.2f}"
-    title = (f"{c.file}\n{_display(c.class_id)} {c.confidence:.2f}\n{second}"
+    if machine_class is not None:
+        second = f"machine: {_display(machine_class)} {c.confidence:.2f}"
+    title = (f"{c.file}\n{_display(c.class_id)}"
+             + (f" (verified)\n{second}" if machine_class is not None else f" {c.confidence:.2f}\n{second}")
              + (f"\nREVIEW: confidence below {threshold:.3g}" if c.review else ""))
     if name in thumbs:
         picture = f"<img src=\"{THUMBS_DIR}/{name}\" alt=\"{esc(c.file)}\" width=\"{EDGE}\" height=\"{EDGE}\" loading=\"lazy\">"
     else:
         picture = "<div class=\"noimg\">no image</div>"
     tag = "<span class=\"tag\">REVIEW</span> " if c.review else ""
+    shown = f"{c.confidence:.2f}"
+    css = " review" if c.review else ""
+    if machine_class is not None:
+        shown, css = "<span class=\"fix\">CORRECTED</span>", css + " corrected"
     return (
-        f"<figure class=\"cell{' review' if c.review else ''}\" data-file=\"{esc(c.file)}\" title=\"{esc(title)}\">"
-        f"{picture}<figcaption>{tag}{c.confidence:.2f}<small>{esc(second)}</small></figcaption></figure>\n"
+        f"<figure class=\"cell{css}\" data-file=\"{esc(c.file)}\" title=\"{esc(title)}\">"
+        f"{picture}<figcaption>{tag}{shown}<small>{esc(second)}</small></figcaption></figure>\n"
     )
 
 
 def render_patient(patient: str, cells: Sequence[CellResult], summary: PatientSummaryLike,
-                   info: GalleryRunInfo, thumbs: set[str]) -> str:
-    """One patient's page: flags, differential, then every cell by class, least confident first."""
+                   info: GalleryRunInfo, thumbs: set[str], corrected: Mapping[str, str] | None = None) -> str:
+    """One patient's page: flags, differential, then every cell by class, least confident first.
+    `corrected` maps a file a person reclassified to the machine's class (verify --html)."""
+    corrected = corrected or {}
     d = summary.differential
     by_class = cells_in_review_order(cells)
     anchors = {cid: f"c{i}" for i, cid in enumerate(by_class)}  # generated ids: never from a class name
@@ -294,7 +307,7 @@ def render_patient(patient: str, cells: Sequence[CellResult], summary: PatientSu
         review = f", {n_review} to review" if n_review else ""
         sections.append(
             f"<section id=\"{anchors[cid]}\"><h2>{esc(_display(cid))} <small>({_cells(len(cs))}{review})</small></h2>\n"
-            "<div class=\"grid\">\n" + "".join(_cell_html(c, thumbs, info.review_threshold) for c in cs) + "</div></section>\n"
+            "<div class=\"grid\">\n" + "".join(_cell_html(c, thumbs, info.review_threshold, corrected.get(c.file)) for c in cs) + "</div></section>\n"
         )
     errors = ""
     if summary.errors:
@@ -309,7 +322,9 @@ def render_patient(patient: str, cells: Sequence[CellResult], summary: PatientSu
         "<h2>Cells by class</h2>\n"
         "<p class=\"legend\">Least confident first in each class. Under each cell: its confidence and the second most "
         "likely class with its probability (also on hover). <span class=\"tag\">REVIEW</span> and a dashed frame: "
-        "confidence below the review threshold.</p>\n"
+        "confidence below the review threshold."
+        + (" <span class=\"fix\">CORRECTED</span>: a person changed the machine's class; the machine's class "
+           "and confidence are shown under the cell.</p>\n" if corrected else "</p>\n")
         + (f"<nav class=\"classes\">{nav}</nav>\n" if nav else "<p>No cells were classified for this patient.</p>\n")
         + "".join(sections) + errors
     )
@@ -371,13 +386,17 @@ def _swap_in(tmp: Path, out: Path) -> None:
 def write_gallery(out_dir: str | os.PathLike, patients: Sequence[str],
                   cells_by_patient: Mapping[str, Sequence[CellResult]],
                   summaries: Mapping[str, PatientSummaryLike], run_info: GalleryRunInfo,
-                  crops_root: str | os.PathLike | None, *, threads: int | None = None) -> GalleryResult:
+                  crops_root: str | os.PathLike | None, *, threads: int | None = None,
+                  corrected: Mapping[tuple[str, str], str] | None = None) -> GalleryResult:
     """Write the gallery for already computed per-patient summaries, atomically.
 
     `patients` gives the order (the report's); every patient needs an entry in `summaries`.
     Thumbnails are made from the original crops at `crops_root / cell.file` (cell.file is
     relative to the slides folder), falling back to the cell's own review thumbnail; a cell
-    with neither shows a "no image" placeholder. Raises GalleryError for an unusable DIR.
+    with neither shows a "no image" placeholder. `corrected` maps (patient, file) of a cell a
+    person reclassified to the machine's class, for `batchwbc verify --html`: the cells then
+    carry their verified classes and a corrected one is marked. Raises GalleryError for an
+    unusable DIR.
     """
     out = Path(out_dir)
     missing = [p for p in patients if p not in summaries]
@@ -394,7 +413,8 @@ def write_gallery(out_dir: str | os.PathLike, patients: Sequence[str],
                 jobs.setdefault(name, ThumbJob(name, crop_path(root, c.file), c.thumbnail_jpeg))
         thumbs = write_thumbnails(list(jobs.values()), tmp / THUMBS_DIR, threads)
         for i, p in enumerate(patients):
-            page = render_patient(p, cells_by_patient.get(p, ()), summaries[p], run_info, thumbs)
+            mine = {f: cid for (patient, f), cid in (corrected or {}).items() if patient == p}
+            page = render_patient(p, cells_by_patient.get(p, ()), summaries[p], run_info, thumbs, mine)
             _write_text(tmp / patient_page_name(i), page)
         _write_text(tmp / INDEX, render_index(patients, cells_by_patient, summaries, run_info))
         _write_text(tmp / MARKER, f"batchwbc {run_info.tool_version} gallery; this folder is replaced by the next run\n")

@@ -11,7 +11,11 @@ Three promises shape this module:
   cell in Excel keeps it text.
 * Modest memory: openpyxl's write-only mode streams rows to disk, so 50,000 cells cost little.
 
-Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md).
+Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md). A few columns
+are the technologist's (Verified class with a drop-down, Verified by, Verified on: yellow);
+every other one is the machine's (grey) and each row ends with a hidden Check of its values
+(batchwbc.rowcheck), so `batchwbc verify` can tell a correction from an accidental edit.
+`write_verified_workbook` formats verify's result with the same sheets and checks.
 """
 from __future__ import annotations
 
@@ -21,11 +25,11 @@ import os
 import re
 import secrets
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import catalogue
 from .config import Settings
@@ -33,7 +37,9 @@ from .differential import NRBC_CLASS, PLATELET_CLASS, Differential
 from .flags import CRITICAL, REVIEW, WARNING, worst_severity
 from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
+from .rowcheck import CHECK_HEADER, row_check
 from .summary import PatientSummary, totals
+from .verification import PatientVerification, VerifiedReport, class_choices
 
 if TYPE_CHECKING:
     from .datashift import ShiftDecision
@@ -49,9 +55,18 @@ CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second
 
 WHOLE_PATIENT = "(whole patient folder)"
 
-# Excel's own "bad" red and "neutral" amber; light blue for flags only cells in review raise
-_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C", REVIEW: "DDEBF7"}
-_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700", REVIEW: "1F4E78"}
+#: Header fill of the machine's columns (protected: a hidden Check cell per row reveals edits).
+PROTECTED_FILL = "D9D9D9"
+#: Header and cell fill of the columns a person may edit (Verified class, Verified by, Verified on).
+EDITABLE_FILL = "FFF2CC"
+EDITABLE_NOTE = ("Yours to fill in. Every other column is the machine's: batchwbc verify refuses a "
+                 "workbook in which they were edited.")
+#: Excel's limit on an in-line drop-down list (formula1 of a list validation).
+DROPDOWN_LIMIT = 255
+SIGNED = "signed"  # a style like the severities: green, for a signed patient's status
+# Excel's own "bad" red, "neutral" amber and "good" green; light blue for flags only cells in review raise
+_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C", SIGNED: "C6EFCE", REVIEW: "DDEBF7"}
+_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700", SIGNED: "006100", REVIEW: "1F4E78"}
 #: Between the codes of the Summary's "Flag codes" column: split on it to get the codes.
 FLAG_CODE_SEPARATOR = "; "
 _FORMULA_START = ("=", "+", "-", "@")
@@ -153,20 +168,37 @@ def _number(value: float | int | None) -> float | int | None:
 class _Sheet:
     """A write-only worksheet plus the styles it reuses; every str goes through `text`."""
 
-    def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float]):
+    def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float],
+                 editable: Sequence[bool] = ()):
+        """Headers `columns` plus the hidden Check column; `editable` marks the columns a
+        person may change (yellow header with a note) among the machine's (grey header)."""
+        from openpyxl.comments import Comment
         from openpyxl.styles import Alignment, Font, PatternFill
 
         self.ws = wb.create_sheet(title)
         self._Font, self._PatternFill, self._Alignment = Font, PatternFill, Alignment
         from openpyxl.utils import get_column_letter
 
-        for i, w in enumerate(widths, 1):
+        headers = [*columns, CHECK_HEADER]
+        for i, w in enumerate([*widths, 8], 1):
             self.ws.column_dimensions[get_column_letter(i)].width = w
+        self.ws.column_dimensions[get_column_letter(len(headers))].hidden = True
         self.ws.freeze_panes = "A2"
         self.rows = 0
-        self.ncols = len(columns)
-        header_font, header_fill = Font(bold=True), PatternFill("solid", fgColor="D9D9D9")
-        self.append([self.text(name, font=header_font, fill=header_fill) for name in columns])
+        self.ncols = len(headers)
+        self.edit_fill = PatternFill("solid", fgColor=EDITABLE_FILL)
+        header_font, header_fill = Font(bold=True), PatternFill("solid", fgColor=PROTECTED_FILL)
+        cells = []
+        for i, name in enumerate(headers):
+            if i < len(editable) and editable[i]:
+                # a column style: its empty cells show yellow without one styled cell per row
+                self.ws.column_dimensions[get_column_letter(i + 1)].fill = self.edit_fill
+                cell = self.text(name, font=header_font, fill=self.edit_fill)
+                cell.comment = Comment(EDITABLE_NOTE, "batchwbc", height=90, width=260)
+            else:
+                cell = self.text(name, font=header_font, fill=header_fill)
+            cells.append(cell)
+        self.append(cells)
 
     def text(self, value: Any, **style: Any) -> Any:
         """A string cell that can never be read as a formula, error code or number."""
@@ -206,6 +238,28 @@ class _Sheet:
 
     def wrap(self) -> Any:
         return self._Alignment(wrap_text=True, vertical="top")
+
+    def dropdown(self, column: int, rows: int, choices: Sequence[str]) -> None:
+        """A drop-down of `choices` on rows 2..rows+1 of a column (Excel and LibreOffice).
+
+        The list is written in-line ("a,b,c"), which both programs read; Excel caps it at
+        255 characters, which the catalogue's class ids stay well within (a test holds it).
+        """
+        from openpyxl.utils import get_column_letter
+        from openpyxl.worksheet.datavalidation import DataValidation
+
+        formula = '"' + ",".join(choices) + '"'
+        if len(formula) - 2 > DROPDOWN_LIMIT:
+            raise ValueError(f"{len(choices)} class ids are too long for an in-line drop-down list")
+        letter = get_column_letter(column)
+        dv = DataValidation(type="list", formula1=formula, allow_blank=True, showDropDown=False,
+                            showErrorMessage=True, errorStyle="stop", errorTitle="Not a class of this model",
+                            error="Choose a class from the list, or leave the cell blank to accept "
+                                  "the machine's class.",
+                            showInputMessage=True, promptTitle="Verified class",
+                            prompt="Blank = the machine's class is right. Otherwise choose the class you see.")
+        dv.add(f"{letter}2:{letter}{max(rows, 1) + 1}")
+        self.ws.data_validations.append(dv)
 
     def append(self, values: Sequence[Any]) -> None:
         self.ws.append(list(values))
@@ -250,6 +304,8 @@ class Column:
     fmt: str | None = None
     severity: Callable[[Any], str | None] | None = None
     wrap: bool = False
+    editable: bool = False  # a person may change it (yellow); every other column is protected
+    dropdown: bool = False  # editable with a drop-down of the run's class ids
 
     def width_for(self, rows: Sequence[Any]) -> float:
         return self.width(rows) if callable(self.width) else self.width
@@ -259,6 +315,10 @@ class Column:
         if self.kind == PLAIN:
             return value
         style: dict[str, Any] = {}
+        if self.editable:
+            if value is None or value == "":
+                return None  # yellow from the column's style
+            style["fill"] = sh.edit_fill
         if self.wrap:
             style["alignment"] = sh.wrap()
         if self.severity is not None:
@@ -269,15 +329,29 @@ class Column:
 
 
 def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[Any],
-                 widths_from: Sequence[Any], autofilter: int | None) -> "_Sheet":
+                 widths_from: Sequence[Any], autofilter: int | None,
+                 choices: Sequence[str] = ()) -> "_Sheet":
     """A sheet with these columns and one line per row; `autofilter` is the row count to
-    filter over (None: no filter). `rows` may be a generator (the Review sheet's is)."""
-    sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns])
+    filter over (None: no filter). `rows` may be a generator (the Review sheet's is);
+    `widths_from` holds every row, so its length is the sheet's row count. Drop-down
+    columns offer `choices`."""
+    sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns],
+                [c.editable for c in columns])
     if autofilter is not None:
         sh.filter(autofilter)
+    for i, col in enumerate(columns, 1):
+        if col.dropdown and choices:
+            sh.dropdown(i, len(widths_from), choices)
     for row in rows:
-        sh.append([c.cell(sh, row) for c in columns])
+        _append(sh, columns, row)
     return sh
+
+
+def _append(sh: "_Sheet", columns: Sequence[Column], row: Any) -> None:
+    """One line, ending with the hidden check of its protected (non-editable) values."""
+    cells = [c.cell(sh, row) for c in columns]
+    protected = [getattr(v, "value", v) for c, v in zip(columns, cells) if not c.editable]
+    sh.append([*cells, row_check(protected, sh.rows + 1)])
 
 
 def _pct(x: float | None) -> float | None:
@@ -318,17 +392,21 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
     Column("Notes", _notes, 40, severity=lambda s: WARNING if _notes(s) else None),
     Column("Flag codes", lambda s: FLAG_CODE_SEPARATOR.join(f.code for f in s.flags), 24),
+    Column("Verified by", lambda s: None, 16, editable=True),
+    Column("Verified on", lambda s: None, 14, editable=True),
 )
 
 
 @dataclass(frozen=True)
 class _DiffRow:
-    """One Differential line: a patient's count of one class, with its reference range."""
+    """One Differential line: a patient's count of one class, with its reference range;
+    `pre` is the machine's differential when `diff` is a verified one."""
 
     patient: str
     diff: Differential
     class_id: str
     reference: tuple[float, float] | None
+    pre: Differential | None = None
 
     @property
     def pct(self) -> float | None:
@@ -337,6 +415,10 @@ class _DiffRow:
     def ci(self, i: int) -> float | None:
         ci = self.diff.ci.get(self.class_id)
         return None if ci is None else round(ci[i], 4)
+
+    @property
+    def before(self) -> Differential:
+        return self.diff if self.pre is None else self.pre
 
 
 def _range_text(rng: tuple[float, float] | None) -> str:
@@ -376,34 +458,40 @@ _DIFFERENTIAL: tuple[Column, ...] = (
     Column("Class id", lambda r: r.class_id, 22),
 )
 
-_CELLS: tuple[Column, ...] = (
-    Column("Patient", lambda c: c.patient, fit(lambda c: c.patient, 12, 40)),
-    Column("File", lambda c: c.file, fit(lambda c: c.file, 20, 80)),
-    Column("Class", lambda c: c.class_id, 22),
-    Column("Confidence", lambda c: round(c.confidence, 4), 11, NUMBER, "0.000"),
-    Column("Second class", lambda c: c.second_class, 22),
-    Column("Second probability", lambda c: round(c.second_prob, 4), 11, NUMBER, "0.000"),
-    Column("Review", lambda c: "yes" if c.review else "no", 8),
-    Column("Review reason", lambda c: c.review_reason, 36),
-)
-
 
 @dataclass(frozen=True)
-class _ReviewRow:
-    cell: CellResult
-    note: str | None  # why no thumbnail is shown; None when one is embedded
+class _CellLine:
+    """One Cells or Review line: the machine's result and what a person verified."""
 
+    cell: CellResult
+    verified: str | None = None  # the Verified class a person set; None = blank
+    note: str | None = None  # Review: why no thumbnail is shown; None when one is embedded
+
+
+_VERIFIED_CLASS = Column("Verified class", lambda r: r.verified, 22, editable=True, dropdown=True)
+
+_CELLS: tuple[Column, ...] = (
+    Column("Patient", lambda r: r.cell.patient, fit(lambda r: r.cell.patient, 12, 40)),
+    Column("File", lambda r: r.cell.file, fit(lambda r: r.cell.file, 20, 80)),
+    Column("Class", lambda r: r.cell.class_id, 22),
+    Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
+    Column("Second class", lambda r: r.cell.second_class, 22),
+    Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
+    Column("Review", lambda r: "yes" if r.cell.review else "no", 8),
+    Column("Review reason", lambda r: r.cell.review_reason, 36),
+    _VERIFIED_CLASS,
+)
 
 _REVIEW: tuple[Column, ...] = (
     Column("Thumbnail", lambda r: r.note, THUMBNAIL_PX / 7 + 2),
-    # widths are fitted over the review CellResults (see _write_review)
-    Column("Patient", lambda r: r.cell.patient, fit(lambda c: c.patient, 12, 40)),
-    Column("File", lambda r: r.cell.file, fit(lambda c: c.file, 20, 80)),
+    Column("Patient", lambda r: r.cell.patient, fit(lambda r: r.cell.patient, 12, 40)),
+    Column("File", lambda r: r.cell.file, fit(lambda r: r.cell.file, 20, 80)),
     Column("Class", lambda r: class_display(r.cell.class_id), 22),
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
     Column("Second class", lambda r: _display(r.cell.second_class), 22),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
     Column("Review reason", lambda r: r.cell.review_reason, 36),
+    _VERIFIED_CLASS,
 )
 
 _ERRORS: tuple[Column, ...] = (
@@ -417,12 +505,73 @@ _RUN: tuple[Column, ...] = (
     Column("Value", lambda kv: kv[1], fit(lambda kv: kv[1], 20, 100)),
 )
 
+
+# -- the verified workbook (batchwbc verify): pre-classified and verified side by side ---------
+
+def _vp(v: PatientVerification) -> str:
+    return v.patient
+
+
+def _flag_text(s: PatientSummary) -> str:
+    return "\n".join(f.message for f in s.flags) if s.flags else "none"
+
+
+def _side_by_side(header: str, get: Callable[[Differential], float | None]) -> tuple[Column, Column]:
+    """A measure before and after verification, in two neighbouring columns."""
+    return (Column(f"{header} pre-classified", lambda v: _pct(get(v.pre.differential)), 13, NUMBER, "0.0"),
+            Column(f"{header} verified", lambda v: _pct(get(v.post.differential)), 11, NUMBER, "0.0"))
+
+
+_SUMMARY_VERIFIED: tuple[Column, ...] = (
+    Column("Patient", _vp, fit(_vp, 12, 40), severity=lambda v: _worst(v.post)),
+    Column("Status", lambda v: v.status, 30, severity=lambda v: SIGNED if v.signed else WARNING, wrap=True),
+    Column("Verified by", lambda v: v.verified_by or None, 16, editable=True),
+    Column("Verified on", lambda v: v.verified_on or None, 16, editable=True),
+    Column("Cells classified", lambda v: v.post.differential.n_cells, 10, PLAIN),
+    Column("Corrected cells", lambda v: v.corrected, 10, PLAIN),
+    Column("Review cells verified", lambda v: f"{v.review_verified} of {v.review_cells}", 12),
+    Column("WBC pre-classified", lambda v: v.pre.differential.wbc, 12, PLAIN),
+    Column("WBC verified", lambda v: v.post.differential.wbc, 10, PLAIN),
+    Column("Flags (verified)", lambda v: _flag_text(v.post), 60, severity=lambda v: _worst(v.post), wrap=True),
+    *_side_by_side("Blasts %", lambda d: d.blasts_pct),
+    *_side_by_side("IG %", lambda d: d.ig_pct),
+    *_side_by_side("Band %", lambda d: d.band_pct),
+    *_side_by_side("Immature %", lambda d: d.immature_pct),
+    *_side_by_side("NRBC /100 WBC", lambda d: d.nrbc_per_100_wbc),
+    Column("Platelets verified", lambda v: v.post.differential.platelets, 10, PLAIN),
+    Column("Unclassified pre-classified", lambda v: v.pre.differential.unclassified, 13, PLAIN),
+    Column("Unclassified verified", lambda v: v.post.differential.unclassified, 12, PLAIN),
+    Column("Flags (pre-classified)", lambda v: _flag_text(v.pre), 60, wrap=True),
+    Column("Unreadable files", lambda v: v.post.unreadable_files, 11, PLAIN),
+    Column("Notes", lambda v: _notes(v.post), 40, severity=lambda v: WARNING if _notes(v.post) else None),
+    Column("Flag codes (verified)", lambda v: FLAG_CODE_SEPARATOR.join(f.code for f in v.post.flags), 24),
+)
+
+_DIFFERENTIAL_VERIFIED: tuple[Column, ...] = (
+    *_DIFFERENTIAL[:2],
+    Column("Pre-classified count", lambda r: r.before.counts[r.class_id], 13, PLAIN),
+    Column("Verified count", lambda r: r.diff.counts[r.class_id], 10, PLAIN),
+    Column("Change", lambda r: r.diff.counts[r.class_id] - r.before.counts[r.class_id], 8, PLAIN),
+    Column("Pre-classified % of WBC", lambda r: _pct(r.before.percent.get(r.class_id)), 13, NUMBER, "0.0"),
+    replace(next(c for c in _DIFFERENTIAL if c.header == "% of WBC"), header="Verified % of WBC", width=11),
+    *_DIFFERENTIAL[[c.header for c in _DIFFERENTIAL].index("% of WBC") + 1:],
+)
+
 SUMMARY_COLUMNS = tuple(c.header for c in _SUMMARY)
 DIFFERENTIAL_COLUMNS = tuple(c.header for c in _DIFFERENTIAL)
 CELLS_COLUMNS = tuple(c.header for c in _CELLS)
 REVIEW_COLUMNS = tuple(c.header for c in _REVIEW)
 ERRORS_COLUMNS = tuple(c.header for c in _ERRORS)
 RUN_COLUMNS = tuple(c.header for c in _RUN)
+SUMMARY_VERIFIED_COLUMNS = tuple(c.header for c in _SUMMARY_VERIFIED)
+DIFFERENTIAL_VERIFIED_COLUMNS = tuple(c.header for c in _DIFFERENTIAL_VERIFIED)
+#: Every column header batchwbc writes; a column a person adds under another header is ignored.
+KNOWN_HEADERS = frozenset(
+    c.header for table in (_SUMMARY, _DIFFERENTIAL, _CELLS, _REVIEW, _ERRORS, _RUN, _SUMMARY_VERIFIED,
+                           _DIFFERENTIAL_VERIFIED) for c in table)
+#: Columns a person may edit, on any sheet; all others are protected by the hidden Check column.
+EDITABLE_COLUMNS = tuple(dict.fromkeys(
+    c.header for table in (_SUMMARY, _CELLS, _REVIEW, _SUMMARY_VERIFIED) for c in table if c.editable))
 
 
 # =================================================================== the sheets
@@ -431,19 +580,32 @@ def _write_summary(wb: Any, summaries: Sequence[PatientSummary]) -> None:
     _write_sheet(wb, "Summary", _SUMMARY, summaries, summaries, autofilter=len(summaries))
 
 
+def _shown_classes(classes: Sequence[str], extra: Iterable[str] = ()) -> list[str]:
+    """Catalogue order; a class the model cannot predict is not "0%" (unless a person chose it)."""
+    wanted = {*classes, *extra}
+    return [c for c in catalogue.CLASS_IDS if c in wanted]
+
+
+def _diff_rows(summaries: Sequence[PatientSummary], shown: Sequence[str], settings: Settings,
+               before: Sequence[PatientSummary] | None = None) -> list[_DiffRow]:
+    pre = [None] * len(summaries) if before is None else [s.differential for s in before]
+    return [
+        _DiffRow(s.patient, s.differential, cid,
+                 settings.reference_range(cid) if catalogue.get(cid).counts_in_wbc else None, p)
+        for s, p in zip(summaries, pre) for cid in shown
+    ]
+
+
 def _write_differential(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
                         settings: Settings) -> None:
-    shown = [c for c in catalogue.CLASS_IDS if c in classes]  # a class the model cannot predict is not "0%"
-    rows = [
-        _DiffRow(s.patient, s.differential, cid,
-                 settings.reference_range(cid) if catalogue.get(cid).counts_in_wbc else None)
-        for s in summaries for cid in shown
-    ]
+    rows = _diff_rows(summaries, _shown_classes(classes), settings)
     _write_sheet(wb, "Differential", _DIFFERENTIAL, rows, rows, autofilter=len(rows))
 
 
-def _write_cells(wb: Any, cells: Sequence[CellResult]) -> None:
-    _write_sheet(wb, "Cells", _CELLS, cells, cells, autofilter=len(cells))
+def _write_cells(wb: Any, cells: Sequence[CellResult], choices: Sequence[str],
+                 verified: Mapping[tuple[str, str], str]) -> None:
+    lines = [_CellLine(c, verified.get((c.patient, c.file))) for c in cells]
+    _write_sheet(wb, "Cells", _CELLS, lines, lines, autofilter=len(lines), choices=choices)
 
 
 def _thumbnail(jpeg: bytes) -> Any:
@@ -459,10 +621,11 @@ def _thumbnail(jpeg: bytes) -> Any:
     return img
 
 
-def _review_rows(sh: "_Sheet", review: Sequence[CellResult], limit: int) -> Iterator[_ReviewRow]:
+def _review_rows(sh: "_Sheet", review: Sequence[_CellLine], limit: int) -> Iterator[_CellLine]:
     """Review lines, in order; each thumbnail is embedded at the row it is about to fill."""
     embedded = 0
-    for c in review:
+    for line in review:
+        c = line.cell
         row = sh.rows + 1
         if embedded >= limit:  # checked first: the pipeline keeps no thumbnails past the limit
             note: str | None = f"(not embedded: limit of {limit} images)"
@@ -478,18 +641,20 @@ def _review_rows(sh: "_Sheet", review: Sequence[CellResult], limit: int) -> Iter
                 sh.ws.row_dimensions[row].height = THUMBNAIL_PX * 0.75 + 4  # points
                 embedded += 1
                 note = None
-        yield _ReviewRow(c, note)
+        yield replace(line, note=note)
 
 
-def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int) -> None:
+def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int, choices: Sequence[str],
+                  verified: Mapping[tuple[str, str], str]) -> None:
     """Cells below the review threshold, patient by patient, least confident first.
 
     Widths fit the review cells; rows are produced while writing because each embedded
     thumbnail is anchored to the row it belongs to."""
-    review = [c for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
-    sh = _write_sheet(wb, "Review", _REVIEW, (), review, autofilter=None)
-    for r in _review_rows(sh, review, limit):
-        sh.append([col.cell(sh, r) for col in _REVIEW])
+    review = [_CellLine(c, verified.get((c.patient, c.file)))
+              for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
+    sh = _write_sheet(wb, "Review", _REVIEW, (), review, autofilter=None, choices=choices)
+    for line in _review_rows(sh, review, limit):
+        _append(sh, _REVIEW, line)
 
 
 def class_display(class_id: str) -> str:
@@ -618,12 +783,40 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
     wb = Workbook(write_only=True)
     try:
         with atomic_output(out_path) as tmp:
+            choices = class_choices(run.model.classes, [c.class_id for c in run.cells])
             _write_summary(wb, summaries)
             _write_differential(wb, summaries, run.model.classes, settings)
-            _write_cells(wb, run.cells)
-            _write_review(wb, summaries, settings.review_max_images)
+            _write_cells(wb, run.cells, choices, {})
+            _write_review(wb, summaries, settings.review_max_images, choices, {})
             _write_errors(wb, run.errors)
             _write_run(wb, run_rows(run, settings, summaries))
+            wb.save(tmp)
+    finally:
+        _discard_sheet_buffers(wb)
+
+
+def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: str | os.PathLike) -> None:
+    """Write `batchwbc verify`'s workbook atomically: the report's sheets with the verified
+    classes kept in place, the Summary and Differential showing pre-classified and verified
+    values side by side, and the Run sheet extended by the verification's own rows. It has
+    the same Verified columns and checks as a report, so it can be verified again."""
+    from openpyxl import Workbook
+
+    pre = [p.pre for p in rep.patients]
+    post = [p.post for p in rep.patients]
+    verified = {(vc.cell.patient, vc.cell.file): vc.verified for vc in rep.cells if vc.verified}
+    cells = [vc.cell for vc in rep.cells]
+    wb = Workbook(write_only=True)
+    try:
+        with atomic_output(out_path) as tmp:
+            _write_sheet(wb, "Summary", _SUMMARY_VERIFIED, rep.patients, rep.patients,
+                         autofilter=len(rep.patients))
+            rows = _diff_rows(post, _shown_classes(rep.model_classes, verified.values()), settings, pre)
+            _write_sheet(wb, "Differential", _DIFFERENTIAL_VERIFIED, rows, rows, autofilter=len(rows))
+            _write_cells(wb, cells, rep.choices, verified)
+            _write_review(wb, pre, settings.review_max_images, rep.choices, verified)
+            _write_errors(wb, rep.errors)
+            _write_run(wb, list(rep.run_rows))
             wb.save(tmp)
     finally:
         _discard_sheet_buffers(wb)
@@ -656,15 +849,17 @@ def _csv_value(column: Column, row: Any) -> str:
 
 
 def write_summary_csv(summaries: Sequence[PatientSummary], out_path: str | os.PathLike) -> None:
-    """The Summary sheet as UTF-8 CSV (no BOM): the same Column table, headers and values, one
-    line per patient, for LIS middleware and scripts ("Flag codes" is '; '-separated).
+    """The Summary sheet as UTF-8 CSV (no BOM): the same Column table, headers and values (its
+    machine columns), one line per patient, for LIS middleware and scripts ("Flag codes" is
+    '; '-separated).
     Written atomically: a failure leaves the previous file untouched."""
+    columns = [c for c in _SUMMARY if not c.editable]  # Verified by / on are the technologist's, empty now
     with atomic_output(out_path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8", errors="replace") as fh:
             writer = csv.writer(fh)
-            writer.writerow([c.header for c in _SUMMARY])
+            writer.writerow([c.header for c in columns])
             for s in summaries:
-                writer.writerow([_csv_value(c, s) for c in _SUMMARY])
+                writer.writerow([_csv_value(c, s) for c in columns])
 
 
 def write_cells_csv(cells: Iterable[CellResult], out_path: str | os.PathLike) -> None:

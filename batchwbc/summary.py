@@ -7,7 +7,7 @@ heavy imports (the layering test holds it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .config import Settings
 from .differential import Differential, summarize
@@ -49,23 +49,30 @@ def summarize_run(run: RunData, settings: Settings,
     included), then - defensively, so nobody is dropped - any patient seen only in cells or
     errors. `shifts` are the patients' data-shift decisions (datashift.decide_all), which
     add DATA_SHIFT to their flags."""
+    return summarize_groups(run.patients, run.cells, run.errors, settings, shifts)
+
+
+def summarize_groups(patients: Sequence[str], cells: Sequence[CellResult], errors: Sequence[FileError],
+                     settings: Settings, shifts: "Mapping[str, ShiftDecision] | None" = None) -> list[PatientSummary]:
+    """summarize_run's work on plain lists, so `batchwbc verify` can count a report's cells
+    with their verified classes through exactly the same functions."""
     cells_by: dict[str, list[CellResult]] = {}
-    for c in run.cells:
+    for c in cells:
         cells_by.setdefault(c.patient, []).append(c)
     errors_by: dict[str, list[FileError]] = {}
-    for e in run.errors:
+    for e in errors:
         errors_by.setdefault(e.patient, []).append(e)
-    order = dict.fromkeys([*run.patients, *cells_by, *errors_by])
+    order = dict.fromkeys([*patients, *cells_by, *errors_by])
     summaries = []
     for patient in order:
-        cells = tuple(cells_by.get(patient, ()))
-        diff = summarize(cells)
+        group = tuple(cells_by.get(patient, ()))
+        diff = summarize(group)
         summaries.append(PatientSummary(
             patient=patient,
             differential=diff,
             flags=tuple(evaluate(diff, settings, shift=(shifts or {}).get(patient))),
             errors=tuple(errors_by.get(patient, ())),
-            cells=cells,
+            cells=group,
         ))
     return summaries
 

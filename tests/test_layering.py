@@ -22,6 +22,8 @@ HEAVY = ("numpy", "onnxruntime", "cv2", "batchwbc.preprocess")
     ("batchwbc.differential", "batchwbc.flags", "batchwbc.report"),
     ("batchwbc.summary", "batchwbc.modelmeta", "batchwbc.results", "batchwbc.config"),
     ("batchwbc.cli", "batchwbc.job"),
+    ("batchwbc.verifyjob", "batchwbc.reportread", "batchwbc.verification", "batchwbc.rowcheck",
+     "batchwbc.labelexport"),
 ])
 def test_reporting_modules_import_no_inference_stack(modules):
     """Reading a differential, flagging it and formatting a report need no numpy, no OpenCV,

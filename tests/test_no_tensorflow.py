@@ -115,7 +115,24 @@ def test_evaluate_with_worker_processes_never_imports_tensorflow(tmp_path):
     assert not log.exists(), f"forbidden imports: {log.read_text()}"
 
 
+def test_verify_and_labelled_export_never_import_tensorflow(tmp_path):
+    """`batchwbc verify` reads a report, recounts and exports crops: no model, no TensorFlow."""
+    env, log = guarded_env(tmp_path)
+    model = tinymodel.build(tmp_path / "tiny.onnx")
+    report, verified = tmp_path / "r.xlsx", tmp_path / "v.xlsx"
+    for args in (["run", str(REPO / "samples" / "slides"), "--out", str(report), "--model", str(model), "--workers", "0"],
+                 ["verify", str(report), "--out", str(verified), "--model", str(model),
+                  "--export-labelled", str(tmp_path / "labelled")]):
+        r = subprocess.run([sys.executable, "-m", "batchwbc", *args], env=env, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=180)
+        assert r.returncode == 0, r.stderr
+    assert verified.is_file() and (tmp_path / "labelled" / "labels.csv").is_file()
+    assert not log.exists(), f"forbidden imports: {log.read_text()}"
+
+
 @pytest.mark.parametrize("module", ["batchwbc.cli", "batchwbc.pipeline", "batchwbc.simulate", "batchwbc.report",
+                                    "batchwbc.verifyjob", "batchwbc.reportread", "batchwbc.verification",
+                                    "batchwbc.labelexport", "batchwbc.rowcheck",
                                     "batchwbc.evaluation", "batchwbc.evaluation_job", "batchwbc.evaluation_report",
                                     "batchwbc.labelled", "batchwbc.adapt", "batchwbc.onnxgraph", "batchwbc.embed",
                                     "batchwbc.headfit", "export.embedding"])
