@@ -70,6 +70,9 @@ def main() -> None:
               help="SQLite file remembering results per file and model, so a later run only classifies new or changed crops.")
 @click.option("--cells-csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every cell's result (patient, file, class, probabilities) to this CSV file.")
+@click.option("--summary-csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the Summary sheet (one line per patient, with its '; '-separated flag codes) "
+                   "to this CSV file, for LIS middleware and scripts.")
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write an offline HTML gallery of every cell, by class, into this folder (replaced atomically).")
 @log_file_option
@@ -79,7 +82,8 @@ def main() -> None:
                    "and leaves the previous report untouched (an empty folder is usually an unmounted share).")
 def run_command(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
                 review_threshold: float | None, workers: int | None, batch_size: int,
-                cache_path: Path | None, cells_csv: Path | None, html_dir: Path | None, log_file: Path | None,
+                cache_path: Path | None, cells_csv: Path | None, summary_csv: Path | None, html_dir: Path | None,
+                log_file: Path | None,
                 quiet: bool, allow_empty: bool) -> None:
     """Classify every crop below SLIDES/<patient>/ and write the report to --out.
 
@@ -92,7 +96,8 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
 
     show_bar = stderr_is_terminal() and not quiet
     try:  # collisions first: a --log-file that is the report must not be appended to
-        check_distinct_outputs({"--out": out, "--cells-csv": cells_csv, "--cache": cache_path, "--log-file": log_file},
+        check_distinct_outputs({"--out": out, "--cells-csv": cells_csv, "--summary-csv": summary_csv,
+                                "--cache": cache_path, "--log-file": log_file},
                                {"--model": model_path, "--config": config_path})
         setup_logging(quiet, str(log_file) if log_file else None, show_bar)
     except (OutputCollision, LogFileError) as exc:
@@ -100,7 +105,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
         sys.exit(exitcodes.USAGE)
     opts = RunOptions(slides=slides, out=out, model_path=model_path, config_path=config_path,
                       review_threshold=review_threshold, workers=workers, batch_size=batch_size,
-                      cache_path=cache_path, cells_csv=cells_csv, show_bar=show_bar, allow_empty=allow_empty,
+                      cache_path=cache_path, cells_csv=cells_csv, summary_csv=summary_csv, show_bar=show_bar, allow_empty=allow_empty,
                       html_dir=html_dir)
     sys.exit(_exit_code(opts))
 

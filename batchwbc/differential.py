@@ -6,6 +6,10 @@ same convention as Rümke's tables - and never with a normal approximation, whic
 exactly where it matters (0 blasts, or a few).
 Erythroblasts and platelets are not leukocytes: they are left out of the WBC denominator and
 reported as NRBC per 100 WBC and as a separate platelet count.
+
+Each class is also counted among the *confident* cells only (those not sent to review), so a
+flag can tell what the model is sure of from what one unverified cell would raise
+(flags.py; the measurement is in docs/report.md, "Confident and pending flags").
 """
 from __future__ import annotations
 
@@ -137,7 +141,34 @@ class Differential:
     nrbc_per_100_wbc: float | None
     platelets: int
     n_review: int  # cells below the review threshold, of n_cells
+    #: every catalogue class id -> cells of it NOT in review (confident); counts - this = review cells
+    confident_counts: Mapping[str, int]
     unclassified: int = 0  # crops not recognised as a known cell (batchwbc.ood): in n_cells, never in a count
+
+    def confident(self, class_ids: Sequence[str] | str) -> int:
+        """Confident (not in review) cells of one class id or of several, e.g. BLAST_IDS."""
+        ids = (class_ids,) if isinstance(class_ids, str) else class_ids
+        return sum(self.confident_counts.get(c, 0) for c in ids)
+
+    @property
+    def blasts_confident(self) -> int:
+        return self.confident(BLAST_IDS)
+
+    @property
+    def ig_confident(self) -> int:
+        return self.confident(IG_IDS)
+
+    @property
+    def bands_confident(self) -> int:
+        return self.confident(BAND_IDS)
+
+    @property
+    def nrbc_confident(self) -> int:
+        return self.confident(NRBC_CLASS)
+
+    def pct_of_wbc(self, count: int) -> float | None:
+        """count as % of all WBC (review cells included in the denominator); None when WBC is 0."""
+        return None if self.wbc == 0 else 100.0 * count / self.wbc
 
     def group_ci(self, count: int) -> tuple[float, float] | None:
         """Exact 95% CI (percent) of count / WBC, for the immature fractions in flag messages."""
@@ -153,6 +184,7 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
     from .ood import UNCLASSIFIED
 
     counts = {cid: 0 for cid in catalogue.CLASS_IDS}
+    confident = {cid: 0 for cid in catalogue.CLASS_IDS}
     n_review = unclassified = 0
     for cell in cells:
         n_review += bool(cell.review)
@@ -162,6 +194,7 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
         if cell.class_id not in counts:
             catalogue.get(cell.class_id)  # raises KeyError naming the unknown class
         counts[cell.class_id] += 1
+        confident[cell.class_id] += not cell.review
     wbc = sum(counts[c] for c in catalogue.WBC_CLASS_IDS)
 
     def pct(k: int) -> float | None:
@@ -194,5 +227,6 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
         nrbc_per_100_wbc=pct(nrbc),
         platelets=counts[PLATELET_CLASS],
         n_review=n_review,
+        confident_counts=MappingProxyType(confident),
         unclassified=unclassified,
     )

@@ -32,7 +32,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 
 from . import catalogue
 from .differential import Differential
-from .flags import CRITICAL, Flag, worst_severity
+from .flags import CRITICAL, REVIEW, Flag, worst_severity
 from .gallery_thumbs import EDGE, THUMBS_DIR, ThumbJob, crop_path, thumbnail_name, write_thumbnails
 from .results import CellResult, FileError, RunData
 
@@ -152,9 +152,11 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 td.name{overflow-wrap:anywhere;max-width:24em}
 tr.critical td:first-child{border-left:6px solid #9c0006}
 tr.warning td:first-child{border-left:6px solid #c98a00}
+tr.review td:first-child{border-left:6px solid #1f4e78}
 ul.flags{margin:.2em 0;padding-left:1.2em}
 .sev-critical{color:#9c0006;font-weight:700}
 .sev-warning{color:#7a4b00;font-weight:600}
+.sev-review{color:#1f4e78;font-weight:600}
 nav.classes{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #ddd;z-index:1}
 nav.classes a{margin-right:.9em;white-space:nowrap}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
@@ -171,6 +173,8 @@ figcaption small{display:block;color:#444}
 @media print{figure.cell{break-inside:avoid}nav.classes{display:none}}
 """
 
+
+_SEVERITY_LABEL = {CRITICAL: "Critical", REVIEW: "Pending review"}
 
 def _page(title: str, body: str) -> str:
     return (
@@ -196,7 +200,7 @@ def _flags_html(flags: Sequence[Flag]) -> str:
     if not flags:
         return "none"
     items = "".join(
-        f"<li><span class=\"sev-{esc(f.severity)}\">{'Critical' if f.severity == CRITICAL else 'Warning'}:</span>"
+        f"<li><span class=\"sev-{esc(f.severity)}\">{_SEVERITY_LABEL.get(f.severity, 'Warning')}:</span>"
         f" {esc(f.message)} <small>({esc(f.code)})</small></li>"
         for f in flags
     )

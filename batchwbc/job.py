@@ -51,6 +51,7 @@ class RunOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     cache_path: Path | None = None
     cells_csv: Path | None = None
+    summary_csv: Path | None = None  # also write the Summary sheet as CSV (for LIS middleware)
     show_bar: bool = False  # a progress bar on the terminal
     allow_empty: bool = False  # a slides folder without images writes an empty report instead of exit 4
     html_dir: Path | None = None  # also write the offline HTML gallery here
@@ -154,7 +155,7 @@ def run_job(opts: RunOptions) -> int:
     info = classifier.info
     threshold, threshold_source = resolve_review_threshold(opts.review_threshold, settings.review_threshold,
                                                            info.review_threshold)
-    for path, suffixes in ((opts.out, (".xlsx",)), (opts.cells_csv, (".csv",))):
+    for path, suffixes in ((opts.out, (".xlsx",)), (opts.cells_csv, (".csv",)), (opts.summary_csv, (".csv",))):
         if path is None:
             continue
         try:
@@ -253,6 +254,8 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         report.write_workbook(run, summaries, prep.settings, opts.out)
         if opts.cells_csv is not None:
             report.write_cells_csv(run.cells, opts.cells_csv)
+        if opts.summary_csv is not None:
+            report.write_summary_csv(summaries, opts.summary_csv)
     except (OSError, report.OutputError) as exc:
         raise JobError(exitcodes.FAILED, f"the report could not be written ({str(exc).rstrip('.')}).") from None
 

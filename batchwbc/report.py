@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 from . import catalogue
 from .config import Settings
 from .differential import NRBC_CLASS, PLATELET_CLASS, Differential
-from .flags import CRITICAL, WARNING, worst_severity
+from .flags import CRITICAL, REVIEW, WARNING, worst_severity
 from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .rowcheck import CHECK_HEADER, row_check
@@ -64,8 +64,11 @@ EDITABLE_NOTE = ("Yours to fill in. Every other column is the machine's: batchwb
 #: Excel's limit on an in-line drop-down list (formula1 of a list validation).
 DROPDOWN_LIMIT = 255
 SIGNED = "signed"  # a style like the severities: green, for a signed patient's status
-_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C", SIGNED: "C6EFCE"}  # Excel's own "bad", "neutral", "good"
-_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700", SIGNED: "006100"}
+# Excel's own "bad" red, "neutral" amber and "good" green; light blue for flags only cells in review raise
+_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C", SIGNED: "C6EFCE", REVIEW: "DDEBF7"}
+_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700", SIGNED: "006100", REVIEW: "1F4E78"}
+#: Between the codes of the Summary's "Flag codes" column: split on it to get the codes.
+FLAG_CODE_SEPARATOR = "; "
 _FORMULA_START = ("=", "+", "-", "@")
 _NEEDS_CELL = (*_FORMULA_START, "#")  # "#N/A" and the other error literals all start with "#"
 # Characters XML 1.0 (and so xlsx) cannot hold; file names on Linux may contain them.
@@ -388,7 +391,7 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Unclassified", lambda s: s.differential.unclassified, 12, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
     Column("Notes", _notes, 40, severity=lambda s: WARNING if _notes(s) else None),
-    Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 24),
+    Column("Flag codes", lambda s: FLAG_CODE_SEPARATOR.join(f.code for f in s.flags), 24),
     Column("Verified by", lambda s: None, 16, editable=True),
     Column("Verified on", lambda s: None, 14, editable=True),
 )
@@ -445,6 +448,7 @@ _DIFFERENTIAL: tuple[Column, ...] = (
     Column("Patient", lambda r: r.patient, fit(lambda r: r.patient, 12, 40)),
     Column("Class", lambda r: catalogue.get(r.class_id).display, 22),
     Column("Count", lambda r: r.diff.counts[r.class_id], 8, PLAIN),
+    Column("In review", lambda r: r.diff.counts[r.class_id] - r.diff.confident_counts[r.class_id], 9, PLAIN),
     Column("% of WBC", lambda r: _pct(r.pct), 9, NUMBER, "0.0"),
     Column("95% CI low", lambda r: r.ci(0), 10, NUMBER, "0.0"),
     Column("95% CI high", lambda r: r.ci(1), 10, NUMBER, "0.0"),
@@ -540,7 +544,7 @@ _SUMMARY_VERIFIED: tuple[Column, ...] = (
     Column("Flags (pre-classified)", lambda v: _flag_text(v.pre), 60, wrap=True),
     Column("Unreadable files", lambda v: v.post.unreadable_files, 11, PLAIN),
     Column("Notes", lambda v: _notes(v.post), 40, severity=lambda v: WARNING if _notes(v.post) else None),
-    Column("Flag codes (verified)", lambda v: ", ".join(f.code for f in v.post.flags), 24),
+    Column("Flag codes (verified)", lambda v: FLAG_CODE_SEPARATOR.join(f.code for f in v.post.flags), 24),
 )
 
 _DIFFERENTIAL_VERIFIED: tuple[Column, ...] = (
@@ -549,8 +553,8 @@ _DIFFERENTIAL_VERIFIED: tuple[Column, ...] = (
     Column("Verified count", lambda r: r.diff.counts[r.class_id], 10, PLAIN),
     Column("Change", lambda r: r.diff.counts[r.class_id] - r.before.counts[r.class_id], 8, PLAIN),
     Column("Pre-classified % of WBC", lambda r: _pct(r.before.percent.get(r.class_id)), 13, NUMBER, "0.0"),
-    replace(_DIFFERENTIAL[3], header="Verified % of WBC", width=11),
-    *_DIFFERENTIAL[4:],
+    replace(next(c for c in _DIFFERENTIAL if c.header == "% of WBC"), header="Verified % of WBC", width=11),
+    *_DIFFERENTIAL[[c.header for c in _DIFFERENTIAL].index("% of WBC") + 1:],
 )
 
 SUMMARY_COLUMNS = tuple(c.header for c in _SUMMARY)
@@ -831,6 +835,31 @@ def csv_text(value: str) -> str:
     by removing ONE leading apostrophe whenever a patient/file field starts with one.
     """
     return "'" + value if value.startswith(_CSV_GUARD) else value
+
+
+def _csv_value(column: Column, row: Any) -> str:
+    """A Summary cell as CSV text: numbers as Python writes them, empty for None/NaN, text
+    guarded against formula injection and on one line (Flags' line breaks become ' | ')."""
+    value = column.value(row)
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if column.kind in (NUMBER, PLAIN) and not isinstance(value, str):
+        return str(value)
+    return csv_text(str(value).replace("\r\n", "\n").replace("\n", " | "))
+
+
+def write_summary_csv(summaries: Sequence[PatientSummary], out_path: str | os.PathLike) -> None:
+    """The Summary sheet as UTF-8 CSV (no BOM): the same Column table, headers and values (its
+    machine columns), one line per patient, for LIS middleware and scripts ("Flag codes" is
+    '; '-separated).
+    Written atomically: a failure leaves the previous file untouched."""
+    columns = [c for c in _SUMMARY if not c.editable]  # Verified by / on are the technologist's, empty now
+    with atomic_output(out_path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="replace") as fh:
+            writer = csv.writer(fh)
+            writer.writerow([c.header for c in columns])
+            for s in summaries:
+                writer.writerow([_csv_value(c, s) for c in columns])
 
 
 def write_cells_csv(cells: Iterable[CellResult], out_path: str | os.PathLike) -> None:

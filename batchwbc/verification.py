@@ -124,8 +124,11 @@ def verify_patients(patients: Sequence[str], cells: Sequence[VerifiedCell], erro
     verification that found it signed stays in the workbook from then on.
     """
     pre = summarize_groups(patients, [vc.cell for vc in cells], errors, settings, shifts)  # type: ignore[arg-type]
-    post = summarize_groups(patients, [replace(vc.cell, class_id=vc.final) for vc in cells], errors, settings,
-                            shifts)  # type: ignore[arg-type]
+    # A cell a person classified is no longer unverified: it counts for the definite flags, so
+    # a pending flag (flags.py) resolves into its definite flag or disappears; review cells
+    # left blank stay in review and keep their flags pending.
+    post = summarize_groups(patients, [replace(vc.cell, class_id=vc.final, review=vc.cell.review and not vc.verified)
+                                       for vc in cells], errors, settings, shifts)  # type: ignore[arg-type]
     by_patient: dict[str, list[VerifiedCell]] = {}
     for vc in cells:
         by_patient.setdefault(vc.cell.patient, []).append(vc)

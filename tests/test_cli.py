@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import tinymodel
-from batchwbc import __version__, exitcodes
+from batchwbc import __version__, exitcodes, report
 from batchwbc.cli import main
 from batchwbc.job import inference_threads, resolve_review_threshold
 from batchwbc.discovery import discover
@@ -46,7 +46,7 @@ def test_help_is_instant_and_explains_every_option():
     elapsed = time.perf_counter() - t0
     assert r.returncode == 0
     for opt in ("--out", "--model", "--config", "--review-threshold", "--workers", "--batch-size",
-                "--cache", "--cells-csv", "--log-file", "--quiet"):
+                "--cache", "--cells-csv", "--summary-csv", "--log-file", "--quiet"):
         assert opt in r.stdout
     assert elapsed < 3.0, f"--help took {elapsed:.1f}s"
     # the heavy libraries must not be imported for --help
@@ -252,3 +252,30 @@ def test_progress_logs_plain_lines_when_there_is_no_bar():
     assert n_every == 10 and len(h.lines) == 10  # the second, rare reporter logged nothing yet
     assert h.lines[-1].startswith("10 of 10 cells (100%)") and "cells/s" in h.lines[-1] and "ETA" in h.lines[-1]
     assert rare.done == 5
+
+
+def test_summary_csv_option_writes_one_line_per_patient(tiny, tmp_path):
+    import csv as csvmod
+
+    out, summary = tmp_path / "r.xlsx", tmp_path / "summary.csv"
+    r = invoke("run", SAMPLES, "--out", out, "--model", tiny, "--workers", "0", "--summary-csv", summary)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    got = list(csvmod.DictReader(summary.open(encoding="utf-8", newline="")))
+    assert [g["Patient"] for g in got] == discover(SAMPLES).patients
+    from openpyxl import load_workbook
+
+    ws = load_workbook(out, read_only=True)["Summary"]
+    sheet = [tuple(c.value for c in row) for row in ws.iter_rows()]
+    header = tuple(h for h in sheet[0] if h not in ("Verified by", "Verified on", report.CHECK_HEADER))
+    assert tuple(got[0]) == header  # the sheet's machine columns (not the technologist's, not the hidden Check)
+    assert [g["Flag codes"] for g in got] == [row[sheet[0].index("Flag codes")] or "" for row in sheet[1:]]
+    assert "Verified by" in sheet[0]  # the workbook keeps them
+    assert sum(int(g["Cells classified"]) for g in got) == len(discover(SAMPLES).crops)
+
+
+def test_summary_csv_must_be_a_csv_file(tiny, tmp_path):
+    r = invoke("run", SAMPLES, "--out", tmp_path / "r.xlsx", "--model", tiny, "--workers", "0",
+               "--summary-csv", tmp_path / "summary.txt")
+    assert r.exit_code == exitcodes.USAGE
+    assert ".csv" in one_error_line(r.stderr)
+    assert not (tmp_path / "r.xlsx").exists()

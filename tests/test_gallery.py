@@ -429,3 +429,14 @@ def test_headless_browser_screenshot_shows_the_thumbnails(built, tmp_path):
     b, g, rr = img[..., 0].astype(int), img[..., 1].astype(int), img[..., 2].astype(int)
     green = (g > 150) & (rr < 60) & (b < 60)  # the test crops are pure green
     assert green.sum() > 20 * 60 * 60, f"only {green.sum()} green pixels: thumbnails did not load"
+
+
+def test_pending_review_flags_are_labelled_and_marked_as_such():
+    from batchwbc import gallery
+    from batchwbc.flags import REVIEW, WARNING, Flag
+
+    pending = Flag("NRBC_PENDING_REVIEW", "NRBC: 1 possible erythroblast, pending review", REVIEW)
+    html = gallery._flags_html([pending])
+    assert "Pending review:</span>" in html and "sev-review" in html and "(NRBC_PENDING_REVIEW)" in html
+    assert gallery._row_class([pending]) == ' class="review"'
+    assert gallery._row_class([pending, Flag("IG_HIGH", "x", WARNING)]) == ' class="warning"'

@@ -69,7 +69,8 @@ def test_output_may_not_replace_an_input(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--cache", "{out}"], ["--log-file", "{out}"], ["--cells-csv", "{csv}", "--log-file", "{csv}"],
-                                   ["--log-file", "{out}.lock"], ["--cache", "{db}", "--cells-csv", "{db}"]])
+                                   ["--log-file", "{out}.lock"], ["--cache", "{db}", "--cells-csv", "{db}"],
+                                   ["--summary-csv", "{csv}", "--cells-csv", "{csv}"], ["--summary-csv", "{out}"]])
 def test_cli_refuses_collisions_before_any_work(tmp_path, extra):
     model = tinymodel.build(tmp_path / "tiny.onnx")
     slides = tmp_path / "slides"

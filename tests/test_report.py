@@ -154,7 +154,7 @@ def test_summary_values_flags_and_colours(written):
     assert (p1["Cells classified"], p1["WBC"], p1["Platelets"], p1["Review cells"]) == (106, 103, 1, 3)
     assert p1["Blasts %"] == pytest.approx(100 * 23 / 103, abs=1e-3)
     assert p1["NRBC /100 WBC"] == pytest.approx(100 * 2 / 103, abs=1e-3)
-    assert p1["Flag codes"] == "BLASTS_HIGH, NRBC_PRESENT"
+    assert p1["Flag codes"] == "BLASTS_HIGH; NRBC_PRESENT"  # '; '-separated, as issue 12 shows
     assert "23/103 WBC" in p1["Flags"]
     p2 = by_patient["P2"]
     assert p2["Flags"] == "none" and p2["Unreadable files"] == 1 and p2["IG %"] == 0
@@ -178,6 +178,7 @@ def test_differential_sheet_matches_the_arithmetic(written):
     for r in wbc_rows:
         cid = r["Class id"]
         assert r["Count"] == d.counts[cid]
+        assert r["In review"] == d.counts[cid] - d.confident_counts[cid]  # the cells a pending flag rests on
         assert r["Class"] == catalogue.get(cid).display
         assert (r["95% CI low"], r["95% CI high"]) == pytest.approx(d.ci[cid], abs=1e-3)
     lym = next(r for r in rows_p1 if r["Class id"] == "lymphocyte")
@@ -186,6 +187,8 @@ def test_differential_sheet_matches_the_arithmetic(written):
     assert blast["vs. reference"] == "above"
     nrbc = next(r for r in rows_p1 if r["Class id"] == "erythroblast")
     assert nrbc["% of WBC"] is None and nrbc["Count"] == 2 and "per 100 WBC" in nrbc["Note"]
+    mono = next(r for r in rows_p1 if r["Class id"] == "monocyte")
+    assert (mono["Count"], mono["In review"]) == (3, 3)  # make_run's 3 low-confidence monocytes
 
 
 def test_differential_lists_only_classes_the_model_predicts(tmp_path):
@@ -496,3 +499,68 @@ def test_real_sigint_while_writing_keeps_old_report(tmp_path):
     assert proc.returncode == 130 and "interrupted" in rest
     assert out.read_bytes() == b"previous report"
     assert listing(tmp_path) == ["report.xlsx"]
+
+
+def test_summary_csv_is_the_summary_sheet(written, tmp_path):
+    """--summary-csv writes the Summary sheet's own columns and values, one line per patient."""
+    import csv as csvmod
+
+    from batchwbc.report import write_summary_csv
+    from batchwbc.summary import summarize_run
+
+    run, _, wb = written
+    out = tmp_path / "summary.csv"
+    write_summary_csv(summarize_run(run, DEFAULT_SETTINGS), out)
+    raw = out.read_bytes()
+    assert not raw.startswith(b"\xef\xbb\xbf")
+    lines = raw.decode("utf-8").splitlines()
+    assert len(lines) == 1 + len(run.patients)  # multi-line Flags are flattened: one line per patient
+    got = list(csvmod.DictReader(out.open(encoding="utf-8", newline="")))
+    sheet = as_dicts(wb["Summary"])
+    machine = [h for h in sheet[0] if h not in ("Verified by", "Verified on", report.CHECK_HEADER)]
+    assert list(got[0]) == machine  # the sheet's machine columns, in the same order
+    for g, s in zip(got, sheet):
+        patient = g["Patient"][1:] if g["Patient"].startswith("'") else g["Patient"]
+        assert patient == s["Patient"]
+        assert g["Flag codes"] == (s["Flag codes"] or "")
+        assert g["Flags"] == s["Flags"].replace("\n", " | ")
+        for col in ("Cells classified", "WBC", "Review cells", "Platelets"):
+            assert int(g[col]) == s[col]
+        assert (g["Blasts %"] == "") is (s["Blasts %"] is None)
+        if s["Blasts %"] is not None:
+            assert float(g["Blasts %"]) == pytest.approx(s["Blasts %"])
+    p1 = next(g for g in got if g["Patient"] == "P1")
+    assert p1["Flag codes"].split("; ") == ["BLASTS_HIGH", "NRBC_PRESENT"]
+    assert any(g["Patient"].startswith("'=") for g in got)  # formula-like names guarded, as in the cells CSV
+
+
+def test_summary_csv_is_written_atomically(written, tmp_path, monkeypatch):
+    from batchwbc import report as rep
+    from batchwbc.summary import summarize_run
+
+    run, _, _ = written
+    out = tmp_path / "summary.csv"
+    out.write_text("previous", encoding="utf-8")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rep, "_csv_value", boom)
+    with pytest.raises(rep.OutputError, match="disk full"):
+        rep.write_summary_csv(summarize_run(run, DEFAULT_SETTINGS), out)
+    assert out.read_text(encoding="utf-8") == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+
+
+def test_pending_review_flag_has_its_own_light_colour(tmp_path):
+    """A row whose only flag is pending review (one erythroblast in review) is light blue, not amber."""
+    cells = [mk("P", "lymphocyte", i) for i in range(100)] + [mk("P", "erythroblast", 0, conf=0.4)]
+    run = make_run(extra_patients=())
+    run.cells, run.patients, run.errors = cells, ["P"], []
+    out = tmp_path / "r.xlsx"
+    write(run, DEFAULT_SETTINGS, out)
+    ws = load_workbook(out)["Summary"]
+    row = as_dicts(ws)[0]
+    assert row["Flag codes"] == "NRBC_PENDING_REVIEW"
+    assert "1 possible erythroblast, pending review" in row["Flags"]
+    assert ws.cell(row=2, column=1).fill.fgColor.rgb.endswith("DDEBF7")

@@ -181,8 +181,12 @@ def test_verify_recounts_signs_exports_and_round_trips(made, tmp_path):
     # flags follow the verified classes: 2/10 blasts (20%) was BLASTS_HIGH, 1/10 is BLASTS_PRESENT
     assert summary["P1"]["Flags (pre-classified)"].startswith("Blasts 20.0% (2/10 WBC")
     assert BLASTS_HIGH not in summary["P1"]["Flag codes (verified)"]
-    codes = [f.code for f in evaluate(summarize(truth["P1"]), DEFAULT_SETTINGS)]
-    assert BLASTS_PRESENT in codes and summary["P1"]["Flag codes (verified)"] == ", ".join(codes)
+    # every review cell of the signed P1 has a Verified class: a person's class is no longer in
+    # review, so its flags are definite (issue 12: pending flags resolve on verification)
+    p1_verified = [CellResult(c.patient, c.file, c.class_id, 1.0, "", 0.0, False) for c in truth["P1"]]
+    codes = [f.code for f in evaluate(summarize(p1_verified), DEFAULT_SETTINGS)]
+    assert BLASTS_PRESENT in codes and summary["P1"]["Flag codes (verified)"] == "; ".join(codes)
+    assert "PENDING_REVIEW" not in summary["P1"]["Flag codes (verified)"]
     assert summary["P1"]["Blasts % pre-classified"] == 20.0 and summary["P1"]["Blasts % verified"] == 10.0
 
     # -- the Run sheet records who, when, from what
@@ -446,7 +450,7 @@ def test_config_thresholds_replace_the_run_sheets_and_are_recorded(made, tmp_pat
     summary = {row["Patient"]: row for row in dicts(wb["Summary"])}
     assert summary["P1"]["Flag codes (verified)"].startswith(BLASTS_HIGH)  # 1/10 blasts >= 10%
     run = {row[0]: row[1] for row in wb["Run"].iter_rows(min_row=2, values_only=True)}
-    assert run["Flag BLASTS_HIGH: blasts >= (% of WBC) [flags.blasts_high_pct]"] == "10"
+    assert run["Flag BLASTS_HIGH: confident blasts >= (% of WBC) [flags.blasts_high_pct]"] == "10"
     assert run["Verification: thresholds from"] == f"--config {cfg}"
     again = tmp_path / "again.xlsx"  # verifying it again without --config keeps the thresholds it states
     assert invoke("verify", out, "--out", again).exit_code == exitcodes.OK
