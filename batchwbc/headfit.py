@@ -13,7 +13,7 @@ Why this shape of fit:
   original weights, and those classes keep their original behaviour as far as a softmax
   over the other classes allows.
 * Temperature and review threshold are refitted on out-of-fold predictions, with the same
-  rules as training (train/calibration.py): golden-section NLL search on log T; lowest
+  rules as training (batchwbc/calibration.py, shared with train/): golden-section NLL search on log T; lowest
   confidence above which held-out cells are >= 97% correct, rounded up to 0.01.
 """
 from __future__ import annotations
@@ -23,19 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .calibration import TARGET_ACCURACY, fit_temperature, log_softmax, nll, review_threshold, softmax  # noqa: F401
+
 #: Prior strengths tried by the inner cross-validation (total penalty, in units of one cell's loss).
 ALPHA_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
-#: Share of accepted cells that must be right: the rule the bundled model's threshold used.
-TARGET_ACCURACY = 0.97
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return np.exp(log_softmax(z / temperature))
 
 
 def balanced_weights(y: np.ndarray) -> np.ndarray:
@@ -187,41 +178,6 @@ def cross_validated_logits(x: np.ndarray, y: np.ndarray, groups: Sequence[str | 
         oof[te] = x[te] @ v + c
         chosen.append(alpha)
     return oof, chosen
-
-
-def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    return float(-log_softmax(logits / temperature)[np.arange(len(y)), y].mean())
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
-    """Minimise held-out NLL over T by golden-section search on log T (as train/calibration.py)."""
-    a, b = np.log(lo), np.log(hi)
-    g = (np.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = nll(logits, y, np.exp(c)), nll(logits, y, np.exp(d))
-    for _ in range(80):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = nll(logits, y, np.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = nll(logits, y, np.exp(d))
-    return float(np.exp((a + b) / 2))
-
-
-def review_threshold(probs: np.ndarray, y: np.ndarray, target_accuracy: float = TARGET_ACCURACY) -> float:
-    """Lowest confidence t such that held-out cells with confidence >= t are at least
-    `target_accuracy` correct, rounded up to 0.01 (0.99 when no such t exists)."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    order = np.argsort(-conf)
-    cum_acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-    ok = np.flatnonzero(cum_acc >= target_accuracy)
-    if len(ok) == 0:
-        return 0.99
-    return float(min(0.99, np.ceil(float(conf[order][ok[-1]]) * 100) / 100))
 
 
 @dataclass(frozen=True)
