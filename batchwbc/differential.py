@@ -5,7 +5,9 @@ percentage is reported with its exact binomial (Clopper-Pearson) confidence inte
 same convention as Rümke's tables - and never with a normal approximation, which is wrong
 exactly where it matters (0 blasts, or a few).
 Erythroblasts and platelets are not leukocytes: they are left out of the WBC denominator and
-reported as NRBC per 100 WBC and as a separate platelet count.
+reported as NRBC per 100 WBC and as a separate platelet count. Smudge cells (ruptured
+leukocytes, ADR 0009) are reported apart as a count and a percentage of ALL classified cells,
+as analyzers and manual practice do.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .results import CellResult
 
 NRBC_CLASS = "erythroblast"
 PLATELET_CLASS = "platelet"
+SMUDGE_IDS = catalogue.ids_in_group(catalogue.SMUDGE)
 BLAST_IDS = catalogue.ids_in_group(catalogue.BLAST)
 IG_IDS = catalogue.ids_in_group(catalogue.IMMATURE_GRANULOCYTE)
 BAND_IDS = catalogue.ids_in_group(catalogue.BAND)
@@ -137,6 +140,8 @@ class Differential:
     nrbc_per_100_wbc: float | None
     platelets: int
     n_review: int  # cells below the review threshold, of n_cells
+    smudge: int = 0  # ruptured leukocytes: reported apart, never in the WBC denominator
+    smudge_pct_of_cells: float | None = None  # smudge / ALL classified cells x 100 (ADR 0009)
 
     def group_ci(self, count: int) -> tuple[float, float] | None:
         """Exact 95% CI (percent) of count / WBC, for the immature fractions in flag messages."""
@@ -170,6 +175,7 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
     bands = sum(counts[c] for c in BAND_IDS)
     immature = blasts + ig + bands
     nrbc = counts[NRBC_CLASS]
+    smudge = sum(counts[c] for c in SMUDGE_IDS)
     return Differential(
         n_cells=len(cells),
         wbc=wbc,
@@ -188,4 +194,6 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
         nrbc_per_100_wbc=pct(nrbc),
         platelets=counts[PLATELET_CLASS],
         n_review=n_review,
+        smudge=smudge,
+        smudge_pct_of_cells=None if not cells else 100.0 * smudge / len(cells),
     )
