@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import catalogue
 from .config import Settings
@@ -34,6 +34,7 @@ from .flags import CRITICAL, WARNING, worst_severity
 from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .summary import PatientSummary, totals
+from .thumbcap import fair_quota
 
 
 class OutputError(Exception):
@@ -41,6 +42,8 @@ class OutputError(Exception):
 
 
 SHEETS = ("Summary", "Differential", "Cells", "Review", "Errors", "Run")
+#: The row holding each sheet's column headers: the Summary's row 1 is the banner.
+HEADER_ROWS = {name: 2 if name == "Summary" else 1 for name in SHEETS}
 #: Column names of the cells CSV, for software; class columns hold catalogue ids.
 CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review", "review_reason")
 
@@ -145,22 +148,54 @@ def _number(value: float | int | None) -> float | int | None:
 
 
 class _Sheet:
-    """A write-only worksheet plus the styles it reuses; every str goes through `text`."""
+    """A write-only worksheet plus the styles it reuses; every str goes through `text`.
 
-    def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float]):
+    Layout for screen and paper in one place: an optional banner row above the header, a
+    wrapped bold header row as tall as its longest header needs, frozen panes and print titles
+    below/at the header, and a landscape page fitted to one page width (see `_print_setup`)."""
+
+    def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float],
+                 banner: str | None = None):
         from openpyxl.styles import Alignment, Font, PatternFill
+        from openpyxl.utils import get_column_letter
 
         self.ws = wb.create_sheet(title)
         self._Font, self._PatternFill, self._Alignment = Font, PatternFill, Alignment
-        from openpyxl.utils import get_column_letter
-
+        self.widths = list(widths)
         for i, w in enumerate(widths, 1):
             self.ws.column_dimensions[get_column_letter(i)].width = w
-        self.ws.freeze_panes = "A2"
         self.rows = 0
         self.ncols = len(columns)
+        self.tall_rows = False  # True: some rows are taller than one line, so cells align to the top
+        self._column_index = {name: i for i, name in enumerate(columns, 1)}
+        self.header_row = 1 if banner is None else 2
+        self.ws.freeze_panes = f"A{self.header_row + 1}"
+        _print_setup(self.ws, title, self.header_row)  # before the first row: the sheet's top is written then
+        if banner is not None:
+            self._banner(banner)
         header_font, header_fill = Font(bold=True), PatternFill("solid", fgColor="D9D9D9")
-        self.append([self.text(name, font=header_font, fill=header_fill) for name in columns])
+        header_align = Alignment(wrap_text=True, vertical="bottom")
+        self.set_height(row_height(zip(columns, widths), bold=True))
+        self.append([self.text(name, font=header_font, fill=header_fill, alignment=header_align)
+                     for name in columns])
+
+    def _banner(self, text: str) -> None:
+        """One merged, bold, amber row across all columns: read first on screen and on paper."""
+        from openpyxl.utils import get_column_letter
+
+        style = {"font": self._Font(bold=True, size=12, color=_FONTS[WARNING]),
+                 "fill": self._PatternFill("solid", fgColor=_FILLS[WARNING]),
+                 "alignment": self._Alignment(wrap_text=True, vertical="center")}
+        total = sum(self.widths)
+        self.set_height(max(22.0, row_height([(text, total)], bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
+        self.append([self.text(text, **style)] + [self.text("", fill=style["fill"])] * (self.ncols - 1))
+        if self.ncols > 1:
+            self.ws.merged_cells.add(f"A{self.rows}:{get_column_letter(self.ncols)}{self.rows}")
+
+    def set_height(self, points: float | None) -> None:
+        """The height of the row about to be appended (None: the default, one line)."""
+        if points is not None:
+            self.ws.row_dimensions[self.rows + 1].height = points
 
     def text(self, value: Any, **style: Any) -> Any:
         """A string cell that can never be read as a formula, error code or number."""
@@ -201,6 +236,20 @@ class _Sheet:
     def wrap(self) -> Any:
         return self._Alignment(wrap_text=True, vertical="top")
 
+    def top(self, horizontal: str | None = None) -> Any:
+        return self._Alignment(vertical="top", horizontal=horizontal)
+
+    def link_font(self) -> Any:
+        return self._Font(color="0563C1", underline="single")
+
+    def hyperlink(self, cell: Any, column: "Column", target: str) -> None:
+        """An internal link (no external target, so nothing is ever fetched from outside)."""
+        from openpyxl.utils import get_column_letter
+        from openpyxl.worksheet.hyperlink import Hyperlink
+
+        col = get_column_letter(self._column_index[column.header])
+        cell._hyperlink = Hyperlink(ref=f"{col}{self.rows + 1}", location=target, display=str(cell.value))
+
     def append(self, values: Sequence[Any]) -> None:
         self.ws.append(list(values))
         self.rows += 1
@@ -209,7 +258,8 @@ class _Sheet:
         """Autofilter on the header; must be set before the sheet is saved (row count known)."""
         from openpyxl.utils import get_column_letter
 
-        self.ws.auto_filter.ref = f"A1:{get_column_letter(self.ncols)}{max(total_rows, 1) + 1}"
+        h = self.header_row
+        self.ws.auto_filter.ref = f"A{h}:{get_column_letter(self.ncols)}{max(total_rows, 1) + h}"
 
 
 def _fit(texts: Iterable[str], minimum: float, maximum: float) -> float:
@@ -217,11 +267,63 @@ def _fit(texts: Iterable[str], minimum: float, maximum: float) -> float:
     return float(min(max(longest + 2, minimum), maximum))
 
 
+# =================================================================== layout for screen and paper
+
+#: Height in points of one line of the default font (Calibri 11), and of the banner's 12 pt bold.
+LINE_PT = 15.0
+_BANNER_LINE_PT = 16.5
+#: Print margins in inches: narrow enough for wide tables, wide enough for every printer.
+MARGINS = {"left": 0.4, "right": 0.4, "top": 0.75, "bottom": 0.6, "header": 0.3, "footer": 0.3}
+BANNER = "Pre-classification by software: to be verified by a qualified person"
+
+
+def text_lines(text: Any, width: float, bold: bool = False) -> int:
+    """Lines a wrapped cell of `width` (Excel character units) needs for `text`.
+
+    An estimate, not a measurement (the font is not available here): one unit holds about one
+    character, minus a unit of padding; bold text is ~10% wider. It errs on the tall side, which
+    costs a little paper, whereas a row too short hides text."""
+    per_line = max(1, int((width - 1) / (1.1 if bold else 1.0)))
+    return sum(max(1, math.ceil(len(part) / per_line)) for part in str(text).split("\n"))
+
+
+def row_height(cells: Iterable[tuple[Any, float]], bold: bool = False, line_pt: float = LINE_PT,
+               minimum: float = 0.0) -> float | None:
+    """Row height in points for wrapped (text, width) cells: the tallest one decides.
+
+    None when one line is enough and no `minimum` is asked for (Excel's default height)."""
+    lines = max((text_lines(t, w, bold) for t, w in cells if t is not None and t != ""), default=1)
+    if lines <= 1 and minimum <= line_pt:
+        return None
+    return max(minimum, lines * line_pt)
+
+
+def _print_setup(ws: Any, title: str, header_row: int) -> None:
+    """Landscape, one page wide (as many pages tall as needed), the header rows repeated on
+    every page, gridlines, and a header/footer naming the file, sheet and page x of y."""
+    from openpyxl.worksheet.page import PageMargins
+    from openpyxl.worksheet.properties import PageSetupProperties
+
+    ws.page_setup.orientation = "landscape"
+    ws.page_setup.fitToWidth = 1
+    ws.page_setup.fitToHeight = 0  # 0: as many pages tall as the rows need
+    ws.sheet_properties.pageSetUpPr = PageSetupProperties(fitToPage=True)
+    ws.print_title_rows = f"1:{header_row}"
+    ws.print_options.gridLines = True
+    ws.page_margins = PageMargins(**MARGINS)
+    ws.oddHeader.left.text = "&F"  # the workbook's file name
+    ws.oddHeader.center.text = f"&B{title}&B"
+    ws.oddHeader.right.text = "Pre-classification by software: to be verified"
+    ws.oddFooter.left.text = "batchwbc"
+    ws.oddFooter.right.text = "Page &P of &N"
+
+
 # =================================================================== columns
 
 TEXT = "text"  # a string cell, forced to text (None leaves the cell empty)
 NUMBER = "number"  # a number with `fmt` as its Excel number format (None, NaN: empty)
 PLAIN = "plain"  # written as is (counts)
+AUTO = "auto"  # a number stays a number, anything else is wrapped text (the Run sheet's values)
 
 
 def fit(key: Callable[[Any], str], minimum: float, maximum: float) -> Callable[[Sequence[Any]], float]:
@@ -234,7 +336,10 @@ class Column:
     """One report column: everything about it in one place, so adding a column is one entry.
 
     `value` turns a sheet's row object into the cell's value; `width` is fixed or computed
-    from all rows (see `fit`); `severity` colours the cell by a row's flag severity.
+    from all rows (see `fit`); `severity` colours the cell by a row's flag severity; `wrap`
+    wraps the text and makes the row as tall as it needs; `needs` names a class the model must
+    predict for the column to be shown (a class it cannot predict is not "0 %"); `link` gives
+    the cell an internal hyperlink ("Sheet!A5") from the row and the writer's link targets.
     """
 
     header: str
@@ -244,33 +349,63 @@ class Column:
     fmt: str | None = None
     severity: Callable[[Any], str | None] | None = None
     wrap: bool = False
+    needs: str | None = None
+    link: Callable[[Any, Mapping[str, str]], str | None] | None = None
 
     def width_for(self, rows: Sequence[Any]) -> float:
         return self.width(rows) if callable(self.width) else self.width
 
-    def cell(self, sh: "_Sheet", row: Any) -> Any:
+    def cell(self, sh: "_Sheet", row: Any, links: Mapping[str, str] | None = None) -> Any:
         value = self.value(row)
+        if self.kind == AUTO:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return sh.number(value, alignment=sh.top(horizontal="left"))
+            return None if value is None else sh.text(value, alignment=sh.wrap())
         if self.kind == PLAIN:
-            return value
+            return sh.number(value, alignment=sh.top()) if sh.tall_rows else value
         style: dict[str, Any] = {}
         if self.wrap:
             style["alignment"] = sh.wrap()
+        elif sh.tall_rows:  # a row made taller by wrapped text: every cell starts at the top
+            style["alignment"] = sh.top()
         if self.severity is not None:
             style.update(sh.severity_style(self.severity(row)))
+        target = None if self.link is None else self.link(row, links or {})
+        if target is not None:
+            style["font"] = sh.link_font()
         if self.kind == NUMBER:
             return sh.number(value, self.fmt, **style)
-        return None if value is None else sh.text(value, **style)
+        cell = None if value is None else sh.text(value, **style)
+        if target is not None and cell is not None:
+            sh.hyperlink(cell, self, target)
+        return cell
+
+
+def shown_columns(columns: Sequence[Column], classes: Sequence[str]) -> tuple[Column, ...]:
+    """The columns whose class (if any) the model can predict."""
+    return tuple(c for c in columns if c.needs is None or c.needs in classes)
+
+
+def _height(sh: "_Sheet", columns: Sequence[Column], row: Any, minimum: float = 0.0) -> float | None:
+    """The row's height from its wrapped text cells, or None for one default line."""
+    texts = [(c.value(row), w) for c, w in zip(columns, sh.widths) if c.wrap or c.kind == AUTO]
+    return row_height(((t, w) for t, w in texts if isinstance(t, str)), minimum=minimum)
 
 
 def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[Any],
-                 widths_from: Sequence[Any], autofilter: int | None) -> "_Sheet":
+                 widths_from: Sequence[Any], autofilter: int | None, banner: str | None = None,
+                 links: Mapping[str, str] | None = None) -> "_Sheet":
     """A sheet with these columns and one line per row; `autofilter` is the row count to
     filter over (None: no filter). `rows` may be a generator (the Review sheet's is)."""
-    sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns])
+    sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns], banner)
     if autofilter is not None:
         sh.filter(autofilter)
+    wrapped = any(c.wrap or c.kind == AUTO for c in columns)
+    sh.tall_rows = wrapped
     for row in rows:
-        sh.append([c.cell(sh, row) for c in columns])
+        if wrapped:
+            sh.set_height(_height(sh, columns, row))
+        sh.append([c.cell(sh, row, links) for c in columns])
     return sh
 
 
@@ -295,22 +430,39 @@ def _patient(s: PatientSummary) -> str:
     return s.patient
 
 
+def _class_pct(class_id: str) -> Callable[[PatientSummary], float | None]:
+    return lambda s: _pct(s.differential.percent.get(class_id))
+
+
+def _to_differential(s: PatientSummary, links: Mapping[str, str]) -> str | None:
+    return links.get(s.patient)
+
+
 _SUMMARY: tuple[Column, ...] = (
-    Column("Patient", _patient, fit(_patient, 12, 40), severity=_worst),
+    Column("Patient", _patient, fit(_patient, 12, 30), severity=_worst, wrap=True),
     Column("Cells classified", lambda s: s.differential.n_cells, 10, PLAIN),
-    Column("WBC", lambda s: s.differential.wbc, 8, PLAIN),
-    Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 70,
+    Column("WBC", lambda s: s.differential.wbc, 7, PLAIN),
+    Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 42,
            severity=_worst, wrap=True),
-    Column("Blasts %", lambda s: _pct(s.differential.blasts_pct), 9, NUMBER, "0.0"),
-    Column("IG %", lambda s: _pct(s.differential.ig_pct), 9, NUMBER, "0.0"),
-    Column("Band %", lambda s: _pct(s.differential.band_pct), 9, NUMBER, "0.0"),
-    Column("Immature %", lambda s: _pct(s.differential.immature_pct), 11, NUMBER, "0.0"),
-    Column("NRBC /100 WBC", lambda s: _pct(s.differential.nrbc_per_100_wbc), 10, NUMBER, "0.0"),
+    Column("Blasts %", lambda s: _pct(s.differential.blasts_pct), 8, NUMBER, "0.0"),
+    Column("IG %", lambda s: _pct(s.differential.ig_pct), 7, NUMBER, "0.0"),
+    Column("Band %", lambda s: _pct(s.differential.band_pct), 7, NUMBER, "0.0"),
+    Column("Seg %", _class_pct("neutrophil_segmented"), 7, NUMBER, "0.0", needs="neutrophil_segmented"),
+    Column("Lymph %", _class_pct("lymphocyte"), 7, NUMBER, "0.0", needs="lymphocyte"),
+    Column("Mono %", _class_pct("monocyte"), 7, NUMBER, "0.0", needs="monocyte"),
+    Column("Eos %", _class_pct("eosinophil"), 7, NUMBER, "0.0", needs="eosinophil"),
+    Column("Baso %", _class_pct("basophil"), 7, NUMBER, "0.0", needs="basophil"),
+    Column("Immature %", lambda s: _pct(s.differential.immature_pct), 10, NUMBER, "0.0"),
+    Column("NRBC /100 WBC", lambda s: _pct(s.differential.nrbc_per_100_wbc), 7, NUMBER, "0.0"),
     Column("Platelets", lambda s: s.differential.platelets, 10, PLAIN),
-    Column("Review cells", lambda s: s.differential.n_review, 10, PLAIN),
+    Column("Smudge cells", lambda s: s.differential.smudge, 8, PLAIN, needs="smudge"),
+    Column("Smudge % of all cells", lambda s: _pct(s.differential.smudge_pct_of_cells), 10, NUMBER, "0.0",
+           needs="smudge"),
+    Column("Review cells", lambda s: s.differential.n_review, 8, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
-    Column("Notes", _notes, 40, severity=lambda s: WARNING if _notes(s) else None),
-    Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 24),
+    Column("Notes", _notes, 20, severity=lambda s: WARNING if _notes(s) else None, wrap=True),
+    Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 21, wrap=True),
+    Column("Every class", lambda s: "Differential", 12, link=_to_differential),
 )
 
 
@@ -352,28 +504,38 @@ def _class_note(r: _DiffRow) -> str:
         return f"not a leukocyte, not in WBC{per100}"
     if r.class_id == PLATELET_CLASS:
         return "not a leukocyte, counted apart"
+    if catalogue.get(r.class_id).group == catalogue.SMUDGE:
+        return "ruptured cells: not in WBC, % of all cells"
     return ""
 
 
+def _pct_of_all(r: _DiffRow) -> float | None:
+    """Smudge cells are counted as a share of ALL cells (ADR 0009); other classes leave it empty."""
+    if catalogue.get(r.class_id).group != catalogue.SMUDGE or r.diff.n_cells == 0:
+        return None
+    return _pct(100.0 * r.diff.counts[r.class_id] / r.diff.n_cells)
+
+
 _DIFFERENTIAL: tuple[Column, ...] = (
-    Column("Patient", lambda r: r.patient, fit(lambda r: r.patient, 12, 40)),
-    Column("Class", lambda r: catalogue.get(r.class_id).display, 22),
-    Column("Count", lambda r: r.diff.counts[r.class_id], 8, PLAIN),
-    Column("% of WBC", lambda r: _pct(r.pct), 9, NUMBER, "0.0"),
-    Column("95% CI low", lambda r: r.ci(0), 10, NUMBER, "0.0"),
-    Column("95% CI high", lambda r: r.ci(1), 10, NUMBER, "0.0"),
-    Column("Reference range (%)", lambda r: _range_text(r.reference), 18),
-    Column("vs. reference", lambda r: _vs_reference(r.pct, r.reference), 12),
-    Column("Note", _class_note, 26),
-    Column("Class id", lambda r: r.class_id, 22),
+    Column("Patient", lambda r: r.patient, fit(lambda r: r.patient, 12, 30), wrap=True),
+    Column("Class", lambda r: catalogue.get(r.class_id).display, 22, wrap=True),
+    Column("Count", lambda r: r.diff.counts[r.class_id], 7, PLAIN),
+    Column("% of WBC", lambda r: _pct(r.pct), 8, NUMBER, "0.0"),
+    Column("95% CI low", lambda r: r.ci(0), 8, NUMBER, "0.0"),
+    Column("95% CI high", lambda r: r.ci(1), 8, NUMBER, "0.0"),
+    Column("Reference range (%)", lambda r: _range_text(r.reference), 11),
+    Column("vs. reference", lambda r: _vs_reference(r.pct, r.reference), 10),
+    Column("% of all cells", _pct_of_all, 8, NUMBER, "0.0"),
+    Column("Note", _class_note, 30, wrap=True),
+    Column("Class id", lambda r: r.class_id, 21),
 )
 
 _CELLS: tuple[Column, ...] = (
-    Column("Patient", lambda c: c.patient, fit(lambda c: c.patient, 12, 40)),
-    Column("File", lambda c: c.file, fit(lambda c: c.file, 20, 80)),
-    Column("Class", lambda c: c.class_id, 22),
+    Column("Patient", lambda c: c.patient, fit(lambda c: c.patient, 12, 30)),
+    Column("File", lambda c: c.file, fit(lambda c: c.file, 20, 60)),
+    Column("Class", lambda c: c.class_id, 21),
     Column("Confidence", lambda c: round(c.confidence, 4), 11, NUMBER, "0.000"),
-    Column("Second class", lambda c: c.second_class, 22),
+    Column("Second class", lambda c: c.second_class, 21),
     Column("Second probability", lambda c: round(c.second_prob, 4), 11, NUMBER, "0.000"),
     Column("Review", lambda c: "yes" if c.review else "no", 8),
     Column("Review reason", lambda c: c.review_reason, 36),
@@ -386,27 +548,31 @@ class _ReviewRow:
     note: str | None  # why no thumbnail is shown; None when one is embedded
 
 
+#: Points of the thumbnail's height; a Review row with a thumbnail is this tall, so the picture,
+#: its class and its confidence always print on the same page.
+THUMBNAIL_PT = THUMBNAIL_PX * 0.75 + 4
+
 _REVIEW: tuple[Column, ...] = (
-    Column("Thumbnail", lambda r: r.note, THUMBNAIL_PX / 7 + 2),
+    Column("Thumbnail", lambda r: r.note, THUMBNAIL_PX / 7 + 2, wrap=True),
     # widths are fitted over the review CellResults (see _write_review)
-    Column("Patient", lambda r: r.cell.patient, fit(lambda c: c.patient, 12, 40)),
-    Column("File", lambda r: r.cell.file, fit(lambda c: c.file, 20, 80)),
-    Column("Class", lambda r: catalogue.get(r.cell.class_id).display, 22),
+    Column("Patient", lambda r: r.cell.patient, fit(lambda c: c.patient, 10, 22), wrap=True),
+    Column("File", lambda r: r.cell.file, fit(lambda c: c.file, 16, 34), wrap=True),
+    Column("Class", lambda r: catalogue.get(r.cell.class_id).display, 18, wrap=True),
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
-    Column("Second class", lambda r: _display(r.cell.second_class), 22),
+    Column("Second class", lambda r: _display(r.cell.second_class), 18, wrap=True),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
-    Column("Review reason", lambda r: r.cell.review_reason, 36),
+    Column("Review reason", lambda r: r.cell.review_reason, 26, wrap=True),
 )
 
 _ERRORS: tuple[Column, ...] = (
-    Column("Patient", lambda e: e.patient, fit(lambda e: e.patient, 12, 40)),
-    Column("File", lambda e: e.file or WHOLE_PATIENT, fit(lambda e: e.file, 20, 80)),
-    Column("Reason", lambda e: e.reason, fit(lambda e: e.reason, 30, 100)),
+    Column("Patient", lambda e: e.patient, fit(lambda e: e.patient, 12, 30), wrap=True),
+    Column("File", lambda e: e.file or WHOLE_PATIENT, fit(lambda e: e.file, 20, 50), wrap=True),
+    Column("Reason", lambda e: e.reason, fit(lambda e: e.reason, 30, 80), wrap=True),
 )
 
 _RUN: tuple[Column, ...] = (
-    Column("Item", lambda kv: kv[0], fit(lambda kv: kv[0], 20, 70)),
-    Column("Value", lambda kv: kv[1], fit(lambda kv: kv[1], 20, 100)),
+    Column("Item", lambda kv: kv[0], fit(lambda kv: kv[0], 20, 50), wrap=True),
+    Column("Value", lambda kv: kv[1], fit(lambda kv: str(kv[1]), 20, 90), AUTO),
 )
 
 SUMMARY_COLUMNS = tuple(c.header for c in _SUMMARY)
@@ -419,13 +585,28 @@ RUN_COLUMNS = tuple(c.header for c in _RUN)
 
 # =================================================================== the sheets
 
-def _write_summary(wb: Any, summaries: Sequence[PatientSummary]) -> None:
-    _write_sheet(wb, "Summary", _SUMMARY, summaries, summaries, autofilter=len(summaries))
+def _write_summary(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
+                   links: Mapping[str, str]) -> None:
+    """The banner in row 1 (the software pre-classifies, a person decides), headers in row 2."""
+    _write_sheet(wb, "Summary", shown_columns(_SUMMARY, classes), summaries, summaries,
+                 autofilter=len(summaries), banner=BANNER, links=links)
+
+
+def _differential_classes(classes: Sequence[str]) -> list[str]:
+    return [c for c in catalogue.CLASS_IDS if c in classes]  # a class the model cannot predict is not "0%"
+
+
+def differential_links(summaries: Sequence[PatientSummary], classes: Sequence[str]) -> dict[str, str]:
+    """Each patient's first row in the Differential sheet, for the Summary's link to it."""
+    n = len(_differential_classes(classes))
+    if n == 0:
+        return {}
+    return {s.patient: f"'Differential'!A{HEADER_ROWS['Differential'] + 1 + i * n}" for i, s in enumerate(summaries)}
 
 
 def _write_differential(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
                         settings: Settings) -> None:
-    shown = [c for c in catalogue.CLASS_IDS if c in classes]  # a class the model cannot predict is not "0%"
+    shown = _differential_classes(classes)
     rows = [
         _DiffRow(s.patient, s.differential, cid,
                  settings.reference_range(cid) if catalogue.get(cid).counts_in_wbc else None)
@@ -451,37 +632,61 @@ def _thumbnail(jpeg: bytes) -> Any:
     return img
 
 
+def review_order(summaries: Sequence[PatientSummary]) -> list[CellResult]:
+    """The Review sheet's cells: patient by patient, least confident first."""
+    return [c for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
+
+
+def thumbnails_to_embed(review: Sequence[CellResult], limit: int) -> set[int]:
+    """Positions in `review` whose thumbnails are embedded: each patient's fair share of
+    `limit` (batchwbc/thumbcap.py), least confident first; cells without a thumbnail need none."""
+    by_patient: dict[str, list[int]] = {}
+    for i, c in enumerate(review):
+        if c.thumbnail_jpeg is not None:
+            by_patient.setdefault(c.patient, []).append(i)  # already least confident first
+    quota = fair_quota([len(v) for v in by_patient.values()], limit)
+    return {i for positions, q in zip(by_patient.values(), quota) for i in positions[:q]}
+
+
+def _cap_note(limit: int) -> str:
+    return f"(not embedded: at most {limit:,} images, shared fairly across patients)"
+
+
 def _review_rows(sh: "_Sheet", review: Sequence[CellResult], limit: int) -> Iterator[_ReviewRow]:
-    """Review lines, in order; each thumbnail is embedded at the row it is about to fill."""
-    embedded = 0
-    for c in review:
-        row = sh.rows + 1
-        if embedded >= limit:  # checked first: the pipeline keeps no thumbnails past the limit
-            note: str | None = f"(not embedded: limit of {limit} images)"
-        elif c.thumbnail_jpeg is None:
-            note = "(no thumbnail)"
+    """Review lines, in order; each thumbnail is embedded at the row it is about to fill, and
+    that row is as tall as the thumbnail, so picture and data print on one page."""
+    chosen = thumbnails_to_embed(review, limit)
+    for i, c in enumerate(review):
+        if c.thumbnail_jpeg is None:
+            note: str | None = "(no thumbnail)"
+        elif i not in chosen:
+            note = _cap_note(limit)
         else:
             img = _thumbnail(c.thumbnail_jpeg)
             if img is None:
                 note = "(thumbnail unreadable)"
             else:
-                img.anchor = f"A{row}"
+                img.anchor = f"A{sh.rows + 1}"
                 sh.ws.add_image(img)
-                sh.ws.row_dimensions[row].height = THUMBNAIL_PX * 0.75 + 4  # points
-                embedded += 1
                 note = None
         yield _ReviewRow(c, note)
 
 
-def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int) -> None:
-    """Cells below the review threshold, patient by patient, least confident first.
+def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int) -> int:
+    """Cells below the review threshold, patient by patient, least confident first; returns
+    the number of thumbnails embedded.
 
     Widths fit the review cells; rows are produced while writing because each embedded
     thumbnail is anchored to the row it belongs to."""
-    review = [c for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
+    review = review_order(summaries)
     sh = _write_sheet(wb, "Review", _REVIEW, (), review, autofilter=None)
+    sh.ws.oddFooter.center.text = f"Thumbnails: at most {limit:,}, shared fairly across patients"
+    embedded = 0
     for r in _review_rows(sh, review, limit):
+        embedded += r.note is None
+        sh.set_height(_height(sh, _REVIEW, r, minimum=THUMBNAIL_PT if r.note is None else 0.0))
         sh.append([col.cell(sh, r) for col in _REVIEW])
+    return embedded
 
 
 def _write_errors(wb: Any, errors: Sequence[FileError]) -> None:
@@ -502,12 +707,27 @@ def _duration(run: RunData) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummary]) -> list[tuple[str, str]]:
-    """The Run sheet's key/value rows: everything needed to audit or reproduce the report."""
+_PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def _as_number(text: str) -> Any:
+    """A settings value such as "20" or "0.5" as the number it is (the Run sheet stores numbers
+    as numbers); anything else - units, words, a leading zero - stays text."""
+    if not _PLAIN_NUMBER.fullmatch(text) or (len(text) > 1 and text.startswith("0") and text[1] != "."):
+        return text
+    return float(text) if "." in text else int(text)
+
+
+def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummary],
+             thumbnails_embedded: int | None = None) -> list[tuple[str, Any]]:
+    """The Run sheet's key/value rows: everything needed to audit or reproduce the report.
+
+    Counts and thresholds are numbers (int/float), so they can be summed and compared."""
     m = run.model
     t = totals(list(summaries))
     unreadable = sum(1 for e in run.errors if e.file)
     failed = sum(1 for e in run.errors if not e.file)
+    review_cells = len(review_order(summaries))
     rows: list[tuple[str, Any]] = [
         ("Run started", _when(run.started)),
         ("Run finished", _when(run.finished)),
@@ -518,32 +738,40 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Model sha256", m.sha256),
         ("Model version", m.model_version),
         ("Model classes", ", ".join(m.classes)),
-        ("Model input size (px)", str(m.input_size)),
-        ("Model calibration temperature", "" if m.temperature is None else f"{m.temperature:g}"),
-        ("Model default review threshold", "" if m.review_threshold is None else f"{m.review_threshold:g}"),
-        ("Review threshold used (confidence below it goes to Review)", f"{run.review_threshold:g}"),
-        ("Patients", str(t.patients)),
-        ("Cells classified", str(len(run.cells))),
-        ("WBC classified", str(t.wbc)),
-        ("Cells to review", str(t.review_cells)),
-        ("Unreadable files", str(unreadable)),
-        ("Patients that failed as a whole", str(failed)),
-        ("Ignored files (hidden or not images)", str(run.ignored_files)),
-        ("Percentages", "of WBC = leukocytes only; NRBC reported per 100 WBC; platelets counted apart"),
+        ("Model input size (px)", m.input_size),
+        ("Model calibration temperature", "" if m.temperature is None else m.temperature),
+        ("Model default review threshold", "" if m.review_threshold is None else m.review_threshold),
+        ("Review threshold used (confidence below it goes to Review)", run.review_threshold),
+        ("Patients", t.patients),
+        ("Cells classified", len(run.cells)),
+        ("WBC classified", t.wbc),
+        ("Cells to review", t.review_cells),
+    ]
+    if thumbnails_embedded is not None:
+        rows.append((f"Review thumbnails embedded (at most {settings.review_max_images:,}, each patient an "
+                     "equal share, least confident first)", thumbnails_embedded))
+        rows.append(("Review cells listed without a thumbnail", review_cells - thumbnails_embedded))
+    rows += [
+        ("Unreadable files", unreadable),
+        ("Patients that failed as a whole", failed),
+        ("Ignored files (hidden or not images)", run.ignored_files),
+        ("Percentages", "of WBC = leukocytes only; NRBC reported per 100 WBC; platelets counted apart; "
+                        "smudge cells as % of all cells"),
         ("Confidence intervals", "exact binomial (Clopper-Pearson) 95%, as in Rümke's tables"),
         ("Immature granulocytes (IG)", "promyelocytes + myelocytes + metamyelocytes"),
         ("Immature total", "blasts + IG + band neutrophils"),
         ("Class columns", "Cells sheet and CSV: class ids; Summary, Differential, Review: display names"),
     ]
-    rows += settings.describe()
+    rows += [(k, _as_number(v)) for k, v in settings.describe()]
     for key in (KEY_TRAINING_DATA, KEY_TEST_METRICS):
         if key in m.metadata:
             rows.append((f"Model metadata {key}", m.metadata[key]))
-    rows += [(str(k), str(v)) for k, v in run.extra.items()]
+    rows += [(str(k), v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
+             for k, v in run.extra.items()]
     return rows
 
 
-def _write_run(wb: Any, rows: list[tuple[str, str]]) -> None:
+def _write_run(wb: Any, rows: list[tuple[str, Any]]) -> None:
     _write_sheet(wb, "Run", _RUN, rows, rows, autofilter=None)
 
 
@@ -573,12 +801,13 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
     wb = Workbook(write_only=True)
     try:
         with atomic_output(out_path) as tmp:
-            _write_summary(wb, summaries)
-            _write_differential(wb, summaries, run.model.classes, settings)
+            classes = run.model.classes
+            _write_summary(wb, summaries, classes, differential_links(summaries, classes))
+            _write_differential(wb, summaries, classes, settings)
             _write_cells(wb, run.cells)
-            _write_review(wb, summaries, settings.review_max_images)
+            embedded = _write_review(wb, summaries, settings.review_max_images)
             _write_errors(wb, run.errors)
-            _write_run(wb, run_rows(run, settings, summaries))
+            _write_run(wb, run_rows(run, settings, summaries, embedded))
             wb.save(tmp)
     finally:
         _discard_sheet_buffers(wb)
