@@ -637,12 +637,13 @@ def review_order(summaries: Sequence[PatientSummary]) -> list[CellResult]:
     return [c for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
 
 
-def thumbnails_to_embed(review: Sequence[CellResult], limit: int) -> set[int]:
+def thumbnails_to_embed(review: Sequence[CellResult], limit: int, readable: Callable[[int], bool]) -> set[int]:
     """Positions in `review` whose thumbnails are embedded: each patient's fair share of
-    `limit` (batchwbc/thumbcap.py), least confident first; cells without a thumbnail need none."""
+    `limit` (batchwbc/thumbcap.py), least confident first, among the cells whose thumbnail is
+    `readable` (an unreadable one would waste a slot another cell could use)."""
     by_patient: dict[str, list[int]] = {}
     for i, c in enumerate(review):
-        if c.thumbnail_jpeg is not None:
+        if readable(i):
             by_patient.setdefault(c.patient, []).append(i)  # already least confident first
     quota = fair_quota([len(v) for v in by_patient.values()], limit)
     return {i for positions, q in zip(by_patient.values(), quota) for i in positions[:q]}
@@ -655,20 +656,20 @@ def _cap_note(limit: int) -> str:
 def _review_rows(sh: "_Sheet", review: Sequence[CellResult], limit: int) -> Iterator[_ReviewRow]:
     """Review lines, in order; each thumbnail is embedded at the row it is about to fill, and
     that row is as tall as the thumbnail, so picture and data print on one page."""
-    chosen = thumbnails_to_embed(review, limit)
+    images = {i: _thumbnail(c.thumbnail_jpeg) for i, c in enumerate(review) if c.thumbnail_jpeg is not None}
+    chosen = thumbnails_to_embed(review, limit, lambda i: images.get(i) is not None)
     for i, c in enumerate(review):
+        img = images.pop(i, None)
         if c.thumbnail_jpeg is None:
             note: str | None = "(no thumbnail)"
+        elif img is None:
+            note = "(thumbnail unreadable)"
         elif i not in chosen:
             note = _cap_note(limit)
         else:
-            img = _thumbnail(c.thumbnail_jpeg)
-            if img is None:
-                note = "(thumbnail unreadable)"
-            else:
-                img.anchor = f"A{sh.rows + 1}"
-                sh.ws.add_image(img)
-                note = None
+            img.anchor = f"A{sh.rows + 1}"
+            sh.ws.add_image(img)
+            note = None
         yield _ReviewRow(c, note)
 
 

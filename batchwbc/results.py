@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from .modelmeta import ModelInfo
 
@@ -48,4 +49,4 @@ class RunData:
     finished: datetime
     tool_version: str
     ignored_files: int = 0  # hidden / non-image files skipped by discovery
-    extra: dict[str, str] = field(default_factory=dict)  # more Run-sheet rows (options, cache hits, ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # more Run-sheet rows (options, cache hits, ...); numbers stay numbers
