@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Metadata key of the adapted model's provenance (JSON).
-KEY_ADAPTATION = "batchwbc.adaptation"
+from .modelmeta import KEY_ADAPTATION  # noqa: E402 - re-exported
 #: Below this many usable cells a cross-validated comparison means nothing.
 MIN_CELLS = 10
 
@@ -104,7 +104,8 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
 
     from .embed import embed_files
     from .labelled import LabelledError, read_labelled
-    from .model import DEFAULT_MODEL_PATH, KEY_MODEL_VERSION, KEY_REVIEW_THRESHOLD, KEY_TEMPERATURE, KEY_TEST_METRICS, Classifier, ModelError
+    from .model import DEFAULT_MODEL_PATH, Classifier, ModelError
+    from .modelmeta import KEY_MODEL_VERSION, KEY_REVIEW_THRESHOLD, KEY_TEMPERATURE, KEY_TEST_METRICS
     from .onnxgraph import GraphError, head_parameters, replace_head
 
     path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH

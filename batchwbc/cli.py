@@ -151,6 +151,10 @@ def info_command(model_path: Path | None, as_json: bool) -> None:
         ("Review threshold", "not set (0.5 is used)" if info.review_threshold is None else f"{info.review_threshold:g}"),
         ("Temperature", "not recorded" if info.temperature is None else f"{info.temperature:g}"),
         ("Preprocessing", info.preprocessing),
+        ("Out-of-distribution", "none: no crop is labelled unclassified, no DATA_SHIFT" if clf.ood is None else
+         f"{clf.ood.describe()}; unclassified above {clf.ood.threshold:.4g}"
+         + (f"; DATA_SHIFT above {100 * clf.ood.shift.threshold:.1f}% (>= {clf.ood.shift.min_cells} cells)"
+            if clf.ood.shift is not None else "")),
     ]
     for key, label in (("batchwbc.backbone", "Backbone"), ("batchwbc.training_data", "Training data"),
                        ("batchwbc.test_metrics", "Test metrics"), ("batchwbc.adaptation", "Adapted"),

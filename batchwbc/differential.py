@@ -6,8 +6,9 @@ same convention as Rümke's tables - and never with a normal approximation, whic
 exactly where it matters (0 blasts, or a few).
 Erythroblasts and platelets are not leukocytes: they are left out of the WBC denominator and
 reported as NRBC per 100 WBC and as a separate platelet count. Smudge cells (ruptured
-leukocytes, ADR 0009) are reported apart as a count and a percentage of ALL classified cells,
-as analyzers and manual practice do.
+leukocytes, ADR 0009) are reported apart as a count and a percentage of all counted cells
+(every cell given a class; unclassified crops are in no count), as analyzers and manual
+practice do.
 """
 from __future__ import annotations
 
@@ -140,8 +141,9 @@ class Differential:
     nrbc_per_100_wbc: float | None
     platelets: int
     n_review: int  # cells below the review threshold, of n_cells
+    unclassified: int = 0  # crops not recognised as a known cell (batchwbc.ood): in n_cells, never in a count
     smudge: int = 0  # ruptured leukocytes: reported apart, never in the WBC denominator
-    smudge_pct_of_cells: float | None = None  # smudge / ALL classified cells x 100 (ADR 0009)
+    smudge_pct_of_cells: float | None = None  # smudge / all counted cells (n_cells - unclassified) x 100, ADR 0009
 
     def group_ci(self, count: int) -> tuple[float, float] | None:
         """Exact 95% CI (percent) of count / WBC, for the immature fractions in flag messages."""
@@ -154,13 +156,18 @@ def _pct_pair(pair: tuple[float, float]) -> tuple[float, float]:
 
 def summarize(cells: Sequence[CellResult]) -> Differential:
     """Count one patient's cells; pure, and safe for zero cells (percentages are then None)."""
+    from .ood import UNCLASSIFIED
+
     counts = {cid: 0 for cid in catalogue.CLASS_IDS}
-    n_review = 0
+    n_review = unclassified = 0
     for cell in cells:
+        n_review += bool(cell.review)
+        if cell.class_id == UNCLASSIFIED:  # not a cell the model knows: in no count, no percentage
+            unclassified += 1
+            continue
         if cell.class_id not in counts:
             catalogue.get(cell.class_id)  # raises KeyError naming the unknown class
         counts[cell.class_id] += 1
-        n_review += bool(cell.review)
     wbc = sum(counts[c] for c in catalogue.WBC_CLASS_IDS)
 
     def pct(k: int) -> float | None:
@@ -176,6 +183,7 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
     immature = blasts + ig + bands
     nrbc = counts[NRBC_CLASS]
     smudge = sum(counts[c] for c in SMUDGE_IDS)
+    counted = len(cells) - unclassified  # every cell given a class; an unclassified crop is in no count
     return Differential(
         n_cells=len(cells),
         wbc=wbc,
@@ -194,6 +202,7 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
         nrbc_per_100_wbc=pct(nrbc),
         platelets=counts[PLATELET_CLASS],
         n_review=n_review,
+        unclassified=unclassified,
         smudge=smudge,
-        smudge_pct_of_cells=None if not cells else 100.0 * smudge / len(cells),
+        smudge_pct_of_cells=None if counted == 0 else 100.0 * smudge / counted,
     )

@@ -19,6 +19,7 @@ from .differential import Differential
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .datashift import ShiftDecision
 
 CRITICAL = "critical"  # needs prompt attention (coloured red)
 WARNING = "warning"  # needs review (coloured amber)
@@ -31,6 +32,7 @@ BANDS_HIGH = "BANDS_HIGH"
 NRBC_PRESENT = "NRBC_PRESENT"
 LOW_WBC = "LOW_WBC"
 MANY_LOW_CONFIDENCE = "MANY_LOW_CONFIDENCE"
+DATA_SHIFT = "DATA_SHIFT"  # source: batchwbc, compared with the model's own validation data (datashift.py)
 
 # What a threshold measures; decides its type, its valid values and how it is written.
 PERCENT = "percent"  # a float from 0 to 100
@@ -180,9 +182,12 @@ FLAG_RULES: tuple[FlagRule, ...] = (
 _SEVERITY_RANK = {CRITICAL: 0, WARNING: 1}
 
 
-def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule] | None = None) -> list[Flag]:
+def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule] | None = None,
+             shift: "ShiftDecision | None" = None) -> list[Flag]:
     """All flags raised by one differential, most severe first (table order within a
-    severity); pure. `rules` defaults to the rules `settings` was built from."""
+    severity), then DATA_SHIFT when the patient's data-shift decision raised it; pure.
+    `rules` defaults to the rules `settings` was built from. DATA_SHIFT is not a table row:
+    its threshold comes from the model file (batchwbc.datashift), not from the lab's config."""
     table = settings.flag_rules if rules is None else rules
     flags: list[Flag] = []
     for rule in sorted(table, key=lambda r: _SEVERITY_RANK[r.severity]):
@@ -191,6 +196,8 @@ def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule]
         message = rule.rule(diff, getattr(settings, rule.setting))
         if message is not None:
             flags.append(Flag(rule.code, message, rule.severity))
+    if shift is not None and shift.raised:
+        flags.append(Flag(DATA_SHIFT, f"Data shift: {shift.text()}", WARNING))
     return flags
 
 

@@ -207,6 +207,7 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
     from .logsetup import Progress
     from .pipeline import Pipeline, PipelineError
     from .results import RunData
+    from .datashift import decide_all, log_line
     from .summary import summarize_run, totals
 
     info = prep.classifier.info
@@ -235,13 +236,17 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
             raise JobError(exitcodes.FAILED, f"{exc}") from None
 
     errors = list(found.errors) + list(result.errors)
+    shifts, run_shift = decide_all(info.metadata, result.cells)
     run = RunData(
         root=str(opts.slides), patients=list(found.patients), cells=result.cells, errors=errors, model=info,
         review_threshold=prep.threshold, started=started, finished=datetime.now().astimezone(),
         tool_version=__version__, ignored_files=found.ignored_total,
-        extra=run_sheet_rows(opts, prep, found, result, cache),
+        extra=run_sheet_rows(opts, prep, found, result, cache), data_shift=run_shift,
     )
-    summaries = summarize_run(run, prep.settings)
+    summaries = summarize_run(run, prep.settings, shifts)
+    shift_line = log_line(shifts, run_shift)
+    if shift_line:
+        log.warning("%s", shift_line)
 
     state.stage = "writing the report"
     try:

@@ -19,6 +19,7 @@ from .modelmeta import (  # noqa: F401
     KEY_BACKBONE,
     KEY_CLASSES,
     KEY_FORMAT,
+    KEY_EMBEDDING_OUTPUT,
     KEY_INPUT_SIZE,
     KEY_MODEL_VERSION,
     KEY_PREPROCESSING,
@@ -97,8 +98,20 @@ class Classifier:
         self._input = inputs[0].name
         self._output = outputs[0].name
         # Set when the file exposes its last layer's input (onnxgraph.add_embedding_output).
-        emb = meta.get("batchwbc.embedding_output")
+        emb = meta.get(KEY_EMBEDDING_OUTPUT)
         self.embedding_output: str | None = emb if emb in {o.name for o in outputs[1:]} else None
+        # The out-of-distribution reference (batchwbc.ood), when the file carries one.
+        from . import ood
+
+        try:
+            self.ood = ood.from_metadata(meta)
+        except ood.OodReferenceError as exc:
+            raise ModelError(f"{p.name}: {exc}") from None
+        if self.ood is not None:
+            widths = {o.name: o.shape[1] for o in outputs if len(o.shape) == 2}
+            width = widths.get(self.ood.embedding_output, -1)
+            if self.embedding_output != self.ood.embedding_output or (isinstance(width, int) and width != self.ood.dim):
+                raise ModelError(f"{p.name} carries an out-of-distribution reference but no matching embedding output.")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N,S,S,3] RGB -> float32 [N, classes] calibrated probabilities."""
@@ -117,3 +130,14 @@ class Classifier:
                              f"`python -m export.embedding {self.info.path} --out NEW.onnx`.")
         probs, emb = self._sess.run([self._output, self.embedding_output], {self._input: batch})
         return np.asarray(probs, dtype=np.float32), np.asarray(emb, dtype=np.float32)
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(probabilities, OOD score per crop, unclassified yes/no per crop); the last two are
+        None for a model without an OOD reference, which then costs nothing extra."""
+        if self.ood is None:
+            return self.predict(batch), None, None
+        from . import ood
+
+        probs, emb = self.predict_with_embedding(batch)
+        scores, flagged = ood.score_and_flag(self.ood, emb)
+        return probs, scores, flagged

@@ -30,6 +30,9 @@ KEY_REVIEW_THRESHOLD = "batchwbc.review_threshold"  # default confidence cut-off
 KEY_TRAINING_DATA = "batchwbc.training_data"  # JSON summary
 KEY_TEST_METRICS = "batchwbc.test_metrics"  # JSON summary
 KEY_BACKBONE = "batchwbc.backbone"
+KEY_EMBEDDING_OUTPUT = "batchwbc.embedding_output"  # name of the second output: the last layer's input
+KEY_EMBEDDING_DIM = "batchwbc.embedding_dim"
+KEY_ADAPTATION = "batchwbc.adaptation"  # provenance of a model refitted by `batchwbc adapt` (JSON)
 
 REQUIRED_KEYS = (KEY_FORMAT, KEY_CLASSES, KEY_INPUT_SIZE, KEY_PREPROCESSING, KEY_MODEL_VERSION)
 

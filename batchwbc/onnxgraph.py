@@ -21,8 +21,7 @@ if TYPE_CHECKING:  # onnx and numpy are imported where they are used
     import onnx
 
 #: Metadata: name of the graph output that returns the embedding, and its width.
-KEY_EMBEDDING_OUTPUT = "batchwbc.embedding_output"
-KEY_EMBEDDING_DIM = "batchwbc.embedding_dim"
+from .modelmeta import KEY_EMBEDDING_DIM, KEY_EMBEDDING_OUTPUT  # noqa: E402 - re-exported
 #: The name this module gives the embedding output.
 EMBEDDING_OUTPUT = "embedding"
 

@@ -157,15 +157,22 @@ def top_two(probs: "np.ndarray", classes: Sequence[str]) -> tuple[str, float, st
 
 def cell_from_probs(
     crop: Crop, probs: "np.ndarray", classes: Sequence[str], review_threshold: float, thumbnail: bytes | None,
-    image_reason: str = "",
+    image_reason: str = "", ood_score: float | None = None, unclassified: bool = False,
 ) -> CellResult:
-    """`image_reason` sends the cell to review whatever its confidence (e.g. a greyscale crop)."""
+    """`image_reason` sends the cell to review whatever its confidence (e.g. a greyscale crop). An
+    unclassified crop (beyond the model's OOD reference) is labelled ood.UNCLASSIFIED, always
+    reviewed, and keeps the model's best class as its second class for the reviewer."""
     from .cropcheck import review_reasons
+    from .ood import UNCLASSIFIED, UNCLASSIFIED_REASON
 
     c1, p1, c2, p2 = top_two(probs, classes)
+    score = None if ood_score is None else float(ood_score)
+    if unclassified:
+        reason = "; ".join(r for r in (UNCLASSIFIED_REASON, image_reason) if r)
+        return CellResult(crop.patient, crop.rel, UNCLASSIFIED, p1, c1, p1, True, thumbnail, reason, score)
     reason = review_reasons(p1, review_threshold, image_reason)
     review = bool(reason)
-    return CellResult(crop.patient, crop.rel, c1, p1, c2, p2, review, thumbnail if review else None, reason)
+    return CellResult(crop.patient, crop.rel, c1, p1, c2, p2, review, thumbnail if review else None, reason, score)
 
 
 @dataclass
@@ -208,6 +215,7 @@ class Pipeline:
         self.input_size = int(input_size)
         self.classifier = classifier
         self.classes: tuple[str, ...] = tuple(classifier.info.classes) if classifier is not None else ()
+        self._ood = getattr(classifier, "ood", None)  # the model's OOD reference, if any
         self.review_threshold = float(review_threshold)
         self.workers = default_workers() if workers is None else max(0, int(workers))
         self.batch_size = int(batch_size)
@@ -262,10 +270,16 @@ class Pipeline:
         except OSError:
             return False  # the worker reports the error
         entry = self.cache.lookup(crop.path, st.st_size, st.st_mtime_ns)
-        if entry is None or entry.probs.shape != (len(self.classes),) or not np.all(np.isfinite(entry.probs)):
+        # With an OOD reference the cache stores [probabilities..., score, unclassified] (the model's
+        # sha256 keys the cache, and the reference is inside the model file, so they always match).
+        extra = 2 if self._ood is not None else 0
+        if entry is None or entry.probs.shape != (len(self.classes) + extra,) or not np.all(np.isfinite(entry.probs[: len(self.classes)])):
             return False
-        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_jpeg,
-                               entry.image_reason)
+        probs, score, flagged = entry.probs[: len(self.classes)], None, False
+        if extra:
+            score, flagged = float(entry.probs[-2]), bool(entry.probs[-1] > 0.5)
+        cell = cell_from_probs(crop, probs, self.classes, self.review_threshold, entry.thumbnail_jpeg,
+                               entry.image_reason, score, flagged)
         if cell.review and entry.thumbnail_jpeg is None:
             return False  # needs review now (other threshold) but no thumbnail was kept: redo it
         self._add_cell(idx, cell)
@@ -304,7 +318,10 @@ class Pipeline:
         self._batch_items = []
         batch = self._batch[:n]
         try:
-            probs = self.classifier.predict(batch)
+            if self._ood is not None:
+                probs, scores, flagged = self.classifier.predict_scored(batch)
+            else:
+                probs, scores, flagged = self.classifier.predict(batch), None, None
             if probs.shape != (n, len(self.classes)):
                 raise ValueError(f"model returned shape {probs.shape}")
         except Exception as exc:  # noqa: BLE001 - fail these cells, keep the run
@@ -318,11 +335,14 @@ class Pipeline:
                 self._error(idx, crop, "the model returned no valid probabilities for this image")
                 continue
             c1, p1, _, _ = top_two(p, self.classes)
-            thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold or image_reason else None
-            cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb, image_reason)
+            score = None if scores is None else float(scores[j])
+            out_of_dist = flagged is not None and bool(flagged[j])
+            thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold or image_reason or out_of_dist else None
+            cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb, image_reason, score, out_of_dist)
             self._add_cell(idx, cell)
             if self.cache is not None and size:
-                self.cache.store(crop.path, size, mtime_ns, p, thumb, image_reason)
+                stored = p if scores is None else np.concatenate([p, [min(score, 3e38), float(out_of_dist)]])
+                self.cache.store(crop.path, size, mtime_ns, stored, thumb, image_reason)
             self._finished()
 
     # -- driving -----------------------------------------------------------------------

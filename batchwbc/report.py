@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import catalogue
 from .config import Settings
@@ -35,6 +35,9 @@ from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .summary import PatientSummary, totals
 from .thumbcap import fair_quota
+
+if TYPE_CHECKING:
+    from .datashift import ShiftDecision
 
 
 class OutputError(Exception):
@@ -459,6 +462,7 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Smudge % of all cells", lambda s: _pct(s.differential.smudge_pct_of_cells), 10, NUMBER, "0.0",
            needs="smudge"),
     Column("Review cells", lambda s: s.differential.n_review, 8, PLAIN),
+    Column("Unclassified", lambda s: s.differential.unclassified, 12, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
     Column("Notes", _notes, 20, severity=lambda s: WARNING if _notes(s) else None, wrap=True),
     Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 21, wrap=True),
@@ -510,10 +514,8 @@ def _class_note(r: _DiffRow) -> str:
 
 
 def _pct_of_all(r: _DiffRow) -> float | None:
-    """Smudge cells are counted as a share of ALL cells (ADR 0009); other classes leave it empty."""
-    if catalogue.get(r.class_id).group != catalogue.SMUDGE or r.diff.n_cells == 0:
-        return None
-    return _pct(100.0 * r.diff.counts[r.class_id] / r.diff.n_cells)
+    """Smudge cells are a share of all counted cells (ADR 0009); other classes leave it empty."""
+    return _pct(r.diff.smudge_pct_of_cells) if catalogue.get(r.class_id).group == catalogue.SMUDGE else None
 
 
 _DIFFERENTIAL: tuple[Column, ...] = (
@@ -557,7 +559,7 @@ _REVIEW: tuple[Column, ...] = (
     # widths are fitted over the review CellResults (see _write_review)
     Column("Patient", lambda r: r.cell.patient, fit(lambda c: c.patient, 10, 22), wrap=True),
     Column("File", lambda r: r.cell.file, fit(lambda c: c.file, 16, 34), wrap=True),
-    Column("Class", lambda r: catalogue.get(r.cell.class_id).display, 18, wrap=True),
+    Column("Class", lambda r: class_display(r.cell.class_id), 18, wrap=True),
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
     Column("Second class", lambda r: _display(r.cell.second_class), 18, wrap=True),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
@@ -690,6 +692,15 @@ def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int) -> i
     return embedded
 
 
+def class_display(class_id: str) -> str:
+    """Display name for the Review sheet; an unclassified crop says why it is there."""
+    from .ood import UNCLASSIFIED, UNCLASSIFIED_DISPLAY, UNCLASSIFIED_REASON
+
+    if class_id == UNCLASSIFIED:
+        return f"{UNCLASSIFIED_DISPLAY}: {UNCLASSIFIED_REASON}"
+    return catalogue.get(class_id).display
+
+
 def _write_errors(wb: Any, errors: Sequence[FileError]) -> None:
     _write_sheet(wb, "Errors", _ERRORS, errors, errors, autofilter=len(errors))
 
@@ -747,6 +758,9 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Cells classified", len(run.cells)),
         ("WBC classified", t.wbc),
         ("Cells to review", t.review_cells),
+        ("Unclassified cells (not recognised as a cell the model knows; in no count)",
+         sum(x.differential.unclassified for x in summaries)),
+        ("Data shift (whole run, compared with the model's own validation data)", _shift_verdict(run.data_shift)),
     ]
     if thumbnails_embedded is not None:
         rows.append((f"Review thumbnails embedded (at most {settings.review_max_images:,}, each patient an "
@@ -763,12 +777,37 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Immature total", "blasts + IG + band neutrophils"),
         ("Class columns", "Cells sheet and CSV: class ids; Summary, Differential, Review: display names"),
     ]
+    rows += _ood_rows(m)
     rows += [(k, _as_number(v)) for k, v in settings.describe()]
     for key in (KEY_TRAINING_DATA, KEY_TEST_METRICS):
         if key in m.metadata:
             rows.append((f"Model metadata {key}", m.metadata[key]))
     rows += [(str(k), v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
              for k, v in run.extra.items()]
+    return rows
+
+
+def _shift_verdict(shift: "ShiftDecision | None") -> str:
+    if shift is None or (not shift.decided and shift.threshold is None):
+        return "not checked: the model carries no out-of-distribution reference"
+    return f"DATA_SHIFT: {shift.text()}" if shift.raised else shift.text()
+
+
+def _ood_rows(m) -> list[tuple[str, str]]:
+    from .ood import KEY_OOD, OodReferenceError, from_metadata
+
+    try:
+        ref = from_metadata(m.metadata)
+    except OodReferenceError as exc:
+        return [("Out-of-distribution reference", f"unusable: {exc}")]
+    if ref is None:
+        return [("Out-of-distribution reference", "none in the model file: no crop is labelled unclassified")]
+    rows = [("Out-of-distribution reference", f"{ref.describe()} ({KEY_OOD}); unclassified when the score is above "
+             f"{ref.threshold:.4g} or it lies nearer a reject centre by more than {ref.reject_margin:.4g}")]
+    if ref.shift is not None:
+        rows.append(("Data-shift rule", f"DATA_SHIFT when the lower 95% bound of the share of cells scoring above "
+                     f"{ref.shift.cell_cut:.4g} exceeds {100 * ref.shift.threshold:.1f}%; no decision under "
+                     f"{ref.shift.min_cells} cells"))
     return rows
 
 

@@ -21,13 +21,14 @@ THUMBNAIL_PX = 80
 class CellResult:
     patient: str
     file: str  # POSIX path relative to the slides root
-    class_id: str
-    confidence: float  # calibrated probability of class_id
+    class_id: str  # a model class, or ood.UNCLASSIFIED (then never counted in the differential)
+    confidence: float  # calibrated probability of class_id (of the model's best class when unclassified)
     second_class: str
     second_prob: float
     review: bool  # confidence below the review threshold, or an image that always needs review
     thumbnail_jpeg: bytes | None = None  # small JPEG of the model input, kept for review cells only
-    review_reason: str = ""  # why it needs review, '; '-joined ('' when it does not); see cropcheck
+    review_reason: str = ""  # why it needs review, '; '-joined ('' when it does not)
+    ood_score: float | None = None  # distance from the training cells (batchwbc.ood); None: model has no reference
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,4 @@ class RunData:
     tool_version: str
     ignored_files: int = 0  # hidden / non-image files skipped by discovery
     extra: dict[str, Any] = field(default_factory=dict)  # more Run-sheet rows (options, cache hits, ...); numbers stay numbers
+    data_shift: Any = None  # datashift.ShiftDecision for the whole run; None: not checked

@@ -7,11 +7,15 @@ heavy imports (the layering test holds it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
 
 from .config import Settings
 from .differential import Differential, summarize
 from .flags import Flag, evaluate
 from .results import CellResult, FileError, RunData
+
+if TYPE_CHECKING:
+    from .datashift import ShiftDecision
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,12 @@ class RunTotals:
     flags: int
 
 
-def summarize_run(run: RunData, settings: Settings) -> list[PatientSummary]:
+def summarize_run(run: RunData, settings: Settings,
+                  shifts: "Mapping[str, ShiftDecision] | None" = None) -> list[PatientSummary]:
     """One summary per patient in report order: the discovered patients first (empty ones
     included), then - defensively, so nobody is dropped - any patient seen only in cells or
-    errors."""
+    errors. `shifts` are the patients' data-shift decisions (datashift.decide_all), which
+    add DATA_SHIFT to their flags."""
     cells_by: dict[str, list[CellResult]] = {}
     for c in run.cells:
         cells_by.setdefault(c.patient, []).append(c)
@@ -57,7 +63,7 @@ def summarize_run(run: RunData, settings: Settings) -> list[PatientSummary]:
         summaries.append(PatientSummary(
             patient=patient,
             differential=diff,
-            flags=tuple(evaluate(diff, settings)),
+            flags=tuple(evaluate(diff, settings, shift=(shifts or {}).get(patient))),
             errors=tuple(errors_by.get(patient, ())),
             cells=cells,
         ))

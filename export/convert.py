@@ -10,6 +10,7 @@ import numpy as np
 
 from batchwbc import catalogue
 from batchwbc import model as bm
+from batchwbc import modelmeta as meta_keys
 from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_WHOLE
 from train import evalkit
 
@@ -196,23 +197,23 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
 
     counts = run.get("counts", {})
     meta = {
-        bm.KEY_FORMAT: bm.FORMAT_VERSION,
-        bm.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS)),
-        bm.KEY_INPUT_SIZE: str(size),
-        bm.KEY_PREPROCESSING: preprocessing,
-        bm.KEY_PREPROCESSING_DESC: PREPROCESSING_DESCRIPTIONS[preprocessing],
-        bm.KEY_TEMPERATURE: f"{temperature:.6f}",
-        bm.KEY_MODEL_VERSION: version,
-        bm.KEY_REVIEW_THRESHOLD: f"{float(run['review_threshold']):.2f}",
-        bm.KEY_BACKBONE: str(run["options"]["backbone"]),
-        bm.KEY_TRAINING_DATA: json.dumps({
+        meta_keys.KEY_FORMAT: meta_keys.FORMAT_VERSION,
+        meta_keys.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS)),
+        meta_keys.KEY_INPUT_SIZE: str(size),
+        meta_keys.KEY_PREPROCESSING: preprocessing,
+        meta_keys.KEY_PREPROCESSING_DESC: PREPROCESSING_DESCRIPTIONS[preprocessing],
+        meta_keys.KEY_TEMPERATURE: f"{temperature:.6f}",
+        meta_keys.KEY_MODEL_VERSION: version,
+        meta_keys.KEY_REVIEW_THRESHOLD: f"{float(run['review_threshold']):.2f}",
+        meta_keys.KEY_BACKBONE: str(run["options"]["backbone"]),
+        meta_keys.KEY_TRAINING_DATA: json.dumps({
             "attribution": ATTRIBUTION,
             "counts_class_source": counts,
             "split_sizes": run.get("split_sizes"),
             "split_seed": run["options"]["seed"],
             "quality_filter_dropped": run.get("dropped"),
         }),
-        bm.KEY_TEST_METRICS: json.dumps({
+        meta_keys.KEY_TEST_METRICS: json.dumps({
             "n": chosen_metrics["n"],
             "accuracy": round(chosen_metrics["accuracy"], 4),
             "paper10_accuracy": round(chosen_metrics["paper10_accuracy"], 4),
@@ -234,6 +235,20 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         print(f"no embedding output added ({exc}); `batchwbc adapt` will not accept this model.")
     onnx.save(final, str(chosen))
     chosen.replace(out_path)
+    # The out-of-distribution / DATA_SHIFT reference, fitted on this run's training cells (ADR 0011).
+    from .ood_reference import ReferenceBuildError, build as build_ood, write as write_ood
+
+    with_ood = out_path.with_suffix(".ood.tmp.onnx")
+    try:
+        ood_ref = build_ood(out_path, root, run_dir / "split.csv")
+        size = write_ood(out_path, ood_ref, with_ood)
+        bm.Classifier(with_ood)  # the runtime must accept it, or the model ships without it
+        with_ood.replace(out_path)
+        print(f"OOD reference stored ({size / 1000:.0f} kB): {ood_ref.describe()}, "
+              f"{100 * ood_ref.info['held_out_unclassified']:.2f}% of held-out training cells unclassified")
+    except (ReferenceBuildError, bm.ModelError, ValueError, np.linalg.LinAlgError) as exc:
+        with_ood.unlink(missing_ok=True)
+        print(f"no OOD reference stored ({exc}); the runtime will label no crop unclassified and raise no DATA_SHIFT.")
     # Re-open through the runtime's own loader: the file must be self-sufficient.
     info = bm.Classifier(out_path).info
     print(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.1f} MB, sha256 {info.sha256[:12]}..., {quant_note}); "

@@ -156,3 +156,9 @@ def test_smudge_cells_are_a_percentage_of_all_cells_never_of_wbc():
     assert d.percent["lymphocyte"] == pytest.approx(100 * 30 / 90)
     empty = summarize([])
     assert empty.smudge == 0 and empty.smudge_pct_of_cells is None
+    # An unclassified crop (batchwbc.ood) is in no count, so not in the smudge denominator either.
+    from batchwbc.ood import UNCLASSIFIED
+
+    with_unknown = summarize(cells_from({"lymphocyte": 9, "smudge": 1}) + [cell(UNCLASSIFIED, i=99)] * 10)
+    assert with_unknown.n_cells == 20 and with_unknown.unclassified == 10
+    assert with_unknown.smudge_pct_of_cells == pytest.approx(10.0)

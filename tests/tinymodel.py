@@ -85,3 +85,33 @@ def build(
     path = Path(path)
     onnx.save(m, str(path))
     return path
+
+
+#: The tiny model's embedding is its per-channel mean colour scaled to 0..1 (the input of its
+#: only dense layer); a pale, red-cell-like colour stands in for "background".
+BACKGROUND_COLOUR = (242, 228, 214)
+
+
+def build_with_ood(path: str | Path, classes=catalogue.CLASS_IDS, size: int = 32, seed: int = 0, **kw) -> Path:
+    """The tiny model with an embedding output and an OOD / DATA_SHIFT reference fitted, as
+    `python -m export.ood_reference` does, on jittered class colours (training cells), pale
+    crops (background corners) and a disjoint jittered sample (held-out cells)."""
+    from export import ood_reference
+    from batchwbc.onnxgraph import add_embedding_output
+
+    path = Path(build(path, size=size, classes=classes, **kw))
+    onnx.save(add_embedding_output(onnx.load(str(path))), str(path))
+    rng = np.random.default_rng(seed)
+    cols = np.array([COLOURS[i] for i in range(len(classes))], dtype=np.float32) / 255.0
+
+    def sample(n_per_class):
+        emb = np.concatenate([c + rng.normal(0, 0.01, (n_per_class, 3)) for c in cols]).astype(np.float32)
+        return emb, [c for c in classes for _ in range(n_per_class)]
+
+    ref_emb, ref_labels = sample(40)
+    held_emb, held_labels = sample(30)
+    bg = (np.array(BACKGROUND_COLOUR, np.float32) / 255.0 + rng.normal(0, 0.01, (60, 3))).astype(np.float32)
+    ref = ood_reference.fit_with_thresholds(ref_emb, ref_labels, bg, held_emb, held_labels, ["tiny"] * len(held_emb),
+                                            np.random.default_rng(seed + 1), k=3, quantile=0.999)
+    ood_reference.write(path, ref, path)
+    return path

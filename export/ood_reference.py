@@ -1,0 +1,261 @@
+"""`python -m export.ood_reference MODEL.onnx --data DATA --split TEST_SPLIT.csv --out OUT.onnx`
+
+Fit the out-of-distribution reference (batchwbc.ood) and the DATA_SHIFT threshold on the
+model's own TRAINING cells and store both in the model file's metadata, so the runtime can
+label crops "unclassified" and flag shifted batches with nothing but the .onnx file.
+TensorFlow-free (onnx + onnxruntime + the runtime's preprocessing), so it also runs on a lab PC.
+
+What is fitted on what (docs/decisions/0011-out-of-distribution-and-data-shift.md):
+  * `ref`: a seeded sample of cells of the training sources that are NOT in the test split:
+    class centres, PCA basis and shared covariance of the model's embedding;
+  * background corners cut from `ref` crops: the "reject:background" centre;
+  * `held`: a disjoint sample of those cells: each class's typical (median) distance, which
+    scales the score, and the thresholds (a quantile of their scores for each of the two cell
+    rules; the 80th percentile for DATA_SHIFT's cell cut; the highest batch statistic of
+    pseudo-patients of 20-200 of them for DATA_SHIFT).
+The test split is never read except to leave its cells out.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import click
+import numpy as np
+
+N_REF = 3000
+N_HELD = 1500
+N_REJECT = 600
+PCA_DIM = 128
+#: Each of the two cell rules catches this share of held-out training cells at most (0.25%),
+#: so both together catch <= 0.5%: held-out cells are mostly cells the model was trained on,
+#: whose scores are lower than unseen cells', and the target is <= 1% of unseen test cells.
+CELL_QUANTILE = 0.9975
+SHIFT_CELL_QUANTILE = 0.8
+PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
+PSEUDO_PATIENTS_PER_SIZE = 400
+BACKGROUND = "reject:background"
+
+
+class ReferenceBuildError(Exception):
+    """The reference cannot be built; str is one sentence."""
+
+
+def read_test_paths(split_csv: Path, data_root: Path) -> set[str]:
+    return read_split_paths(split_csv, data_root)[0]
+
+
+def read_split_paths(split_csv: Path, data_root: Path) -> tuple[set[str], set[str]]:
+    """(test paths, train/val paths) of a split CSV, resolved against data_root. A training
+    run's split.csv lists all three; the committed test-split.csv lists test rows only."""
+    test, fit = set(), set()
+    with open(split_csv, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            (test if r["split"] == "test" else fit).add(str((data_root / r["path"]).resolve()))
+    return test, fit
+
+
+def training_sources(meta: dict[str, str]) -> list[str] | None:
+    """The sources the model's metadata says it was trained on ('class|source' count keys)."""
+    try:
+        counts = json.loads(meta.get("batchwbc.training_data", "{}")).get("counts_class_source") or {}
+        found = sorted({k.split("|", 1)[1] for k in counts if "|" in k})
+    except (ValueError, AttributeError):
+        return None
+    return found or None
+
+
+def sample_cells(items: Sequence, test_paths: set[str], rng: np.random.Generator, n_ref: int, n_held: int):
+    """(ref, held, test) lists of dataset items: ref and held are disjoint seeded samples of the
+    cells NOT in the test split."""
+    test = [it for it in items if str(Path(it.path).resolve()) in test_paths]
+    rest = [it for it in items if str(Path(it.path).resolve()) not in test_paths]
+    order = rng.permutation(len(rest))
+    return [rest[i] for i in order[:n_ref]], [rest[i] for i in order[n_ref : n_ref + n_held]], test
+
+
+def background_corner(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random corner square, a third of the crop's short side (at least 32 px): red cells
+    and background, rarely more than a sliver of the leukocyte in the middle."""
+    h, w = rgb.shape[:2]
+    s = max(32, min(h, w) // 3)
+    y = 0 if rng.random() < 0.5 else h - s
+    x = 0 if rng.random() < 0.5 else w - s
+    return np.ascontiguousarray(rgb[y : y + s, x : x + s])
+
+
+def embed_loaders(classifier, loaders: Sequence[Callable[[], np.ndarray]], chunk: int = 256):
+    """(probs, embeddings, kept indices) for decoded-RGB loaders; unreadable files are left out."""
+    from batchwbc.preprocess import UnreadableImage, to_model_input
+
+    info = classifier.info
+    probs, embs, kept = [], [], []
+    for i in range(0, len(loaders), chunk):
+        arrays = []
+        for j, load in enumerate(loaders[i : i + chunk], start=i):
+            try:
+                arrays.append(to_model_input(load(), info.input_size, info.preprocessing))
+            except UnreadableImage:
+                continue
+            kept.append(j)
+        for b in range(0, len(arrays), 32):
+            p, e = classifier.predict_with_embedding(np.stack(arrays[b : b + 32]))
+            probs.append(p)
+            embs.append(e)
+    if not kept:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), kept
+    return np.concatenate(probs), np.concatenate(embs), kept
+
+
+def pseudo_patient_statistics(ref, held_scores: np.ndarray, held_sources: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """DATA_SHIFT statistic of pseudo-patients drawn from held-out cells, one source each
+    (a patient's crops come from one analyser), PSEUDO_PATIENTS_PER_SIZE of every size."""
+    from batchwbc import datashift
+
+    src = np.asarray(held_sources)
+    groups = [np.flatnonzero(src == s) for s in sorted(set(src))]
+    stats = []
+    for n in PSEUDO_PATIENT_SIZES:
+        for j in range(PSEUDO_PATIENTS_PER_SIZE):
+            g = groups[j % len(groups)]
+            stats.append(datashift.batch_statistic(ref, held_scores[rng.choice(g, size=min(n, len(g)), replace=False)]))
+    return np.asarray(stats)
+
+
+def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held_sources, rng, k: int = PCA_DIM,
+                        quantile: float = CELL_QUANTILE, embedding_output: str = "embedding", info: dict | None = None):
+    """The complete reference: centres and covariance from ref (+ the background centre),
+    every threshold from held (pure apart from the seeded generator)."""
+    from batchwbc import datashift, ood
+
+    labels = list(ref_labels) + [BACKGROUND] * len(bg_emb)
+    r = ood.fit_reference(np.concatenate([ref_emb, bg_emb]), labels, k=k, embedding_output=embedding_output)
+    # each class's typical distance: the median over held-out cells of that class
+    z = (np.asarray(held_emb, np.float32) - r.mean) @ r.projection.T
+    d = ((z[:, None, :] - r.centres[None]) ** 2).sum(axis=2)
+    hl = np.asarray(held_labels)
+    scales = np.array([float(np.median(d[hl == c, i])) if (hl == c).any() else float(np.median(d[:, i]))
+                       for i, c in enumerate(r.classes)])
+    scales[[c.startswith(ood.REJECT_PREFIX) for c in r.classes]] = 1.0
+    r = replace(r, scales=np.maximum(scales, 1e-6).astype(np.float32))
+    held_score, known, rejected = ood.distances(r, held_emb)
+    threshold = float(np.quantile(held_score, quantile))
+    margin = float(np.quantile(known - rejected, quantile))
+    r = replace(r, threshold=threshold, reject_margin=margin)
+    _, flagged = ood.score_and_flag(r, held_emb)
+    cut = float(np.quantile(held_score, SHIFT_CELL_QUANTILE))
+    r = replace(r, shift=ood.ShiftReference(threshold=1.0, cell_quantile=SHIFT_CELL_QUANTILE, cell_cut=cut,
+                                            min_cells=datashift.MIN_CELLS))
+    stats = pseudo_patient_statistics(r, held_score, held_sources, rng)
+    shift = replace(r.shift, threshold=float(stats.max()), info={
+        "pseudo_patients": int(len(stats)), "sizes": list(PSEUDO_PATIENT_SIZES),
+        "rule": "raise when the batch's statistic exceeds the highest of any held-out pseudo-patient",
+        "statistic": datashift.STATISTIC,
+    })
+    full_info = dict(info or {})
+    full_info.update({
+        "pca_dim": int(r.projection.shape[0]), "cell_quantile": quantile,
+        "held_out_cells": int(len(held_emb)), "held_out_unclassified": round(float(flagged.mean()), 5),
+        "reference_cells": int(len(ref_emb)), "background_corners": int(len(bg_emb)),
+    })
+    return replace(r, shift=shift, basis=None, info=full_info)
+
+
+def build(model_path: Path, data_root: Path, split_csv: Path, sources: Sequence[str] | None = None, seed: int = 0,
+          n_ref: int = N_REF, n_held: int = N_HELD, n_reject: int = N_REJECT, k: int = PCA_DIM,
+          log: Callable[[str], None] = print):
+    """Fit the reference for the model at model_path (which must have an embedding output)."""
+    from batchwbc import datasets
+    from batchwbc.model import Classifier
+    from batchwbc.preprocess import decode_rgb, read_bytes
+
+    clf = Classifier(model_path, threads=max(1, (os.cpu_count() or 1)))
+    if clf.embedding_output is None:
+        raise ReferenceBuildError(f"{model_path.name} has no embedding output; add it first with `python -m export.embedding`.")
+    sources = list(sources or training_sources(clf.info.metadata) or [])
+    scan = datasets.read_any(data_root)
+    items = [it for it in scan.items if not sources or it.source in sources]
+    items = [it for it in items if it.class_id in clf.info.classes]
+    test_paths, fit_paths = read_split_paths(split_csv, data_root)
+    if fit_paths:  # a run's split.csv names its training cells: use only those (and its test rows)
+        items = [it for it in items if str(Path(it.path).resolve()) in fit_paths | test_paths]
+    if not items:
+        raise ReferenceBuildError(f"no labelled cells of sources {', '.join(sources) or '(any)'} found in {data_root}.")
+    rng = np.random.default_rng(seed)
+    ref, held, test = sample_cells(items, test_paths, rng, n_ref, n_held)
+    need_ref = 5 * len(clf.info.classes)
+    if len(held) < 200 or len(ref) < need_ref:
+        raise ReferenceBuildError(f"only {len(ref) + len(held)} training cells outside the test split; the reference "
+                                  f"needs {need_ref} and its thresholds 200 more (--n-ref {len(ref)}, --n-held {len(held)} drawn).")
+    log(f"reference: {len(ref)} training cells, {len(held)} held-out training cells ({', '.join(sources) or 'all sources'}); "
+        f"{len(test)} test-split cells left out")
+
+    def load(path):
+        return lambda: decode_rgb(read_bytes(path))
+
+    _, ref_emb, kept_ref = embed_loaders(clf, [load(it.path) for it in ref])
+    _, held_emb, kept_held = embed_loaders(clf, [load(it.path) for it in held])
+    rng_bg = np.random.default_rng(seed + 7)
+    bg_donors = [ref[i] for i in rng_bg.permutation(len(ref))[:n_reject]]
+    _, bg_emb, _ = embed_loaders(clf, [(lambda p=it.path: background_corner(decode_rgb(read_bytes(p)), rng_bg)) for it in bg_donors])
+    info = {"fitted_on": f"{len(kept_ref)} training cells of {', '.join(sources) or 'all sources'} outside "
+                         f"{split_csv.name}, seed {seed}", "model_sha256_before": clf.info.sha256}
+    return fit_with_thresholds(ref_emb, [ref[i].class_id for i in kept_ref], bg_emb, held_emb,
+                               [held[i].class_id for i in kept_held], [held[i].source for i in kept_held], np.random.default_rng(seed + 1), k=k,
+                               embedding_output=clf.embedding_output, info=info)
+
+
+def write(model_in: Path, reference, out: Path) -> int:
+    """Store the reference in the model's metadata (atomically); returns the metadata's size in bytes."""
+    import onnx
+
+    from batchwbc import ood
+
+    model = onnx.load(str(model_in))
+    text = ood.to_metadata(reference)
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta[ood.KEY_OOD] = text
+    onnx.helper.set_model_props(model, meta)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(out)
+    return len(text.encode())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model_in", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Labelled data root the model was trained on.")
+@click.option("--split", "split_csv", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with a 'path' and a 'split' column: rows with split 'test' are never used; when it also "
+                   "lists train/val rows (a run's split.csv), only those cells are used.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="ONNX file to write (may be MODEL_IN).")
+@click.option("--source", "sources", multiple=True, help="Training source(s) to use (default: those in the model's metadata).")
+@click.option("--seed", type=int, default=0)
+@click.option("--n-ref", type=click.IntRange(min=20), default=N_REF, help="Training cells the centres and covariance are fitted on.")
+@click.option("--n-held", type=click.IntRange(min=200), default=N_HELD, help="Other training cells the thresholds are set on.")
+def main(model_in: Path, data_root: Path, split_csv: Path, out: Path, sources: tuple[str, ...], seed: int,
+         n_ref: int, n_held: int) -> None:
+    """Fit the OOD / DATA_SHIFT reference of MODEL_IN on its training cells and store it in --out."""
+    from batchwbc.model import ModelError
+
+    try:
+        ref = build(model_in, data_root, split_csv, sources, seed, n_ref=n_ref, n_held=n_held,
+                    n_reject=min(N_REJECT, n_ref))
+    except (ReferenceBuildError, ModelError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    size = write(model_in, ref, out)
+    i = ref.info
+    click.echo(f"wrote {out}: {ref.describe()}; cell threshold {ref.threshold:.4g}, reject margin {ref.reject_margin:.4g} "
+               f"({100 * i['held_out_unclassified']:.2f}% of {i['held_out_cells']} held-out training cells unclassified); "
+               f"DATA_SHIFT cell cut {ref.shift.cell_cut:.4g}, threshold {ref.shift.threshold:.4f}; metadata {size / 1000:.0f} kB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Out-of-distribution crops become 'unclassified' and shifted batches raise DATA_SHIFT (issue 12, parts 1-2).
+
+The tiny model classifies by mean colour and its embedding IS the mean colour, so a grey crop
+lies far from every class colour: the model still gives it a class (softmax always does), but
+the OOD reference must label it unclassified, send it to review with the reason, and keep it
+out of the differential. Noise and background corners must not reach the differential with the
+bundled model either.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import tinymodel
+from batchwbc import datashift, flags, ood
+from batchwbc.config import Settings
+from batchwbc.differential import summarize
+from batchwbc.discovery import discover
+from batchwbc.model import Classifier, ModelError
+from batchwbc.pipeline import Pipeline
+
+GREY = (128, 128, 128)
+
+
+def write(path: Path, rgb, shape=(40, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.zeros((*shape, 3), np.uint8)
+    img[:] = rgb[::-1]
+    cv2.imwrite(str(path), img)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ood_model(tmp_path_factory) -> Path:
+    return tinymodel.build_with_ood(tmp_path_factory.mktemp("m") / "tiny-ood.onnx")
+
+
+@pytest.fixture(scope="module")
+def clf(ood_model):
+    return Classifier(ood_model, threads=1)
+
+
+def run(clf, root, **kw):
+    found = discover(root)
+    return Pipeline(clf.info.input_size, clf, clf.info.review_threshold, workers=0, **kw).run(found.crops)
+
+
+def test_reference_round_trips_through_metadata(clf):
+    ref = clf.ood
+    assert ref is not None and ref.shift is not None
+    again = ood.from_metadata({ood.KEY_OOD: ood.to_metadata(ref)})
+    np.testing.assert_allclose(again.projection, ref.projection, rtol=1e-3, atol=1e-3)
+    assert again.threshold == ref.threshold and again.shift.threshold == ref.shift.threshold
+    assert any(c.startswith(ood.REJECT_PREFIX) for c in ref.classes)
+
+
+def test_far_away_crop_is_unclassified_reviewed_and_not_counted(clf, tmp_path):
+    root = tmp_path / "slides"
+    write(root / "P" / "lym1.png", tinymodel.colour_for("lymphocyte"))
+    write(root / "P" / "lym2.png", tinymodel.colour_for("lymphocyte"))
+    write(root / "P" / "grey.png", GREY)
+    write(root / "P" / "pale.png", tinymodel.BACKGROUND_COLOUR)
+    # without the reference the grey crop gets some class: the softmax cannot say "none"
+    assert clf.predict(np.full((1, 32, 32, 3), 128, np.uint8)).max() > 0
+    cells = {Path(c.file).name: c for c in run(clf, root).cells}
+    assert cells["lym1.png"].class_id == "lymphocyte" and not cells["lym1.png"].review
+    for name in ("grey.png", "pale.png"):
+        c = cells[name]
+        assert c.class_id == ood.UNCLASSIFIED, name
+        assert c.review and c.review_reason == ood.UNCLASSIFIED_REASON and c.thumbnail_jpeg
+        assert c.second_class in clf.info.classes  # the model's nearest class, for the reviewer
+    assert cells["grey.png"].ood_score > clf.ood.threshold > cells["lym1.png"].ood_score
+    d = summarize(list(cells.values()))
+    assert d.n_cells == 4 and d.unclassified == 2 and d.wbc == 2 and d.percent["lymphocyte"] == 100.0
+    assert d.n_review == 2
+
+
+def test_model_without_reference_scores_nothing(tmp_path):
+    clf = Classifier(tinymodel.build(tmp_path / "plain.onnx"), threads=1)
+    write(tmp_path / "s" / "P" / "grey.png", GREY)
+    (cell,) = run(clf, tmp_path / "s").cells
+    assert clf.ood is None and cell.ood_score is None and cell.class_id != ood.UNCLASSIFIED
+
+
+def test_cache_keeps_the_unclassified_label(clf, tmp_path):
+    from batchwbc.cache import ResultCache
+
+    write(tmp_path / "s" / "P" / "grey.png", GREY)
+    write(tmp_path / "s" / "P" / "red.png", tinymodel.colour_for("basophil"))
+    with ResultCache(tmp_path / "c.sqlite", clf.info.sha256) as cache:
+        first = run(clf, tmp_path / "s", cache=cache)
+    with ResultCache(tmp_path / "c.sqlite", clf.info.sha256) as cache:
+        second = run(clf, tmp_path / "s", cache=cache)
+    assert second.cached == 2
+    key = lambda out: sorted((c.file, c.class_id, c.review, round(c.ood_score, 3)) for c in out.cells)  # noqa: E731
+    assert key(first) == key(second)
+    assert any(c.class_id == ood.UNCLASSIFIED for c in second.cells)
+
+
+def test_corrupt_reference_refuses_the_model(tmp_path):
+    import onnx
+
+    path = tinymodel.build_with_ood(tmp_path / "m.onnx")
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == ood.KEY_OOD:
+            body = json.loads(p.value)
+            body["projection"]["base64"] = "not base64!"
+            p.value = json.dumps(body)
+    onnx.save(m, str(path))
+    with pytest.raises(ModelError, match="unreadable 'projection'"):
+        Classifier(path)
+
+
+# ----------------------------------------------------------------------------- DATA_SHIFT
+
+def test_data_shift_raised_for_shifted_batch_not_for_in_distribution(clf):
+    ref = clf.ood
+    rng = np.random.default_rng(3)
+    cols = np.array([tinymodel.COLOURS[i] for i in range(len(clf.info.classes))], np.float32) / 255.0
+    normal = cols[rng.integers(0, len(cols), 150)] + rng.normal(0, 0.01, (150, 3))
+    shifted = cols[rng.integers(0, len(cols), 150)] * 0.85 + 0.1 + rng.normal(0, 0.01, (150, 3))  # another "stain"
+    ok = datashift.decide(ref, ood.score(ref, normal.astype(np.float32)))
+    bad = datashift.decide(ref, ood.score(ref, shifted.astype(np.float32)))
+    assert ok.decided and not ok.raised
+    assert bad.decided and bad.raised and datashift.MESSAGE in bad.text()
+    # too few cells: no decision either way
+    few = datashift.decide(ref, ood.score(ref, shifted[:datashift.MIN_CELLS - 1].astype(np.float32)))
+    assert not few.decided and not few.raised
+
+
+def test_data_shift_flag_is_raised_only_from_a_raised_decision():
+    d = summarize([])
+    raised = datashift.ShiftDecision(True, True, 100, 90, 0.8, 0.26)
+    quiet = datashift.ShiftDecision(False, True, 100, 20, 0.13, 0.26)
+    codes = lambda s: [f.code for f in flags.evaluate(d, Settings(), s)]  # noqa: E731
+    assert flags.DATA_SHIFT in codes(raised)
+    assert flags.DATA_SHIFT not in codes(quiet) and flags.DATA_SHIFT not in codes(None)
+    (f,) = [f for f in flags.evaluate(d, Settings(), raised) if f.code == flags.DATA_SHIFT]
+    assert datashift.MESSAGE in f.message
+
+
+def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
+    from openpyxl import load_workbook
+
+    from batchwbc.report import write_workbook
+    from batchwbc.results import RunData
+    from datetime import datetime
+
+    root = tmp_path / "slides"
+    for i in range(30):  # a patient whose crops are all unlike the training colours
+        write(root / "SHIFTED" / f"g{i}.png", (110 + i, 120, 130))
+    for i in range(30):
+        write(root / "NORMAL" / f"c{i}.png", tinymodel.COLOURS[i % 12])
+    found = discover(root)
+    out = Pipeline(clf.info.input_size, clf, 0.6, workers=0).run(found.crops)
+    now = datetime.now()
+    from batchwbc.report import HEADER_ROWS
+    from batchwbc.summary import summarize_run
+
+    shifts, run_shift = datashift.decide_all(clf.info.metadata, out.cells)
+    run_data = RunData(str(root), list(found.patients), out.cells, [], clf.info, 0.6, now, now, "test",
+                       data_shift=run_shift)
+    write_workbook(run_data, summarize_run(run_data, Settings(), shifts), Settings(), tmp_path / "r.xlsx")
+    wb = load_workbook(tmp_path / "r.xlsx")
+    rows = list(wb["Summary"].iter_rows(values_only=True))[HEADER_ROWS["Summary"] - 1:]  # row 1: the banner
+    head = rows[0]
+    by = {r[0]: dict(zip(head, r)) for r in rows[1:]}
+    assert by["SHIFTED"]["Unclassified"] == 30 and by["SHIFTED"]["WBC"] == 0
+    assert "DATA_SHIFT" in by["SHIFTED"]["Flag codes"] and "DATA_SHIFT" not in (by["NORMAL"]["Flag codes"] or "")
+    assert by["NORMAL"]["Unclassified"] == 0
+    items = {r[0]: r[1] for r in wb["Run"].iter_rows(values_only=True)}
+    assert items["Unclassified cells (not recognised as a cell the model knows; in no count)"] == 30
+    assert "DATA_SHIFT" in items["Data shift (whole run, compared with the model's own validation data)"]
+    review = list(wb["Review"].iter_rows(values_only=True))
+    assert any(ood.UNCLASSIFIED_REASON in str(r[3]) for r in review[1:])
+
+
+# ----------------------------------------------------------------------------- export.ood_reference
+
+def test_export_ood_reference_fits_on_training_cells_only(tmp_path):
+    """The TF-free command a lab or the export runs: training cells in, test-split cells out."""
+    from click.testing import CliRunner
+
+    from export.ood_reference import main
+
+    model = tmp_path / "plain.onnx"
+    tinymodel.build(model)
+    import onnx
+
+    from batchwbc.onnxgraph import add_embedding_output
+
+    onnx.save(add_embedding_output(onnx.load(str(model))), str(model))
+    data = tmp_path / "data"
+    rng = np.random.default_rng(5)
+    rows = ["path,class_id,source,split"]
+    classes = Classifier(model).info.classes
+    for k, class_id in enumerate(classes):
+        for i in range(44):
+            rgb = np.clip(np.array(tinymodel.COLOURS[k]) + rng.normal(0, 3, 3), 0, 255).astype(int)
+            rel = f"{class_id}/c{i}.png"
+            write(data / rel, tuple(int(v) for v in rgb), shape=(48, 48))
+            if i < 12:  # test-split cells are grey: had they been used, grey would look familiar
+                write(data / rel, GREY, shape=(48, 48))
+                rows.append(f"{rel},{class_id},generic,test")
+    split = tmp_path / "split.csv"
+    split.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "with-ood.onnx"
+    res = CliRunner().invoke(main, [str(model), "--data", str(data), "--split", str(split), "--out", str(out),
+                                    "--n-ref", "120", "--n-held", "230"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    clf = Classifier(out, threads=1)
+    assert clf.ood is not None and "120 training cells" in clf.ood.info["fitted_on"]
+    probs, scores, flagged = clf.predict_scored(np.stack([
+        np.full((32, 32, 3), tinymodel.colour_for("monocyte"), np.uint8),
+        np.full((32, 32, 3), GREY, np.uint8)]))
+    assert not flagged[0] and flagged[1]  # grey = only the test-split cells, which were left out
+
+
+def test_export_ood_reference_refuses_a_model_without_embedding(tmp_path):
+    from click.testing import CliRunner
+
+    from export.ood_reference import main
+
+    model = tinymodel.build(tmp_path / "plain.onnx")
+    (tmp_path / "d" / "monocyte").mkdir(parents=True)
+    split = tmp_path / "s.csv"
+    split.write_text("path,class_id,source,split\n")
+    res = CliRunner().invoke(main, [str(model), "--data", str(tmp_path / "d"), "--split", str(split), "--out",
+                                    str(tmp_path / "o.onnx")])
+    assert res.exit_code == 2 and "no embedding output" in res.output
+
+
+def test_huge_whitening_is_stored_in_float32_not_lost(clf):
+    """A degenerate covariance (a tiny training run) can make the projection exceed float16."""
+    big = replace(clf.ood, projection=clf.ood.projection * 1e6)
+    again = ood.from_metadata({ood.KEY_OOD: ood.to_metadata(big)})
+    np.testing.assert_allclose(again.projection, big.projection, rtol=1e-6)
