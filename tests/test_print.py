@@ -31,16 +31,16 @@ MAX_PAGES_4_PATIENTS = 12
 
 def test_text_lines_counts_wrapped_and_explicit_lines():
     assert text_lines("short", 20) == 1
-    assert text_lines("x" * 19, 20) == 1 and text_lines("x" * 20, 20) == 2  # one unit of padding
+    assert text_lines("x" * 21, 20) == 1 and text_lines("x" * 22, 20) == 2  # 19 units x 1.15 characters
     assert text_lines("a\nb\nc", 40) == 3
-    assert text_lines("y" * 100 + "\nz", 11) == 11  # 100 chars at 10 per line, then one more line
-    assert text_lines("b" * 18, 20, bold=True) == 2  # bold is wider
+    assert text_lines("y" * 100 + "\nz", 11) == 11  # 100 chars at 11 per line = 10 lines, then one more
+    assert text_lines("b" * 20, 20, bold=True) == 2  # bold is wider
 
 
 def test_row_height_is_set_only_when_text_needs_more_than_one_line():
     assert row_height([("one line", 30), (None, 10), ("", 5)]) is None
     flags = "Blasts 41.1% (60/146 WBC, 95% CI 33.0-49.5%) >= 20%\nNRBC present: 4 erythroblasts >= 1"
-    assert row_height([(flags, 42), ("P1", 12)]) == 3 * LINE_PT  # the tallest cell decides
+    assert row_height([(flags, 36), ("P1", 12)]) == 3 * LINE_PT  # the tallest cell decides
     assert row_height([("x", 10)], minimum=THUMBNAIL_PT) == THUMBNAIL_PT
 
 
