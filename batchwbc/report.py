@@ -467,7 +467,7 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Unclassified", lambda s: s.differential.unclassified, 11, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
     Column("Notes", _notes, 14, severity=lambda s: WARNING if _notes(s) else None, wrap=True),
-    Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 20, wrap=True),
+    Column("Flag codes", lambda s: ", ".join(f.code for f in s.flags), 23, wrap=True),
     Column("Every class", lambda s: "Differential", 12, link=_to_differential),
 )
 
