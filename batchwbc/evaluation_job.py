@@ -39,6 +39,7 @@ class LabelledPredictions:
     patients: list[str | None] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # relative to the labelled folder
     errors: "list[FileError]" = field(default_factory=list)  # unreadable crops (patient = class folder)
+    unclassified: int = 0  # crops beyond the model's OOD reference; scored by the model's best class
 
 
 @dataclass
@@ -90,11 +91,17 @@ def predict_labelled(labelled: "LabelledSet", root: Path, classifier: "Classifie
     pipe = Pipeline(classifier.info.input_size, classifier, 0.0, workers=workers, batch_size=batch_size,
                     progress=progress)
     result = pipe.run(crops)
+    from .ood import UNCLASSIFIED
+
     out = LabelledPredictions()
     for cell in result.cells:
         item = by_rel[cell.file]
         out.true_ids.append(item.class_id)
-        out.pred_ids.append(cell.class_id)
+        # An unclassified crop keeps the model's best class as its second class (pipeline): the
+        # metrics judge the classifier's answer, and the Run sheet counts how many were unclassified.
+        unclassified = cell.class_id == UNCLASSIFIED
+        out.unclassified += unclassified
+        out.pred_ids.append(cell.second_class if unclassified else cell.class_id)
         out.confidence.append(float(cell.confidence))
         out.patients.append(item.patient)
         out.files.append(cell.file)
@@ -155,7 +162,8 @@ def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_p
         labelled_root=str(Path(labelled_root).resolve()), model=info, started=started,
         finished=datetime.now().astimezone(), tool_version=__version__, found=found,
         unknown_folders=labelled.unknown_folders, skipped=labelled.skipped, errors=preds.errors,
-        extra={"Decode workers": str(n_workers), "Batch size": str(batch_size)},
+        extra={"Decode workers": str(n_workers), "Batch size": str(batch_size),
+               "Unclassified crops (out-of-distribution; scored by the model's best class)": str(preds.unclassified)},
     )
     try:
         plots_note = evaluation_report.write_workbook(result, run, out)

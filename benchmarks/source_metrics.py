@@ -1,0 +1,104 @@
+"""Per-source numbers a lab cares about, for any batchwbc model on a split's test rows (issue 11).
+
+For each source (and PBC + Munich together): accuracy and macro-F1 over the paper's ten
+classes and over all, blast recall / precision, smudge F1, calibration error, the share of
+cells sent to review or left unclassified, and the false-alarm rate a lab sees on healthy
+patients: the share of mature normal cells (basophil, eosinophil, lymphocyte, monocyte,
+segmented neutrophil) called blast, immature granulocyte or erythroblast. Every crop goes
+through the runtime exactly as `batchwbc run` would classify it (batchwbc.evaluation_job).
+
+    python benchmarks/source_metrics.py --model batchwbc/models/batchwbc-wbc12.onnx \\
+        --data ../shared/data --split docs/model/test-split.csv [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MATURE = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil_segmented")
+ALARM = ("myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "erythroblast")
+
+
+def _f(x: float) -> str:
+    return "  -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _has(per: dict, class_id: str) -> bool:
+    """The class is there and some verified cell belongs to it (else recall/F1 mean nothing)."""
+    return class_id in per and per[class_id].support > 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--split", required=True)
+    ap.add_argument("--only-split", default="test")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from batchwbc import catalogue, evaluation
+    from batchwbc.datasets import LabelledImage
+    from batchwbc.evaluation_job import predict_labelled
+    from batchwbc.job import load_classifier
+    from batchwbc.labelled import LabelledSet
+
+    clf = load_classifier(args.model, 1)
+    classes = tuple(clf.info.classes)
+    root = Path(args.data)
+    by_source: dict[str, list] = defaultdict(list)
+    with open(args.split, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] != args.only_split or row["class_id"] not in classes:
+                continue
+            patient = row["path"].split("/")[2] if row["source"] == "DeepAPL" else None
+            by_source[row["source"]].append(LabelledImage(root / row["path"], row["class_id"], row["source"], patient))
+    groups = {s: items for s, items in sorted(by_source.items())}
+    home = [it for s, items in groups.items() if s != "DeepAPL" for it in items]
+    if home and "DeepAPL" in groups:
+        groups["PBC + AML-LMU"] = home
+    out = {}
+    print(f"model {clf.info.model_version} ({clf.info.path.name}); split {args.split} rows '{args.only_split}'")
+    head = ("source", "n", "acc10", "F1-10", "acc", "macroF1", "blastR", "blastP", "smudgeF1", "ECE",
+            "review", "unclass", "mature->alarm")
+    print("".join(f"{h:>14s}" if i else f"{h:16s}" for i, h in enumerate(head)))
+    for name, items in groups.items():
+        preds = predict_labelled(LabelledSet(items=items), root, clf, args.workers, 4)
+        ev = evaluation.evaluate(preds.true_ids, preds.pred_ids, preds.confidence, preds.patients, classes,
+                                 model_threshold=clf.info.review_threshold)
+        per = {m.class_id: m for m in ev.overall.per_class}
+        mature = [(t, p) for t, p in zip(preds.true_ids, preds.pred_ids) if t in MATURE]
+        alarm = sum(p in ALARM for _, p in mature) / len(mature) if mature else float("nan")
+        thr = clf.info.review_threshold or 0.5
+        review = sum(c < thr for c in preds.confidence) / max(1, len(preds.confidence))
+        rec = {
+            "n": ev.n, "paper10_accuracy": ev.paper10.accuracy, "paper10_macro_f1": ev.paper10.macro_f1,
+            "accuracy": ev.overall.accuracy, "macro_f1": ev.overall.macro_f1,
+            "blast_recall": per["myeloblast"].recall if _has(per, "myeloblast") else None,
+            "blast_precision": per["myeloblast"].precision if _has(per, "myeloblast") else None,
+            "smudge_f1": per["smudge"].f1 if _has(per, "smudge") else None,
+            "ece": ev.calibration.ece, "share_review": review,
+            "share_unclassified": preds.unclassified / max(1, ev.n),
+            "mature_called_blast_ig_nrbc": alarm, "mature_n": len(mature),
+        }
+        out[name] = rec
+        vals = (ev.n, rec["paper10_accuracy"], rec["paper10_macro_f1"], rec["accuracy"], rec["macro_f1"],
+                rec["blast_recall"], rec["blast_precision"], rec["smudge_f1"], rec["ece"], review,
+                rec["share_unclassified"], alarm)
+        print(f"{name:16s}" + "".join(f"{v:>14d}" if isinstance(v, int) else f"{_f(v):>14s}" for v in vals))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": clf.info.model_version, "split": args.split, "sources": out},
+                                              indent=2, default=lambda x: None))
+    _ = catalogue
+
+
+if __name__ == "__main__":
+    main()
