@@ -11,7 +11,9 @@ Three promises shape this module:
   cell in Excel keeps it text.
 * Modest memory: openpyxl's write-only mode streams rows to disk, so 50,000 cells cost little.
 
-Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md).
+Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md). Every sheet is
+also laid out for paper (`_print_setup`, `row_height`): landscape, one page wide, header rows
+repeated, rows as tall as their wrapped text, a Review row as tall as its thumbnail.
 """
 from __future__ import annotations
 
@@ -251,6 +253,8 @@ class _Sheet:
         from openpyxl.worksheet.hyperlink import Hyperlink
 
         col = get_column_letter(self._column_index[column.header])
+        # Set directly: the public setter needs the cell's coordinate, which a write-only cell
+        # gets only when its row is written (the row about to be appended is rows + 1).
         cell._hyperlink = Hyperlink(ref=f"{col}{self.rows + 1}", location=target, display=str(cell.value))
 
     def append(self, values: Sequence[Any]) -> None:
