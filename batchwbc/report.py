@@ -282,6 +282,10 @@ _BANNER_LINE_PT = 16.5
 #: Print margins in inches: narrow enough for wide tables, wide enough for every printer.
 MARGINS = {"left": 0.4, "right": 0.4, "top": 0.75, "bottom": 0.6, "header": 0.3, "footer": 0.3}
 BANNER = "Pre-classification by software: to be verified by a qualified person"
+#: Points of rows per printed page, below the repeated header: a landscape A4 page (595 pt, the
+#: shorter of A4 and Letter) less the margins and a two-line header row. Fitting to the page
+#: width can only shrink the rows, so more fit than this: a block is never split by mistake.
+PAGE_BODY_PT = 595 - (MARGINS["top"] + MARGINS["bottom"]) * 72 - 2 * LINE_PT
 
 
 def text_lines(text: Any, width: float, bold: bool = False) -> int:
@@ -403,19 +407,54 @@ def _height(sh: "_Sheet", columns: Sequence[Column], row: Any, minimum: float = 
 
 def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[Any],
                  widths_from: Sequence[Any], autofilter: int | None, banner: str | None = None,
-                 links: Mapping[str, str] | None = None) -> "_Sheet":
+                 links: Mapping[str, str] | None = None,
+                 keep_together: Callable[[Any], Any] | None = None) -> "_Sheet":
     """A sheet with these columns and one line per row; `autofilter` is the row count to
-    filter over (None: no filter). `rows` may be a generator (the Review sheet's is)."""
+    filter over (None: no filter). `rows` may be a generator (the Review sheet's is).
+    `keep_together(row)` gives rows that should print on one page the same key (page breaks
+    between blocks, see `page_breaks`)."""
     sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns], banner)
     if autofilter is not None:
         sh.filter(autofilter)
     wrapped = any(c.wrap or c.kind == AUTO for c in columns)
     sh.tall_rows = wrapped
+    if keep_together is not None:
+        rows = list(rows)
+        heights = [(_height(sh, columns, r) if wrapped else None) or LINE_PT for r in rows]
+        for after in page_breaks([keep_together(r) for r in rows], heights, PAGE_BODY_PT):
+            sh.ws.row_breaks.append(_break(sh.header_row + after))
     for row in rows:
         if wrapped:
             sh.set_height(_height(sh, columns, row))
         sh.append([c.cell(sh, row, links) for c in columns])
     return sh
+
+
+def _break(row: int) -> Any:
+    from openpyxl.worksheet.pagebreak import Break
+
+    return Break(id=row)
+
+
+def page_breaks(keys: Sequence[Any], heights: Sequence[float], page_pt: float) -> list[int]:
+    """Where to break pages so that rows with the same key (a patient's block) stay on one page.
+
+    Returns the counts of rows before each break. A block taller than a page starts on a new
+    page and runs on; `page_pt` is an estimate of the rows' space per page, so this can only
+    move a block to the next page, never hide a row."""
+    breaks: list[int] = []
+    used, i = 0.0, 0
+    while i < len(keys):
+        j = i
+        while j < len(keys) and keys[j] == keys[i]:
+            j += 1
+        block = sum(heights[i:j])
+        if used > 0 and used + block > page_pt:
+            breaks.append(i)
+            used = 0.0
+        used += block
+        i = j
+    return breaks
 
 
 def _pct(x: float | None) -> float | None:
@@ -515,7 +554,7 @@ def _class_note(r: _DiffRow) -> str:
     if r.class_id == PLATELET_CLASS:
         return "not a leukocyte, counted apart"
     if catalogue.get(r.class_id).group == catalogue.SMUDGE:
-        return "ruptured cells: not in WBC, % of all cells"
+        return "ruptured cells, not in WBC"
     return ""
 
 
@@ -620,7 +659,8 @@ def _write_differential(wb: Any, summaries: Sequence[PatientSummary], classes: S
                  settings.reference_range(cid) if catalogue.get(cid).counts_in_wbc else None)
         for s in summaries for cid in shown
     ]
-    _write_sheet(wb, "Differential", _DIFFERENTIAL, rows, rows, autofilter=len(rows))
+    _write_sheet(wb, "Differential", _DIFFERENTIAL, rows, rows, autofilter=len(rows),
+                 keep_together=lambda r: r.patient)  # a patient's differential prints on one page
 
 
 def _write_cells(wb: Any, cells: Sequence[CellResult]) -> None:

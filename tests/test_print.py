@@ -18,7 +18,7 @@ from openpyxl import load_workbook
 
 import tinymodel
 from batchwbc import catalogue, exitcodes, report
-from batchwbc.report import BANNER, LINE_PT, THUMBNAIL_PT, row_height, text_lines
+from batchwbc.report import BANNER, LINE_PT, THUMBNAIL_PT, page_breaks, row_height, text_lines
 from test_fuzz_cli import run_cli
 from batchwbc.config import DEFAULT_SETTINGS
 from test_report import make_run, mk, write
@@ -42,6 +42,25 @@ def test_row_height_is_set_only_when_text_needs_more_than_one_line():
     flags = "Blasts 41.1% (60/146 WBC, 95% CI 33.0-49.5%) >= 20%\nNRBC present: 4 erythroblasts >= 1"
     assert row_height([(flags, 36), ("P1", 12)]) == 3 * LINE_PT  # the tallest cell decides
     assert row_height([("x", 10)], minimum=THUMBNAIL_PT) == THUMBNAIL_PT
+
+
+def test_page_breaks_keep_each_block_on_one_page():
+    keys = ["A"] * 3 + ["B"] * 3 + ["C"] * 3 + ["D"]
+    assert page_breaks(keys, [10.0] * 10, 65) == [6]  # A+B fill 60 pt, C would not fit: new page
+    assert page_breaks(keys, [10.0] * 10, 100) == []  # everything fits on one page
+    assert page_breaks(["A"] * 5 + ["B"], [10.0] * 6, 30) == [5]  # a block taller than a page runs on
+    assert page_breaks([], [], 100) == []
+
+
+def test_the_differential_breaks_pages_between_patients_only(tmp_path):
+    run = make_run(extra_patients=[f"X{i}" for i in range(4)])
+    out = tmp_path / "r.xlsx"
+    write(run, DEFAULT_SETTINGS, out)
+    ws = load_workbook(out)["Differential"]
+    breaks = [b.id for b in ws.row_breaks.brk]
+    assert breaks  # 8 patients x 13 classes do not fit on one page
+    for row in breaks:  # the last row of a page and the first of the next belong to different patients
+        assert ws.cell(row, 1).value != ws.cell(row + 1, 1).value
 
 
 # ------------------------------------------------------------------ the workbook's layout
