@@ -528,3 +528,29 @@ def test_a_data_shift_flag_is_carried_over_and_unclassified_can_be_chosen():
     assert [f.message for f in pv.post.flags if f.code == DATA_SHIFT] == ["Data shift: images unlike those (numbers)"]
     assert (pv.pre.differential.counts["monocyte"], pv.post.differential.counts["monocyte"]) == (1, 0)
     assert pv.post.differential.unclassified == 1 and pv.post.differential.wbc == 3
+
+
+def test_the_verified_workbook_is_laid_out_for_paper_like_the_report(made, tmp_path):
+    """Same print layout as a report: banner over a row-2 Summary header, landscape, one page
+    wide, header rows repeated, hidden Check last; and it verifies again."""
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    out = tmp_path / "verified.xlsx"
+    r = invoke("verify", rep, "--out", out)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    wb = load_workbook(out)
+    for name in ("Summary", "Differential", "Cells", "Review", "Errors", "Run"):
+        ws, h = wb[name], report.HEADER_ROWS[name]
+        assert ws.page_setup.orientation == "landscape" and ws.page_setup.fitToWidth == 1, name
+        assert ws.sheet_properties.pageSetUpPr.fitToPage, name
+        assert ws.print_title_rows.replace("$", "") == f"1:{h}" and ws.freeze_panes == f"A{h + 1}", name
+        header = [c.value for c in ws[h]]
+        assert header[-1] == CHECK_HEADER and ws.column_dimensions[ws.cell(h, len(header)).column_letter].hidden
+    assert wb["Summary"].cell(1, 1).value == report.VERIFIED_BANNER
+    cells = wb["Cells"]
+    col = [c.value for c in cells[1]].index("Verified class") + 1
+    letter = cells.cell(1, col).column_letter
+    dv = cells.data_validations.dataValidation[0]
+    assert str(dv.sqref) == f"{letter}2:{letter}{cells.max_row}"  # every row below the header row
+    again = invoke("verify", out, "--out", tmp_path / "again.xlsx")
+    assert again.exit_code == exitcodes.OK, again.stderr
