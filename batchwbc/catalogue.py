@@ -32,11 +32,11 @@ class CellClass:
 CLASSES: tuple[CellClass, ...] = (
     CellClass("basophil", "Basophil", "granulocytic", False, True, MATURE),
     CellClass("eosinophil", "Eosinophil", "granulocytic", False, True, MATURE),
-    CellClass("lymphocyte", "Lymphocyte", "lymphoid", False, True, MATURE),
+    CellClass("lymphocyte", "Lymphocyte (incl. reactive/variant)", "lymphoid", False, True, MATURE),
     CellClass("monocyte", "Monocyte", "monocytic", False, True, MATURE),
     CellClass("neutrophil_segmented", "Segmented neutrophil", "granulocytic", False, True, MATURE),
     CellClass("neutrophil_band", "Band neutrophil", "granulocytic", True, True, BAND),
-    CellClass("myeloblast", "Myeloblast", "granulocytic", True, True, BLAST),
+    CellClass("myeloblast", "Blast (incl. promonocytes)", "granulocytic", True, True, BLAST),
     CellClass("promyelocyte", "Promyelocyte", "granulocytic", True, True, IMMATURE_GRANULOCYTE),
     CellClass("myelocyte", "Myelocyte", "granulocytic", True, True, IMMATURE_GRANULOCYTE),
     CellClass("metamyelocyte", "Metamyelocyte", "granulocytic", True, True, IMMATURE_GRANULOCYTE),

@@ -5,7 +5,10 @@ percentage is reported with its exact binomial (Clopper-Pearson) confidence inte
 same convention as Rümke's tables - and never with a normal approximation, which is wrong
 exactly where it matters (0 blasts, or a few).
 Erythroblasts and platelets are not leukocytes: they are left out of the WBC denominator and
-reported as NRBC per 100 WBC and as a separate platelet count.
+reported as NRBC per 100 WBC and as a separate platelet count. Smudge cells (ruptured
+leukocytes, ADR 0009) are reported apart as a count and a percentage of all counted cells
+(every cell given a class; unclassified crops are in no count), as analyzers and manual
+practice do.
 
 Each class is also counted among the *confident* cells only (those not sent to review), so a
 flag can tell what the model is sure of from what one unverified cell would raise
@@ -24,6 +27,7 @@ from .results import CellResult
 
 NRBC_CLASS = "erythroblast"
 PLATELET_CLASS = "platelet"
+SMUDGE_IDS = catalogue.ids_in_group(catalogue.SMUDGE)
 BLAST_IDS = catalogue.ids_in_group(catalogue.BLAST)
 IG_IDS = catalogue.ids_in_group(catalogue.IMMATURE_GRANULOCYTE)
 BAND_IDS = catalogue.ids_in_group(catalogue.BAND)
@@ -144,6 +148,8 @@ class Differential:
     #: every catalogue class id -> cells of it NOT in review (confident); counts - this = review cells
     confident_counts: Mapping[str, int]
     unclassified: int = 0  # crops not recognised as a known cell (batchwbc.ood): in n_cells, never in a count
+    smudge: int = 0  # ruptured leukocytes: reported apart, never in the WBC denominator
+    smudge_pct_of_cells: float | None = None  # smudge / all counted cells (n_cells - unclassified) x 100, ADR 0009
 
     def confident(self, class_ids: Sequence[str] | str) -> int:
         """Confident (not in review) cells of one class id or of several, e.g. BLAST_IDS."""
@@ -209,6 +215,8 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
     bands = sum(counts[c] for c in BAND_IDS)
     immature = blasts + ig + bands
     nrbc = counts[NRBC_CLASS]
+    smudge = sum(counts[c] for c in SMUDGE_IDS)
+    counted = len(cells) - unclassified  # every cell given a class; an unclassified crop is in no count
     return Differential(
         n_cells=len(cells),
         wbc=wbc,
@@ -229,4 +237,6 @@ def summarize(cells: Sequence[CellResult]) -> Differential:
         n_review=n_review,
         confident_counts=MappingProxyType(confident),
         unclassified=unclassified,
+        smudge=smudge,
+        smudge_pct_of_cells=None if counted == 0 else 100.0 * smudge / counted,
     )

@@ -255,7 +255,7 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         if opts.cells_csv is not None:
             report.write_cells_csv(run.cells, opts.cells_csv)
         if opts.summary_csv is not None:
-            report.write_summary_csv(summaries, opts.summary_csv)
+            report.write_summary_csv(summaries, opts.summary_csv, run.model.classes)
     except (OSError, report.OutputError) as exc:
         raise JobError(exitcodes.FAILED, f"the report could not be written ({str(exc).rstrip('.')}).") from None
 
@@ -292,19 +292,23 @@ def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides
 
 
 def run_sheet_rows(opts: RunOptions, prep: _Prepared, found: "Discovery", result: "PipelineOutput",
-                   cache: "ResultCache | None") -> dict[str, str]:
-    """The run's own Run-sheet rows (options and what happened), after the report's standard ones."""
+                   cache: "ResultCache | None") -> dict[str, Any]:
+    """The run's own Run-sheet rows (options, what happened, where and how it ran), after the
+    report's standard ones; counts are numbers, so the Run sheet stores them as numbers."""
+    from .provenance import provenance_rows
+
     rows: dict[str, Any] = {
         "Slides folder": str(Path(opts.slides).resolve()),
         "Review threshold source": prep.threshold_source,
-        "Decode workers": str(prep.workers),
-        "Batch size": str(opts.batch_size),
-        "Crops found": str(len(found.crops)),
+        "Decode workers": prep.workers,
+        "Batch size": opts.batch_size,
+        "Crops found": len(found.crops),
     }
     for reason, n in sorted(found.ignored.items()):
-        rows[f"Ignored: {reason}"] = str(n)
+        rows[f"Ignored: {reason}"] = n
     if cache is not None:
         rows["Result cache"] = f"{cache.path} ({result.cached} results reused, {result.decoded} crops decoded)"
     if result.pool_restarts:
-        rows["Worker crashes recovered"] = str(result.pool_restarts)
+        rows["Worker crashes recovered"] = result.pool_restarts
+    rows.update(provenance_rows(opts.config_path))
     return rows

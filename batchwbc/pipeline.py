@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .discovery import Crop
 from .results import THUMBNAIL_PX, CellResult, FileError
+from .thumbcap import ThumbnailKeeper
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `batchwbc --help` is instant
     import numpy as np
@@ -207,8 +208,8 @@ class Pipeline:
         swap in one that crashes to prove a dying worker does not end the run.
 
         `max_thumbnails` bounds memory on a night with very many review cells: only the
-        thumbnails the report can embed are kept - the first ones in the Review sheet's order
-        (patient order, then lowest confidence first) - whatever order cells finish in."""
+        thumbnails the report can embed are kept - each patient's fair share of the cap, lowest
+        confidence first (batchwbc/thumbcap.py) - whatever order cells finish in."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.input_size = int(input_size)
@@ -227,8 +228,7 @@ class Pipeline:
         self.total = 0
         self._cells: list[tuple[int, CellResult]] = []
         self.max_thumbnails = max_thumbnails
-        self._thumb_heap: list[tuple] = []  # max-heap (negated review-sheet order) of kept thumbnails
-        self._patient_rank: dict[str, int] = {}
+        self._thumbs: ThumbnailKeeper | None = None  # set in run(), when the patient order is known
         self._errors: list[tuple[int, FileError]] = []
         self._batch_items: list[tuple[int, Crop, int, int, str]] = []  # idx, crop, size, mtime_ns, image review reason
         self._batch: "np.ndarray | None" = None
@@ -245,20 +245,18 @@ class Pipeline:
         self._finished()
 
     def _add_cell(self, idx: int, cell: CellResult) -> None:
-        import heapq
-        from dataclasses import replace
-
         pos = len(self._cells)
         self._cells.append((idx, cell))
-        if cell.thumbnail_jpeg is None or self.max_thumbnails is None:
+        if cell.thumbnail_jpeg is None or self._thumbs is None:
             return
-        rank = self._patient_rank.setdefault(cell.patient, len(self._patient_rank))
-        key = (-rank, -cell.confidence, -idx, pos)  # largest = last in the Review sheet
-        heapq.heappush(self._thumb_heap, key)
-        if len(self._thumb_heap) > self.max_thumbnails:
-            *_, drop = heapq.heappop(self._thumb_heap)
-            i, dropped = self._cells[drop]
-            self._cells[drop] = (i, replace(dropped, thumbnail_jpeg=None))
+        self._drop_thumbnails(self._thumbs.offer(cell.patient, cell.confidence, (idx,), pos))
+
+    def _drop_thumbnails(self, positions: list) -> None:
+        from dataclasses import replace
+
+        for pos in positions:
+            i, dropped = self._cells[pos]
+            self._cells[pos] = (i, replace(dropped, thumbnail_jpeg=None))
 
     # -- cache -------------------------------------------------------------------------
     def _from_cache(self, idx: int, crop: Crop) -> bool:
@@ -364,8 +362,8 @@ class Pipeline:
     def run(self, crops: Sequence[Crop]) -> PipelineOutput:
         t0 = time.perf_counter()
         self.total = len(crops)
-        for crop in crops:  # the report's patient order is the discovery order
-            self._patient_rank.setdefault(crop.patient, len(self._patient_rank))
+        if self.max_thumbnails is not None:  # the report's patient order is the discovery order
+            self._thumbs = ThumbnailKeeper(self.max_thumbnails, [crop.patient for crop in crops])
         if self.workers == 0:
             for chunk in self._chunks(crops):
                 for (idx, crop) in chunk:
@@ -373,6 +371,8 @@ class Pipeline:
         else:
             self._run_pool(self._chunks(crops))
         self._flush()
+        if self._thumbs is not None:
+            self._drop_thumbnails(self._thumbs.final_drops())
         out = self._out
         out.cells = [c for _, c in sorted(self._cells, key=lambda t: t[0])]
         out.errors = [e for _, e in sorted(self._errors, key=lambda t: t[0])]

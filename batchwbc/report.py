@@ -15,7 +15,10 @@ Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md). 
 are the technologist's (Verified class with a drop-down, Verified by, Verified on: yellow);
 every other one is the machine's (grey) and each row ends with a hidden Check of its values
 (batchwbc.rowcheck), so `batchwbc verify` can tell a correction from an accidental edit.
-`write_verified_workbook` formats verify's result with the same sheets and checks.
+`write_verified_workbook` formats verify's result with the same sheets, checks and layout.
+Every sheet is also laid out for paper (`_print_setup`, `row_height`): landscape, one page
+wide, header rows repeated, rows as tall as their wrapped text, a Review row as tall as its
+thumbnail; the hidden Check column is left out of the printed width.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .rowcheck import CHECK_HEADER, row_check
 from .summary import PatientSummary, totals
+from .thumbcap import fair_quota
 from .verification import PatientVerification, VerifiedReport, class_choices
 
 if TYPE_CHECKING:
@@ -50,6 +54,8 @@ class OutputError(Exception):
 
 
 SHEETS = ("Summary", "Differential", "Cells", "Review", "Errors", "Run")
+#: The row holding each sheet's column headers: the Summary's row 1 is the banner.
+HEADER_ROWS = {name: 2 if name == "Summary" else 1 for name in SHEETS}
 #: Column names of the cells CSV, for software; class columns hold catalogue ids.
 CSV_COLUMNS = ("patient", "file", "class", "confidence", "second_class", "second_prob", "review", "review_reason")
 
@@ -166,39 +172,74 @@ def _number(value: float | int | None) -> float | int | None:
 
 
 class _Sheet:
-    """A write-only worksheet plus the styles it reuses; every str goes through `text`."""
+    """A write-only worksheet plus the styles it reuses; every str goes through `text`.
+
+    Layout for screen and paper in one place: an optional banner row above the header, a
+    wrapped bold header row as tall as its longest header needs, frozen panes and print titles
+    below/at the header, and a landscape page fitted to one page width (see `_print_setup`).
+    Each row ends with the hidden Check column (see `_append`)."""
 
     def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float],
-                 editable: Sequence[bool] = ()):
+                 editable: Sequence[bool] = (), banner: str | None = None):
         """Headers `columns` plus the hidden Check column; `editable` marks the columns a
-        person may change (yellow header with a note) among the machine's (grey header)."""
+        person may change (yellow header with a note) among the machine's (grey header);
+        `banner` is a merged row above the headers (the header row is then row 2)."""
         from openpyxl.comments import Comment
         from openpyxl.styles import Alignment, Font, PatternFill
+        from openpyxl.utils import get_column_letter
 
         self.ws = wb.create_sheet(title)
         self._Font, self._PatternFill, self._Alignment = Font, PatternFill, Alignment
-        from openpyxl.utils import get_column_letter
-
         headers = [*columns, CHECK_HEADER]
+        self.widths = list(widths)  # the printed columns' widths (the Check column is not printed)
         for i, w in enumerate([*widths, 8], 1):
             self.ws.column_dimensions[get_column_letter(i)].width = w
         self.ws.column_dimensions[get_column_letter(len(headers))].hidden = True
-        self.ws.freeze_panes = "A2"
         self.rows = 0
         self.ncols = len(headers)
+        self.nprinted = len(columns)
+        self.tall_rows = False  # True: some rows are taller than one line, so cells align to the top
+        self._column_index = {name: i for i, name in enumerate(columns, 1)}
+        self.header_row = 1 if banner is None else 2
+        self.ws.freeze_panes = f"A{self.header_row + 1}"
+        # before the first row is written; the hidden Check column prints nowhere (Excel and
+        # LibreOffice leave hidden columns out of the page and of the fit to its width)
+        _print_setup(self.ws, title, self.header_row)
         self.edit_fill = PatternFill("solid", fgColor=EDITABLE_FILL)
+        if banner is not None:
+            self._banner(banner)
         header_font, header_fill = Font(bold=True), PatternFill("solid", fgColor=PROTECTED_FILL)
+        header_align = Alignment(wrap_text=True, vertical="bottom")
+        self.set_height(row_height(zip(columns, widths), bold=True))
         cells = []
         for i, name in enumerate(headers):
             if i < len(editable) and editable[i]:
                 # a column style: its empty cells show yellow without one styled cell per row
                 self.ws.column_dimensions[get_column_letter(i + 1)].fill = self.edit_fill
-                cell = self.text(name, font=header_font, fill=self.edit_fill)
+                cell = self.text(name, font=header_font, fill=self.edit_fill, alignment=header_align)
                 cell.comment = Comment(EDITABLE_NOTE, "batchwbc", height=90, width=260)
             else:
-                cell = self.text(name, font=header_font, fill=header_fill)
+                cell = self.text(name, font=header_font, fill=header_fill, alignment=header_align)
             cells.append(cell)
         self.append(cells)
+
+    def _banner(self, text: str) -> None:
+        """One merged, bold, amber row across the printed columns: read first on screen and on paper."""
+        from openpyxl.utils import get_column_letter
+
+        style = {"font": self._Font(bold=True, size=12, color=_FONTS[WARNING]),
+                 "fill": self._PatternFill("solid", fgColor=_FILLS[WARNING]),
+                 "alignment": self._Alignment(wrap_text=True, vertical="center")}
+        total = sum(self.widths)
+        self.set_height(max(22.0, row_height([(text, total)], bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
+        self.append([self.text(text, **style)] + [self.text("", fill=style["fill"])] * (self.nprinted - 1))
+        if self.nprinted > 1:
+            self.ws.merged_cells.add(f"A{self.rows}:{get_column_letter(self.nprinted)}{self.rows}")
+
+    def set_height(self, points: float | None) -> None:
+        """The height of the row about to be appended (None: the default, one line)."""
+        if points is not None:
+            self.ws.row_dimensions[self.rows + 1].height = points
 
     def text(self, value: Any, **style: Any) -> Any:
         """A string cell that can never be read as a formula, error code or number."""
@@ -239,8 +280,25 @@ class _Sheet:
     def wrap(self) -> Any:
         return self._Alignment(wrap_text=True, vertical="top")
 
+    def top(self, horizontal: str | None = None) -> Any:
+        return self._Alignment(vertical="top", horizontal=horizontal)
+
+    def link_font(self) -> Any:
+        return self._Font(color="0563C1", underline="single")
+
+    def hyperlink(self, cell: Any, column: "Column", target: str) -> None:
+        """An internal link (no external target, so nothing is ever fetched from outside)."""
+        from openpyxl.utils import get_column_letter
+        from openpyxl.worksheet.hyperlink import Hyperlink
+
+        col = get_column_letter(self._column_index[column.header])
+        # Set directly: the public setter needs the cell's coordinate, which a write-only cell
+        # gets only when its row is written (the row about to be appended is rows + 1).
+        cell._hyperlink = Hyperlink(ref=f"{col}{self.rows + 1}", location=target, display=str(cell.value))
+
     def dropdown(self, column: int, rows: int, choices: Sequence[str]) -> None:
-        """A drop-down of `choices` on rows 2..rows+1 of a column (Excel and LibreOffice).
+        """A drop-down of `choices` on the `rows` data rows below the header row of a column
+        (Excel and LibreOffice).
 
         The list is written in-line ("a,b,c"), which both programs read; Excel caps it at
         255 characters, which the catalogue's class ids stay well within (a test holds it).
@@ -258,7 +316,8 @@ class _Sheet:
                                   "the machine's class.",
                             showInputMessage=True, promptTitle="Verified class",
                             prompt="Blank = the machine's class is right. Otherwise choose the class you see.")
-        dv.add(f"{letter}2:{letter}{max(rows, 1) + 1}")
+        first = self.header_row + 1
+        dv.add(f"{letter}{first}:{letter}{first + max(rows, 1) - 1}")
         self.ws.data_validations.append(dv)
 
     def append(self, values: Sequence[Any]) -> None:
@@ -269,7 +328,8 @@ class _Sheet:
         """Autofilter on the header; must be set before the sheet is saved (row count known)."""
         from openpyxl.utils import get_column_letter
 
-        self.ws.auto_filter.ref = f"A1:{get_column_letter(self.ncols)}{max(total_rows, 1) + 1}"
+        h = self.header_row
+        self.ws.auto_filter.ref = f"A{h}:{get_column_letter(self.ncols)}{max(total_rows, 1) + h}"
 
 
 def _fit(texts: Iterable[str], minimum: float, maximum: float) -> float:
@@ -277,11 +337,72 @@ def _fit(texts: Iterable[str], minimum: float, maximum: float) -> float:
     return float(min(max(longest + 2, minimum), maximum))
 
 
+# =================================================================== layout for screen and paper
+
+#: Height in points of one line of the default font (Calibri 11), and of the banner's 12 pt bold.
+LINE_PT = 15.0
+_BANNER_LINE_PT = 16.5
+#: Print margins in inches: narrow enough for wide tables, wide enough for every printer.
+MARGINS = {"left": 0.4, "right": 0.4, "top": 0.75, "bottom": 0.6, "header": 0.3, "footer": 0.3}
+BANNER = "Pre-classification by software: to be verified by a qualified person"
+#: The verified workbook's Summary banner (its header row is row 2 too, see HEADER_ROWS).
+VERIFIED_BANNER = ("Pre-classification by software with a person's verification: a patient is final "
+                   "only where its Status says signed")
+#: Points of rows per printed page, below the repeated header: a landscape A4 page (595 pt, the
+#: shorter of A4 and Letter) less the margins and a two-line header row. Fitting to the page
+#: width can only shrink the rows, so more fit than this: a block is never split by mistake.
+PAGE_BODY_PT = 595 - (MARGINS["top"] + MARGINS["bottom"]) * 72 - 2 * LINE_PT
+
+
+def text_lines(text: Any, width: float, bold: bool = False) -> int:
+    """Lines a wrapped cell of `width` (Excel character units) needs for `text`.
+
+    An estimate, not a measurement (the font is not available here): a unit is the width of a
+    "0", and average text is narrower, about 1.15 characters per unit (measured on LibreOffice's
+    rendering: "Blast (incl. promonocytes)", 26 characters, fits one line 22 units wide), minus a
+    unit of padding; bold text about 1.0 per unit. It errs on the tall side, which costs a little
+    paper, whereas a row too short hides text."""
+    per_line = max(1, int((width - 1) * (1.0 if bold else 1.15)))
+    return sum(max(1, math.ceil(len(part) / per_line)) for part in str(text).split("\n"))
+
+
+def row_height(cells: Iterable[tuple[Any, float]], bold: bool = False, line_pt: float = LINE_PT,
+               minimum: float = 0.0) -> float | None:
+    """Row height in points for wrapped (text, width) cells: the tallest one decides.
+
+    None when one line is enough and no `minimum` is asked for (Excel's default height)."""
+    lines = max((text_lines(t, w, bold) for t, w in cells if t is not None and t != ""), default=1)
+    if lines <= 1 and minimum <= line_pt:
+        return None
+    return max(minimum, lines * line_pt)
+
+
+def _print_setup(ws: Any, title: str, header_row: int) -> None:
+    """Landscape, one page wide (as many pages tall as needed), the header rows repeated on
+    every page, gridlines, and a header/footer naming the file, sheet and page x of y."""
+    from openpyxl.worksheet.page import PageMargins
+    from openpyxl.worksheet.properties import PageSetupProperties
+
+    ws.page_setup.orientation = "landscape"
+    ws.page_setup.fitToWidth = 1
+    ws.page_setup.fitToHeight = 0  # 0: as many pages tall as the rows need
+    ws.sheet_properties.pageSetUpPr = PageSetupProperties(fitToPage=True)
+    ws.print_title_rows = f"1:{header_row}"
+    ws.print_options.gridLines = True
+    ws.page_margins = PageMargins(**MARGINS)
+    ws.oddHeader.left.text = "&F"  # the workbook's file name
+    ws.oddHeader.center.text = f"&B{title}&B"
+    ws.oddHeader.right.text = "Pre-classification by software: to be verified"
+    ws.oddFooter.left.text = "batchwbc"
+    ws.oddFooter.right.text = "Page &P of &N"
+
+
 # =================================================================== columns
 
 TEXT = "text"  # a string cell, forced to text (None leaves the cell empty)
 NUMBER = "number"  # a number with `fmt` as its Excel number format (None, NaN: empty)
 PLAIN = "plain"  # written as is (counts)
+AUTO = "auto"  # a number stays a number, anything else is wrapped text (the Run sheet's values)
 
 
 def fit(key: Callable[[Any], str], minimum: float, maximum: float) -> Callable[[Sequence[Any]], float]:
@@ -294,7 +415,10 @@ class Column:
     """One report column: everything about it in one place, so adding a column is one entry.
 
     `value` turns a sheet's row object into the cell's value; `width` is fixed or computed
-    from all rows (see `fit`); `severity` colours the cell by a row's flag severity.
+    from all rows (see `fit`); `severity` colours the cell by a row's flag severity; `wrap`
+    wraps the text and makes the row as tall as it needs; `needs` names a class the model must
+    predict for the column to be shown (a class it cannot predict is not "0 %"); `link` gives
+    the cell an internal hyperlink ("Sheet!A5") from the row and the writer's link targets.
     """
 
     header: str
@@ -306,14 +430,20 @@ class Column:
     wrap: bool = False
     editable: bool = False  # a person may change it (yellow); every other column is protected
     dropdown: bool = False  # editable with a drop-down of the run's class ids
+    needs: str | None = None
+    link: Callable[[Any, Mapping[str, str]], str | None] | None = None
 
     def width_for(self, rows: Sequence[Any]) -> float:
         return self.width(rows) if callable(self.width) else self.width
 
-    def cell(self, sh: "_Sheet", row: Any) -> Any:
+    def cell(self, sh: "_Sheet", row: Any, links: Mapping[str, str] | None = None) -> Any:
         value = self.value(row)
+        if self.kind == AUTO:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return sh.number(value, alignment=sh.top(horizontal="left"))
+            return None if value is None else sh.text(value, alignment=sh.wrap())
         if self.kind == PLAIN:
-            return value
+            return sh.number(value, alignment=sh.top()) if sh.tall_rows else value
         style: dict[str, Any] = {}
         if self.editable:
             if value is None or value == "":
@@ -321,37 +451,95 @@ class Column:
             style["fill"] = sh.edit_fill
         if self.wrap:
             style["alignment"] = sh.wrap()
+        elif sh.tall_rows:  # a row made taller by wrapped text: every cell starts at the top
+            style["alignment"] = sh.top()
         if self.severity is not None:
             style.update(sh.severity_style(self.severity(row)))
+        target = None if self.link is None else self.link(row, links or {})
+        if target is not None:
+            style["font"] = sh.link_font()
         if self.kind == NUMBER:
             return sh.number(value, self.fmt, **style)
-        return None if value is None else sh.text(value, **style)
+        cell = None if value is None else sh.text(value, **style)
+        if target is not None and cell is not None:
+            sh.hyperlink(cell, self, target)
+        return cell
+
+
+def shown_columns(columns: Sequence[Column], classes: Sequence[str]) -> tuple[Column, ...]:
+    """The columns whose class (if any) the model can predict."""
+    return tuple(c for c in columns if c.needs is None or c.needs in classes)
+
+
+def _height(sh: "_Sheet", columns: Sequence[Column], row: Any, minimum: float = 0.0) -> float | None:
+    """The row's height from its wrapped text cells, or None for one default line."""
+    texts = [(c.value(row), w) for c, w in zip(columns, sh.widths) if c.wrap or c.kind == AUTO]
+    return row_height(((t, w) for t, w in texts if isinstance(t, str)), minimum=minimum)
 
 
 def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[Any],
-                 widths_from: Sequence[Any], autofilter: int | None,
+                 widths_from: Sequence[Any], autofilter: int | None, banner: str | None = None,
+                 links: Mapping[str, str] | None = None,
+                 keep_together: Callable[[Any], Any] | None = None,
                  choices: Sequence[str] = ()) -> "_Sheet":
     """A sheet with these columns and one line per row; `autofilter` is the row count to
     filter over (None: no filter). `rows` may be a generator (the Review sheet's is);
     `widths_from` holds every row, so its length is the sheet's row count. Drop-down
-    columns offer `choices`."""
+    columns offer `choices`. `keep_together(row)` gives rows that should print on one page
+    the same key (page breaks between blocks, see `page_breaks`)."""
     sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns],
-                [c.editable for c in columns])
+                [c.editable for c in columns], banner)
     if autofilter is not None:
         sh.filter(autofilter)
     for i, col in enumerate(columns, 1):
         if col.dropdown and choices:
             sh.dropdown(i, len(widths_from), choices)
+    wrapped = any(c.wrap or c.kind == AUTO for c in columns)
+    sh.tall_rows = wrapped
+    if keep_together is not None:
+        rows = list(rows)
+        heights = [(_height(sh, columns, r) if wrapped else None) or LINE_PT for r in rows]
+        for after in page_breaks([keep_together(r) for r in rows], heights, PAGE_BODY_PT):
+            sh.ws.row_breaks.append(_break(sh.header_row + after))
     for row in rows:
-        _append(sh, columns, row)
+        if wrapped:
+            sh.set_height(_height(sh, columns, row))
+        _append(sh, columns, row, links)
     return sh
 
 
-def _append(sh: "_Sheet", columns: Sequence[Column], row: Any) -> None:
+def _append(sh: "_Sheet", columns: Sequence[Column], row: Any, links: Mapping[str, str] | None = None) -> None:
     """One line, ending with the hidden check of its protected (non-editable) values."""
-    cells = [c.cell(sh, row) for c in columns]
+    cells = [c.cell(sh, row, links) for c in columns]
     protected = [getattr(v, "value", v) for c, v in zip(columns, cells) if not c.editable]
     sh.append([*cells, row_check(protected, sh.rows + 1)])
+
+
+def _break(row: int) -> Any:
+    from openpyxl.worksheet.pagebreak import Break
+
+    return Break(id=row)
+
+
+def page_breaks(keys: Sequence[Any], heights: Sequence[float], page_pt: float) -> list[int]:
+    """Where to break pages so that rows with the same key (a patient's block) stay on one page.
+
+    Returns the counts of rows before each break. A block taller than a page starts on a new
+    page and runs on; `page_pt` is an estimate of the rows' space per page, so this can only
+    move a block to the next page, never hide a row."""
+    breaks: list[int] = []
+    used, i = 0.0, 0
+    while i < len(keys):
+        j = i
+        while j < len(keys) and keys[j] == keys[i]:
+            j += 1
+        block = sum(heights[i:j])
+        if used > 0 and used + block > page_pt:
+            breaks.append(i)
+            used = 0.0
+        used += block
+        i = j
+    return breaks
 
 
 def _pct(x: float | None) -> float | None:
@@ -375,23 +563,40 @@ def _patient(s: PatientSummary) -> str:
     return s.patient
 
 
+def _class_pct(class_id: str) -> Callable[[PatientSummary], float | None]:
+    return lambda s: _pct(s.differential.percent.get(class_id))
+
+
+def _to_differential(s: PatientSummary, links: Mapping[str, str]) -> str | None:
+    return links.get(s.patient)
+
+
 _SUMMARY: tuple[Column, ...] = (
-    Column("Patient", _patient, fit(_patient, 12, 40), severity=_worst),
-    Column("Cells classified", lambda s: s.differential.n_cells, 10, PLAIN),
-    Column("WBC", lambda s: s.differential.wbc, 8, PLAIN),
-    Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 70,
+    Column("Patient", _patient, fit(_patient, 12, 30), severity=_worst, wrap=True),
+    Column("Cells classified", lambda s: s.differential.n_cells, 9, PLAIN),
+    Column("WBC", lambda s: s.differential.wbc, 7, PLAIN),
+    Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 38,
            severity=_worst, wrap=True),
-    Column("Blasts %", lambda s: _pct(s.differential.blasts_pct), 9, NUMBER, "0.0"),
-    Column("IG %", lambda s: _pct(s.differential.ig_pct), 9, NUMBER, "0.0"),
-    Column("Band %", lambda s: _pct(s.differential.band_pct), 9, NUMBER, "0.0"),
-    Column("Immature %", lambda s: _pct(s.differential.immature_pct), 11, NUMBER, "0.0"),
-    Column("NRBC /100 WBC", lambda s: _pct(s.differential.nrbc_per_100_wbc), 10, NUMBER, "0.0"),
+    Column("Blasts %", lambda s: _pct(s.differential.blasts_pct), 8, NUMBER, "0.0"),
+    Column("IG %", lambda s: _pct(s.differential.ig_pct), 7, NUMBER, "0.0"),
+    Column("Band %", lambda s: _pct(s.differential.band_pct), 7, NUMBER, "0.0"),
+    Column("Seg %", _class_pct("neutrophil_segmented"), 7, NUMBER, "0.0", needs="neutrophil_segmented"),
+    Column("Lymph %", _class_pct("lymphocyte"), 7, NUMBER, "0.0", needs="lymphocyte"),
+    Column("Mono %", _class_pct("monocyte"), 7, NUMBER, "0.0", needs="monocyte"),
+    Column("Eos %", _class_pct("eosinophil"), 7, NUMBER, "0.0", needs="eosinophil"),
+    Column("Baso %", _class_pct("basophil"), 7, NUMBER, "0.0", needs="basophil"),
+    Column("Immature %", lambda s: _pct(s.differential.immature_pct), 10, NUMBER, "0.0"),
+    Column("NRBC /100 WBC", lambda s: _pct(s.differential.nrbc_per_100_wbc), 7, NUMBER, "0.0"),
     Column("Platelets", lambda s: s.differential.platelets, 10, PLAIN),
-    Column("Review cells", lambda s: s.differential.n_review, 10, PLAIN),
-    Column("Unclassified", lambda s: s.differential.unclassified, 12, PLAIN),
+    Column("Smudge cells", lambda s: s.differential.smudge, 8, PLAIN, needs="smudge"),
+    Column("Smudge % of all cells", lambda s: _pct(s.differential.smudge_pct_of_cells), 10, NUMBER, "0.0",
+           needs="smudge"),
+    Column("Review cells", lambda s: s.differential.n_review, 8, PLAIN),
+    Column("Unclassified", lambda s: s.differential.unclassified, 11, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
-    Column("Notes", _notes, 40, severity=lambda s: WARNING if _notes(s) else None),
-    Column("Flag codes", lambda s: FLAG_CODE_SEPARATOR.join(f.code for f in s.flags), 24),
+    Column("Notes", _notes, 14, severity=lambda s: WARNING if _notes(s) else None, wrap=True),
+    Column("Flag codes", lambda s: FLAG_CODE_SEPARATOR.join(f.code for f in s.flags), 23, wrap=True),
+    Column("Every class", lambda s: "Differential", 12, link=_to_differential),
     Column("Verified by", lambda s: None, 16, editable=True),
     Column("Verified on", lambda s: None, 14, editable=True),
 )
@@ -441,23 +646,30 @@ def _class_note(r: _DiffRow) -> str:
         return f"not a leukocyte, not in WBC{per100}"
     if r.class_id == PLATELET_CLASS:
         return "not a leukocyte, counted apart"
+    if catalogue.get(r.class_id).group == catalogue.SMUDGE:
+        return "ruptured cells, not in WBC"
     return ""
 
 
-_DIFFERENTIAL: tuple[Column, ...] = (
-    Column("Patient", lambda r: r.patient, fit(lambda r: r.patient, 12, 40)),
-    Column("Class", lambda r: catalogue.get(r.class_id).display, 22),
-    Column("Count", lambda r: r.diff.counts[r.class_id], 8, PLAIN),
-    Column("In review", lambda r: r.diff.counts[r.class_id] - r.diff.confident_counts[r.class_id], 9, PLAIN),
-    Column("% of WBC", lambda r: _pct(r.pct), 9, NUMBER, "0.0"),
-    Column("95% CI low", lambda r: r.ci(0), 10, NUMBER, "0.0"),
-    Column("95% CI high", lambda r: r.ci(1), 10, NUMBER, "0.0"),
-    Column("Reference range (%)", lambda r: _range_text(r.reference), 18),
-    Column("vs. reference", lambda r: _vs_reference(r.pct, r.reference), 12),
-    Column("Note", _class_note, 26),
-    Column("Class id", lambda r: r.class_id, 22),
-)
+def _pct_of_all(r: _DiffRow) -> float | None:
+    """Smudge cells are a share of all counted cells (ADR 0009); other classes leave it empty."""
+    return _pct(r.diff.smudge_pct_of_cells) if catalogue.get(r.class_id).group == catalogue.SMUDGE else None
 
+
+_DIFFERENTIAL: tuple[Column, ...] = (
+    Column("Patient", lambda r: r.patient, fit(lambda r: r.patient, 12, 30), wrap=True),
+    Column("Class", lambda r: catalogue.get(r.class_id).display, 24, wrap=True),
+    Column("Count", lambda r: r.diff.counts[r.class_id], 7, PLAIN),
+    Column("In review", lambda r: r.diff.counts[r.class_id] - r.diff.confident_counts[r.class_id], 8, PLAIN),
+    Column("% of WBC", lambda r: _pct(r.pct), 8, NUMBER, "0.0"),
+    Column("95% CI low", lambda r: r.ci(0), 8, NUMBER, "0.0"),
+    Column("95% CI high", lambda r: r.ci(1), 8, NUMBER, "0.0"),
+    Column("Reference range (%)", lambda r: _range_text(r.reference), 11),
+    Column("vs. reference", lambda r: _vs_reference(r.pct, r.reference), 10),
+    Column("% of all cells", _pct_of_all, 8, NUMBER, "0.0"),
+    Column("Note", _class_note, 30, wrap=True),
+    Column("Class id", lambda r: r.class_id, 21),
+)
 
 @dataclass(frozen=True)
 class _CellLine:
@@ -471,38 +683,42 @@ class _CellLine:
 _VERIFIED_CLASS = Column("Verified class", lambda r: r.verified, 22, editable=True, dropdown=True)
 
 _CELLS: tuple[Column, ...] = (
-    Column("Patient", lambda r: r.cell.patient, fit(lambda r: r.cell.patient, 12, 40)),
-    Column("File", lambda r: r.cell.file, fit(lambda r: r.cell.file, 20, 80)),
-    Column("Class", lambda r: r.cell.class_id, 22),
+    Column("Patient", lambda r: r.cell.patient, fit(lambda r: r.cell.patient, 12, 30)),
+    Column("File", lambda r: r.cell.file, fit(lambda r: r.cell.file, 20, 60)),
+    Column("Class", lambda r: r.cell.class_id, 21),
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
-    Column("Second class", lambda r: r.cell.second_class, 22),
+    Column("Second class", lambda r: r.cell.second_class, 21),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
     Column("Review", lambda r: "yes" if r.cell.review else "no", 8),
     Column("Review reason", lambda r: r.cell.review_reason, 36),
     _VERIFIED_CLASS,
 )
 
+#: Points of the thumbnail's height; a Review row with a thumbnail is this tall, so the picture,
+#: its class and its confidence always print on the same page.
+THUMBNAIL_PT = THUMBNAIL_PX * 0.75 + 4
+
 _REVIEW: tuple[Column, ...] = (
-    Column("Thumbnail", lambda r: r.note, THUMBNAIL_PX / 7 + 2),
-    Column("Patient", lambda r: r.cell.patient, fit(lambda r: r.cell.patient, 12, 40)),
-    Column("File", lambda r: r.cell.file, fit(lambda r: r.cell.file, 20, 80)),
-    Column("Class", lambda r: class_display(r.cell.class_id), 22),
+    Column("Thumbnail", lambda r: r.note, THUMBNAIL_PX / 7 + 2, wrap=True),
+    Column("Patient", lambda r: r.cell.patient, fit(lambda r: r.cell.patient, 10, 22), wrap=True),
+    Column("File", lambda r: r.cell.file, fit(lambda r: r.cell.file, 16, 34), wrap=True),
+    Column("Class", lambda r: class_display(r.cell.class_id), 18, wrap=True),
     Column("Confidence", lambda r: round(r.cell.confidence, 4), 11, NUMBER, "0.000"),
-    Column("Second class", lambda r: _display(r.cell.second_class), 22),
+    Column("Second class", lambda r: _display(r.cell.second_class), 18, wrap=True),
     Column("Second probability", lambda r: round(r.cell.second_prob, 4), 11, NUMBER, "0.000"),
-    Column("Review reason", lambda r: r.cell.review_reason, 36),
+    Column("Review reason", lambda r: r.cell.review_reason, 26, wrap=True),
     _VERIFIED_CLASS,
 )
 
 _ERRORS: tuple[Column, ...] = (
-    Column("Patient", lambda e: e.patient, fit(lambda e: e.patient, 12, 40)),
-    Column("File", lambda e: e.file or WHOLE_PATIENT, fit(lambda e: e.file, 20, 80)),
-    Column("Reason", lambda e: e.reason, fit(lambda e: e.reason, 30, 100)),
+    Column("Patient", lambda e: e.patient, fit(lambda e: e.patient, 12, 30), wrap=True),
+    Column("File", lambda e: e.file or WHOLE_PATIENT, fit(lambda e: e.file, 20, 50), wrap=True),
+    Column("Reason", lambda e: e.reason, fit(lambda e: e.reason, 30, 80), wrap=True),
 )
 
 _RUN: tuple[Column, ...] = (
-    Column("Item", lambda kv: kv[0], fit(lambda kv: kv[0], 20, 70)),
-    Column("Value", lambda kv: kv[1], fit(lambda kv: kv[1], 20, 100)),
+    Column("Item", lambda kv: kv[0], fit(lambda kv: kv[0], 20, 50), wrap=True),
+    Column("Value", lambda kv: kv[1], fit(lambda kv: str(kv[1]), 20, 90), AUTO),
 )
 
 
@@ -576,8 +792,19 @@ EDITABLE_COLUMNS = tuple(dict.fromkeys(
 
 # =================================================================== the sheets
 
-def _write_summary(wb: Any, summaries: Sequence[PatientSummary]) -> None:
-    _write_sheet(wb, "Summary", _SUMMARY, summaries, summaries, autofilter=len(summaries))
+def _write_summary(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
+                   links: Mapping[str, str]) -> None:
+    """The banner in row 1 (the software pre-classifies, a person decides), headers in row 2."""
+    _write_sheet(wb, "Summary", shown_columns(_SUMMARY, classes), summaries, summaries,
+                 autofilter=len(summaries), banner=BANNER, links=links)
+
+
+def differential_links(summaries: Sequence[PatientSummary], classes: Sequence[str]) -> dict[str, str]:
+    """Each patient's first row in the Differential sheet, for the Summary's link to it."""
+    n = len(_shown_classes(classes))
+    if n == 0:
+        return {}
+    return {s.patient: f"'Differential'!A{HEADER_ROWS['Differential'] + 1 + i * n}" for i, s in enumerate(summaries)}
 
 
 def _shown_classes(classes: Sequence[str], extra: Iterable[str] = ()) -> list[str]:
@@ -599,7 +826,8 @@ def _diff_rows(summaries: Sequence[PatientSummary], shown: Sequence[str], settin
 def _write_differential(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
                         settings: Settings) -> None:
     rows = _diff_rows(summaries, _shown_classes(classes), settings)
-    _write_sheet(wb, "Differential", _DIFFERENTIAL, rows, rows, autofilter=len(rows))
+    _write_sheet(wb, "Differential", _DIFFERENTIAL, rows, rows, autofilter=len(rows),
+                 keep_together=lambda r: r.patient)  # a patient's differential prints on one page
 
 
 def _write_cells(wb: Any, cells: Sequence[CellResult], choices: Sequence[str],
@@ -621,40 +849,64 @@ def _thumbnail(jpeg: bytes) -> Any:
     return img
 
 
+def review_order(summaries: Sequence[PatientSummary]) -> list[CellResult]:
+    """The Review sheet's cells: patient by patient, least confident first."""
+    return [c for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
+
+
+def thumbnails_to_embed(review: Sequence[CellResult], limit: int, readable: Callable[[int], bool]) -> set[int]:
+    """Positions in `review` whose thumbnails are embedded: each patient's fair share of
+    `limit` (batchwbc/thumbcap.py), least confident first, among the cells whose thumbnail is
+    `readable` (an unreadable one would waste a slot another cell could use)."""
+    by_patient: dict[str, list[int]] = {}
+    for i, c in enumerate(review):
+        if readable(i):
+            by_patient.setdefault(c.patient, []).append(i)  # already least confident first
+    quota = fair_quota([len(v) for v in by_patient.values()], limit)
+    return {i for positions, q in zip(by_patient.values(), quota) for i in positions[:q]}
+
+
+def _cap_note(limit: int) -> str:
+    return f"(not embedded: at most {limit:,} images, shared fairly across patients)"
+
+
 def _review_rows(sh: "_Sheet", review: Sequence[_CellLine], limit: int) -> Iterator[_CellLine]:
-    """Review lines, in order; each thumbnail is embedded at the row it is about to fill."""
-    embedded = 0
-    for line in review:
-        c = line.cell
-        row = sh.rows + 1
-        if embedded >= limit:  # checked first: the pipeline keeps no thumbnails past the limit
-            note: str | None = f"(not embedded: limit of {limit} images)"
-        elif c.thumbnail_jpeg is None:
-            note = "(no thumbnail)"
+    """Review lines, in order; each thumbnail is embedded at the row it is about to fill, and
+    that row is as tall as the thumbnail, so picture and data print on one page."""
+    images = {i: _thumbnail(line.cell.thumbnail_jpeg) for i, line in enumerate(review)
+              if line.cell.thumbnail_jpeg is not None}
+    chosen = thumbnails_to_embed([line.cell for line in review], limit, lambda i: images.get(i) is not None)
+    for i, line in enumerate(review):
+        img = images.pop(i, None)
+        if line.cell.thumbnail_jpeg is None:
+            note: str | None = "(no thumbnail)"
+        elif img is None:
+            note = "(thumbnail unreadable)"
+        elif i not in chosen:
+            note = _cap_note(limit)
         else:
-            img = _thumbnail(c.thumbnail_jpeg)
-            if img is None:
-                note = "(thumbnail unreadable)"
-            else:
-                img.anchor = f"A{row}"
-                sh.ws.add_image(img)
-                sh.ws.row_dimensions[row].height = THUMBNAIL_PX * 0.75 + 4  # points
-                embedded += 1
-                note = None
+            img.anchor = f"A{sh.rows + 1}"
+            sh.ws.add_image(img)
+            note = None
         yield replace(line, note=note)
 
 
 def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int, choices: Sequence[str],
-                  verified: Mapping[tuple[str, str], str]) -> None:
-    """Cells below the review threshold, patient by patient, least confident first.
+                  verified: Mapping[tuple[str, str], str]) -> int:
+    """Cells below the review threshold, patient by patient, least confident first; returns
+    the number of thumbnails embedded.
 
     Widths fit the review cells; rows are produced while writing because each embedded
     thumbnail is anchored to the row it belongs to."""
-    review = [_CellLine(c, verified.get((c.patient, c.file)))
-              for s in summaries for c in sorted((c for c in s.cells if c.review), key=lambda c: c.confidence)]
+    review = [_CellLine(c, verified.get((c.patient, c.file))) for c in review_order(summaries)]
     sh = _write_sheet(wb, "Review", _REVIEW, (), review, autofilter=None, choices=choices)
+    sh.ws.oddFooter.center.text = f"Thumbnails: at most {limit:,}, shared fairly across patients"
+    embedded = 0
     for line in _review_rows(sh, review, limit):
+        embedded += line.note is None
+        sh.set_height(_height(sh, _REVIEW, line, minimum=THUMBNAIL_PT if line.note is None else 0.0))
         _append(sh, _REVIEW, line)
+    return embedded
 
 
 def class_display(class_id: str) -> str:
@@ -684,12 +936,27 @@ def _duration(run: RunData) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummary]) -> list[tuple[str, str]]:
-    """The Run sheet's key/value rows: everything needed to audit or reproduce the report."""
+_PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def _as_number(text: str) -> Any:
+    """A settings value such as "20" or "0.5" as the number it is (the Run sheet stores numbers
+    as numbers); anything else - units, words, a leading zero - stays text."""
+    if not _PLAIN_NUMBER.fullmatch(text) or (len(text) > 1 and text.startswith("0") and text[1] != "."):
+        return text
+    return float(text) if "." in text else int(text)
+
+
+def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummary],
+             thumbnails_embedded: int | None = None) -> list[tuple[str, Any]]:
+    """The Run sheet's key/value rows: everything needed to audit or reproduce the report.
+
+    Counts and thresholds are numbers (int/float), so they can be summed and compared."""
     m = run.model
     t = totals(list(summaries))
     unreadable = sum(1 for e in run.errors if e.file)
     failed = sum(1 for e in run.errors if not e.file)
+    review_cells = len(review_order(summaries))
     rows: list[tuple[str, Any]] = [
         ("Run started", _when(run.started)),
         ("Run finished", _when(run.finished)),
@@ -700,32 +967,40 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Model sha256", m.sha256),
         ("Model version", m.model_version),
         ("Model classes", ", ".join(m.classes)),
-        ("Model input size (px)", str(m.input_size)),
-        ("Model calibration temperature", "" if m.temperature is None else f"{m.temperature:g}"),
-        ("Model default review threshold", "" if m.review_threshold is None else f"{m.review_threshold:g}"),
-        ("Review threshold used (confidence below it goes to Review)", f"{run.review_threshold:g}"),
-        ("Patients", str(t.patients)),
-        ("Cells classified", str(len(run.cells))),
-        ("WBC classified", str(t.wbc)),
-        ("Cells to review", str(t.review_cells)),
+        ("Model input size (px)", m.input_size),
+        ("Model calibration temperature", "" if m.temperature is None else m.temperature),
+        ("Model default review threshold", "" if m.review_threshold is None else m.review_threshold),
+        ("Review threshold used (confidence below it goes to Review)", run.review_threshold),
+        ("Patients", t.patients),
+        ("Cells classified", len(run.cells)),
+        ("WBC classified", t.wbc),
+        ("Cells to review", t.review_cells),
         ("Unclassified cells (not recognised as a cell the model knows; in no count)",
-         str(sum(x.differential.unclassified for x in summaries))),
+         sum(x.differential.unclassified for x in summaries)),
         ("Data shift (whole run, compared with the model's own validation data)", _shift_verdict(run.data_shift)),
-        ("Unreadable files", str(unreadable)),
-        ("Patients that failed as a whole", str(failed)),
-        ("Ignored files (hidden or not images)", str(run.ignored_files)),
-        ("Percentages", "of WBC = leukocytes only; NRBC reported per 100 WBC; platelets counted apart"),
+    ]
+    if thumbnails_embedded is not None:
+        rows.append((f"Review thumbnails embedded (at most {settings.review_max_images:,}, each patient an "
+                     "equal share, least confident first)", thumbnails_embedded))
+        rows.append(("Review cells listed without a thumbnail", review_cells - thumbnails_embedded))
+    rows += [
+        ("Unreadable files", unreadable),
+        ("Patients that failed as a whole", failed),
+        ("Ignored files (hidden or not images)", run.ignored_files),
+        ("Percentages", "of WBC = leukocytes only; NRBC reported per 100 WBC; platelets counted apart; "
+                        "smudge cells as % of all cells"),
         ("Confidence intervals", "exact binomial (Clopper-Pearson) 95%, as in Rümke's tables"),
         ("Immature granulocytes (IG)", "promyelocytes + myelocytes + metamyelocytes"),
         ("Immature total", "blasts + IG + band neutrophils"),
         ("Class columns", "Cells sheet and CSV: class ids; Summary, Differential, Review: display names"),
     ]
     rows += _ood_rows(m)
-    rows += settings.describe()
+    rows += [(k, _as_number(v)) for k, v in settings.describe()]
     for key in (KEY_TRAINING_DATA, KEY_TEST_METRICS):
         if key in m.metadata:
             rows.append((f"Model metadata {key}", m.metadata[key]))
-    rows += [(str(k), str(v)) for k, v in run.extra.items()]
+    rows += [(str(k), v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
+             for k, v in run.extra.items()]
     return rows
 
 
@@ -753,7 +1028,7 @@ def _ood_rows(m) -> list[tuple[str, str]]:
     return rows
 
 
-def _write_run(wb: Any, rows: list[tuple[str, str]]) -> None:
+def _write_run(wb: Any, rows: list[tuple[str, Any]]) -> None:
     _write_sheet(wb, "Run", _RUN, rows, rows, autofilter=None)
 
 
@@ -783,13 +1058,14 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
     wb = Workbook(write_only=True)
     try:
         with atomic_output(out_path) as tmp:
-            choices = class_choices(run.model.classes, [c.class_id for c in run.cells])
-            _write_summary(wb, summaries)
-            _write_differential(wb, summaries, run.model.classes, settings)
+            classes = run.model.classes
+            choices = class_choices(classes, [c.class_id for c in run.cells])
+            _write_summary(wb, summaries, classes, differential_links(summaries, classes))
+            _write_differential(wb, summaries, classes, settings)
             _write_cells(wb, run.cells, choices, {})
-            _write_review(wb, summaries, settings.review_max_images, choices, {})
+            embedded = _write_review(wb, summaries, settings.review_max_images, choices, {})
             _write_errors(wb, run.errors)
-            _write_run(wb, run_rows(run, settings, summaries))
+            _write_run(wb, run_rows(run, settings, summaries, embedded))
             wb.save(tmp)
     finally:
         _discard_sheet_buffers(wb)
@@ -810,9 +1086,10 @@ def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: s
     try:
         with atomic_output(out_path) as tmp:
             _write_sheet(wb, "Summary", _SUMMARY_VERIFIED, rep.patients, rep.patients,
-                         autofilter=len(rep.patients))
+                         autofilter=len(rep.patients), banner=VERIFIED_BANNER)
             rows = _diff_rows(post, _shown_classes(rep.model_classes, verified.values()), settings, pre)
-            _write_sheet(wb, "Differential", _DIFFERENTIAL_VERIFIED, rows, rows, autofilter=len(rows))
+            _write_sheet(wb, "Differential", _DIFFERENTIAL_VERIFIED, rows, rows, autofilter=len(rows),
+                         keep_together=lambda r: r.patient)
             _write_cells(wb, cells, rep.choices, verified)
             _write_review(wb, pre, settings.review_max_images, rep.choices, verified)
             _write_errors(wb, rep.errors)
@@ -848,12 +1125,17 @@ def _csv_value(column: Column, row: Any) -> str:
     return csv_text(str(value).replace("\r\n", "\n").replace("\n", " | "))
 
 
-def write_summary_csv(summaries: Sequence[PatientSummary], out_path: str | os.PathLike) -> None:
+def write_summary_csv(summaries: Sequence[PatientSummary], out_path: str | os.PathLike,
+                      classes: Sequence[str] | None = None) -> None:
     """The Summary sheet as UTF-8 CSV (no BOM): the same Column table, headers and values (its
     machine columns), one line per patient, for LIS middleware and scripts ("Flag codes" is
     '; '-separated).
-    Written atomically: a failure leaves the previous file untouched."""
-    columns = [c for c in _SUMMARY if not c.editable]  # Verified by / on are the technologist's, empty now
+    `classes` (the model's) leaves out the class columns the sheet leaves out (`shown_columns`);
+    None keeps them all. Written atomically: a failure leaves the previous file untouched."""
+    # Verified by / on are the technologist's, empty now; a link to another sheet means nothing in a CSV.
+    # The banner is a sheet row above the headers, not a column: the CSV starts with the headers.
+    table = _SUMMARY if classes is None else shown_columns(_SUMMARY, classes)
+    columns = [c for c in table if not c.editable and c.link is None]
     with atomic_output(out_path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8", errors="replace") as fh:
             writer = csv.writer(fh)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import DEFAULT_SETTINGS, ConfigError, Settings, settings_from_dict
-from .report import EDITABLE_COLUMNS, KNOWN_HEADERS, WHOLE_PATIENT
+from .report import EDITABLE_COLUMNS, HEADER_ROWS, KNOWN_HEADERS, WHOLE_PATIENT
 from .results import CellResult, FileError
 from .rowcheck import CHECK_HEADER, edited, written_row
 
@@ -107,7 +107,8 @@ class _Sheet:
             raise ReportReadError(f"the workbook has no {name} sheet, so it is not a complete batchwbc report.")
         ws = wb[name]
         self.ws = ws
-        rows = ws.iter_rows(values_only=True)
+        header_row = _header_row(ws, name, (*required, CHECK_HEADER))
+        rows = ws.iter_rows(min_row=header_row, values_only=True)
         header = [("" if h is None else str(h)) for h in next(rows, ())]
         missing = [h for h in (*required, CHECK_HEADER) if h not in header]
         if missing:
@@ -120,7 +121,7 @@ class _Sheet:
         names = [header[i] for i in protected]
         self.rows: list[tuple[int, dict[str, Any]]] = []
         self.written: dict[int, int | None] = {}  # current row -> row it was written at
-        for n, values in enumerate(rows, start=2):
+        for n, values in enumerate(rows, start=header_row + 1):
             values = list(values) + [None] * (len(header) - len(values))
             if all(v is None or v == "" for v in values):
                 continue
@@ -137,6 +138,19 @@ class _Sheet:
                     f"({', '.join(EDITABLE_COLUMNS)}) may be changed.")
             self.written[n] = written_row(check)
             self.rows.append((n, {h: v for h, v in zip(header, values) if h}))
+
+
+def _header_row(ws: Any, name: str, wanted: Sequence[str]) -> int:
+    """The row holding a sheet's headers: report.HEADER_ROWS for this version's workbooks (the
+    Summary's row 1 is a banner), else row 1 (a workbook from before the banner); the first of
+    them holding every wanted header, or HEADER_ROWS' row when none does (the caller names
+    what is missing)."""
+    expected = HEADER_ROWS.get(name, 1)
+    for row in dict.fromkeys((expected, 1)):
+        values = next(ws.iter_rows(min_row=row, max_row=row, values_only=True), ())
+        if all(h in {"" if v is None else str(v) for v in values} for h in wanted):
+            return row
+    return expected
 
 
 def read_report(path: str | os.PathLike) -> ReportContents:

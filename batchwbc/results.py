@@ -50,5 +50,5 @@ class RunData:
     finished: datetime
     tool_version: str
     ignored_files: int = 0  # hidden / non-image files skipped by discovery
-    extra: dict[str, str] = field(default_factory=dict)  # more Run-sheet rows (options, cache hits, ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # more Run-sheet rows (options, cache hits, ...); numbers stay numbers
     data_shift: Any = None  # datashift.ShiftDecision for the whole run; None: not checked

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-RUN_ROWS_THAT_DIFFER = ("Run started", "Run finished", "Duration (h:mm:ss)")
+RUN_ROWS_THAT_DIFFER = ("Run started", "Run finished", "Duration (h:mm:ss)", "Command line")
 
 
 def sheet_rows(path: Path, ignore_run_rows: set[str]) -> dict[str, list[tuple]]:

@@ -265,9 +265,11 @@ def test_summary_csv_option_writes_one_line_per_patient(tiny, tmp_path):
     from openpyxl import load_workbook
 
     ws = load_workbook(out, read_only=True)["Summary"]
-    sheet = [tuple(c.value for c in row) for row in ws.iter_rows()]
-    header = tuple(h for h in sheet[0] if h not in ("Verified by", "Verified on", report.CHECK_HEADER))
-    assert tuple(got[0]) == header  # the sheet's machine columns (not the technologist's, not the hidden Check)
+    # from the header row on: the banner above it is the sheet's, not the CSV's
+    sheet = [tuple(c.value for c in row) for row in ws.iter_rows(min_row=report.HEADER_ROWS["Summary"])]
+    assert summary.read_text(encoding="utf-8").startswith("Patient,")
+    header = tuple(h for h in sheet[0] if h not in ("Verified by", "Verified on", "Every class", report.CHECK_HEADER))
+    assert tuple(got[0]) == header  # the sheet's machine columns (not the technologist's, the link or the hidden Check)
     assert [g["Flag codes"] for g in got] == [row[sheet[0].index("Flag codes")] or "" for row in sheet[1:]]
     assert "Verified by" in sheet[0]  # the workbook keeps them
     assert sum(int(g["Cells classified"]) for g in got) == len(discover(SAMPLES).crops)

@@ -142,3 +142,23 @@ def test_zero_cells_and_zero_wbc_give_none_not_errors():
 def test_unknown_class_is_named():
     with pytest.raises(KeyError, match="plasma_cell"):
         summarize([cell("plasma_cell")])
+
+
+def test_smudge_cells_are_a_percentage_of_all_cells_never_of_wbc():
+    # 90 WBC + 2 NRBC + 3 platelets + 5 smudge = 100 cells: smudge is 5% of ALL cells,
+    # and the WBC percentages still sum to 100 over the 90 leukocytes only.
+    d = summarize(cells_from({"neutrophil_segmented": 60, "lymphocyte": 30, "erythroblast": 2,
+                              "platelet": 3, "smudge": 5}))
+    assert d.n_cells == 100 and d.wbc == 90
+    assert d.smudge == 5 and d.smudge_pct_of_cells == pytest.approx(5.0)
+    assert "smudge" not in d.percent
+    assert sum(v for v in d.percent.values() if v is not None) == pytest.approx(100.0)
+    assert d.percent["lymphocyte"] == pytest.approx(100 * 30 / 90)
+    empty = summarize([])
+    assert empty.smudge == 0 and empty.smudge_pct_of_cells is None
+    # An unclassified crop (batchwbc.ood) is in no count, so not in the smudge denominator either.
+    from batchwbc.ood import UNCLASSIFIED
+
+    with_unknown = summarize(cells_from({"lymphocyte": 9, "smudge": 1}) + [cell(UNCLASSIFIED, i=99)] * 10)
+    assert with_unknown.n_cells == 20 and with_unknown.unclassified == 10
+    assert with_unknown.smudge_pct_of_cells == pytest.approx(10.0)

@@ -59,6 +59,9 @@ def sheet_rows(xlsx: Path, name: str) -> list[dict]:
         rows = list(wb[name].iter_rows(values_only=True))
     finally:
         wb.close()
+    from batchwbc.report import HEADER_ROWS
+
+    rows = rows[HEADER_ROWS.get(name, 1) - 1:]  # the Summary's row 1 is the banner
     header = rows[0]
     return [dict(zip(header, r)) for r in rows[1:] if any(v is not None for v in r)]
 

@@ -245,7 +245,10 @@ def test_differential_table_shows_the_summary_numbers(built):
     out, _, _, summaries, _ = built
     text = (out / "patient-0001.html").read_text(encoding="utf-8")
     d = summaries["P1"].differential
-    assert f"<td>Lymphocyte</td><td class=\"n\">{d.counts['lymphocyte']}</td>" in text
+    from batchwbc import catalogue
+
+    lymphocyte = html.escape(catalogue.get("lymphocyte").display)
+    assert f"<td>{lymphocyte}</td><td class=\"n\">{d.counts['lymphocyte']}</td>" in text
     assert f"{d.percent['lymphocyte']:.1f}" in text
     lo, hi = d.ci["lymphocyte"]
     assert f"{lo:.1f}&ndash;{hi:.1f}" in text

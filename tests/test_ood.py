@@ -162,6 +162,7 @@ def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
     out = Pipeline(clf.info.input_size, clf, 0.6, workers=0).run(found.crops)
     now = datetime.now()
     from batchwbc.datashift import decide_all
+    from batchwbc.report import HEADER_ROWS
     from batchwbc.summary import summarize_run
 
     shifts, run_shift = decide_all(clf.info.metadata, out.cells)
@@ -169,14 +170,14 @@ def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
                        data_shift=run_shift)
     write_workbook(run_data, summarize_run(run_data, Settings(), shifts), Settings(), tmp_path / "r.xlsx")
     wb = load_workbook(tmp_path / "r.xlsx")
-    rows = list(wb["Summary"].iter_rows(values_only=True))
+    rows = list(wb["Summary"].iter_rows(values_only=True))[HEADER_ROWS["Summary"] - 1:]  # row 1: the banner
     head = rows[0]
     by = {r[0]: dict(zip(head, r)) for r in rows[1:]}
     assert by["SHIFTED"]["Unclassified"] == 30 and by["SHIFTED"]["WBC"] == 0
     assert "DATA_SHIFT" in by["SHIFTED"]["Flag codes"] and "DATA_SHIFT" not in (by["NORMAL"]["Flag codes"] or "")
     assert by["NORMAL"]["Unclassified"] == 0
     items = {r[0]: r[1] for r in wb["Run"].iter_rows(values_only=True)}
-    assert items["Unclassified cells (not recognised as a cell the model knows; in no count)"] == "30"
+    assert items["Unclassified cells (not recognised as a cell the model knows; in no count)"] == 30
     assert "DATA_SHIFT" in items["Data shift (whole run, compared with the model's own validation data)"]
     review = list(wb["Review"].iter_rows(values_only=True))
     assert any(ood.UNCLASSIFIED_REASON in str(r[3]) for r in review[1:])

@@ -81,9 +81,15 @@ def rows(ws) -> list[tuple]:
     return [tuple(c.value for c in r) for r in ws.iter_rows()]
 
 
+def table(ws) -> list[tuple]:
+    """The sheet's rows from its header row on (the Summary's row 1 is the banner)."""
+    return rows(ws)[report.HEADER_ROWS[ws.title] - 1:]
+
+
 def as_dicts(ws) -> list[dict]:
-    """Rows as {header: value}, without the hidden Check column (tests/test_verify.py checks it)."""
-    data = rows(ws)
+    """Rows as {header: value} from the header row on, without the hidden Check column
+    (tests/test_verify.py checks it)."""
+    data = table(ws)
     header = data[0]
     return [{k: v for k, v in zip(header, r) if k != CHECK_HEADER} for r in data[1:]]
 
@@ -106,8 +112,8 @@ def test_sheets_headers_and_frozen_header_rows(written):
     }
     for name, cols in expected.items():
         ws = wb[name]
-        assert rows(ws)[0][: len(cols)] == tuple(cols)
-        assert ws.freeze_panes == "A2"
+        assert table(ws)[0][: len(cols)] == tuple(cols)
+        assert ws.freeze_panes == f"A{report.HEADER_ROWS[name] + 1}"
         assert ws.column_dimensions["A"].width > 8
     for required in ("Patient", "Cells classified", "WBC", "Flags", "Blasts %", "IG %", "Band %",
                      "NRBC /100 WBC", "Review cells", "Unreadable files"):
@@ -134,7 +140,7 @@ def test_formula_like_and_unicode_names_are_stored_verbatim_as_text(written):
     summary = {r["Patient"]: r for r in as_dicts(wb["Summary"])}
     for name in NASTY:
         assert name in summary
-    for r in wb["Summary"].iter_rows(min_row=2, max_col=1):
+    for r in wb["Summary"].iter_rows(min_row=3, max_col=1):
         assert r[0].data_type == "s"
         assert r[0].quotePrefix == r[0].value.startswith(("=", "+", "-", "@"))
     files = {r["File"] for r in as_dicts(wb["Cells"])}
@@ -162,7 +168,7 @@ def test_summary_values_flags_and_colours(written):
     assert empty["Cells classified"] == 0 and empty["Blasts %"] is None and "LOW_WBC" in empty["Flag codes"]
     assert "permission denied" in by_patient["FAILED"]["Notes"]
     # Colours: red for the critical row, amber for a warning-only row, none for a clean one.
-    fills = {r[0].value: r[3].fill.fgColor.rgb for r in ws.iter_rows(min_row=2)}
+    fills = {r[0].value: r[3].fill.fgColor.rgb for r in ws.iter_rows(min_row=3)}
     assert fills["P1"].endswith("FFC7CE")
     assert fills["EMPTY"].endswith("FFEB9C")
     assert fills["P2"] in (None, "00000000")
@@ -251,11 +257,18 @@ def test_errors_and_run_sheets(written):
     assert items["Model classes"] == ", ".join(catalogue.CLASS_IDS)
     assert items["Slides root"] == "/data/slides"
     assert items["Duration (h:mm:ss)"] == "0:03:07"
-    assert items["Cells classified"] == str(len(run.cells))
-    assert items["Unreadable files"] == "2" and items["Patients that failed as a whole"] == "1"
-    assert items["Decode workers"] == "2"
+    # Counts are stored as numbers, not as text that looks like a number.
+    assert items["Cells classified"] == len(run.cells)
+    assert items["Unreadable files"] == 2 and items["Patients that failed as a whole"] == 1
+    assert items["Patients"] == len(run.patients) and items["Model input size (px)"] == 32
+    assert items["Review threshold used (confidence below it goes to Review)"] == 0.6
+    assert items["Decode workers"] == "2"  # run.extra passed as text stays text
     for key, value in DEFAULT_SETTINGS.describe():
-        assert items[key] == value
+        assert str(items[key]) == value or items[key] == float(value)
+    assert isinstance(next(v for k, v in items.items() if k.startswith("Flag LOW_WBC")), int)
+    cells = {c.coordinate: c for r in wb["Run"].iter_rows(min_row=2) for c in r}
+    numeric = [c for c in cells.values() if c.column == 2 and isinstance(c.value, (int, float))]
+    assert len(numeric) >= 15 and all(c.data_type == "n" for c in numeric)
 
 
 def test_control_characters_in_names_do_not_crash(tmp_path):
@@ -510,14 +523,16 @@ def test_summary_csv_is_the_summary_sheet(written, tmp_path):
 
     run, _, wb = written
     out = tmp_path / "summary.csv"
-    write_summary_csv(summarize_run(run, DEFAULT_SETTINGS), out)
+    write_summary_csv(summarize_run(run, DEFAULT_SETTINGS), out, run.model.classes)
     raw = out.read_bytes()
     assert not raw.startswith(b"\xef\xbb\xbf")
     lines = raw.decode("utf-8").splitlines()
+    assert lines[0].startswith("Patient,")  # the header line first: the sheet's banner is not data
+    assert report.BANNER not in raw.decode("utf-8")
     assert len(lines) == 1 + len(run.patients)  # multi-line Flags are flattened: one line per patient
     got = list(csvmod.DictReader(out.open(encoding="utf-8", newline="")))
     sheet = as_dicts(wb["Summary"])
-    machine = [h for h in sheet[0] if h not in ("Verified by", "Verified on", report.CHECK_HEADER)]
+    machine = [h for h in sheet[0] if h not in ("Verified by", "Verified on", "Every class", report.CHECK_HEADER)]
     assert list(got[0]) == machine  # the sheet's machine columns, in the same order
     for g, s in zip(got, sheet):
         patient = g["Patient"][1:] if g["Patient"].startswith("'") else g["Patient"]
@@ -563,4 +578,4 @@ def test_pending_review_flag_has_its_own_light_colour(tmp_path):
     row = as_dicts(ws)[0]
     assert row["Flag codes"] == "NRBC_PENDING_REVIEW"
     assert "1 possible erythroblast, pending review" in row["Flags"]
-    assert ws.cell(row=2, column=1).fill.fgColor.rgb.endswith("DDEBF7")
+    assert ws.cell(row=report.HEADER_ROWS["Summary"] + 1, column=1).fill.fgColor.rgb.endswith("DDEBF7")

@@ -60,7 +60,8 @@ def sha(path: Path) -> str:
 
 
 def dicts(ws) -> list[dict]:
-    data = [tuple(c for c in r) for r in ws.iter_rows(values_only=True)]
+    """Rows as {header: value} from the sheet's header row on (the Summary's row 1 is a banner)."""
+    data = [tuple(c for c in r) for r in ws.iter_rows(min_row=report.HEADER_ROWS[ws.title], values_only=True)]
     return [dict(zip(data[0], r)) for r in data[1:]]
 
 
@@ -93,9 +94,10 @@ def set_cells(path: Path, sheet: str, edits: dict[tuple[str, str], dict[str, obj
     """Edit cells by (patient, file) and header, with openpyxl, as Excel would; returns their rows."""
     wb = load_workbook(path)
     ws = wb[sheet]
-    header = [c.value for c in ws[1]]
+    h = report.HEADER_ROWS[sheet]
+    header = [c.value for c in ws[h]]
     rows = {}
-    for row in ws.iter_rows(min_row=2):
+    for row in ws.iter_rows(min_row=h + 1):
         values = {h: c for h, c in zip(header, row)}
         key = (values["Patient"].value, values.get("File").value if "File" in values else None)
         if key in edits:
@@ -120,20 +122,49 @@ def test_report_offers_a_verified_class_drop_down_and_hides_a_check_per_row(made
     wb = load_workbook(made[2])
     for sheet in ("Cells", "Review"):
         ws = wb[sheet]
-        header = [c.value for c in ws[1]]
+        h = report.HEADER_ROWS[sheet]
+        header = [c.value for c in ws[h]]
         assert header[-1] == CHECK_HEADER and "Verified class" in header
         col = header.index("Verified class") + 1
-        letter = ws.cell(1, col).column_letter
-        assert ws.column_dimensions[ws.cell(1, len(header)).column_letter].hidden
+        letter = ws.cell(h, col).column_letter
+        assert ws.column_dimensions[ws.cell(h, len(header)).column_letter].hidden
         dvs = ws.data_validations.dataValidation
-        assert len(dvs) == 1 and dvs[0].type == "list" and str(dvs[0].sqref).startswith(f"{letter}2:")
+        # the drop-down starts on the first row below the header and covers every data row
+        assert len(dvs) == 1 and dvs[0].type == "list" and str(dvs[0].sqref) == f"{letter}{h + 1}:{letter}{ws.max_row}"
         offered = dvs[0].formula1.strip('"').split(",")
         assert offered == [*catalogue.CLASS_IDS, UNCLASSIFIED]  # the tiny model's classes, then unclassified
-        assert ws.cell(1, col).fill.fgColor.rgb.endswith(report.EDITABLE_FILL)
-        assert ws.cell(1, 1).fill.fgColor.rgb.endswith(report.PROTECTED_FILL)
-        assert ws.cell(1, col).comment is not None
+        assert ws.cell(h, col).fill.fgColor.rgb.endswith(report.EDITABLE_FILL)
+        assert ws.cell(h, 1).fill.fgColor.rgb.endswith(report.PROTECTED_FILL)
+        assert ws.cell(h, col).comment is not None
         assert ws.column_dimensions[letter].fill.fgColor.rgb.endswith(report.EDITABLE_FILL)  # empty cells yellow too
-    assert {"Verified by", "Verified on"} <= {c.value for c in wb["Summary"][1]}
+    summary = wb["Summary"]
+    h = report.HEADER_ROWS["Summary"]
+    assert h == 2 and summary.cell(1, 1).value == report.BANNER  # the banner above the headers
+    header = [c.value for c in summary[h]]
+    assert {"Verified by", "Verified on"} <= set(header) and header[-1] == CHECK_HEADER
+    assert summary.cell(h, header.index("Verified by") + 1).comment is not None
+    # the banner spans the printed columns only; the hidden Check column is never printed
+    assert str(next(iter(summary.merged_cells.ranges))) == f"A1:{summary.cell(h, len(header) - 1).column_letter}1"
+
+
+def test_a_workbook_without_the_summary_banner_still_verifies(made, tmp_path):
+    """A report written before the banner (Summary headers in row 1) is still read."""
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    wb = load_workbook(rep)
+    ws = wb["Summary"]
+    ws.merged_cells.ranges.clear()
+    for row in ws.iter_rows():
+        for c in row:
+            if c.hyperlink is not None:  # openpyxl's delete_rows leaves a link's ref behind; the text stays
+                c.hyperlink = None
+    ws.delete_rows(1)
+    wb.save(rep)
+    out = tmp_path / "verified.xlsx"
+    r = invoke("verify", rep, "--out", out)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    statuses = {row["Patient"]: row["Status"] for row in dicts(load_workbook(out)["Summary"])}
+    assert statuses["P1"] == statuses["P3"] == "signed" and statuses["P2"].startswith("not signed")
 
 
 def test_every_class_id_fits_excels_in_line_drop_down_limit():
@@ -375,9 +406,10 @@ def test_a_re_sorted_review_sheet_loses_its_thumbnails_rather_than_mismatching_t
     rep = copy_report(made, tmp_path)
     wb = load_workbook(rep)
     ws = wb["Review"]
-    first, second = ([c.value for c in ws[n]] for n in (2, 3))  # what sorting two rows does
+    h = report.HEADER_ROWS["Review"]
+    first, second = ([c.value for c in ws[n]] for n in (h + 1, h + 2))  # what sorting two rows does
     for col, (a, b) in enumerate(zip(first, second), 1):
-        ws.cell(2, col).value, ws.cell(3, col).value = b, a
+        ws.cell(h + 1, col).value, ws.cell(h + 2, col).value = b, a
     wb.save(rep)
     out = tmp_path / "v.xlsx"
     r = invoke("verify", rep, "--out", out)
@@ -476,11 +508,12 @@ def test_html_gallery_of_the_verified_cells_marks_corrections(made, tmp_path):
     def section_of(f):
         return max((s for s in sections.items() if s[1] < figure[f]), key=lambda s: s[1])[0]
 
-    assert section_of("P1/bl1.png") == "Lymphocyte" and section_of("P1/amb1.png") == "Myelocyte"  # verified classes
-    assert section_of("P1/bl0.png") == "Myeloblast"
+    assert (section_of("P1/bl1.png") == catalogue.get("lymphocyte").display
+            and section_of("P1/amb1.png") == catalogue.get("myelocyte").display)  # verified classes
+    assert section_of("P1/bl0.png") == catalogue.get("myeloblast").display
     corrected = re.findall(r'<figure class="cell[^"]*corrected" data-file="([^"]+)"', html)
     assert sorted(corrected) == ["P1/amb1.png", "P1/bl1.png"]
-    assert "machine: Myeloblast" in html
+    assert f"machine: {catalogue.get('myeloblast').display}" in html
 
 
 def test_a_data_shift_flag_is_carried_over_and_unclassified_can_be_chosen():
@@ -495,3 +528,29 @@ def test_a_data_shift_flag_is_carried_over_and_unclassified_can_be_chosen():
     assert [f.message for f in pv.post.flags if f.code == DATA_SHIFT] == ["Data shift: images unlike those (numbers)"]
     assert (pv.pre.differential.counts["monocyte"], pv.post.differential.counts["monocyte"]) == (1, 0)
     assert pv.post.differential.unclassified == 1 and pv.post.differential.wbc == 3
+
+
+def test_the_verified_workbook_is_laid_out_for_paper_like_the_report(made, tmp_path):
+    """Same print layout as a report: banner over a row-2 Summary header, landscape, one page
+    wide, header rows repeated, hidden Check last; and it verifies again."""
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    out = tmp_path / "verified.xlsx"
+    r = invoke("verify", rep, "--out", out)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    wb = load_workbook(out)
+    for name in ("Summary", "Differential", "Cells", "Review", "Errors", "Run"):
+        ws, h = wb[name], report.HEADER_ROWS[name]
+        assert ws.page_setup.orientation == "landscape" and ws.page_setup.fitToWidth == 1, name
+        assert ws.sheet_properties.pageSetUpPr.fitToPage, name
+        assert ws.print_title_rows.replace("$", "") == f"1:{h}" and ws.freeze_panes == f"A{h + 1}", name
+        header = [c.value for c in ws[h]]
+        assert header[-1] == CHECK_HEADER and ws.column_dimensions[ws.cell(h, len(header)).column_letter].hidden
+    assert wb["Summary"].cell(1, 1).value == report.VERIFIED_BANNER
+    cells = wb["Cells"]
+    col = [c.value for c in cells[1]].index("Verified class") + 1
+    letter = cells.cell(1, col).column_letter
+    dv = cells.data_validations.dataValidation[0]
+    assert str(dv.sqref) == f"{letter}2:{letter}{cells.max_row}"  # every row below the header row
+    again = invoke("verify", out, "--out", tmp_path / "again.xlsx")
+    assert again.exit_code == exitcodes.OK, again.stderr
