@@ -3,8 +3,9 @@
 Steps: read LABELLED/<class>/[<patient>/]crop (batchwbc.labelled), decode every crop with
 the model's own contract and run the model once for probabilities and embeddings
 (batchwbc.embed), refit the head and its calibration (batchwbc.headfit), compare with the
-original model on a patient-grouped cross-validation, and write a new self-describing
-model (batchwbc.onnxgraph) only when it is not worse there. This module computes and
+original model on a patient-grouped cross-validation, re-derive the OOD / DATA_SHIFT
+thresholds from the lab's cells where the model has a reference (batchwbc.adaptref), and write
+a new self-describing model (batchwbc.onnxgraph) only when it is not worse there. This module computes and
 writes; the CLI formats.
 """
 from __future__ import annotations
@@ -94,6 +95,7 @@ class AdaptResult:
     patients: int
     model_version: str
     written: bool
+    ood_rederived: dict | None = None  # adaptref provenance; None when the parent has no OOD reference
 
 
 def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: bool = False, workers: int = 0,
@@ -168,6 +170,14 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
         "forced_although_worse": bool(fit.worse),
         "parent_test_metrics": info.json_field(KEY_TEST_METRICS),
     }
+    if clf.ood is not None:
+        # The embedding is unchanged, so the parent's centres stay; the lab's verified cells
+        # are now validated data, so the thresholds are re-derived from them (adaptref).
+        from .adaptref import PROVENANCE_KEY, rederive
+        from .ood import KEY_OOD, to_metadata
+
+        again = rederive(clf.ood, got.embeddings, groups, seed=seed)
+        provenance[PROVENANCE_KEY] = result.ood_rederived = again.provenance
     meta = {
         KEY_MODEL_VERSION: version,
         KEY_TEMPERATURE: f"{fit.temperature:.6f}",
@@ -176,6 +186,8 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
                                       **fit.after}),
         KEY_ADAPTATION: json.dumps(provenance),
     }
+    if clf.ood is not None:
+        meta[KEY_OOD] = to_metadata(again.reference)
     # The new head is stored in tempered form: logits = e @ V + c, probs = softmax(logits / T').
     new = replace_head(proto, fit.weight, fit.bias, fit.temperature, meta)
     out = Path(out)

@@ -316,7 +316,26 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
         sys.exit(exitcodes.FAILED)
     if fit.worse:
         log.warning("written although worse than the original (--force).")
+    if res.ood_rederived is not None:
+        click.echo(_ood_rederived_line(res.ood_rederived))
     click.echo(f"wrote {out} (version {res.model_version})")
+
+
+def _ood_rederived_line(p: dict) -> str:
+    """One line on the OOD / DATA_SHIFT thresholds adapt re-derived from the lab's cells."""
+    def num(v):
+        return "none" if v is None else f"{v:.3g}"
+
+    u = p["unclassified_threshold"]
+    line = (f"OOD reference re-derived from {p['lab_cells_scored']} lab cells: unclassified threshold "
+            f"{num(u['parent'])} -> {num(u['new'])} (the original left {p['parent_unclassified_lab_cells']} of "
+            f"these cells unclassified)")
+    d = p.get("data_shift")
+    if d:
+        line += (f"; DATA_SHIFT cut {num(d['cell_cut']['parent'])} -> {num(d['cell_cut']['new'])}, threshold "
+                 f"{num(d['threshold']['parent'])} -> {num(d['threshold']['new'])} (the original raised it for "
+                 f"{d['parent_raised_data_shift']} of {d['batches_checked']} batches checked)")
+    return line
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,169 @@
+"""`batchwbc adapt` re-derives the OOD and DATA_SHIFT thresholds from the lab's verified cells.
+
+The tiny colour model with an OOD reference (tests/tinymodel.py) has the class colours as its
+"training cells"; a lab whose stain shifts every colour is a distribution shift the parent
+model flags (DATA_SHIFT, some cells unclassified) and the adapted model, which has seen the
+lab's verified cells, must accept, while noise and background crops stay unclassified.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinymodel
+from batchwbc import adaptref, datashift, ood
+from batchwbc.adapt import run_adapt
+from batchwbc.embed import embed_files
+from batchwbc.model import Classifier
+from test_adapt import CLASSES, tiny_with_embedding, write_crop
+
+
+def shifted(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Another stain: every channel compressed and lifted (as in test_ood's shifted batch)."""
+    return tuple(int(round(0.85 * c + 0.1 * 255)) for c in colour)
+
+
+def lab_folder(root: Path, patients=("P1", "P2", "P3"), per=10, seed0=0) -> Path:
+    seed = seed0
+    for patient in patients:
+        for cls in CLASSES:
+            for i in range(per):
+                seed += 1
+                write_crop(root / cls / patient / f"c{i:02d}.png", shifted(tinymodel.colour_for(cls)), seed)
+    return root
+
+
+def embed(clf: Classifier, paths: list[Path]) -> np.ndarray:
+    got = embed_files(clf, [str(p) for p in paths], workers=0)
+    assert not got.errors
+    return got.embeddings
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adaptref")
+    parent = tinymodel.build_with_ood(tmp / "parent.onnx")
+    lab = lab_folder(tmp / "lab")
+    out = tmp / "LAB.onnx"
+    res = run_adapt(lab, out, parent, force=True, workers=0)
+    assert res.written
+    # a new patient of the same lab, never seen by adapt
+    new_patient = lab_folder(tmp / "new", patients=("P9",), per=8, seed0=5000)
+    cells = sorted(new_patient.rglob("*.png"))
+    rng = np.random.default_rng(7)
+    noise = []
+    for i in range(5):
+        p = tmp / "noise" / f"n{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        import cv2
+
+        cv2.imwrite(str(p), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        noise.append(p)
+    background = []
+    for i in range(3):
+        p = tmp / "bg" / f"b{i}.png"
+        write_crop(p, tinymodel.BACKGROUND_COLOUR, 900 + i)
+        background.append(p)
+    return {"parent": Classifier(parent, threads=1), "adapted": Classifier(out, threads=1), "result": res,
+            "cells": cells, "noise": noise, "background": background}
+
+
+def test_shifted_lab_raises_data_shift_with_the_parent_not_with_the_adapted_model(adapted):
+    parent, new = adapted["parent"], adapted["adapted"]
+    before = datashift.decide(parent.ood, ood.score(parent.ood, embed(parent, adapted["cells"])))
+    after = datashift.decide(new.ood, ood.score(new.ood, embed(new, adapted["cells"])))
+    assert before.decided and before.raised, before.text()
+    assert after.decided and not after.raised, after.text()
+    # and the new patient's verified-like cells are within the new threshold (the parent left
+    # them all out); the background rule is unchanged, so the shifted monocyte colour (242, 242,
+    # 26), which lies nearer the tiny model's pale background centre, is still caught by it.
+    score_before, flagged_before = ood.score_and_flag(parent.ood, embed(parent, adapted["cells"]))
+    score_after, flagged_after = ood.score_and_flag(new.ood, embed(new, adapted["cells"]))
+    assert flagged_before.all() and (score_before > parent.ood.threshold).all()
+    assert (score_after <= new.ood.threshold).all()
+    _, known, rejected = ood.distances(new.ood, embed(new, adapted["cells"]))
+    np.testing.assert_array_equal(flagged_after, (known - rejected) > new.ood.reject_margin)
+
+
+def test_noise_and_background_are_still_unclassified_with_the_adapted_model(adapted):
+    new = adapted["adapted"]
+    _, noise = ood.score_and_flag(new.ood, embed(new, adapted["noise"]))
+    _, bg = ood.score_and_flag(new.ood, embed(new, adapted["background"]))
+    assert noise.all() and bg.all()
+    assert new.ood.reject_margin == adapted["parent"].ood.reject_margin  # background rule unchanged
+    np.testing.assert_array_equal(new.ood.centres, adapted["parent"].ood.centres)
+
+
+def test_provenance_records_what_was_rederived(adapted):
+    parent, new = adapted["parent"].ood, adapted["adapted"].ood
+    prov = json.loads(adapted["adapted"].info.metadata["batchwbc.adaptation"])[adaptref.PROVENANCE_KEY]
+    assert prov == adapted["result"].ood_rederived
+    assert prov["lab_cells_scored"] == 120
+    assert prov["parent_unclassified_lab_cells"] == 120
+    # the 30 monocytes (background rule, unchanged) plus at most the 0.25% tail above the new threshold
+    assert 30 <= prov["new_unclassified_lab_cells"] <= 30 + 1
+    assert prov["unclassified_threshold"] == {**prov["unclassified_threshold"], "parent": pytest.approx(parent.threshold),
+                                              "new": pytest.approx(new.threshold)}
+    assert new.threshold > parent.threshold
+    d = prov["data_shift"]
+    assert d["batches"] == "patient folders" and d["batches_checked"] == 3
+    assert d["parent_raised_data_shift"] == 3 and d["new_raised_data_shift"] == 0
+    assert d["threshold"]["new"] == pytest.approx(new.shift.threshold) and new.shift.threshold >= parent.shift.threshold
+    assert d["cell_cut"]["new"] == pytest.approx(new.shift.cell_cut) and new.shift.cell_cut > parent.shift.cell_cut
+    assert new.shift.min_cells == parent.shift.min_cells
+    assert d["pseudo_patients"] > 0
+
+
+def test_lab_like_the_training_cells_keeps_the_parent_thresholds(adapted):
+    """Cells like the parent's own never make the reference stricter or looser than it was."""
+    parent = adapted["parent"].ood
+    cols = np.array([tinymodel.COLOURS[i] for i in range(len(parent.classes) - 1)], np.float32) / 255.0
+    rng = np.random.default_rng(11)
+    emb = (cols[rng.integers(0, len(cols), 200)] + rng.normal(0, 0.005, (200, 3))).astype(np.float32)
+    got = adaptref.rederive(parent, emb, [f"P{i % 4}" for i in range(200)])
+    assert got.reference.threshold == parent.threshold
+    assert got.reference.shift.cell_cut == parent.shift.cell_cut
+    assert got.reference.shift.threshold == parent.shift.threshold
+    assert got.provenance["parent_unclassified_lab_cells"] == 0
+    assert got.provenance["data_shift"]["parent_raised_data_shift"] == 0
+
+
+def test_rederive_without_patients_draws_from_all_cells_and_is_seeded(adapted):
+    parent = adapted["parent"].ood
+    cols = np.array([tinymodel.COLOURS[i] for i in range(4)], np.float32) / 255.0
+    rng = np.random.default_rng(12)
+    emb = (cols[rng.integers(0, 4, 150)] * 0.85 + 0.1 + rng.normal(0, 0.003, (150, 3))).astype(np.float32)
+    a = adaptref.rederive(parent, emb, None, seed=3)
+    b = adaptref.rederive(parent, emb, None, seed=3)
+    assert a.provenance == b.provenance
+    assert a.provenance["data_shift"]["batches"] == "all lab cells as one batch"
+    assert a.provenance["data_shift"]["parent_raised_data_shift"] == 1
+    assert not datashift.decide(a.reference, ood.score(a.reference, emb)).raised
+    json.dumps(a.provenance)  # JSON-ready
+
+
+def test_parent_without_reference_adapts_as_before(tmp_path):
+    from test_adapt import SWAPPED, labelled_folder
+
+    model = tiny_with_embedding(tmp_path)
+    lab = labelled_folder(tmp_path / "lab", SWAPPED)
+    res = run_adapt(lab, tmp_path / "o.onnx", model, workers=0)
+    assert res.written and res.ood_rederived is None
+    clf = Classifier(tmp_path / "o.onnx", threads=1)
+    assert ood.KEY_OOD not in clf.info.metadata and clf.ood is None
+    assert adaptref.PROVENANCE_KEY not in json.loads(clf.info.metadata["batchwbc.adaptation"])
+
+
+def test_adapt_command_reports_the_rederived_thresholds(tmp_path):
+    from test_adapt import _adapt
+
+    parent = tinymodel.build_with_ood(tmp_path / "parent.onnx")
+    lab = lab_folder(tmp_path / "lab")
+    r = _adapt(lab, "--out", tmp_path / "o.onnx", "--model", parent, "--force")
+    assert r.exit_code == 0, r.output
+    assert "OOD reference re-derived from 120 lab cells" in r.output
+    assert "the original left 120 of these cells unclassified" in r.output
+    assert "raised it for 3 of 3 batches checked" in r.output
