@@ -115,21 +115,14 @@ def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_p
     import os
 
     from . import evaluation, evaluation_report, report
-    from .job import JobError
-    from .job import inference_threads, load_classifier
+    from .job import JobError, check_outputs, inference_threads, load_classifier
     from .labelled import LabelledError, read_labelled
     from .logsetup import Progress
     from .pipeline import DEFAULT_BATCH_SIZE, PipelineError, default_workers
 
     started = datetime.now().astimezone()
     t0 = time.monotonic()
-    for path, suffixes in ((out, (".xlsx",)), (json_path, (".json",))):
-        if path is None:
-            continue
-        try:
-            report.check_output_writable(path, suffixes)
-        except report.OutputError as exc:
-            raise JobError(exitcodes.USAGE, str(exc)) from None
+    check_outputs(((out, (".xlsx",)), (json_path, (".json",))))
     classifier = load_classifier(str(model_path) if model_path else None, inference_threads(os.cpu_count() or 1))
     info = classifier.info
     try:

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__, exitcodes
 from .pipeline import DEFAULT_BATCH_SIZE
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from .discovery import Discovery
     from .model import Classifier
     from .pipeline import Pipeline, PipelineOutput
+    from .results import RunData
+    from .summary import PatientSummary
 
 log = logging.getLogger("batchwbc")
 
@@ -80,6 +82,28 @@ def inference_threads(cpus: int) -> int:
     0.08 ms of CPU per crop (docs/performance.md).
     """
     return max(1, cpus // 2)
+
+
+def check_outputs(outputs: "Sequence[tuple[Path | None, tuple[str, ...]]]", html_dir: Path | None = None) -> None:
+    """Refuse, before any work, an output file that cannot be written with its suffix, or an
+    --html folder that is neither new, empty nor an earlier gallery (one sentence, exit 2).
+    Shared by run, verify and evaluate so each output is judged the same way."""
+    from . import report
+
+    for path, suffixes in outputs:
+        if path is None:
+            continue
+        try:
+            report.check_output_writable(path, suffixes)
+        except report.OutputError as exc:
+            raise JobError(exitcodes.USAGE, str(exc)) from None
+    if html_dir is not None:
+        from .gallery import GalleryError, check_target
+
+        try:
+            check_target(html_dir)
+        except GalleryError as exc:
+            raise JobError(exitcodes.USAGE, str(exc)) from None
 
 
 def load_classifier(model_path: str | None, threads: int) -> "Classifier":
@@ -137,7 +161,6 @@ def run_job(opts: RunOptions) -> int:
     import os
 
     from . import config as config_mod
-    from . import report
     from .pipeline import default_workers
 
     started = datetime.now().astimezone()
@@ -155,20 +178,8 @@ def run_job(opts: RunOptions) -> int:
     info = classifier.info
     threshold, threshold_source = resolve_review_threshold(opts.review_threshold, settings.review_threshold,
                                                            info.review_threshold)
-    for path, suffixes in ((opts.out, (".xlsx",)), (opts.cells_csv, (".csv",)), (opts.summary_csv, (".csv",))):
-        if path is None:
-            continue
-        try:
-            report.check_output_writable(path, suffixes)
-        except report.OutputError as exc:
-            raise JobError(exitcodes.USAGE, str(exc)) from None
-    if opts.html_dir is not None:
-        from .gallery import GalleryError, check_target
-
-        try:
-            check_target(opts.html_dir)
-        except GalleryError as exc:
-            raise JobError(exitcodes.USAGE, str(exc)) from None
+    check_outputs(((opts.out, (".xlsx",)), (opts.cells_csv, (".csv",)), (opts.summary_csv, (".csv",))),
+                  opts.html_dir)
     log.info("model %s (version %s, sha256 %s...), review threshold %.3g from %s",
              info.path.name, info.model_version, info.sha256[:12], threshold, threshold_source)
     prepared = _Prepared(settings, classifier, threshold, threshold_source, n_workers)

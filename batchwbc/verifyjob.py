@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, exitcodes
-from .job import JobError
+from .job import JobError, check_outputs
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -62,7 +62,6 @@ def _fail(problems: list[str], report: Path) -> JobError:
 
 def verify_job(opts: VerifyOptions) -> int:
     """Verify one workbook; returns an exit code, raises JobError for a one-sentence failure."""
-    from . import report
     from .config import ConfigError, load_settings
     from .labelexport import ExportError, check_export_folder
     from .reportread import ReportReadError, read_report, settings_from_run
@@ -71,21 +70,11 @@ def verify_job(opts: VerifyOptions) -> int:
     if opts.out.resolve() == opts.report.resolve():
         raise JobError(exitcodes.USAGE, f"--out must differ from {opts.report.name}: the reviewed workbook is "
                                         "never overwritten, so nothing a person typed can be lost.")
-    try:
-        report.check_output_writable(opts.out, (".xlsx",))
-    except report.OutputError as exc:
-        raise JobError(exitcodes.USAGE, str(exc)) from None
+    check_outputs(((opts.out, (".xlsx",)),), opts.html_dir)
     if opts.export_labelled is not None:
         try:
             check_export_folder(opts.export_labelled)
         except ExportError as exc:
-            raise JobError(exitcodes.USAGE, str(exc)) from None
-    if opts.html_dir is not None:
-        from .gallery import GalleryError, check_target
-
-        try:
-            check_target(opts.html_dir)
-        except GalleryError as exc:
             raise JobError(exitcodes.USAGE, str(exc)) from None
     if opts.model_path is not None and not opts.model_path.is_file():
         raise JobError(exitcodes.USAGE, f"model file {opts.model_path} does not exist.")
