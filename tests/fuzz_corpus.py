@@ -305,3 +305,23 @@ if __name__ == "__main__":  # build a corpus by hand: python tests/fuzz_corpus.p
 
     out = build_corpus(Path(sys.argv[1] if len(sys.argv) > 1 else "fuzz-corpus"))
     print(json.dumps([c.__dict__ for c in out.cases], indent=1, ensure_ascii=False))
+
+
+def large_crop_slides(base: Path, patients: int, per_patient: int, name: str = "P{:02d}") -> Path:
+    """Slides of large crops (hard links to one 1600x1600 JPEG, copies where links fail): runs
+    that take seconds, for interruption, concurrency and watchdog tests. Returns `base`."""
+    yy, xx = np.mgrid[0:1600, 0:1600]
+    img = np.dstack([(xx % 256), (yy % 256), ((xx + yy) % 256)]).astype(np.uint8)
+    src = base.parent / "source.jpg"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(_pil_bytes(img, "JPEG", quality=90))
+    for p in range(patients):
+        d = base / name.format(p)
+        d.mkdir(parents=True)
+        for i in range(per_patient):
+            try:
+                os.link(src, d / f"c{i:03d}.jpg")
+            except OSError:
+                (d / f"c{i:03d}.jpg").write_bytes(src.read_bytes())
+    return base
+

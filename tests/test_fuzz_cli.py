@@ -305,20 +305,7 @@ def test_files_deleted_or_replaced_after_discovery(tmp_path, model_path, monkeyp
 @pytest.fixture(scope="module")
 def slow_slides(tmp_path_factory) -> Path:
     """~800 large crops (hard links to one 1600x1600 JPEG): a run that takes several seconds."""
-    base = tmp_path_factory.mktemp("slow") / "slides"
-    yy, xx = np.mgrid[0:1600, 0:1600]
-    img = np.dstack([(xx % 256), (yy % 256), ((xx + yy) % 256)]).astype(np.uint8)
-    src = base.parent / "source.jpg"
-    src.write_bytes(fuzz_corpus._pil_bytes(img, "JPEG", quality=90))
-    for p in range(8):
-        d = base / f"P{p:02d}"
-        d.mkdir(parents=True)
-        for i in range(100):
-            try:
-                os.link(src, d / f"c{i:03d}.jpg")
-            except OSError:
-                (d / f"c{i:03d}.jpg").write_bytes(src.read_bytes())
-    return base
+    return fuzz_corpus.large_crop_slides(tmp_path_factory.mktemp("slow") / "slides", 8, 100, "P{:02d}")
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
@@ -403,20 +390,7 @@ def busy_slides(tmp_path_factory) -> Path:
     """80 large crops (hard links to one 1600x1600 JPEG): a run busy for a few seconds, long
     enough for a second run to meet its lock, short enough that the whole test costs seconds
     (the refusal message itself is covered in under a second by the next test)."""
-    base = tmp_path_factory.mktemp("busy") / "slides"
-    yy, xx = np.mgrid[0:1600, 0:1600]
-    img = np.dstack([(xx % 256), (yy % 256), ((xx + yy) % 256)]).astype(np.uint8)
-    src = base.parent / "source.jpg"
-    src.write_bytes(fuzz_corpus._pil_bytes(img, "JPEG", quality=90))
-    for p in range(2):
-        d = base / f"P{p:02d}"
-        d.mkdir(parents=True)
-        for i in range(40):
-            try:
-                os.link(src, d / f"c{i:03d}.jpg")
-            except OSError:
-                (d / f"c{i:03d}.jpg").write_bytes(src.read_bytes())
-    return base
+    return fuzz_corpus.large_crop_slides(tmp_path_factory.mktemp("busy") / "slides", 2, 40, "P{:02d}")
 
 
 def test_second_concurrent_run_is_refused(tmp_path, model_path, busy_slides):

@@ -1,7 +1,6 @@
 """Operations: an empty slides folder, a hard-killed run's workers, onnxruntime's own output."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import fuzz_corpus
@@ -136,20 +134,7 @@ def test_watched_child_exits_when_its_parent_is_killed(poll_only):
 @pytest.fixture(scope="module")
 def many_crops(tmp_path_factory) -> Path:
     """600 large crops (hard links to one 1600x1600 JPEG): decoding takes many seconds."""
-    base = tmp_path_factory.mktemp("many") / "slides"
-    yy, xx = np.mgrid[0:1600, 0:1600]
-    img = np.dstack([(xx % 256), (yy % 256), ((xx + yy) % 256)]).astype(np.uint8)
-    src = base.parent / "source.jpg"
-    src.write_bytes(fuzz_corpus._pil_bytes(img, "JPEG", quality=90))
-    for p in range(6):
-        d = base / f"P{p}"
-        d.mkdir(parents=True)
-        for i in range(100):
-            try:
-                os.link(src, d / f"c{i:03d}.jpg")
-            except OSError:
-                (d / f"c{i:03d}.jpg").write_bytes(src.read_bytes())
-    return base
+    return fuzz_corpus.large_crop_slides(tmp_path_factory.mktemp("many") / "slides", 6, 100, "P{}")
 
 
 @posix_only
