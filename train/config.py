@@ -40,6 +40,8 @@ class TrainConfig:
     fine_tune_lr: float | None = None
     balance: str = "weights"
     augment: float = 1.0
+    augment_backend: str = "opencv"
+    lr_schedule: str = "plateau"
     colour_norm: str = "instance"
     bn_momentum: float = 0.9
     dropout: float = 0.3
@@ -75,6 +77,10 @@ class TrainConfig:
             raise TrainingError("--degrade-defocus must be a blur size in pixels >= 0 and needs --degrade.")
         if not 0 <= self.degrade_recolour <= 1 or (self.degrade_recolour > 0 and not self.degrade):
             raise TrainingError("--degrade-recolour must be a share between 0 and 1 and needs --degrade.")
+        if self.augment_backend not in ("opencv", "keras"):
+            raise TrainingError("--augment-backend must be opencv or keras.")
+        if self.lr_schedule not in ("plateau", "cosine"):
+            raise TrainingError("--lr-schedule must be plateau or cosine.")
         _ = self.zoom_out  # parses --zoom-out-source or raises
         # distillation replaces the training targets crop by crop; copies added to the training
         # set have no teacher logits, and degraded crops would be taught the clean crop's answer

@@ -228,9 +228,24 @@ def fit(cfg: TrainConfig, core, backbone, prep: Prepared, ts: extend.TrainingSet
 
     out = cfg.out
     y = targets(cfg, prep, ts)
-    trainer = models.build_trainer(core, models.build_augmenter(cfg.augment, cfg.seed), cfg.size)
+    x_val = prep.ds.images[prep.idx["val"]]
+    if cfg.augment_backend == "opencv":
+        from . import cvaugment
 
-    def compile_(lr):
+        # the core takes float 0..255; the worker thread augments each batch ahead of the step
+        trainer = core
+        train_data = cvaugment.batches(ts.x, y.train, y.sample_weight, cfg.batch_size, cfg.augment, cfg.seed)
+        x_val = x_val.astype(np.float32)
+        fit_data: dict = dict(x=train_data)
+        steps_per_epoch = len(train_data)
+    else:
+        trainer = models.build_trainer(core, models.build_augmenter(cfg.augment, cfg.seed), cfg.size)
+        fit_data = dict(x=ts.x, y=y.train, batch_size=cfg.batch_size, sample_weight=y.sample_weight)
+        steps_per_epoch = -(-len(y.train) // cfg.batch_size)
+
+    def compile_(lr, decay_epochs: int = 0):
+        if decay_epochs > 0 and cfg.lr_schedule == "cosine":
+            lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=decay_epochs * steps_per_epoch, alpha=0.02)
         trainer.compile(
             optimizer=keras.optimizers.Adam(lr),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True) if y.soft else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -239,28 +254,28 @@ def fit(cfg: TrainConfig, core, backbone, prep: Prepared, ts: extend.TrainingSet
 
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True, verbose=1),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5, verbose=1),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         Throughput(len(y.train)),
         KeepBest(core, out / "model.keras", 60.0 * (cfg.time_budget_min or 0)),
     ]
+    if cfg.lr_schedule == "plateau":
+        callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5, verbose=1))
     if cfg.epochs > 0:
         (out / "history.csv").unlink(missing_ok=True)
-    common = dict(validation_data=(prep.ds.images[prep.idx["val"]], y.val), batch_size=cfg.batch_size,
-                  class_weight=y.class_weight, sample_weight=y.sample_weight, callbacks=callbacks, verbose=2)
+    common = dict(validation_data=(x_val, y.val), class_weight=y.class_weight, callbacks=callbacks, verbose=2, **fit_data)
     t_fit = time.time()
     epoch0 = 0
     if cfg.freeze_epochs > 0 and cfg.weights != "none":
         backbone.trainable = False
         compile_(cfg.lr)
-        h = trainer.fit(ts.x, y.train, epochs=cfg.freeze_epochs, **common)
+        h = trainer.fit(epochs=cfg.freeze_epochs, **common)
         epoch0 = len(h.history["loss"])
         backbone.trainable = True
-        compile_(cfg.fine_tune_lr or cfg.lr / 10)
+        compile_(cfg.fine_tune_lr or cfg.lr / 10, cfg.epochs - epoch0)
     else:
-        compile_(cfg.lr)
+        compile_(cfg.lr, cfg.epochs)
     if cfg.epochs > epoch0:
-        trainer.fit(ts.x, y.train, epochs=cfg.epochs, initial_epoch=epoch0, **common)
+        trainer.fit(epochs=cfg.epochs, initial_epoch=epoch0, **common)
     return time.time() - t_fit
 
 

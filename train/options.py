@@ -79,6 +79,8 @@ TRAIN_OPTIONS: list[Callable] = [
     _o("--fine-tune-lr", type=float, help="Learning rate after unfreezing (default lr/10)."),
     _o("--balance", type=click.Choice(["weights", "none"]), help="Class weighting against class imbalance."),
     _o("--augment", type=float, help="Augmentation strength (0 disables): rotation/flip, scale, shift, stain jitter."),
+    _o("--augment-backend", type=click.Choice(["opencv", "keras"]), help="opencv: augment each batch with OpenCV/numpy in a worker thread (about twice the training throughput on a CPU); keras: the augmentation layers inside the training graph (runs before 2026-12)."),
+    _o("--lr-schedule", type=click.Choice(["plateau", "cosine"]), help="plateau: halve the learning rate when validation loss stalls for 2 epochs; cosine: decay it from --fine-tune-lr (or --lr) to 2% over --epochs (set --epochs to what the time budget allows)."),
     _o("--colour-norm", type=click.Choice(["instance", "none"]), help="Per-image colour standardisation inside the model (guards against scanner colour shortcuts)."),
     _o("--bn-momentum", type=float, help="BatchNorm momentum for the backbone (Keras MobileNets default 0.999 collapses in short runs)."),
     _o("--dropout", type=float),
