@@ -37,6 +37,12 @@ CONDITIONS: tuple[tuple, ...] = (
 )
 
 
+def _next_source(sources: list[str], source: str) -> str:
+    """The source whose stain a crop of `source` is given: the next one in sorted order, so
+    with three sources each one's crops are shown in another's colours, none left out."""
+    return sources[(sources.index(source) + 1) % len(sources)]
+
+
 def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditions=CONDITIONS, batch: int = 64) -> list[dict]:
     """One dict per condition: accuracy (12 classes), paper-10 accuracy, share below the review threshold."""
     from batchwbc import catalogue
@@ -51,6 +57,7 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
     paper = y < len(catalogue.PAPER_CLASS_IDS)
     raw = evalkit.decode_raw(data_root, rows)
     sources = sorted({r.get("source", "") for r in rows})
+    src = np.array([r.get("source", "") for r in rows])
     stats = {}
     if len(sources) > 1 and any(len(c) > 4 and c[4] for c in conditions):
         stats = {s: lab_stats([im for im, r in zip(raw, rows) if r.get("source", "") == s]) for s in sources}
@@ -58,8 +65,8 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
     for label, scale, quality, sigma, *rest in conditions:
         recoloured = bool(rest and rest[0] and stats)
         ims = raw
-        if recoloured:  # each crop in the colours of the (first) other source
-            ims = [recolour(im, *stats[next(s for s in sources if s != r.get("source", ""))]) for im, r in zip(raw, rows)]
+        if recoloured:  # each crop in the colours of the next other source (sorted, cyclic)
+            ims = [recolour(im, *stats[_next_source(sources, r.get("source", ""))]) for im, r in zip(raw, rows)]
         x = evalkit.frame((degrade(im, scale, quality, sigma) for im in ims), size, contract)
         probs = evalkit.predict(clf, x, batch)
         pred = probs.argmax(axis=1)
@@ -69,6 +76,9 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
             "accuracy": float(np.mean(pred == y)),
             "paper10_accuracy": float(np.mean(pred[paper] == y[paper])),
             "to_review": float(np.mean(probs.max(axis=1) < (clf.info.review_threshold or 0.0))),
+            "paper10_accuracy_by_source": {
+                s: float(np.mean(pred[paper & (src == s)] == y[paper & (src == s)])) for s in sources if (paper & (src == s)).any()
+            },
         })
     return out
 
@@ -85,9 +95,12 @@ def main(model_path, data_root, split_csv, which, json_out):
 
     rows = split_rows(split_csv, which)
     res = evaluate(model_path, Path(data_root), rows)
-    click.echo(f"{'condition':28s} {'acc':>6s} {'paper10':>8s} {'review':>7s}   (n={len(rows)})")
+    sources = sorted(res[0]["paper10_accuracy_by_source"]) if res else []
+    click.echo(f"{'condition':28s} {'acc':>6s} {'paper10':>8s} {'review':>7s} " + " ".join(f"{s[:10]:>10s}" for s in sources) + f"   (n={len(rows)}; per-source columns: paper-10)")
     for r in res:
-        click.echo(f"{r['condition']:28s} {r['accuracy']:6.3f} {r['paper10_accuracy']:8.3f} {r['to_review']:7.3f}")
+        by = r["paper10_accuracy_by_source"]
+        click.echo(f"{r['condition']:28s} {r['accuracy']:6.3f} {r['paper10_accuracy']:8.3f} {r['to_review']:7.3f} "
+                   + " ".join(f"{by.get(s, float('nan')):10.3f}" for s in sources))
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=2))
 

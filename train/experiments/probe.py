@@ -55,8 +55,8 @@ def command(model_path, data_root, split_csv, json_out):
         ims = [im for im, _ in items]
         labels = np.array([clf.info.classes.index(c) for _, c in items])
         variants = {"original": ims}
-        if other:
-            variants[f"colour of {other[0]}"] = [recolour(im, *stats[other[0]]) for im in ims]
+        for o in other:  # every other source's stain, DeepAPL's included
+            variants[f"colour of {o}"] = [recolour(im, *stats[o]) for im in ims]
         if src == "AML-LMU":
             for mode in ("background", "reflect"):
                 variants[f"at PBC scale ({mode} pad)"] = [zoom_out(im, ZOOM_OUT, mode) for im in ims]
@@ -73,7 +73,7 @@ def command(model_path, data_root, split_csv, json_out):
                 "n_non_blasts": int((~is_blast).sum()),
             }
             result[f"{src}: {name}"] = row
-            click.echo(f"{src:8s} {name:32s} acc {row['accuracy']:.3f}  blast recall {row['blast_recall']}  "
+            click.echo(f"{src:8s} {name:40s} acc {row['accuracy']:.3f}  blast recall {row['blast_recall']}  "
                        f"non-blasts called blast {row['non_blasts_called_blast']}/{row['n_non_blasts']}")
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))
