@@ -47,6 +47,7 @@ class HeadFit:
     before: dict  # Scores.as_dict() of the original model on every cell
     after: dict  # ... of the adapted head, out of fold
     fold_alphas: list[float] = field(default_factory=list)
+    review_share_pct: float | None = None  # % of the lab's cells (out of fold) below the threshold
 
     @property
     def worse(self) -> bool:
@@ -69,13 +70,16 @@ def adapt_head(x: "np.ndarray", y: "np.ndarray", groups: Sequence[str | None] | 
     folds, scheme = hf.fold_ids(y, groups, k=5, seed=seed)
     oof, fold_alphas = hf.cross_validated_logits(x, y, groups, v0, c0, folds)
     temperature = hf.fit_temperature(oof, y)
-    threshold = hf.review_threshold(hf.softmax(oof, temperature), y)
+    oof_probs = hf.softmax(oof, temperature)
+    threshold = hf.review_threshold(oof_probs, y)
+    # measured at the threshold as stored (2 decimals), like export does for a trained model
+    share = float(100.0 * np.mean(oof_probs.max(axis=1) < round(threshold, 2)))
     alpha = hf.choose_alpha(x, y, groups, v0, c0, seed=seed)
     v, c = hf.fit_head(x, y, v0, c0, alpha)
     return HeadFit(
         weight=v, bias=c, temperature=temperature, review_threshold=threshold, alpha=alpha, cv_scheme=scheme,
         before=hf.scores(y, np.asarray(probs_before).argmax(axis=1)).as_dict(),
-        after=hf.scores(y, oof.argmax(axis=1)).as_dict(), fold_alphas=fold_alphas,
+        after=hf.scores(y, oof.argmax(axis=1)).as_dict(), fold_alphas=fold_alphas, review_share_pct=share,
     )
 
 
@@ -107,7 +111,7 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
     from .embed import embed_files
     from .labelled import LabelledError, read_labelled
     from .model import DEFAULT_MODEL_PATH, Classifier, ModelError
-    from .modelmeta import KEY_MODEL_VERSION, KEY_REVIEW_THRESHOLD, KEY_TEMPERATURE, KEY_TEST_METRICS
+    from .modelmeta import KEY_MODEL_VERSION, KEY_REVIEW_SHARE, KEY_REVIEW_THRESHOLD, KEY_TEMPERATURE, KEY_TEST_METRICS
     from .onnxgraph import GraphError, head_parameters, replace_head
 
     path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
@@ -182,6 +186,7 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
         KEY_MODEL_VERSION: version,
         KEY_TEMPERATURE: f"{fit.temperature:.6f}",
         KEY_REVIEW_THRESHOLD: f"{fit.review_threshold:.2f}",
+        KEY_REVIEW_SHARE: f"{fit.review_share_pct:.1f}",
         KEY_TEST_METRICS: json.dumps({"source": "cross-validation on the lab's labelled cells (batchwbc adapt)",
                                       **fit.after}),
         KEY_ADAPTATION: json.dumps(provenance),

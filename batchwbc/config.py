@@ -83,6 +83,8 @@ def make_settings_class(rules: Sequence[FlagRule], name: str = "Settings") -> ty
         ("review_max_images", int, field(default=2000)),  # thumbnails embedded in Review; the rest are listed
         ("reference_ranges", "Mapping[str, tuple[float, float]]",
          field(default_factory=lambda: DEFAULT_REFERENCE_RANGES, hash=False)),
+        # the settings a config file (or a report's Run sheet) gave, so a model default never overrides them
+        ("set_by_config", "frozenset[str]", field(default=frozenset(), compare=False)),
     ]
     cls = make_dataclass(name, fields, bases=(_SettingsMethods,), frozen=True,
                          namespace={"flag_rules": tuple(rules), "__module__": __name__})
@@ -191,7 +193,21 @@ def settings_from_dict(data: Mapping[str, Any], name: str = "config") -> Setting
             if parsed is None:
                 raise ConfigError(f"{name}: {table_name}.{key} must be {expected}, not {_shown(value)}.")
             changes[attr] = parsed
-    return replace(DEFAULT_SETTINGS, **changes)
+    return replace(DEFAULT_SETTINGS, **changes, set_by_config=frozenset(changes))
+
+
+#: The flag threshold a model's own validation data sets unless the config gives one.
+MODEL_REVIEW_SHARE_SETTING = "low_confidence_high_pct"
+
+
+def with_model_defaults(settings: Settings, review_share_pct: float | None) -> Settings:
+    """MANY_LOW_CONFIDENCE's threshold is the share of cells the model itself sends to review
+    on its validation data (model metadata), unless the config sets it. Why: a model whose
+    review threshold sends 35 % of validation cells to review would otherwise flag every
+    patient against a fixed 20 %, and a very confident model would hide a bad slide."""
+    if review_share_pct is None or MODEL_REVIEW_SHARE_SETTING in settings.set_by_config:
+        return settings
+    return replace(settings, **{MODEL_REVIEW_SHARE_SETTING: round(float(review_share_pct), 1)})
 
 
 def load_settings(path: str | Path | None) -> Settings:

@@ -261,8 +261,8 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              _low_wbc, "the routine 100-cell differential (Rümke; CLSI H20 counts 400)", minimum=0),
     FlagRule(MANY_LOW_CONFIDENCE, WARNING, "low_confidence_high_pct", 20.0, PERCENT,
              "review cells, 95% CI wholly > (% of cells)", _many_low_confidence,
-             "the bundled model's review share on simulated normal patients from its test cells "
-             "(benchmarks/flag_rates.py); set it for another model"),
+             "default: the model's own share of validation cells sent to review (its metadata, "
+             "batchwbc.review_share_pct), else 20 %; set it here to override"),
 )
 
 #: Each pending code -> the definite flag it may turn into once its cells are verified.

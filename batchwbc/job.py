@@ -176,6 +176,7 @@ def run_job(opts: RunOptions) -> int:
     classifier = load_classifier(str(opts.model_path) if opts.model_path else None,
                                  inference_threads(os.cpu_count() or 1))
     info = classifier.info
+    settings = config_mod.with_model_defaults(settings, info.review_share_pct)
     threshold, threshold_source = resolve_review_threshold(opts.review_threshold, settings.review_threshold,
                                                            info.review_threshold)
     check_outputs(((opts.out, (".xlsx",)), (opts.cells_csv, (".csv",)), (opts.summary_csv, (".csv",))),

@@ -27,6 +27,7 @@ KEY_PREPROCESSING_DESC = "batchwbc.preprocessing_description"
 KEY_TEMPERATURE = "batchwbc.temperature"  # already applied in the graph; recorded for audit
 KEY_MODEL_VERSION = "batchwbc.model_version"
 KEY_REVIEW_THRESHOLD = "batchwbc.review_threshold"  # default confidence cut-off, from validation data
+KEY_REVIEW_SHARE = "batchwbc.review_share_pct"  # % of validation cells below the review threshold
 KEY_TRAINING_DATA = "batchwbc.training_data"  # JSON summary
 KEY_TEST_METRICS = "batchwbc.test_metrics"  # JSON summary
 KEY_BACKBONE = "batchwbc.backbone"
@@ -56,6 +57,7 @@ class ModelInfo:
     review_threshold: float | None
     preprocessing: str
     metadata: dict[str, str] = field(repr=False)
+    review_share_pct: float | None = None  # MANY_LOW_CONFIDENCE's default threshold (config.with_model_defaults)
 
     def json_field(self, key: str) -> Any:
         raw = self.metadata.get(key)
@@ -133,4 +135,5 @@ def parse_metadata(meta: dict[str, str], path: Path, sha256: str, preprocessings
         review_threshold=_float(KEY_REVIEW_THRESHOLD),
         preprocessing=meta[KEY_PREPROCESSING],
         metadata=dict(meta),
+        review_share_pct=_float(KEY_REVIEW_SHARE),
     )

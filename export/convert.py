@@ -128,6 +128,22 @@ def quantize_int8(float_path: Path, out_path: Path, calib: np.ndarray) -> None:
         pre.unlink(missing_ok=True)
 
 
+def validation_review_share(run_dir: Path, temperature: float, threshold: float) -> float | None:
+    """% of the run's validation cells whose calibrated confidence is below the review
+    threshold (from logits.npz, written by training): the share a patient's review list is
+    judged against (MANY_LOW_CONFIDENCE, batchwbc.config.with_model_defaults)."""
+    path = run_dir / "logits.npz"
+    if not path.is_file():
+        return None
+    from train import calibration
+
+    with np.load(path) as z:
+        if "val" not in z or len(z["val"]) == 0:
+            return None
+        probs = calibration.softmax(z["val"].astype(np.float64), temperature)
+    return float(100.0 * np.mean(probs.max(axis=1) < threshold))
+
+
 def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_version: str | None,
                parity_images: int, tolerance: float, quantize: str, opset: int) -> bool:
     import keras
@@ -196,6 +212,8 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
             q_path.unlink(missing_ok=True)
 
     counts = run.get("counts", {})
+    # the threshold is stored rounded to 2 decimals; the share is measured at that stored value
+    share = validation_review_share(run_dir, temperature, round(float(run["review_threshold"]), 2))
     meta = {
         meta_keys.KEY_FORMAT: meta_keys.FORMAT_VERSION,
         meta_keys.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS)),
@@ -205,6 +223,7 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
         meta_keys.KEY_TEMPERATURE: f"{temperature:.6f}",
         meta_keys.KEY_MODEL_VERSION: version,
         meta_keys.KEY_REVIEW_THRESHOLD: f"{float(run['review_threshold']):.2f}",
+        **({meta_keys.KEY_REVIEW_SHARE: f"{share:.1f}"} if share is not None else {}),
         meta_keys.KEY_BACKBONE: str(run["options"]["backbone"]),
         meta_keys.KEY_TRAINING_DATA: json.dumps({
             "attribution": ATTRIBUTION,

@@ -1,0 +1,50 @@
+"""MANY_LOW_CONFIDENCE is judged against the share of cells the model itself sends to review on
+its validation data (model metadata batchwbc.review_share_pct), unless the config sets it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import tinymodel
+from batchwbc import config, modelmeta
+from batchwbc.cli import main
+from batchwbc.reportread import read_report, settings_from_run
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "slides"
+
+
+def test_the_model_share_replaces_the_default_but_never_a_configured_value():
+    default = config.DEFAULT_SETTINGS
+    assert config.with_model_defaults(default, 34.56).low_confidence_high_pct == 34.6
+    assert config.with_model_defaults(default, None) is default
+    configured = config.settings_from_dict({"flags": {"low_confidence_high_pct": 20.0}})
+    assert "low_confidence_high_pct" in configured.set_by_config
+    assert config.with_model_defaults(configured, 34.56).low_confidence_high_pct == 20.0
+    other = config.settings_from_dict({"flags": {"min_wbc": 50}})
+    assert config.with_model_defaults(other, 34.56).low_confidence_high_pct == 34.6
+
+
+def test_model_metadata_carries_the_share(tmp_path):
+    m = tinymodel.build(tmp_path / "m.onnx", metadata={modelmeta.KEY_REVIEW_SHARE: "31.5"})
+    from batchwbc.model import Classifier
+
+    info = Classifier(str(m)).info
+    assert info.review_share_pct == pytest.approx(31.5)
+    assert Classifier(str(tinymodel.build(tmp_path / "plain.onnx"))).info.review_share_pct is None
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_the_run_sheet_records_the_threshold_in_force(tmp_path, configured):
+    m = tinymodel.build(tmp_path / "m.onnx", metadata={modelmeta.KEY_REVIEW_SHARE: "37.0"})
+    out = tmp_path / "r.xlsx"
+    args = ["run", str(SAMPLES), "--out", str(out), "--model", str(m), "--quiet"]
+    if configured:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text("[flags]\nlow_confidence_high_pct = 25\n")
+        args += ["--config", str(cfg)]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code in (0, 1), r.output
+    settings, _ = settings_from_run(read_report(out).run_rows)
+    assert settings.low_confidence_high_pct == (25.0 if configured else 37.0)
