@@ -200,8 +200,8 @@ def info_command(model_path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps({
             "path": str(info.path), "sha256": info.sha256, "model_version": info.model_version,
             "classes": list(info.classes), "input_size": info.input_size,
-            "review_threshold": info.review_threshold, "temperature": info.temperature,
-            "preprocessing": info.preprocessing, "metadata": info.metadata,
+            "review_threshold": info.review_threshold, "review_share_pct": info.review_share_pct,
+            "temperature": info.temperature, "preprocessing": info.preprocessing, "metadata": info.metadata,
         }, indent=2))
         return
     rows = [
@@ -211,6 +211,8 @@ def info_command(model_path: Path | None, as_json: bool) -> None:
         ("Input", f"{info.input_size}x{info.input_size} RGB uint8"),
         ("Classes", ", ".join(info.classes)),
         ("Review threshold", "not set (0.5 is used)" if info.review_threshold is None else f"{info.review_threshold:g}"),
+        ("Validation cells to review", "not recorded (MANY_LOW_CONFIDENCE uses 20%)" if info.review_share_pct is None
+         else f"{info.review_share_pct:g}% (MANY_LOW_CONFIDENCE's default threshold)"),
         ("Temperature", "not recorded" if info.temperature is None else f"{info.temperature:g}"),
         ("Preprocessing", info.preprocessing),
         ("Out-of-distribution", "none: no crop is labelled unclassified, no DATA_SHIFT" if clf.ood is None else

@@ -33,6 +33,8 @@ def test_model_metadata_carries_the_share(tmp_path):
     info = Classifier(str(m)).info
     assert info.review_share_pct == pytest.approx(31.5)
     assert Classifier(str(tinymodel.build(tmp_path / "plain.onnx"))).info.review_share_pct is None
+    shown = CliRunner().invoke(main, ["info", "--model", str(m)], catch_exceptions=False)
+    assert "31.5% (MANY_LOW_CONFIDENCE" in shown.output
 
 
 @pytest.mark.parametrize("configured", [False, True])
