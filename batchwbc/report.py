@@ -872,8 +872,15 @@ def _thumbnail(jpeg: bytes) -> Any:
     """An openpyxl Image scaled to THUMBNAIL_PX, or None when the bytes are not a readable image."""
     from openpyxl.drawing.image import Image
 
+    class _StoredImage(Image):
+        """openpyxl stores JPEG, PNG and GIF bytes unchanged, but re-opens each picture with
+        Pillow to read them back when the workbook is saved; hand it the bytes it already has."""
+
+        def _data(self) -> bytes:
+            return jpeg if self.format in ("gif", "jpeg", "png") else super()._data()
+
     try:
-        img = Image(BytesIO(jpeg))
+        img = _StoredImage(BytesIO(jpeg))
     except Exception:  # noqa: BLE001 - PIL raises several types for bad data
         return None
     scale = THUMBNAIL_PX / max(img.width, img.height, 1)
