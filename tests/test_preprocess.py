@@ -179,3 +179,31 @@ def test_real_crops_and_their_truncations(tmp_path):
         cut.write_bytes(data[: len(data) // 2])
         with pytest.raises(pp.UnreadableImage, match="truncated"):
             pp.prepare_file(cut, SIZE)
+
+
+def _mixed_real_images(per_source: int) -> list[Path]:
+    """A few crops from each public source: different analyzers, sizes and framings."""
+    if not DATA.is_dir():
+        pytest.skip(f"real data not available at {DATA}")
+    files = []
+    for source in sorted(p for p in DATA.iterdir() if p.is_dir()):
+        found = sorted(f for f in source.rglob("[!.]*") if f.is_file() and pp.is_image_name(f.name))
+        files += found[:: max(1, len(found) // per_source)][:per_source]
+    if not files:
+        pytest.skip("no real crops found")
+    return files
+
+
+def test_bgr_path_gives_the_same_pixels_as_the_rgb_contract(corpus):
+    """The runtime frames in BGR (prepare_bytes) and training/evaluation in RGB (to_model_input):
+    both must give bit-identical model inputs, for both contracts and the sizes models use."""
+    sources = [corpus.root / c.rel for c in corpus.of(fuzz_corpus.CLASSIFY)]
+    real = _mixed_real_images(20) if DATA.is_dir() else []
+    for path in sources + real:
+        data = Path(path).read_bytes()
+        rgb = pp.decode_rgb(data)
+        for contract in (pp.PREPROCESSING_CELL, pp.PREPROCESSING_WHOLE):
+            for size in (SIZE, 128, 144):
+                want = pp.to_model_input(rgb, size, contract)
+                assert np.array_equal(pp.prepare_bytes(data, size, preprocessing=contract), want), (path, contract, size)
+        assert pp.cell_square(rgb) == pp.cell_square(np.ascontiguousarray(rgb[..., ::-1]), bgr=True), path
