@@ -1,11 +1,12 @@
 """A static, offline HTML gallery of every cell, grouped by class, for the technologist's review.
 
     out_dir/index.html           patients: flags, counts, cells to review, links
+                                 (verify --html: also who signed each patient, and when)
     out_dir/patient-0001.html    one page per patient: flags, differential, every cell by class
     out_dir/thumbs/<hash>.jpg    one small JPEG per cell (gallery_thumbs.py)
 
-This layer only formats: differentials and flags arrive already computed (the same objects
-the workbook shows), so the gallery can never disagree with the report.
+This layer only formats: differentials, flags and sign-offs arrive already computed (the same
+objects the workbook shows), so the gallery can never disagree with the report.
 
 Three promises:
 * Offline and self-contained: inline CSS, no script, relative links only, so the folder opens
@@ -83,6 +84,26 @@ class GalleryRunInfo:
         m = run.model
         return cls(run.started, run.tool_version, run.root, m.path.name, m.model_version, m.sha256,
                    run.review_threshold, tuple(m.classes))
+
+
+@dataclass(frozen=True)
+class SignOff:
+    """A patient's sign-off as `batchwbc verify` decided it, for the verified gallery's index.
+
+    The verify job owns the rule (a name in Verified by and every review cell verified) and
+    the date it stamps; the gallery only prints this, so its index can never disagree with
+    the verified workbook's Summary sheet. `reason` says why an unsigned patient is not signed.
+    """
+
+    signed: bool
+    by: str = ""
+    on: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        # A "Signed by ... on ..." line with a blank name or date would be a claim nobody made.
+        if self.signed and not (self.by.strip() and self.on.strip()):
+            raise ValueError("a signed patient needs both a name and a date")
 
 
 @dataclass(frozen=True)
@@ -170,6 +191,8 @@ figcaption .fix{font-weight:700;color:#00529b}
 figure.corrected{border-color:#00529b}
 figcaption small{display:block;color:#444}
 .legend{font-size:.85em;color:#333}
+.signed{color:#00612e;font-weight:600}
+.unsigned{color:#9c0006;font-weight:700}
 @media print{figure.cell{break-inside:avoid}nav.classes{display:none}}
 """
 
@@ -212,9 +235,26 @@ def _row_class(flags: Sequence[Flag]) -> str:
     return f" class=\"{esc(sev)}\"" if sev else ""
 
 
+def _signoff_html(s: SignOff) -> str:
+    """The index's sign-off cell: who signed and when, or plainly that nobody has (and why)."""
+    if s.signed:
+        return f"<td><span class=\"signed\">Signed by {esc(s.by)} on {esc(s.on)}</span></td>"
+    why = f"<br><small>{esc(s.reason)}</small>" if s.reason else ""
+    return f"<td><span class=\"unsigned\">Not signed</span>{why}</td>"
+
+
 def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequence[CellResult]],
-                 summaries: Mapping[str, PatientSummaryLike], info: GalleryRunInfo) -> str:
-    """index.html: one row per patient, in report order, linking to its page."""
+                 summaries: Mapping[str, PatientSummaryLike], info: GalleryRunInfo,
+                 signoffs: Mapping[str, SignOff] | None = None) -> str:
+    """index.html: one row per patient, in report order, linking to its page.
+
+    `signoffs` (verify --html only) adds a Sign-off column; without it (a run's gallery, where
+    nobody can have signed yet) the index says nothing about sign-off at all.
+    """
+    if signoffs is not None:
+        missing = [p for p in patients if p not in signoffs]
+        if missing:
+            raise ValueError(f"no sign-off for patient {missing[0]!r}")
     rows = []
     for i, patient in enumerate(patients):
         s = summaries[patient]
@@ -225,7 +265,8 @@ def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequenc
         rows.append(
             f"<tr{_row_class(s.flags)}><td class=\"name\"><a href=\"{patient_page_name(i)}\">{esc(patient)}</a>{note}</td>"
             f"<td class=\"n\">{d.n_cells}</td><td class=\"n\">{d.wbc}</td><td class=\"n\">{d.n_review}</td>"
-            f"<td class=\"n\">{unreadable}</td><td>{_flags_html(s.flags)}</td></tr>\n"
+            f"<td class=\"n\">{unreadable}</td><td>{_flags_html(s.flags)}</td>"
+            + (_signoff_html(signoffs[patient]) if signoffs is not None else "") + "</tr>\n"
         )
     n_cells = sum(len(cells_by_patient.get(p, ())) for p in patients)
     body = (
@@ -233,7 +274,8 @@ def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequenc
         f"<p>{len(patients)} patients, {n_cells} cells. Each patient's page shows every cell grouped by class, "
         "the least confident first; cells below the review threshold are framed with a dashed border and marked REVIEW.</p>\n"
         "<table>\n<thead><tr><th>Patient</th><th>Cells</th><th>WBC</th><th>To review</th><th>Unreadable files</th>"
-        "<th>Flags</th></tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
+        "<th>Flags</th>" + ("<th>Sign-off</th>" if signoffs is not None else "")
+        + "</tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
     )
     return _page(info.title, body)
 
@@ -387,7 +429,8 @@ def write_gallery(out_dir: str | os.PathLike, patients: Sequence[str],
                   cells_by_patient: Mapping[str, Sequence[CellResult]],
                   summaries: Mapping[str, PatientSummaryLike], run_info: GalleryRunInfo,
                   crops_root: str | os.PathLike | None, *, threads: int | None = None,
-                  corrected: Mapping[tuple[str, str], str] | None = None) -> GalleryResult:
+                  corrected: Mapping[tuple[str, str], str] | None = None,
+                  signoffs: Mapping[str, SignOff] | None = None) -> GalleryResult:
     """Write the gallery for already computed per-patient summaries, atomically.
 
     `patients` gives the order (the report's); every patient needs an entry in `summaries`.
@@ -395,13 +438,18 @@ def write_gallery(out_dir: str | os.PathLike, patients: Sequence[str],
     relative to the slides folder), falling back to the cell's own review thumbnail; a cell
     with neither shows a "no image" placeholder. `corrected` maps (patient, file) of a cell a
     person reclassified to the machine's class, for `batchwbc verify --html`: the cells then
-    carry their verified classes and a corrected one is marked. Raises GalleryError for an
-    unusable DIR.
+    carry their verified classes and a corrected one is marked. `signoffs` (verify --html)
+    gives every patient's sign-off for the index; None for a run, where nothing is signed
+    yet and the index makes no sign-off claim. Raises GalleryError for an unusable DIR.
     """
     out = Path(out_dir)
     missing = [p for p in patients if p not in summaries]
     if missing:
         raise ValueError(f"no summary for patient {missing[0]!r}")
+    if signoffs is not None:  # checked before any thumbnail work, not only when the index is rendered
+        missing = [p for p in patients if p not in signoffs]
+        if missing:
+            raise ValueError(f"no sign-off for patient {missing[0]!r}")
     check_target(out)
     root = Path(crops_root) if crops_root is not None else None
     tmp = _temp_dir(out, "tmp")
@@ -416,7 +464,7 @@ def write_gallery(out_dir: str | os.PathLike, patients: Sequence[str],
             mine = {f: cid for (patient, f), cid in (corrected or {}).items() if patient == p}
             page = render_patient(p, cells_by_patient.get(p, ()), summaries[p], run_info, thumbs, mine)
             _write_text(tmp / patient_page_name(i), page)
-        _write_text(tmp / INDEX, render_index(patients, cells_by_patient, summaries, run_info))
+        _write_text(tmp / INDEX, render_index(patients, cells_by_patient, summaries, run_info, signoffs))
         _write_text(tmp / MARKER, f"batchwbc {run_info.tool_version} gallery; this folder is replaced by the next run\n")
         _swap_in(tmp, out)
     except BaseException as exc:

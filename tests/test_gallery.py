@@ -241,6 +241,63 @@ def test_gallery_formats_the_summaries_it_is_given(built, tmp_path):
     assert len(list((out / "thumbs").iterdir())) == 1
 
 
+SIGNOFF_WORDS = re.compile(r"sign", re.IGNORECASE)  # Signed / Not signed / Sign-off / signature
+
+
+def _index_row(index: str, patient: str) -> str:
+    """The index row of one patient (from its escaped name to the end of its row)."""
+    return index.split(f">{html.escape(patient, quote=True)}</a>")[1].split("</tr>")[0]
+
+
+def test_run_gallery_index_makes_no_sign_off_claim(built):
+    """Nothing is signed at run time: the run's index has no sign-off column and no such words."""
+    index = (built[0] / "index.html").read_text(encoding="utf-8")
+    shown = "".join(parse(index.split("</head>", 1)[1]).text)  # the page's text, not its stylesheet
+    assert "Patient" in shown and not SIGNOFF_WORDS.search(shown), "sign-off text in a run gallery"
+    assert "<th>Sign-off</th>" not in index and 'class="signed"' not in index and 'class="unsigned"' not in index
+
+
+def test_index_shows_the_sign_off_it_is_given_escaped(built, tmp_path):
+    """verify --html: each row says who signed and when, or plainly "Not signed" and why, as
+    handed in (the gallery does not decide who is signed), with hostile names kept as text."""
+    _, patients, cells_by, summaries, _ = built
+    signer = "Dr. <script>alert(4)</script> & Co"
+    signoffs = {"P1": gallery.SignOff(True, signer, "2025-02-03 10:15+01:00"),
+                SCRIPT: gallery.SignOff(False, reason="1 of 3 review cells without a Verified class <b>"),
+                "P3 & <i>empty</i>": gallery.SignOff(False)}
+    out = tmp_path / "g"
+    gallery.write_gallery(out, patients, cells_by, summaries, _info(), None, threads=1, signoffs=signoffs)
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert "<th>Sign-off</th>" in index
+    p1 = _index_row(index, "P1")
+    assert f"Signed by {html.escape(signer, quote=True)} on 2025-02-03 10:15+01:00" in p1
+    assert "Not signed" not in p1
+    hostile = _index_row(index, SCRIPT)
+    assert "Not signed" in hostile and "Signed by" not in hostile
+    assert "1 of 3 review cells without a Verified class &lt;b&gt;" in hostile
+    empty = _index_row(index, "P3 & <i>empty</i>")
+    assert "Not signed" in empty and "Signed by" not in empty
+    parsed = parse(index)
+    assert "script" not in {t for t, _ in parsed.tags} and "<script" not in index.lower()
+    assert f"Signed by {signer} on" in "".join(parsed.text)  # a browser shows the name as typed
+    for page in pages(out):  # the patient pages are as in a run: no sign-off there
+        if page.name != "index.html":
+            assert "Signed by" not in page.read_text(encoding="utf-8")
+
+
+def test_sign_off_must_cover_every_patient_and_a_signature_needs_name_and_date(tmp_path):
+    patients, cells_by, summaries = _small(tmp_path)
+    with pytest.raises(ValueError, match="no sign-off for patient 'P1'"):
+        gallery.write_gallery(tmp_path / "g", patients, cells_by, summaries, _info(), None, signoffs={})
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(ValueError, match="no sign-off for patient 'P1'"):
+        gallery.render_index(patients, cells_by, summaries, _info(), {})
+    for by, on in (("", "2025-02-03"), ("A. Tech", ""), ("  ", "2025-02-03")):
+        with pytest.raises(ValueError, match="needs both a name and a date"):
+            gallery.SignOff(True, by, on)
+    assert not gallery.SignOff(False, "A. Tech").signed  # a name alone is not a signature
+
+
 def test_differential_table_shows_the_summary_numbers(built):
     out, _, _, summaries, _ = built
     text = (out / "patient-0001.html").read_text(encoding="utf-8")
