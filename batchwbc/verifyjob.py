@@ -23,7 +23,7 @@ from .job import JobError, check_outputs
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .gallery import GalleryRunInfo
+    from .gallery import GalleryRunInfo, SignOff
     from .reportread import ReportContents
     from .verification import PatientVerification, VerifiedCell
 
@@ -258,10 +258,29 @@ def gallery_run_info(contents: "ReportContents") -> "GalleryRunInfo":
                           title="batchwbc verified cell gallery")
 
 
+def gallery_signoffs(patients: Sequence["PatientVerification"]) -> dict[str, "SignOff"]:
+    """Each patient's sign-off for the gallery index, exactly as the verified workbook states it.
+
+    Decided here, where verification already knows it (PatientVerification.signed, and the
+    Verified on it stamped for a signed patient left undated), so the gallery only prints it.
+    An unsigned patient's reason is its Summary Status without the leading "not signed: ".
+    """
+    from .gallery import SignOff
+
+    out: dict[str, SignOff] = {}
+    for p in patients:
+        if p.signed:
+            out[p.patient] = SignOff(True, p.verified_by, p.verified_on)
+        else:
+            out[p.patient] = SignOff(False, reason=p.status.removeprefix("not signed: "))
+    return out
+
+
 def write_verified_gallery(opts: VerifyOptions, contents: "ReportContents",
                            patients: Sequence["PatientVerification"]) -> None:
     """The --html gallery of the verified cells (each under its verified class, corrections
-    marked), written after the workbook: a failure here leaves the workbook written."""
+    marked, each patient's sign-off on the index), written after the workbook: a failure
+    here leaves the workbook written."""
     import time
 
     from .gallery import GalleryError, write_gallery
@@ -274,7 +293,8 @@ def write_verified_gallery(opts: VerifyOptions, contents: "ReportContents",
                  if (cid := machine[(key := (c.patient, c.file))]) != c.class_id}
     try:
         res = write_gallery(opts.html_dir, list(by_patient), cells_by, by_patient, gallery_run_info(contents),
-                            _crops_root(opts, contents), corrected=corrected)
+                            _crops_root(opts, contents), corrected=corrected,
+                            signoffs=gallery_signoffs(patients))
     except GalleryError as exc:
         raise JobError(exitcodes.FAILED, f"{str(exc).rstrip('.')}; the verified workbook was written.") from None
     log.info("HTML gallery: %d patient pages, %d cells, %d thumbnails, %.1f s; open %s",

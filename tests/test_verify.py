@@ -516,6 +516,34 @@ def test_html_gallery_of_the_verified_cells_marks_corrections(made, tmp_path):
     assert f"machine: {catalogue.get('myeloblast').display}" in html
 
 
+def test_verified_gallery_index_says_who_signed_each_patient_and_when(made, tmp_path):
+    """The index states each patient's sign-off as the verified workbook's Summary does: a
+    signer's name stays text, a typed date is shown as typed, an undated signature gets the
+    date verify stamped, and an unsigned patient says so plainly, with why."""
+    import html as htmllib
+
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)  # P1 and P3 signed; P2's review cell left blank
+    signer = "Dr. <script>alert(1)</script> O'Hara & Co"
+    set_cells(rep, "Summary", {("P1", None): {"Verified by": signer, "Verified on": "2025-03-04"}})
+    gallery, out = tmp_path / "gallery", tmp_path / "v.xlsx"
+    r = invoke("verify", rep, "--out", out, "--html", gallery)
+    assert r.exit_code == exitcodes.OK, r.stderr
+    summary = {row["Patient"]: row for row in dicts(load_workbook(out)["Summary"])}
+    index = (gallery / "index.html").read_text(encoding="utf-8")
+    rows = {m.group(1): m.group(2) for m in re.finditer(r'<a href="patient-\d{4}\.html">([^<]+)</a>(.*?)</tr>', index)}
+    assert sorted(rows) == ["P1", "P2", "P3"] and "<th>Sign-off</th>" in index
+
+    assert f"Signed by {htmllib.escape(signer, quote=True)} on 2025-03-04" in rows["P1"]
+    assert "<script" not in index.lower()
+    assert summary["P3"]["Status"] == "signed" and summary["P3"]["Verified on"]  # stamped by verify
+    assert f"Signed by B. Tech on {htmllib.escape(summary['P3']['Verified on'])}" in rows["P3"]
+    assert summary["P2"]["Status"] == "not signed: 1 of 1 review cell without a Verified class"
+    assert "Not signed" in rows["P2"] and "Signed by" not in rows["P2"]
+    assert "1 of 1 review cell without a Verified class" in rows["P2"]
+    assert "A. Tech" not in rows["P2"]  # a name typed for an unsigned patient is no signature
+
+
 def test_a_data_shift_flag_is_carried_over_and_unclassified_can_be_chosen():
     from batchwbc.flags import DATA_SHIFT
     from batchwbc.verification import CarriedShift, VerifiedCell, verify_patients
