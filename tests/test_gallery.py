@@ -399,6 +399,8 @@ def test_run_html_writes_the_gallery_for_every_crop(tiny, tmp_path):
     shown = [f["data-file"] for page in pages(out) for f in figures(page)]
     assert sorted(shown) == sorted(c.rel for c in crops)
     assert len(list((out / "thumbs").iterdir())) == len(crops)
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert not SIGNOFF_WORDS.search("".join(parse(index.split("</head>", 1)[1]).text))  # nothing signed at run time
 
 
 def test_run_html_into_a_foreign_folder_is_refused_before_classifying(tiny, tmp_path):
