@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from . import catalogue
 from .differential import Differential
@@ -243,6 +243,13 @@ def _signoff_html(s: SignOff) -> str:
     return f"<td><span class=\"unsigned\">Not signed</span>{why}</td>"
 
 
+def _require_every_patient(patients: Sequence[str], per_patient: Mapping[str, Any], what: str) -> None:
+    """A page or row without its patient's data would be silently wrong: refuse it (ValueError)."""
+    missing = [p for p in patients if p not in per_patient]
+    if missing:
+        raise ValueError(f"no {what} for patient {missing[0]!r}")
+
+
 def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequence[CellResult]],
                  summaries: Mapping[str, PatientSummaryLike], info: GalleryRunInfo,
                  signoffs: Mapping[str, SignOff] | None = None) -> str:
@@ -252,9 +259,7 @@ def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequenc
     nobody can have signed yet) the index says nothing about sign-off at all.
     """
     if signoffs is not None:
-        missing = [p for p in patients if p not in signoffs]
-        if missing:
-            raise ValueError(f"no sign-off for patient {missing[0]!r}")
+        _require_every_patient(patients, signoffs, "sign-off")
     rows = []
     for i, patient in enumerate(patients):
         s = summaries[patient]
@@ -443,13 +448,9 @@ def write_gallery(out_dir: str | os.PathLike, patients: Sequence[str],
     yet and the index makes no sign-off claim. Raises GalleryError for an unusable DIR.
     """
     out = Path(out_dir)
-    missing = [p for p in patients if p not in summaries]
-    if missing:
-        raise ValueError(f"no summary for patient {missing[0]!r}")
+    _require_every_patient(patients, summaries, "summary")
     if signoffs is not None:  # checked before any thumbnail work, not only when the index is rendered
-        missing = [p for p in patients if p not in signoffs]
-        if missing:
-            raise ValueError(f"no sign-off for patient {missing[0]!r}")
+        _require_every_patient(patients, signoffs, "sign-off")
     check_target(out)
     root = Path(crops_root) if crops_root is not None else None
     tmp = _temp_dir(out, "tmp")
