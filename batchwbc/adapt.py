@@ -46,8 +46,8 @@ class HeadFit:
     cv_scheme: str
     before: dict  # Scores.as_dict() of the original model on every cell
     after: dict  # ... of the adapted head, out of fold
+    review_share_pct: float  # % of the lab's cells (out of fold) below the threshold
     fold_alphas: list[float] = field(default_factory=list)
-    review_share_pct: float | None = None  # % of the lab's cells (out of fold) below the threshold
 
     @property
     def worse(self) -> bool:
@@ -65,6 +65,7 @@ def adapt_head(x: "np.ndarray", y: "np.ndarray", groups: Sequence[str | None] | 
     import numpy as np
 
     from . import headfit as hf
+    from .calibration import review_share_pct
 
     v0, c0 = w0 / t0, b0 / t0  # tempered space: no data = the original probabilities
     folds, scheme = hf.fold_ids(y, groups, k=5, seed=seed)
@@ -72,14 +73,13 @@ def adapt_head(x: "np.ndarray", y: "np.ndarray", groups: Sequence[str | None] | 
     temperature = hf.fit_temperature(oof, y)
     oof_probs = hf.softmax(oof, temperature)
     threshold = hf.review_threshold(oof_probs, y)
-    # measured at the threshold as stored (2 decimals), like export does for a trained model
-    share = float(100.0 * np.mean(oof_probs.max(axis=1) < round(threshold, 2)))
     alpha = hf.choose_alpha(x, y, groups, v0, c0, seed=seed)
     v, c = hf.fit_head(x, y, v0, c0, alpha)
     return HeadFit(
         weight=v, bias=c, temperature=temperature, review_threshold=threshold, alpha=alpha, cv_scheme=scheme,
         before=hf.scores(y, np.asarray(probs_before).argmax(axis=1)).as_dict(),
-        after=hf.scores(y, oof.argmax(axis=1)).as_dict(), fold_alphas=fold_alphas, review_share_pct=share,
+        after=hf.scores(y, oof.argmax(axis=1)).as_dict(), fold_alphas=fold_alphas,
+        review_share_pct=review_share_pct(oof_probs, threshold),
     )
 
 

@@ -58,3 +58,10 @@ def review_threshold(probs: np.ndarray, labels: np.ndarray, target_accuracy: flo
     if len(ok) == 0:
         return 0.99
     return float(min(0.99, np.ceil(float(conf[order][ok[-1]]) * 100) / 100))
+
+
+def review_share_pct(probs: np.ndarray, threshold: float) -> float:
+    """% of held-out cells whose confidence is below the review threshold as the model file
+    stores it (2 decimals): the share MANY_LOW_CONFIDENCE judges a patient against (metadata
+    batchwbc.review_share_pct, written by export for a trained model and by adapt)."""
+    return float(100.0 * np.mean(probs.max(axis=1) < round(float(threshold), 2)))

@@ -129,19 +129,18 @@ def quantize_int8(float_path: Path, out_path: Path, calib: np.ndarray) -> None:
 
 
 def validation_review_share(run_dir: Path, temperature: float, threshold: float) -> float | None:
-    """% of the run's validation cells whose calibrated confidence is below the review
-    threshold (from logits.npz, written by training): the share a patient's review list is
-    judged against (MANY_LOW_CONFIDENCE, batchwbc.config.with_model_defaults)."""
+    """% of the run's validation cells below the review threshold (from logits.npz, written by
+    training; batchwbc.calibration.review_share_pct), or None for a run without them."""
+    from batchwbc.calibration import review_share_pct, softmax
+
     path = run_dir / "logits.npz"
     if not path.is_file():
         return None
-    from train import calibration
-
     with np.load(path) as z:
         if "val" not in z or len(z["val"]) == 0:
             return None
-        probs = calibration.softmax(z["val"].astype(np.float64), temperature)
-    return float(100.0 * np.mean(probs.max(axis=1) < threshold))
+        probs = softmax(z["val"].astype(np.float64), temperature)
+    return review_share_pct(probs, threshold)
 
 
 def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_version: str | None,
@@ -212,8 +211,7 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
             q_path.unlink(missing_ok=True)
 
     counts = run.get("counts", {})
-    # the threshold is stored rounded to 2 decimals; the share is measured at that stored value
-    share = validation_review_share(run_dir, temperature, round(float(run["review_threshold"]), 2))
+    share = validation_review_share(run_dir, temperature, float(run["review_threshold"]))
     meta = {
         meta_keys.KEY_FORMAT: meta_keys.FORMAT_VERSION,
         meta_keys.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -50,3 +51,13 @@ def test_the_run_sheet_records_the_threshold_in_force(tmp_path, configured):
     assert r.exit_code in (0, 1), r.output
     settings, _ = settings_from_run(read_report(out).run_rows)
     assert settings.low_confidence_high_pct == (25.0 if configured else 37.0)
+
+
+def test_the_share_is_measured_at_the_stored_threshold():
+    """export and adapt store the threshold with 2 decimals; the share is the one at that value."""
+    from batchwbc.calibration import review_share_pct
+
+    probs = np.array([[0.5, 0.5], [0.79, 0.21], [0.8, 0.2], [0.95, 0.05]])
+    assert review_share_pct(probs, 0.8) == 50.0
+    assert review_share_pct(probs, 0.8049) == 50.0  # stored as 0.80: the 0.80 cell is accepted
+    assert review_share_pct(probs, 0.81) == 75.0
