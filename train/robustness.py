@@ -56,17 +56,20 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
     y = evalkit.labels(rows)
     paper = y < len(catalogue.PAPER_CLASS_IDS)
     raw = evalkit.decode_raw(data_root, rows)
-    sources = sorted({r.get("source", "") for r in rows})
-    src = np.array([r.get("source", "") for r in rows])
+    src = [r.get("source", "") for r in rows]
+    sources = sorted(set(src))
+    # each source's paper-10 cells, for the per-source accuracy of every condition
+    src_of_row = np.array(src)
+    paper_of = {s: m for s in sources if (m := paper & (src_of_row == s)).any()}
     stats = {}
     if len(sources) > 1 and any(len(c) > 4 and c[4] for c in conditions):
-        stats = {s: lab_stats([im for im, r in zip(raw, rows) if r.get("source", "") == s]) for s in sources}
+        stats = {s: lab_stats([im for im, rs in zip(raw, src) if rs == s]) for s in sources}
     out = []
     for label, scale, quality, sigma, *rest in conditions:
         recoloured = bool(rest and rest[0] and stats)
         ims = raw
         if recoloured:  # each crop in the colours of the next other source (sorted, cyclic)
-            ims = [recolour(im, *stats[_next_source(sources, r.get("source", ""))]) for im, r in zip(raw, rows)]
+            ims = [recolour(im, *stats[_next_source(sources, rs)]) for im, rs in zip(raw, src)]
         x = evalkit.frame((degrade(im, scale, quality, sigma) for im in ims), size, contract)
         probs = evalkit.predict(clf, x, batch)
         pred = probs.argmax(axis=1)
@@ -76,9 +79,7 @@ def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditio
             "accuracy": float(np.mean(pred == y)),
             "paper10_accuracy": float(np.mean(pred[paper] == y[paper])),
             "to_review": float(np.mean(probs.max(axis=1) < (clf.info.review_threshold or 0.0))),
-            "paper10_accuracy_by_source": {
-                s: float(np.mean(pred[paper & (src == s)] == y[paper & (src == s)])) for s in sources if (paper & (src == s)).any()
-            },
+            "paper10_accuracy_by_source": {s: float(np.mean(pred[m] == y[m])) for s, m in paper_of.items()},
         })
     return out
 
