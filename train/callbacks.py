@@ -9,11 +9,11 @@ class KeepBest:
     """Save the core model whenever validation accuracy improves, so a run cut short (a time
     limit, a lost machine) still leaves its best model behind."""
 
-    def __new__(cls, core, path: Path, budget_s: float):
+    def __new__(cls, core, path: Path, budget_s: float, history: Path | None = None):
         import keras
 
         class CB(keras.callbacks.Callback):
-            best = -1.0
+            best = best_so_far(history)
             t0 = time.time()
 
             def on_epoch_end(self, epoch, logs=None):
@@ -26,6 +26,18 @@ class KeepBest:
                     self.model.stop_training = True
 
         return CB()
+
+
+def best_so_far(history: Path | None) -> float:
+    """The best validation accuracy an interrupted run already logged (-1 without one), so a
+    continued run does not overwrite its best model with a worse one."""
+    import csv
+
+    if history is None or not history.is_file():
+        return -1.0
+    with open(history, newline="") as fh:
+        values = [float(r["val_accuracy"]) for r in csv.DictReader(fh) if r.get("val_accuracy")]
+    return max(values, default=-1.0)
 
 
 class Throughput:

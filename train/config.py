@@ -62,6 +62,8 @@ class TrainConfig:
     degrade_recolour: float = 0.0
     teacher_logits: str | None = None
     distill_alpha: float = 0.7
+    tf_threads: str = "2,2"
+    freeze_blocks: int = 0
     train_only: bool = False
 
     def __post_init__(self) -> None:
@@ -82,6 +84,11 @@ class TrainConfig:
         if self.lr_schedule not in ("plateau", "cosine"):
             raise TrainingError("--lr-schedule must be plateau or cosine.")
         _ = self.zoom_out  # parses --zoom-out-source or raises
+        _ = self.threads  # parses --tf-threads or raises
+        if self.freeze_blocks < 0:
+            raise TrainingError("--freeze-blocks must be a number of blocks >= 0.")
+        if self.freeze_blocks and self.backbone != "efficientnet_lite0":
+            raise TrainingError("--freeze-blocks needs --backbone efficientnet_lite0 (its blocks are named blocks_0, blocks_1, ...).")
         # distillation replaces the training targets crop by crop; copies added to the training
         # set have no teacher logits, and degraded crops would be taught the clean crop's answer
         if self.teacher_logits and self.degrade:
@@ -145,6 +152,18 @@ class TrainConfig:
             return parse_spec(self.zoom_out_source)
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        """--tf-threads as (intra-op, inter-op) thread counts; 0 lets TensorFlow choose."""
+        message = "--tf-threads must be two thread counts >= 0, intra-op then inter-op, e.g. 2,2."
+        try:
+            counts = tuple(int(x) for x in self.tf_threads.split(","))
+        except ValueError:
+            raise TrainingError(message) from None
+        if len(counts) != 2 or min(counts) < 0:
+            raise TrainingError(message)
+        return counts  # type: ignore[return-value]
 
     @property
     def distill(self) -> bool:
