@@ -9,6 +9,8 @@ What is fitted on what (docs/decisions/0011-out-of-distribution-and-data-shift.m
   * `ref`: a seeded sample of cells of the training sources that are NOT in the test split:
     class centres, PCA basis and shared covariance of the model's embedding;
   * background corners cut from `ref` crops: the "reject:background" centre;
+  * synthetic non-cells (coloured noise, `ref` crops cut into shuffled tiles): the
+    "reject:not-a-cell" centre;
   * `held`: a disjoint sample of those cells: each class's typical (median) distance, which
     scales the score, and the thresholds (a quantile of their scores for each of the two cell
     rules; the 80th percentile for DATA_SHIFT's cell cut; the highest batch statistic of
@@ -40,6 +42,12 @@ SHIFT_CELL_QUANTILE = 0.8
 PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
 PSEUDO_PATIENTS_PER_SIZE = 400
 BACKGROUND = "reject:background"
+#: Images made to be nothing like a cell: coloured noise at random grain sizes, and real crops
+#: cut into tiles and shuffled (the stain's colours without a cell's shape). A backbone that
+#: maps them near a cell class (Lite0 candidate V5 counted every noise crop of
+#: tests/test_ood_bundled.py as a cell) learns a centre of its own for them here.
+NOT_A_CELL = "reject:not-a-cell"
+N_NOT_A_CELL = 600
 
 
 class ReferenceBuildError(Exception):
@@ -89,6 +97,34 @@ def background_corner(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(rgb[y : y + s, x : x + s])
 
 
+def not_a_cell(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic non-cell of the donor crop's size: half coloured noise (uniform or normal,
+    blurred at a random grain of 0-12 px, with a random mean colour and contrast), half the
+    donor cut into a 4x4 to 8x8 grid of tiles and shuffled. Drawn with their own generator
+    and parameters, not the noise of the OOD tests, so those tests stay a check."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    if rng.random() < 0.5:
+        if rng.random() < 0.5:
+            x = rng.uniform(-1.0, 1.0, (h, w, 3)).astype(np.float32)
+        else:
+            x = rng.normal(0.0, 0.6, (h, w, 3)).astype(np.float32)
+        sigma = float(rng.uniform(0.0, 12.0))
+        if sigma > 0.5:
+            x = cv2.GaussianBlur(x, (0, 0), sigma)
+            x /= max(float(np.abs(x).max()), 1e-6)
+        mean = rng.uniform(60, 220, 3).astype(np.float32)
+        contrast = float(rng.uniform(20, 110))
+        return np.clip(mean + contrast * x, 0, 255).astype(np.uint8)
+    n = int(rng.integers(4, 9))
+    th, tw = max(1, h // n), max(1, w // n)
+    tiles = [rgb[i * th:(i + 1) * th, j * tw:(j + 1) * tw] for i in range(n) for j in range(n)]
+    order = rng.permutation(len(tiles))
+    rows = [np.concatenate([tiles[order[i * n + j]] for j in range(n)], axis=1) for i in range(n)]
+    return np.ascontiguousarray(np.concatenate(rows, axis=0))
+
+
 def embed_loaders(classifier, loaders: Sequence[Callable[[], np.ndarray]], chunk: int = 256):
     """(probs, embeddings, kept indices) for decoded-RGB loaders; unreadable files are left out."""
     from batchwbc.preprocess import UnreadableImage, to_model_input
@@ -128,13 +164,16 @@ def pseudo_patient_statistics(ref, held_scores: np.ndarray, held_sources: Sequen
 
 
 def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held_sources, rng, k: int = PCA_DIM,
-                        quantile: float = CELL_QUANTILE, embedding_output: str = "embedding", info: dict | None = None):
-    """The complete reference: centres and covariance from ref (+ the background centre),
-    every threshold from held (pure apart from the seeded generator)."""
+                        quantile: float = CELL_QUANTILE, embedding_output: str = "embedding", info: dict | None = None,
+                        junk_emb: np.ndarray | None = None):
+    """The complete reference: centres and covariance from ref (+ the background centre and,
+    given junk_emb, the not-a-cell centre), every threshold from held (pure apart from the
+    seeded generator)."""
     from batchwbc import datashift, ood
 
-    labels = list(ref_labels) + [BACKGROUND] * len(bg_emb)
-    r = ood.fit_reference(np.concatenate([ref_emb, bg_emb]), labels, k=k, embedding_output=embedding_output)
+    junk_emb = np.zeros((0, ref_emb.shape[1]), ref_emb.dtype) if junk_emb is None else junk_emb
+    labels = list(ref_labels) + [BACKGROUND] * len(bg_emb) + [NOT_A_CELL] * len(junk_emb)
+    r = ood.fit_reference(np.concatenate([ref_emb, bg_emb, junk_emb]), labels, k=k, embedding_output=embedding_output)
     # each class's typical distance: the median over held-out cells of that class
     z = (np.asarray(held_emb, np.float32) - r.mean) @ r.projection.T
     d = ((z[:, None, :] - r.centres[None]) ** 2).sum(axis=2)
@@ -162,12 +201,13 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held
         "pca_dim": int(r.projection.shape[0]), "cell_quantile": quantile,
         "held_out_cells": int(len(held_emb)), "held_out_unclassified": round(float(flagged.mean()), 5),
         "reference_cells": int(len(ref_emb)), "background_corners": int(len(bg_emb)),
+        "not_a_cell_images": int(len(junk_emb)),
     })
     return replace(r, shift=shift, basis=None, info=full_info)
 
 
 def build(model_path: Path, data_root: Path, split_csv: Path, sources: Sequence[str] | None = None, seed: int = 0,
-          n_ref: int = N_REF, n_held: int = N_HELD, n_reject: int = N_REJECT, k: int = PCA_DIM,
+          n_ref: int = N_REF, n_held: int = N_HELD, n_reject: int = N_REJECT, k: int = PCA_DIM, n_not_a_cell: int = N_NOT_A_CELL,
           log: Callable[[str], None] = print):
     """Fit the reference for the model at model_path (which must have an embedding output)."""
     from batchwbc import datasets
@@ -203,11 +243,14 @@ def build(model_path: Path, data_root: Path, split_csv: Path, sources: Sequence[
     rng_bg = np.random.default_rng(seed + 7)
     bg_donors = [ref[i] for i in rng_bg.permutation(len(ref))[:n_reject]]
     _, bg_emb, _ = embed_loaders(clf, [(lambda p=it.path: background_corner(decode_rgb(read_bytes(p)), rng_bg)) for it in bg_donors])
+    rng_junk = np.random.default_rng(seed + 11)
+    junk_donors = [ref[i] for i in rng_junk.permutation(len(ref))[:n_not_a_cell]]
+    _, junk_emb, _ = embed_loaders(clf, [(lambda p=it.path: not_a_cell(decode_rgb(read_bytes(p)), rng_junk)) for it in junk_donors])
     info = {"fitted_on": f"{len(kept_ref)} training cells of {', '.join(sources) or 'all sources'} outside "
                          f"{split_csv.name}, seed {seed}", "model_sha256_before": clf.info.sha256}
     return fit_with_thresholds(ref_emb, [ref[i].class_id for i in kept_ref], bg_emb, held_emb,
                                [held[i].class_id for i in kept_held], [held[i].source for i in kept_held], np.random.default_rng(seed + 1), k=k,
-                               embedding_output=clf.embedding_output, info=info)
+                               embedding_output=clf.embedding_output, info=info, junk_emb=junk_emb if len(junk_emb) else None)
 
 
 def write(model_in: Path, reference, out: Path) -> int:
@@ -246,7 +289,7 @@ def main(model_in: Path, data_root: Path, split_csv: Path, out: Path, sources: t
 
     try:
         ref = build(model_in, data_root, split_csv, sources, seed, n_ref=n_ref, n_held=n_held,
-                    n_reject=min(N_REJECT, n_ref))
+                    n_reject=min(N_REJECT, n_ref), n_not_a_cell=min(N_NOT_A_CELL, n_ref))
     except (ReferenceBuildError, ModelError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

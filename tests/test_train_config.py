@@ -35,6 +35,12 @@ def _one_sentence(exc: pytest.ExceptionInfo) -> str:
         ({"zoom_out_source": "AML-LMU"}, "SOURCE:LOW:HIGH"),
         ({"degrade": 0.5, "teacher_logits": "t.npz"}, "--degrade cannot be combined with --teacher-logits"),
         ({"zoom_out_source": "AML-LMU:0.55:0.75", "teacher_logits": "t.npz"}, "cannot be combined with --zoom-out-source"),
+        ({"tf_threads": "2"}, "--tf-threads must be two thread counts"),
+        ({"tf_threads": "2,-1"}, "--tf-threads must be two thread counts"),
+        ({"tf_threads": "two,2"}, "--tf-threads must be two thread counts"),
+        ({"freeze_blocks": -1}, "--freeze-blocks must be"),
+        ({"freeze_blocks": 5, "backbone": "mobilenet_025"}, "--freeze-blocks needs --backbone efficientnet_lite0"),
+        ({"head_dense": -3}, "--head-dense must be"),
     ],
 )
 def test_bad_values_and_combinations_are_refused_when_the_config_is_built(options, message):

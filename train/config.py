@@ -46,6 +46,7 @@ class TrainConfig:
     bn_momentum: float = 0.9
     dropout: float = 0.3
     head_conv: int = 0
+    head_dense: int = 256
     split_spec: str = "0.8,0.12,0.08"
     pin_test: str | None = None
     seed: int = 42
@@ -85,6 +86,8 @@ class TrainConfig:
             raise TrainingError("--lr-schedule must be plateau or cosine.")
         _ = self.zoom_out  # parses --zoom-out-source or raises
         _ = self.threads  # parses --tf-threads or raises
+        if self.head_dense < 0:
+            raise TrainingError("--head-dense must be a layer width >= 0 (0 = logits on the pooled features).")
         if self.freeze_blocks < 0:
             raise TrainingError("--freeze-blocks must be a number of blocks >= 0.")
         if self.freeze_blocks and self.backbone != "efficientnet_lite0":

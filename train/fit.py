@@ -131,7 +131,7 @@ def build_model(cfg: TrainConfig):
     try:
         core, backbone = models.build_core(
             cfg.backbone, cfg.size, len(catalogue.CLASS_IDS), cfg.weights, cfg.colour_norm, dropout=cfg.dropout,
-            bn_momentum=cfg.bn_momentum, head_conv=cfg.head_conv or 0,
+            bn_momentum=cfg.bn_momentum, head_conv=cfg.head_conv or 0, dense=cfg.head_dense,
         )
     except models.WeightsError as exc:
         raise TrainingError(str(exc)) from None

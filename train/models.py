@@ -82,7 +82,11 @@ def build_core(
 
     head_conv > 0 adds a 1x1 convolution of that width (BN, ReLU) on the backbone's last
     feature map, before pooling: capacity where the map is smallest (4x4-5x5 for a 128-160 px
-    input), so it costs far less at run time than widening the network (ADR 0005)."""
+    input), so it costs far less at run time than widening the network (ADR 0005).
+
+    dense = 0 puts the logits straight on the pooled features (a linear head): the embedding
+    `batchwbc adapt` refits on is then the backbone's full width (1,280 for Lite0), not a
+    256-d bottleneck trained for the source labs only (ADR 0012)."""
     net = build_backbone(backbone, size, weights, bn_momentum, pooling=None if head_conv else "avg")
     inp = keras.Input((size, size, 3), dtype="float32", name="rgb")
     x = InputNormalization(BACKBONES[backbone].input_mode, colour_norm, name="input_norm")(inp)
@@ -93,7 +97,8 @@ def build_core(
         x = keras.layers.ReLU(name="head_conv_relu")(x)
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
     x = keras.layers.BatchNormalization(momentum=bn_momentum or 0.99, name="head_norm")(x)
-    x = keras.layers.Dense(dense, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), name="head_dense")(x)
+    if dense:
+        x = keras.layers.Dense(dense, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), name="head_dense")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     logits = keras.layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model(inp, logits, name=f"core_{backbone}"), net

@@ -85,6 +85,7 @@ TRAIN_OPTIONS: list[Callable] = [
     _o("--bn-momentum", type=float, help="BatchNorm momentum for the backbone (Keras MobileNets default 0.999 collapses in short runs)."),
     _o("--dropout", type=float),
     _o("--head-conv", type=int, help="Width of an extra 1x1 convolution on the backbone's last feature map before pooling (0 = the paper's head only)."),
+    _o("--head-dense", type=int, help="Width of the hidden Dense+ReLU layer of the head; 0 = logits straight on the pooled backbone features, so `batchwbc adapt` refits on all of them (1,280 for Lite0)."),
     _o("--split", "split_spec", help="train,val,test fractions (stratified by class and source; patients, where a layout records them, are split whole)."),
     _o("--pin-test", type=click.Path(exists=True, dir_okay=False), help="A split CSV whose test rows stay in the test split (e.g. docs/model/test-split.csv: compare a new model with the bundled one on the same cells)."),
     _o("--seed", type=int),
