@@ -1,7 +1,7 @@
-"""The `batchwbc` command line: options, help text and exit codes; the work is in batchwbc.job.
+"""The `batchwbc` command line: options, help text and exit codes; the work is in batchwbc.commands.run.
 
 This layer only turns options into a job (`job.RunOptions`), runs it and maps its outcome to
-an exit code and one sentence on the terminal (exit codes: batchwbc/exitcodes.py and
+an exit code and one sentence on the terminal (exit codes: batchwbc/ops/exit_codes.py and
 docs/usage.md). Heavy libraries are imported inside the job, so `batchwbc --help` answers
 instantly. Options shared by several commands are defined once below as decorators.
 """
@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__, exitcodes
-from .job import JobError, RunOptions, load_classifier, run_job
-from .pipeline import DEFAULT_BATCH_SIZE
+from batchwbc import __version__
+from batchwbc.ops import exit_codes
+from batchwbc.commands.run import JobError, RunOptions, load_classifier, run_job
+from batchwbc.engine.pipeline import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger("batchwbc")
 
@@ -91,8 +92,8 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
     directly in SLIDES are reported as their own group. Cells below the review threshold
     are listed with a thumbnail for a person to check.
     """
-    from .logsetup import LogFileError, setup_logging, stderr_is_terminal
-    from .paths import OutputCollision, check_distinct_outputs
+    from batchwbc.ops.logging_setup import LogFileError, setup_logging, stderr_is_terminal
+    from batchwbc.ops.output_paths import OutputCollision, check_distinct_outputs
 
     show_bar = stderr_is_terminal() and not quiet
     try:  # collisions first: a --log-file that is the report must not be appended to
@@ -102,7 +103,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
         setup_logging(quiet, str(log_file) if log_file else None, show_bar)
     except (OutputCollision, LogFileError) as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exit_codes.USAGE)
     opts = RunOptions(slides=slides, out=out, model_path=model_path, config_path=config_path,
                       review_threshold=review_threshold, workers=workers, batch_size=batch_size,
                       cache_path=cache_path, cells_csv=cells_csv, summary_csv=summary_csv, show_bar=show_bar, allow_empty=allow_empty,
@@ -119,11 +120,11 @@ def _exit_code(opts: RunOptions) -> int:
         return exc.code
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed (start-up)
         log.error("interrupted during start-up; nothing was classified and no report was written.")
-        return exitcodes.INTERRUPTED
+        return exit_codes.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one sentence for the user, details in the log file
         log.debug("unexpected failure", exc_info=True)
         log.error("the run failed unexpectedly (%s: %s); no report was written.", type(exc).__name__, exc)
-        return exitcodes.FAILED
+        return exit_codes.FAILED
 
 
 @main.command("verify")
@@ -157,14 +158,14 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
     by holds a name. Exit codes: 0 verified; 2 the workbook cannot be verified (each problem
     is named, nothing is written); 3 verified, but some crops were missing from the export.
     """
-    from .logsetup import LogFileError, setup_logging
-    from .verifyjob import VerifyOptions, verify_job
+    from batchwbc.ops.logging_setup import LogFileError, setup_logging
+    from batchwbc.commands.verify import VerifyOptions, verify_job
 
     try:
         setup_logging(quiet, str(log_file) if log_file else None, False)
     except LogFileError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exit_codes.USAGE)
     opts = VerifyOptions(report=report_path, out=out, reviewer=" ".join(reviewer.split()), model_path=model_path,
                          config_path=config_path, export_labelled=export_labelled, slides=slides, html_dir=html_dir)
     try:
@@ -174,12 +175,12 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
         code = exc.code
     except KeyboardInterrupt:
         log.error("interrupted; the verified workbook was not written and the report is unchanged.")
-        code = exitcodes.INTERRUPTED
+        code = exit_codes.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one sentence for the user, details in the log file
         log.debug("unexpected failure", exc_info=True)
         log.error("verification failed unexpectedly (%s: %s); no verified workbook was written.",
                   type(exc).__name__, exc)
-        code = exitcodes.FAILED
+        code = exit_codes.FAILED
     sys.exit(code)
 
 
@@ -248,9 +249,9 @@ def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_pa
     Each crop is classified exactly as `batchwbc run` would classify it. Folders that are not
     classes of the model are counted and skipped; unreadable crops are listed (exit code 3).
     """
-    from .evaluation_job import run_evaluate
-    from .interrupt import signals_as_interrupt
-    from .logsetup import setup_logging, stderr_is_terminal
+    from batchwbc.commands.evaluate import run_evaluate
+    from batchwbc.ops.signals import signals_as_interrupt
+    from batchwbc.ops.logging_setup import setup_logging, stderr_is_terminal
 
     show_bar = stderr_is_terminal() and not quiet
     setup_logging(quiet, None, show_bar)
@@ -262,10 +263,10 @@ def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_pa
         code = exc.code
     except KeyboardInterrupt as exc:
         log.error("interrupted (%s); no evaluation was written and the previous one is untouched.", str(exc) or "Ctrl-C")
-        code = exitcodes.INTERRUPTED
+        code = exit_codes.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one sentence for the user
         log.error("the evaluation failed unexpectedly (%s: %s); nothing was written.", type(exc).__name__, exc)
-        code = exitcodes.FAILED
+        code = exit_codes.FAILED
     sys.exit(code)
 
 
@@ -289,22 +290,22 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
     # Thousands of tiny matrix products: BLAS threads only contend (25x slower on a busy 2-core PC).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from .adapt import AdaptError, run_adapt
-    from .logsetup import setup_logging
-    from .pipeline import default_workers
+    from batchwbc.commands.adapt import AdaptError, run_adapt
+    from batchwbc.ops.logging_setup import setup_logging
+    from batchwbc.engine.pipeline import default_workers
 
     setup_logging(False, None, False)
     if out.suffix.lower() != ".onnx":
         log.error("--out must end in .onnx (got %s).", out.name)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exit_codes.USAGE)
     try:
         res = run_adapt(labelled, out, model_path, force, default_workers() if workers is None else workers)
     except AdaptError as exc:
         log.error("%s", exc)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exit_codes.USAGE)
     except OSError as exc:
         log.error("the adapted model could not be written (%s).", exc)
-        sys.exit(exitcodes.FAILED)
+        sys.exit(exit_codes.FAILED)
     fit = res.fit
     click.echo(f"cells used: {sum(res.counts.values())} in {len(res.counts)} classes, {res.patients} patients "
                f"({', '.join(f'{k} {v}' for k, v in res.counts.items())}); unreadable skipped: {len(res.unreadable)}")
@@ -315,7 +316,7 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
     if not res.written:
         log.error("the adapted model is worse than the original on this cross-validation; %s was not written "
                   "(--force writes it anyway).", out)
-        sys.exit(exitcodes.FAILED)
+        sys.exit(exit_codes.FAILED)
     if fit.worse:
         log.warning("written although worse than the original (--force).")
     if res.ood_rederived is not None:

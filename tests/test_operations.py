@@ -12,8 +12,8 @@ import pytest
 
 import fuzz_corpus
 import tinymodel
-from batchwbc import exitcodes
-from batchwbc.runlock import lock_path_for
+from batchwbc.ops import exit_codes
+from batchwbc.ops.run_lock import lock_path_for
 from test_fuzz_cli import error_lines, png, run_cli, sheet_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_no_images_exits_no_input_and_keeps_the_previous_report(tmp_path, model_
     out.write_bytes(b"previous report")
     csv.write_bytes(b"previous csv")
     r = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0", "--cells-csv", csv])
-    assert r.exit_code == exitcodes.NO_INPUT == 4, r.output
+    assert r.exit_code == exit_codes.NO_INPUT == 4, r.output
     errs = error_lines(r.output)
     assert len(errs) == 1 and "no images found" in errs[0] and "--allow-empty" in errs[0], r.output
     assert out.read_bytes() == b"previous report" and csv.read_bytes() == b"previous csv"
@@ -57,7 +57,7 @@ def test_allow_empty_writes_an_empty_report(tmp_path, model_path, kind):
     out = tmp_path / "report.xlsx"
     out.write_bytes(b"previous report")
     r = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0", "--allow-empty"])
-    assert r.exit_code == exitcodes.OK, r.output
+    assert r.exit_code == exit_codes.OK, r.output
     assert sheet_rows(out, "Cells") == []
     patients = [row["Patient"] for row in sheet_rows(out, "Summary")]
     assert patients == ([] if kind == "empty" else ["P1", "P2"])
@@ -78,7 +78,7 @@ posix_only = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and re-
 _GRANDCHILD = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from batchwbc import parentwatch
+from batchwbc.ops import parent_watch
 if {poll_only!r}:
     import threading
     threading.Thread(target=parentwatch._poll_ppid, args=(os.getppid(), 0.2), daemon=True).start()
@@ -191,7 +191,7 @@ def _model_with_unused_initializer(path: Path) -> Path:
 def test_classifier_silences_onnxruntime_before_its_session(tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    from batchwbc.model import Classifier
+    from batchwbc.engine.model import Classifier
 
     calls: list = []
     monkeypatch.setattr(ort, "set_default_logger_severity", lambda level: calls.append(("severity", level)))
@@ -211,7 +211,7 @@ def test_quiet_without_telemetry_switch_still_works(tmp_path, monkeypatch):
     """Older or other onnxruntime builds lack disable_telemetry_events."""
     import onnxruntime as ort
 
-    from batchwbc.ortlog import quiet_session_options
+    from batchwbc.ops.ort_quiet import quiet_session_options
 
     monkeypatch.delattr(ort, "disable_telemetry_events", raising=False)
     assert quiet_session_options().log_severity_level == 3
@@ -219,7 +219,7 @@ def test_quiet_without_telemetry_switch_still_works(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("which", ["unused-initializer model", "bundled model"])
 def test_quiet_successful_run_leaves_stderr_empty(tmp_path, which):
-    from batchwbc.model import DEFAULT_MODEL_PATH
+    from batchwbc.engine.model import DEFAULT_MODEL_PATH
 
     if which == "bundled model":
         if not DEFAULT_MODEL_PATH.is_file():
@@ -230,7 +230,7 @@ def test_quiet_successful_run_leaves_stderr_empty(tmp_path, which):
     r = subprocess.run([sys.executable, "-m", "batchwbc", "run", str(SAMPLES), "--out", str(tmp_path / "r.xlsx"),
                         "--model", str(model), "--workers", "1", "--quiet"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == exitcodes.OK, r.stderr
+    assert r.returncode == exit_codes.OK, r.stderr
     # Nothing but batchwbc's own log lines: the bundled model rightly warns DATA_SHIFT on the
     # synthetic drawings in samples/, which is batchwbc's own warning, not onnxruntime's noise.
     own = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (WARNING|ERROR) ")
