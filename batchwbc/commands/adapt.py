@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 
 #: Metadata key of the adapted model's provenance (JSON).
 from batchwbc.engine.model_metadata import KEY_ADAPTATION  # noqa: E402 - re-exported
+from batchwbc.ops.exit_codes import USAGE, CommandError  # noqa: E402
 #: Below this many usable cells a cross-validated comparison means nothing.
 MIN_CELLS = 10
 
 
-class AdaptError(Exception):
+class AdaptError(CommandError):
     """Adaptation cannot start (bad folder, unusable model); str is one sentence. Exit code 2."""
+
+    exit_code = USAGE
 
 
 @dataclass

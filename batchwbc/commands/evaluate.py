@@ -110,9 +110,24 @@ def predict_labelled(labelled: "LabelledSet", root: Path, classifier: "Classifie
     return out
 
 
-def run_evaluate(labelled_root: Path, out: Path, model_path: Path | None, json_path: Path | None,
-                 workers: int | None, show_bar: bool, batch_size: int | None = None) -> int:
-    """The whole command; returns the exit code (usage problems raise job.JobError)."""
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """Everything an evaluation is asked to do; the CLI builds one from its options (as for run
+    and verify), so a new option is one field here and one click option."""
+
+    labelled: Path  # LABELLED/<class_id>/[<patient>/]crop
+    out: Path  # the evaluation workbook (.xlsx)
+    model_path: Path | None = None  # None: the bundled model
+    json_path: Path | None = None  # also the numbers as JSON
+    workers: int | None = None  # None: one decode process per core
+    show_bar: bool = False
+    batch_size: int | None = None  # None: the run's default
+
+
+def run_evaluate(opts: EvaluateOptions) -> int:
+    """The whole command; returns the exit code (usage problems raise run.JobError)."""
+    labelled_root, out, model_path, json_path = opts.labelled, opts.out, opts.model_path, opts.json_path
+    workers, show_bar, batch_size = opts.workers, opts.show_bar, opts.batch_size
     import os
 
     from batchwbc.core import agreement

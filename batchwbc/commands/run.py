@@ -33,12 +33,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("batchwbc")
 
 
-class JobError(Exception):
+class JobError(exit_codes.CommandError):
     """Stop the run with an exit code and one sentence (logged, never a traceback)."""
 
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return self.code
 
 
 @dataclass(frozen=True)

@@ -268,6 +268,16 @@ FLAG_RULES: tuple[FlagRule, ...] = (
 #: Each pending code -> the definite flag it may turn into once its cells are verified.
 PENDING_OF: dict[str, str] = {r.pending_code: r.code for r in FLAG_RULES if r.pending_code}
 
+
+def rule_for(code: str, rules: Sequence[FlagRule] = FLAG_RULES) -> FlagRule:
+    """The table's rule for a flag code, so a default quoted elsewhere (`batchwbc info`) is the
+    table's own number rather than a copy."""
+    for rule in rules:
+        if rule.code == code:
+            return rule
+    raise KeyError(f"no flag rule {code!r} in the table")
+
+
 _SEVERITY_RANK = {CRITICAL: 0, WARNING: 1, REVIEW: 2}
 
 

@@ -6,3 +6,12 @@ USAGE = 2  #: bad arguments, unusable model/config, or an output that cannot be 
 PARTIAL = 3  #: report written, but some files were unreadable or a patient failed (see the Errors sheet)
 NO_INPUT = 4  #: no images below the slides folder (empty, or an unmounted share); the previous report is untouched
 INTERRUPTED = 130  #: stopped by SIGINT/SIGTERM; the previous report is untouched
+
+
+class CommandError(Exception):
+    """A command stops with one sentence (str, logged, never a traceback) and an exit code.
+
+    The project's command errors derive from it, so the CLI maps exceptions to exit codes in
+    one place (batchwbc/cli.py: `_finish`) instead of one hand-made except-chain per command."""
+
+    exit_code: int = FAILED
