@@ -3,7 +3,7 @@
 Reads every image header below a data folder (shortest side, side ratio), then the channel
 difference of a random sample of crops as the runtime sees them (model input, 144 px) and of
 greyscale copies of the first 100 of them saved as colour JPEG (quality 85). The bounds in
-cropcheck.py must lie well outside what real crops show:
+engine/crop_checks.py must lie well outside what real crops show:
 
     python benchmarks/crop_checks.py --data ../shared/data --sample 300
 """

@@ -37,7 +37,7 @@ GREEN = (0, 200, 0)  # RGB of every test crop: easy to find in a screenshot
 
 
 class Summary(NamedTuple):
-    """What the run computes once per patient (job.PatientSummary has the same fields)."""
+    """What the run computes once per patient (summary.PatientSummary has the same fields)."""
 
     patient: str
     differential: object

@@ -81,9 +81,9 @@ sys.path.insert(0, {repo!r})
 from batchwbc.ops import parent_watch
 if {poll_only!r}:
     import threading
-    threading.Thread(target=parentwatch._poll_ppid, args=(os.getppid(), 0.2), daemon=True).start()
+    threading.Thread(target=parent_watch._poll_ppid, args=(os.getppid(), 0.2), daemon=True).start()
 else:
-    parentwatch.watch_parent(os.getppid())
+    parent_watch.watch_parent(os.getppid())
 print(os.getpid(), flush=True)
 time.sleep(120)
 """

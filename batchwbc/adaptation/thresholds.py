@@ -49,7 +49,7 @@ def _pools(groups: Sequence[str | None] | None, n: int) -> dict[str, list[int]]:
 
 def pseudo_patient_statistics(ref: "OodReference", scores: "np.ndarray", groups: Sequence[str | None] | None,
                               seed: int = 0) -> list[float]:
-    """The DATA_SHIFT batch statistic (datashift.batch_statistic with ref's cut) of pseudo-patients
+    """The DATA_SHIFT batch statistic (data_shift.batch_statistic with ref's cut) of pseudo-patients
     drawn from the lab's cells: groups of 20, 50, 100, 200 cells, each drawn within one patient
     folder (a real patient's cells are what a run will check), as many sizes as the pool holds;
     a pool smaller than 20 cells but with at least min_cells counts as one pseudo-patient."""

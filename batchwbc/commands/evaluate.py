@@ -60,7 +60,7 @@ class EvaluationRun:
 
 
 def check_labelled(labelled: "LabelledSet", root: Path) -> None:
-    """Refuse a folder that cannot give a meaningful evaluation (raises job.JobError, exit 2)."""
+    """Refuse a folder that cannot give a meaningful evaluation (raises run.JobError, exit 2)."""
     from batchwbc.commands.run import JobError
 
     counts = labelled.class_counts()

@@ -51,4 +51,4 @@ class RunData:
     tool_version: str
     ignored_files: int = 0  # hidden / non-image files skipped by discovery
     extra: dict[str, Any] = field(default_factory=dict)  # more Run-sheet rows (options, cache hits, ...); numbers stay numbers
-    data_shift: Any = None  # datashift.ShiftDecision for the whole run; None: not checked
+    data_shift: Any = None  # data_shift.ShiftDecision for the whole run; None: not checked

@@ -47,7 +47,7 @@ def summarize_run(run: RunData, settings: Settings,
                   shifts: "Mapping[str, ShiftDecision] | None" = None) -> list[PatientSummary]:
     """One summary per patient in report order: the discovered patients first (empty ones
     included), then - defensively, so nobody is dropped - any patient seen only in cells or
-    errors. `shifts` are the patients' data-shift decisions (datashift.decide_all), which
+    errors. `shifts` are the patients' data-shift decisions (data_shift.decide_all), which
     add DATA_SHIFT to their flags."""
     return summarize_groups(run.patients, run.cells, run.errors, settings, shifts)
 

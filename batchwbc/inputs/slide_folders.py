@@ -106,7 +106,7 @@ def _scan_sorted(path: str) -> list[os.DirEntry]:
 
 
 def _folder_error(patient: str, rel: str, exc: OSError) -> FileError:
-    """A whole patient folder that cannot be read is reported with file '' (results.FileError)."""
+    """A whole patient folder that cannot be read is reported with file '' (records.FileError)."""
     why = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
     if rel == patient:
         return FileError(patient, "", f"patient folder could not be read ({why}); none of its images were classified")

@@ -10,7 +10,7 @@ on purpose: the per-file `except Exception` handlers that keep bad images from c
 run must not swallow a stop request and record it as an "unreadable file". Code that
 already handles Ctrl+C (KeyboardInterrupt) therefore handles SIGTERM the same way. The CLI
 should catch it around the whole run, remove temp files, log where it stopped and exit
-with exitcodes.INTERRUPTED.
+with exit_codes.INTERRUPTED.
 
 Only the first signal raises; later ones while cleaning up are logged and ignored, so a
 second Ctrl+C cannot abort the cleanup half-way. Previous handlers are restored on exit.

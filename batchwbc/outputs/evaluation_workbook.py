@@ -1,7 +1,7 @@
 """Write `batchwbc evaluate`'s results: EVAL.xlsx for people, JSON for scripts.
 
-Formatting only: every number arrives computed in an `evaluation.Evaluation`; this module
-lays it out. The workbook is written atomically (report.atomic_output) with text that can
+Formatting only: every number arrives computed in an `agreement.Evaluation`; this module
+lays it out. The workbook is written atomically (workbook.atomic_output) with text that can
 never turn into a formula (folder names come from the lab's disk). Plots are PNGs made with
 matplotlib, from the optional `report` extra; without it the workbook is complete except for
 the pictures and says so in one line.

@@ -53,7 +53,7 @@ class GalleryError(Exception):
 
 
 class PatientSummaryLike(Protocol):
-    """What the gallery needs of a patient's already computed summary (job.PatientSummary fits)."""
+    """What the gallery needs of a patient's already computed summary (summary.PatientSummary fits)."""
 
     @property
     def differential(self) -> Differential: ...

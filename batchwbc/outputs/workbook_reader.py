@@ -141,7 +141,7 @@ class _Sheet:
 
 
 def _header_row(ws: Any, name: str, wanted: Sequence[str]) -> int:
-    """The row holding a sheet's headers: report.HEADER_ROWS for this version's workbooks (the
+    """The row holding a sheet's headers: workbook.HEADER_ROWS for this version's workbooks (the
     Summary's row 1 is a banner), else row 1 (a workbook from before the banner); the first of
     them holding every wanted header, or HEADER_ROWS' row when none does (the caller names
     what is missing)."""
