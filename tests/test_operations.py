@@ -175,6 +175,60 @@ def test_sigkill_of_the_run_ends_its_decode_workers(tmp_path, model_path, many_c
                 pass
 
 
+@pytest.fixture(scope="module")
+def many_labelled(tmp_path_factory) -> Path:
+    """A LABELLED folder of 600 large crops in two classes (for adapt and evaluate)."""
+    lab = tmp_path_factory.mktemp("lab") / "LAB"
+    for cls in ("lymphocyte", "monocyte"):
+        fuzz_corpus.large_crop_slides(lab / cls, 3, 100, "P{}")
+    return lab
+
+
+@posix_only
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["adapt", "evaluate"])
+def test_sigkill_of_adapt_or_evaluate_ends_its_decode_workers(tmp_path, many_labelled, command):
+    """adapt (embed.py) and evaluate decode in the same worker pool as run, whose workers
+    watch the parent's pid: a kill -9 of the command leaves no worker behind."""
+    import onnx
+    import psutil
+
+    from batchwbc.engine.onnx_graph import add_embedding_output
+
+    plain = tinymodel.build(tmp_path / "plain.onnx")
+    model = tmp_path / "tiny.onnx"
+    onnx.save(add_embedding_output(onnx.load(str(plain))), str(model))
+    out = tmp_path / ("a.onnx" if command == "adapt" else "e.xlsx")
+    cmd = [sys.executable, "-m", "batchwbc", command, str(many_labelled), "--out", str(out), "--model", str(model),
+           "--workers", "2"]
+    proc_ = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    everyone: list[int] = []
+    try:
+        proc = psutil.Process(proc_.pid)
+        end = time.monotonic() + 60
+        workers: list = []
+        while time.monotonic() < end and len(workers) < 2:  # both decode workers started
+            workers = [c for c in proc.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+            time.sleep(0.05)
+        assert len(workers) >= 2, f"{command} never started its decode workers"
+        time.sleep(1.0)  # mid-run: workers busy decoding
+        everyone = [c.pid for c in proc.children(recursive=True)]
+        assert proc_.poll() is None, f"{command} finished before it could be killed; give it more crops"
+        proc_.send_signal(signal.SIGKILL)
+        proc_.wait(timeout=10)
+        left = _gone_within(everyone, 5)
+        assert left == [], f"processes of the killed {command} still running: {left}"
+        assert not out.exists()
+    finally:  # never leave this test's processes behind, whatever failed
+        if proc_.poll() is None:
+            proc_.kill()
+        for pid in everyone:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 # =========================================================================== onnxruntime output
 def _model_with_unused_initializer(path: Path) -> Path:
     """The tiny model plus a weight no node uses: onnxruntime warns about it at load, in colour."""

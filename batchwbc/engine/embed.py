@@ -7,8 +7,10 @@ so one bad crop does not cost the lab its labels.
 """
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,19 +32,24 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
     `decode` (module level, default pipeline.decode_one) lets tests crash a worker on purpose."""
     import numpy as np
 
-    from batchwbc.engine.pipeline import CHUNK_FILES, decode_chunk, decode_one
+    from batchwbc.engine.pipeline import CHUNK_FILES, Decoded, decode_chunk, decode_one
+    from batchwbc.engine.worker_pool import CRASH_REASON, run_isolated
 
     decode = decode or decode_one
 
     info = classifier.info
-    chunks = [list(range(i, min(i + CHUNK_FILES, len(paths)))) for i in range(0, len(paths), CHUNK_FILES)]
+    chunks = [[(i, str(paths[i])) for i in range(start, min(start + CHUNK_FILES, len(paths)))]
+              for start in range(0, len(paths), CHUNK_FILES)]
+    task = partial(decode_chunk, size=info.input_size, decode=decode, preprocessing=info.preprocessing)
 
-    def decoded_chunks():
+    def decoded_files() -> Iterator[tuple[int, Decoded]]:
         if workers <= 0:
-            for idx in chunks:
-                yield idx, decode_chunk([str(paths[i]) for i in idx], info.input_size, decode, info.preprocessing)
+            for chunk in chunks:
+                yield from zip((i for i, _ in chunk), task([path for _, path in chunk]))
             return
-        yield from _pool_decoded(chunks, paths, info.input_size, info.preprocessing, workers, decode)
+        # The same pool, watchdog and crash isolation as a nightly run (batchwbc.engine.worker_pool).
+        with closing(run_isolated(chunks, workers, task, Decoded(None, CRASH_REASON, 0, 0))) as results:
+            yield from results
 
     probs, embs, ok, errors = [], [], [], []
     batch, batch_idx = [], []
@@ -57,18 +64,18 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
             batch_idx.clear()
 
     done = 0
-    for idx, results in decoded_chunks():
-        for i, (arr, reason, _size, _mtime) in zip(idx, results):
+    with closing(decoded_files()) as files:  # an interrupt here stops the workers at once
+        for i, (arr, reason, _size, _mtime_ns) in files:
             if arr is None:
                 errors.append((i, reason))
-                continue
-            batch.append(arr)
-            batch_idx.append(i)
-            if len(batch) >= batch_size:
-                flush()
-        done += len(idx)
-        if on_progress is not None:
-            on_progress(done)
+            else:
+                batch.append(arr)
+                batch_idx.append(i)
+                if len(batch) >= batch_size:
+                    flush()
+            done += 1
+            if on_progress is not None and (done % CHUNK_FILES == 0 or done == len(paths)):
+                on_progress(done)
     flush()
     k = len(info.classes)
     dim = embs[0].shape[1] if embs else 0
@@ -77,64 +84,3 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
         embeddings=np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
         ok=ok, errors=errors,
     )
-
-
-def _pool_decoded(chunks: list[list[int]], paths: Sequence[str], size: int, preprocessing: str, workers: int,
-                  decode: Callable):
-    """Decode chunks in spawned worker processes, a bounded window at a time, in order.
-
-    A worker that dies (a decoder crash on a damaged file) breaks the pool: the chunk it held
-    is then decoded file by file in a single-worker pool, so the culprit becomes an error, and
-    the other chunks go on in a new pool, as in the nightly run (batchwbc.engine.pipeline)."""
-    import multiprocessing as mp
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from batchwbc.engine.pipeline import CRASH_REASON, TASKS_PER_WORKER, _init_worker, decode_chunk
-
-    ctx = mp.get_context("spawn")
-
-    def new_pool(n: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker)
-
-    def submit(pool, idx):
-        return pool.submit(decode_chunk, [str(paths[i]) for i in idx], size, decode, preprocessing)
-
-    todo = deque(chunks)
-    while todo:
-        with new_pool(workers) as pool:
-            window: deque = deque()
-            broken = False
-            while todo or window:
-                while todo and len(window) < workers * TASKS_PER_WORKER:
-                    idx = todo.popleft()
-                    window.append((idx, submit(pool, idx)))
-                idx, fut = window.popleft()
-                try:
-                    result = fut.result()
-                except BrokenProcessPool:
-                    broken = True
-                    todo.extendleft(reversed([i for i, _ in window]))
-                    yield from _isolated(idx, new_pool, submit, CRASH_REASON)
-                    break
-                yield idx, result
-            if broken:
-                pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _isolated(idx: list[int], new_pool, submit, crash_reason: str):
-    """One file at a time in a single worker; a new worker only after a crash (each start costs
-    seconds on a busy PC)."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    rest = list(idx)
-    while rest:
-        with new_pool(1) as single:
-            while rest:
-                i = rest.pop(0)
-                try:
-                    yield [i], submit(single, [i]).result()
-                except BrokenProcessPool:
-                    yield [i], [(None, crash_reason, 0, 0)]
-                    break

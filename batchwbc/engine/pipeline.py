@@ -12,7 +12,8 @@ Why it is built this way:
   no child inherits onnxruntime's threads or locks from a fork.
 * A worker that dies (a decoder crash, the OOM killer) breaks the whole pool; the files that
   were in flight are then retried one by one in a fresh single worker, so the culprit
-  becomes an Errors row and the rest of the run completes.
+  becomes an Errors row and the rest of the run completes. That pool is
+  batchwbc.engine.worker_pool, shared with `batchwbc adapt` (embed.py).
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import logging
 import os
 import stat
 import time
-from collections import deque
+from contextlib import closing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Sequence
 
+from batchwbc.engine.worker_pool import CRASH_REASON, PipelineError, run_isolated  # noqa: F401 - re-exported
 from batchwbc.inputs.slide_folders import Crop
 from batchwbc.core.records import THUMBNAIL_PX, CellResult, FileError
 from batchwbc.core.thumbnail_quota import ThumbnailKeeper
@@ -42,13 +45,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 4
 #: Files per worker task: amortises inter-process overhead while keeping crash retries cheap.
 CHUNK_FILES = 8
-#: Tasks in flight per worker: enough to keep every worker busy while the main process runs
-#: the model, small enough to bound memory.
-TASKS_PER_WORKER = 3
 #: Fallback review threshold when neither the user, the config nor the model sets one.
 FALLBACK_REVIEW_THRESHOLD = 0.5
 
-CRASH_REASON = "decoding this file crashed the worker process; the file is probably damaged"
 
 
 def default_workers() -> int:
@@ -60,27 +59,15 @@ def default_workers() -> int:
 # Worker side (module top level and picklable, as the spawn start method requires)
 # ---------------------------------------------------------------------------------------
 
-def _init_worker(parent_pid: int | None = None) -> None:
-    """Ctrl-C goes to the whole process group; only the main process should react to it.
-    A worker ends when the run that started it dies, even by kill -9 (batchwbc.ops.parent_watch).
-    One OpenCV thread per worker: the pool already uses every core."""
-    import signal
+class Decoded(NamedTuple):
+    """One file as a worker hands it back (a tuple, so it pickles and unpacks cheaply)."""
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if parent_pid is not None:
-        from batchwbc.ops.parent_watch import watch_parent
-
-        watch_parent(parent_pid)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except Exception:  # noqa: BLE001 - a missing cv2 shows up as per-file errors instead
-        pass
+    array: "np.ndarray | None"  # the model input; None when the file could not be used
+    reason: str | None  # why not, one sentence; None when decoded
+    size: int  # bytes, for the result cache (0: unknown)
+    mtime_ns: int
 
 
-# A decoded file: (array or None, error reason or None, size, mtime_ns)
-Decoded = tuple
 
 
 def decode_one(path: str, size: int, preprocessing: str | None = None) -> Decoded:
@@ -92,21 +79,21 @@ def decode_one(path: str, size: int, preprocessing: str | None = None) -> Decode
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return (None, "file disappeared before it could be read", 0, 0)
+        return Decoded(None, "file disappeared before it could be read", 0, 0)
     except OSError as exc:
-        return (None, f"file could not be read ({exc.strerror or exc})", 0, 0)
+        return Decoded(None, f"file could not be read ({exc.strerror or exc})", 0, 0)
     if not stat.S_ISREG(st.st_mode):
         # e.g. replaced by a FIFO after discovery: opening it would block forever
-        return (None, "not a regular file", 0, 0)
+        return Decoded(None, "not a regular file", 0, 0)
     try:
         arr = prepare_file(path, size, preprocessing=preprocessing or PREPROCESSING_ID, check=check_crop_shape)
     except UnreadableImage as exc:
-        return (None, str(exc), st.st_size, st.st_mtime_ns)
+        return Decoded(None, str(exc), st.st_size, st.st_mtime_ns)
     except MemoryError:
-        return (None, "image too large to decode in the available memory", st.st_size, st.st_mtime_ns)
+        return Decoded(None, "image too large to decode in the available memory", st.st_size, st.st_mtime_ns)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, not a failed run
-        return (None, f"image could not be decoded ({type(exc).__name__})", st.st_size, st.st_mtime_ns)
-    return (arr, None, st.st_size, st.st_mtime_ns)
+        return Decoded(None, f"image could not be decoded ({type(exc).__name__})", st.st_size, st.st_mtime_ns)
+    return Decoded(arr, None, st.st_size, st.st_mtime_ns)
 
 
 def decode_chunk(
@@ -115,13 +102,6 @@ def decode_chunk(
     return [decode(p, size, preprocessing) for p in paths]
 
 
-def ping() -> bool:
-    """Proves a fresh worker can start (spawn re-imports the program; that can fail)."""
-    return True
-
-
-class PipelineError(Exception):
-    """The run cannot go on (e.g. worker processes cannot start); str is one sentence."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,96 +359,18 @@ class Pipeline:
         out.seconds = time.perf_counter() - t0
         return out
 
-    def _new_pool(self, workers: int):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        return ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-            initargs=(os.getpid(),),
-        )
-
     def _run_pool(self, chunks: Iterator[list[tuple[int, Crop]]]) -> None:
-        from concurrent.futures.process import BrokenProcessPool
+        """Decode in the shared crash-isolating pool (batchwbc.engine.worker_pool)."""
+        def restarted(n_files: int) -> None:
+            self._out.pool_restarts += 1
+            log.warning("a decoding worker died; retrying the %d files in flight one by one", n_files)
 
-        window = self.workers * TASKS_PER_WORKER
-        pending: deque = deque()
-        pool = self._new_pool(self.workers)
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and len(pending) < window:
-                    chunk = next(chunks, None)
-                    if chunk is None:
-                        exhausted = True
-                        break
-                    pending.append((pool.submit(decode_chunk, [c.path for _, c in chunk], self.input_size, self.decode, self.preprocessing), chunk))
-                if not pending:
-                    break
-                fut, chunk = pending.popleft()
-                try:
-                    decoded = fut.result()
-                except BrokenProcessPool:
-                    suspects = [chunk] + [c for _, c in pending]
-                    pending.clear()
-                    _stop_pool(pool)
-                    self._out.pool_restarts += 1
-                    log.warning(
-                        "a decoding worker died; retrying the %d files in flight one by one",
-                        sum(len(c) for c in suspects),
-                    )
-                    self._isolate([item for c in suspects for item in c])
-                    pool = self._new_pool(self.workers)
-                    continue
-                for (idx, crop), d in zip(chunk, decoded):
-                    self._accept(idx, crop, d)
-            pool.shutdown(wait=True)  # all work is done: let the workers exit cleanly
-        finally:
-            _stop_pool(pool)
+        def crashed(key: tuple[int, Crop]) -> None:
+            log.warning("decoding %s crashed a worker process", key[1].rel)
 
-    def _isolate(self, items: list[tuple[int, Crop]]) -> None:
-        """Decode suspects one at a time in a single worker, so a crash names its file."""
-        from concurrent.futures.process import BrokenProcessPool
-
-        pool = self._checked_single_pool()
-        try:
-            for idx, crop in items:
-                try:
-                    decoded = pool.submit(self.decode, crop.path, self.input_size, self.preprocessing).result()
-                except BrokenProcessPool:
-                    _stop_pool(pool)
-                    log.warning("decoding %s crashed a worker process", crop.rel)
-                    self._error(idx, crop, CRASH_REASON)
-                    pool = self._checked_single_pool()
-                    continue
+        task = partial(decode_chunk, size=self.input_size, decode=self.decode, preprocessing=self.preprocessing)
+        keyed = ([((idx, crop), crop.path) for idx, crop in chunk] for chunk in chunks)
+        with closing(run_isolated(keyed, self.workers, task, Decoded(None, CRASH_REASON, 0, 0),
+                                  on_restart=restarted, on_crash=crashed)) as results:
+            for (idx, crop), decoded in results:
                 self._accept(idx, crop, decoded)
-        finally:
-            _stop_pool(pool)
-
-
-    def _checked_single_pool(self):
-        """A one-worker pool that has proved it can run a task; otherwise a crash would be
-        blamed on innocent files one after another."""
-        from concurrent.futures.process import BrokenProcessPool
-
-        pool = self._new_pool(1)
-        try:
-            pool.submit(ping).result()
-        except BrokenProcessPool:
-            _stop_pool(pool)
-            raise PipelineError(
-                "the image-decoding worker processes could not start; try --workers 0 to decode in the main process."
-            ) from None
-        return pool
-
-
-def _stop_pool(pool) -> None:
-    """Stop at once, also on Ctrl-C/SIGTERM: cancel queued work and end the workers rather
-    than waiting for them (a worker may be stuck on a hung network share)."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
