@@ -240,7 +240,7 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
             "test_ece": round(float(run.get("test_ece", float("nan"))), 4),
             "numeric_format": quant_note,
         }),
-        "batchwbc.numeric_format": quant_note,
+        meta_keys.KEY_NUMERIC_FORMAT: quant_note,
     }
     from batchwbc.engine.onnx_graph import GraphError, add_embedding_output
 

@@ -28,6 +28,10 @@ from typing import Callable, Sequence
 import click
 import numpy as np
 
+from batchwbc.engine.data_shift import PSEUDO_PATIENT_SIZES
+from batchwbc.engine.model_metadata import KEY_TRAINING_DATA
+from batchwbc.engine.ood import UNCLASSIFIED_QUANTILE
+
 N_REF = 3000
 N_HELD = 1500
 N_REJECT = 600
@@ -35,9 +39,8 @@ PCA_DIM = 128
 #: Each of the two cell rules catches this share of held-out training cells at most (0.25%),
 #: so both together catch <= 0.5%: held-out cells are mostly cells the model was trained on,
 #: whose scores are lower than unseen cells', and the target is <= 1% of unseen test cells.
-CELL_QUANTILE = 0.9975
+CELL_QUANTILE = UNCLASSIFIED_QUANTILE  # the runtime's number: adapt re-derives it the same way
 SHIFT_CELL_QUANTILE = 0.8
-PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
 PSEUDO_PATIENTS_PER_SIZE = 400
 BACKGROUND = "reject:background"
 
@@ -63,7 +66,7 @@ def read_split_paths(split_csv: Path, data_root: Path) -> tuple[set[str], set[st
 def training_sources(meta: dict[str, str]) -> list[str] | None:
     """The sources the model's metadata says it was trained on ('class|source' count keys)."""
     try:
-        counts = json.loads(meta.get("batchwbc.training_data", "{}")).get("counts_class_source") or {}
+        counts = json.loads(meta.get(KEY_TRAINING_DATA, "{}")).get("counts_class_source") or {}
         found = sorted({k.split("|", 1)[1] for k in counts if "|" in k})
     except (ValueError, AttributeError):
         return None

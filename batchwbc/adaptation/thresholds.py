@@ -17,15 +17,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from batchwbc.engine.data_shift import PSEUDO_PATIENT_SIZES
+from batchwbc.engine.ood import UNCLASSIFIED_QUANTILE
+
 if TYPE_CHECKING:
     import numpy as np
 
     from batchwbc.engine.ood import OodReference
 
-#: The unclassified threshold must cover this percentile of the lab's verified cells' scores.
-LAB_CELL_PERCENTILE = 99.75
-#: Pseudo-patient sizes (cells), as for the parent's DATA_SHIFT threshold (batchwbc.engine.data_shift).
-PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
 #: Pseudo-patients drawn per pool (one patient folder, or all cells) and size.
 DRAWS_PER_SIZE = 25
 #: The key the adaptation provenance (batchwbc.adaptation JSON) records this under.
@@ -88,14 +87,14 @@ def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[
         "lab_cells_scored": int(finite.sum()),
         "parent_unclassified_lab_cells": int(flagged.sum()),
         "unclassified_threshold": {"parent": parent.threshold, "new": parent.threshold,
-                                   "rule": f"max(parent, {LAB_CELL_PERCENTILE}th percentile of the lab cells' scores)"},
+                                   "rule": f"max(parent, {100 * UNCLASSIFIED_QUANTILE:g}th percentile of the lab cells' scores)"},
         "background_rule": "unchanged",
     }
     if len(lab) == 0:  # nothing to learn from: keep the parent's reference as it is
         prov["unchanged_because"] = "no lab cell has a finite score"
         return Rederived(parent, prov)
 
-    threshold = max(parent.threshold, float(np.percentile(lab, LAB_CELL_PERCENTILE)))
+    threshold = max(parent.threshold, float(np.quantile(lab, UNCLASSIFIED_QUANTILE)))
     prov["unclassified_threshold"]["new"] = threshold
     new = dataclasses.replace(parent, threshold=threshold,
                               info={**dict(parent.info), "rederived_by_adapt": {"lab_cells": int(len(lab))}})

@@ -11,7 +11,6 @@ anything is written. A crop missing from --export-labelled is reported and skipp
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 from batchwbc import __version__
 from batchwbc.ops import exit_codes
 from batchwbc.commands.run import JobError, check_outputs
+from batchwbc.ops.provenance import sha256_of
 
 if TYPE_CHECKING:
     from batchwbc.core.config import Settings
@@ -43,14 +43,6 @@ class VerifyOptions:
     export_labelled: Path | None = None
     slides: Path | None = None  # where the crops are now; None: the Slides folder of the Run sheet
     html_dir: Path | None = None  # also write the HTML gallery of the verified cells here
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fail(problems: list[str], report: Path) -> JobError:
@@ -90,7 +82,7 @@ def verify_job(opts: VerifyOptions) -> int:
 
     made_by = contents.run.get("Model sha256", "")
     if opts.model_path is not None:
-        sha = file_sha256(opts.model_path)
+        sha = sha256_of(opts.model_path)
         if sha != made_by:
             raise JobError(exit_codes.USAGE, (
                 f"{opts.report.name} was made by model {contents.run.get('Model version', '?')} "

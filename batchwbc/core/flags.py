@@ -97,11 +97,11 @@ def _pending_text(n_review: int, word: str) -> str:
     return f"{n_review} {_plural(n_review, word)} in review"
 
 
-def _pct_rule(label: str, group: str, op: str, d: Differential, t: float, confident: bool) -> str | None:
+def _pct_rule(label: str, total: int, sure: int, op: str, d: Differential, t: float, confident: bool) -> str | None:
     """The message of a '% of WBC' rule on confident cells (or, for its pending twin, on all
-    cells when the confident ones alone stay below the threshold)."""
-    total = getattr(d, group)
-    sure = getattr(d, f"{group}_confident")
+    cells when the confident ones alone stay below the threshold). `total` cells of the group,
+    `sure` of them confident (the caller names the Differential fields, so a renamed field is
+    an error where it is used, not a silent getattr miss)."""
     cmp = _ge if op == ">=" else _gt
     sure_pct, total_pct = d.pct_of_wbc(sure), d.pct_of_wbc(total)
     if sure_pct is None or total_pct is None:
@@ -118,27 +118,27 @@ def _pct_rule(label: str, group: str, op: str, d: Differential, t: float, confid
 
 
 def _blasts_high(d: Differential, t: float) -> str | None:
-    return _pct_rule("Blasts", "blasts", ">=", d, t, True)
+    return _pct_rule("Blasts", d.blasts, d.blasts_confident, ">=", d, t, True)
 
 
 def _blasts_high_pending(d: Differential, t: float) -> str | None:
-    return _pct_rule("Blasts", "blasts", ">=", d, t, False)
+    return _pct_rule("Blasts", d.blasts, d.blasts_confident, ">=", d, t, False)
 
 
 def _ig_high(d: Differential, t: float) -> str | None:
-    return _pct_rule("Immature granulocytes", "ig", ">", d, t, True)
+    return _pct_rule("Immature granulocytes", d.ig, d.ig_confident, ">", d, t, True)
 
 
 def _ig_high_pending(d: Differential, t: float) -> str | None:
-    return _pct_rule("Immature granulocytes", "ig", ">", d, t, False)
+    return _pct_rule("Immature granulocytes", d.ig, d.ig_confident, ">", d, t, False)
 
 
 def _bands_high(d: Differential, t: float) -> str | None:
-    return _pct_rule("Band neutrophils", "bands", ">", d, t, True)
+    return _pct_rule("Band neutrophils", d.bands, d.bands_confident, ">", d, t, True)
 
 
 def _bands_high_pending(d: Differential, t: float) -> str | None:
-    return _pct_rule("Band neutrophils", "bands", ">", d, t, False)
+    return _pct_rule("Band neutrophils", d.bands, d.bands_confident, ">", d, t, False)
 
 
 def _count_rule(label: str, word: str, total: int, sure: int, t: int, confident: bool, d: Differential,

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 #: No DATA_SHIFT decision for fewer scored cells than this (default; the model file may set it).
 MIN_CELLS = 20
+#: Sizes (cells) of the pseudo-patients whose highest batch statistic sets the threshold: at
+#: export from held-out training cells (export/ood_reference.py), at adapt from the lab's cells.
+PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
 STATISTIC = "lower 95% bound of the share of cells beyond the 80th percentile of held-out training cells' OOD scores"
 MESSAGE = "images unlike those the model was validated on: results unreliable until validated locally"
 

@@ -6,7 +6,6 @@ and checks that the graph's input and output agree with the metadata.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -34,16 +33,9 @@ from batchwbc.engine.model_metadata import (  # noqa: F401
 )
 from batchwbc.engine.model_metadata import parse_metadata as _parse_metadata
 from batchwbc.engine.preprocess import PREPROCESSING_DESCRIPTIONS
+from batchwbc.ops.provenance import sha256_of
 
 DEFAULT_MODEL_PATH = Path(__file__).parent.parent / "models" / "batchwbc-wbc12.onnx"  # batchwbc/models/
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_metadata(meta: dict[str, str], path: Path, sha256: str) -> ModelInfo:
@@ -66,7 +58,7 @@ class Classifier:
         if not p.is_file():
             raise ModelError(f"model file {p} does not exist.")
         try:
-            sha = file_sha256(p)
+            sha = sha256_of(p)
         except OSError as exc:
             raise ModelError(f"model file {p} cannot be read ({exc.strerror or exc}).") from None
         opts = quiet_session_options()  # batchwbc.ops.ort_quiet: nothing from onnxruntime on stderr

@@ -34,6 +34,7 @@ KEY_BACKBONE = "batchwbc.backbone"
 KEY_EMBEDDING_OUTPUT = "batchwbc.embedding_output"  # name of the second output: the last layer's input
 KEY_EMBEDDING_DIM = "batchwbc.embedding_dim"
 KEY_ADAPTATION = "batchwbc.adaptation"  # provenance of a model refitted by `batchwbc adapt` (JSON)
+KEY_NUMERIC_FORMAT = "batchwbc.numeric_format"  # float32 or int8, and why (written by export, for audit)
 
 REQUIRED_KEYS = (KEY_FORMAT, KEY_CLASSES, KEY_INPUT_SIZE, KEY_PREPROCESSING, KEY_MODEL_VERSION)
 

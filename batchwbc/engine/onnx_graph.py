@@ -43,17 +43,12 @@ class Head:
     logits: str  # tensor with the layer's output (after the bias)
     temperature_node: int | None  # Mul(1/T) or Div(T) between the logits and the softmax
     temperature_const: str | None
-    softmax_node: int
     dim: int
     classes: int
 
 
 def _producers(graph) -> dict[str, int]:
     return {out: i for i, node in enumerate(graph.node) for out in node.output}
-
-
-def _consumers(graph, name: str) -> list[int]:
-    return [i for i, node in enumerate(graph.node) if name in node.input]
 
 
 def _scalar_constant(graph, name: str) -> float | None:
@@ -145,7 +140,7 @@ def find_head(model: "onnx.ModelProto") -> Head:
             raise GraphError("the final layer's bias is not a constant with one value per class.")
     return Head(embedding=embedding, weight=weight, weight_transposed=transposed, bias=bias, layer_node=i,
                 bias_node=bias_node, logits=logits, temperature_node=t_node, temperature_const=t_const,
-                softmax_node=i_soft, dim=int(dim), classes=int(k))
+                dim=int(dim), classes=int(k))
 
 
 def head_parameters(model: "onnx.ModelProto") -> tuple["np.ndarray", "np.ndarray", float]:

@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # numpy is imported where it is used, so `batchwbc --help` st
 
 #: Metadata key of the cell-level reference (JSON, see to_metadata).
 KEY_OOD = "batchwbc.ood"
+#: The unclassified threshold covers this share of known cells' scores: held-out training cells
+#: at export (export/ood_reference.py), the lab's verified cells at adapt (adaptation.thresholds).
+UNCLASSIFIED_QUANTILE = 0.9975
 #: The label a crop gets when its score is beyond the threshold. Not a catalogue class: the
 #: model never predicts it, and it is never counted in the differential.
 UNCLASSIFIED = "unclassified"

@@ -19,16 +19,23 @@ from typing import Sequence
 UNKNOWN = "unknown"
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks; "unknown (reason)" when it cannot be read."""
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks; raises OSError. The one hashing loop: the
+    model's identity (engine.model), verify's --model check and the Run sheet's config hash."""
     h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes; "unknown (reason)" when it cannot be read (the Run sheet
+    records what it can rather than failing a finished run)."""
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        return sha256_of(path)
     except OSError as exc:
         return f"{UNKNOWN} ({exc.strerror or exc})"
-    return h.hexdigest()
 
 
 def _user() -> str:

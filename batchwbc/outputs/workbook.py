@@ -811,8 +811,6 @@ CELLS_COLUMNS = tuple(c.header for c in _CELLS)
 REVIEW_COLUMNS = tuple(c.header for c in _REVIEW)
 ERRORS_COLUMNS = tuple(c.header for c in _ERRORS)
 RUN_COLUMNS = tuple(c.header for c in _RUN)
-SUMMARY_VERIFIED_COLUMNS = tuple(c.header for c in _SUMMARY_VERIFIED)
-DIFFERENTIAL_VERIFIED_COLUMNS = tuple(c.header for c in _DIFFERENTIAL_VERIFIED)
 #: Every column header batchwbc writes; a column a person adds under another header is ignored.
 KNOWN_HEADERS = frozenset(
     c.header for table in (_SUMMARY, _DIFFERENTIAL, _CELLS, _REVIEW, _ERRORS, _RUN, _SUMMARY_VERIFIED,
