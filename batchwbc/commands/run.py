@@ -221,7 +221,8 @@ def run_job(opts: RunOptions) -> int:
 def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache | None",
                          started: datetime, t0: float, state: RunState) -> int:
     from batchwbc.outputs import workbook
-    from batchwbc.inputs.slide_folders import DiscoveryError, discover
+    from batchwbc.inputs.slide_folders import DiscoveryError
+    from batchwbc.inputs.sources import find_crops
     from batchwbc.ops.logging_setup import Progress
     from batchwbc.engine.pipeline import Pipeline, PipelineError
     from batchwbc.core.records import RunData
@@ -231,7 +232,7 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
     info = prep.classifier.info
     state.stage = "looking for images"
     try:
-        found = discover(opts.slides)
+        found = find_crops(opts.slides)  # the slide-folder layout (inputs/sources.py lists the sources)
     except DiscoveryError as exc:
         raise JobError(exit_codes.USAGE, str(exc)) from None
     log.info("found %d crops in %d patient folders (%d other files ignored)",

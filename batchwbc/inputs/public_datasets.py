@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from batchwbc.engine.preprocess import is_image_name
 
@@ -212,6 +213,16 @@ def is_generic_layout(root: Path) -> bool:
     return root.is_dir() and any(p.is_dir() and catalogue.is_known(p.name) for p in root.iterdir())
 
 
+#: The layouts read_any knows, tried in this order (the generic <class_id>/ layout last: the
+#: others would also pass for it). A new public dataset is one (detector, reader) row here.
+LAYOUTS: tuple[tuple[Callable[[Path], bool], Callable[[Path], DatasetScan]], ...] = (
+    (is_pbc_layout, read_pbc),
+    (is_lmu_layout, read_lmu),
+    (is_deepapl_layout, read_deepapl),
+    (is_generic_layout, read_generic),
+)
+
+
 def read_any(root: str | os.PathLike) -> DatasetScan:
     """Read a folder in any known layout, or a folder of such folders (like ../shared/data)."""
     root = Path(root)
@@ -219,14 +230,9 @@ def read_any(root: str | os.PathLike) -> DatasetScan:
         raise DatasetError(f"data folder {root} does not exist or is not a folder.")
 
     def one(folder: Path) -> DatasetScan | None:
-        if is_pbc_layout(folder):
-            return read_pbc(folder)
-        if is_lmu_layout(folder):
-            return read_lmu(folder)
-        if is_deepapl_layout(folder):
-            return read_deepapl(folder)
-        if is_generic_layout(folder):
-            return read_generic(folder)
+        for detect, read in LAYOUTS:
+            if detect(folder):
+                return read(folder)
         return None
 
     direct = one(root)
