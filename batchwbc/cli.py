@@ -1,7 +1,8 @@
-"""The `batchwbc` command line: options, help text and exit codes; the work is in batchwbc.job.
+"""The `batchwbc` command line: options, help text and exit codes; the work is in batchwbc.commands.run.
 
-This layer only turns options into a job (`job.RunOptions`), runs it and maps its outcome to
-an exit code and one sentence on the terminal (exit codes: batchwbc/exitcodes.py and
+This layer only turns options into a command's options object (`RunOptions`, `VerifyOptions`,
+`EvaluateOptions`, `InfoOptions`), runs it and maps how it ended to an exit code and one sentence
+on the terminal, in one place (`_finish`; exit codes: batchwbc/ops/exit_codes.py and
 docs/usage.md). Heavy libraries are imported inside the job, so `batchwbc --help` answers
 instantly. Options shared by several commands are defined once below as decorators.
 """
@@ -10,17 +11,47 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
-from . import __version__, exitcodes
-from .job import JobError, RunOptions, load_classifier, run_job
-from .pipeline import DEFAULT_BATCH_SIZE
+from batchwbc import __version__
+from batchwbc.ops import exit_codes
+from batchwbc.commands.run import RunOptions, run_job
+from batchwbc.ops.exit_codes import CommandError
+from batchwbc.engine.pipeline import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger("batchwbc")
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _log_error(sentence: str) -> None:
+    log.error("%s", sentence)
+
+
+def _finish(work: Callable[[], int], *, interrupted: str, unexpected: str,
+            say: Callable[[str], None] = _log_error) -> NoReturn:
+    """Run a command and exit: the one mapping from how a command ended to an exit code.
+
+    A CommandError (the project's errors: run.JobError, adapt.AdaptError, ...) -> its exit code
+    and its sentence; Ctrl-C or SIGTERM -> 130 and `interrupted` ({reason}: what stopped it);
+    anything else -> 1 and `unexpected` ({error}: its type and text), the traceback only in the
+    log file. One sentence on the terminal, never a traceback."""
+    try:
+        code = work()
+    except CommandError as exc:
+        say(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt as exc:
+        say(interrupted.format(reason=str(exc) or "Ctrl-C"))
+        code = exit_codes.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one sentence for the user, details in the log file
+        log.debug("unexpected failure", exc_info=True)
+        say(unexpected.format(error=f"{type(exc).__name__}: {exc}"))
+        code = exit_codes.FAILED
+    sys.exit(code)
+
 
 # -- options shared by commands (run today; verify, evaluate, adapt later) -------------------
 
@@ -91,8 +122,8 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
     directly in SLIDES are reported as their own group. Cells below the review threshold
     are listed with a thumbnail for a person to check.
     """
-    from .logsetup import LogFileError, setup_logging, stderr_is_terminal
-    from .paths import OutputCollision, check_distinct_outputs
+    from batchwbc.ops.logging_setup import LogFileError, setup_logging, stderr_is_terminal
+    from batchwbc.ops.output_paths import OutputCollision, check_distinct_outputs
 
     show_bar = stderr_is_terminal() and not quiet
     try:  # collisions first: a --log-file that is the report must not be appended to
@@ -102,28 +133,15 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
         setup_logging(quiet, str(log_file) if log_file else None, show_bar)
     except (OutputCollision, LogFileError) as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exit_codes.USAGE)
     opts = RunOptions(slides=slides, out=out, model_path=model_path, config_path=config_path,
                       review_threshold=review_threshold, workers=workers, batch_size=batch_size,
                       cache_path=cache_path, cells_csv=cells_csv, summary_csv=summary_csv, show_bar=show_bar, allow_empty=allow_empty,
                       html_dir=html_dir)
-    sys.exit(_exit_code(opts))
-
-
-def _exit_code(opts: RunOptions) -> int:
-    """Run the job and turn every way it can end into an exit code and one logged sentence."""
-    try:
-        return run_job(opts)
-    except JobError as exc:
-        log.error("%s", exc)
-        return exc.code
-    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed (start-up)
-        log.error("interrupted during start-up; nothing was classified and no report was written.")
-        return exitcodes.INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - one sentence for the user, details in the log file
-        log.debug("unexpected failure", exc_info=True)
-        log.error("the run failed unexpectedly (%s: %s); no report was written.", type(exc).__name__, exc)
-        return exitcodes.FAILED
+    # A KeyboardInterrupt reaching here came before the job's signal handlers (start-up).
+    _finish(lambda: run_job(opts),
+            interrupted="interrupted during start-up; nothing was classified and no report was written.",
+            unexpected="the run failed unexpectedly ({error}); no report was written.")
 
 
 @main.command("verify")
@@ -157,30 +175,19 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
     by holds a name. Exit codes: 0 verified; 2 the workbook cannot be verified (each problem
     is named, nothing is written); 3 verified, but some crops were missing from the export.
     """
-    from .logsetup import LogFileError, setup_logging
-    from .verifyjob import VerifyOptions, verify_job
+    from batchwbc.ops.logging_setup import LogFileError, setup_logging
+    from batchwbc.commands.verify import VerifyOptions, verify_job
 
     try:
         setup_logging(quiet, str(log_file) if log_file else None, False)
     except LogFileError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exit_codes.USAGE)
     opts = VerifyOptions(report=report_path, out=out, reviewer=" ".join(reviewer.split()), model_path=model_path,
                          config_path=config_path, export_labelled=export_labelled, slides=slides, html_dir=html_dir)
-    try:
-        code = verify_job(opts)
-    except JobError as exc:
-        log.error("%s", exc)
-        code = exc.code
-    except KeyboardInterrupt:
-        log.error("interrupted; the verified workbook was not written and the report is unchanged.")
-        code = exitcodes.INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - one sentence for the user, details in the log file
-        log.debug("unexpected failure", exc_info=True)
-        log.error("verification failed unexpectedly (%s: %s); no verified workbook was written.",
-                  type(exc).__name__, exc)
-        code = exitcodes.FAILED
-    sys.exit(code)
+    _finish(lambda: verify_job(opts),
+            interrupted="interrupted; the verified workbook was not written and the report is unchanged.",
+            unexpected="verification failed unexpectedly ({error}); no verified workbook was written.")
 
 
 @main.command("info")
@@ -188,46 +195,11 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def info_command(model_path: Path | None, as_json: bool) -> None:
     """Show the model's version, classes, input size, review threshold and training summary."""
-    import json
+    from batchwbc.commands.info import InfoOptions, run_info
 
-    try:
-        clf = load_classifier(str(model_path) if model_path else None, threads=1)
-    except JobError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(exc.code)
-    info = clf.info
-    if as_json:
-        click.echo(json.dumps({
-            "path": str(info.path), "sha256": info.sha256, "model_version": info.model_version,
-            "classes": list(info.classes), "input_size": info.input_size,
-            "review_threshold": info.review_threshold, "review_share_pct": info.review_share_pct,
-            "temperature": info.temperature, "preprocessing": info.preprocessing, "metadata": info.metadata,
-        }, indent=2))
-        return
-    rows = [
-        ("Model file", str(info.path)),
-        ("SHA-256", info.sha256),
-        ("Version", info.model_version),
-        ("Input", f"{info.input_size}x{info.input_size} RGB uint8"),
-        ("Classes", ", ".join(info.classes)),
-        ("Review threshold", "not set (0.5 is used)" if info.review_threshold is None else f"{info.review_threshold:g}"),
-        ("Validation cells to review", "not recorded (MANY_LOW_CONFIDENCE uses 20%)" if info.review_share_pct is None
-         else f"{info.review_share_pct:g}% (MANY_LOW_CONFIDENCE's default threshold)"),
-        ("Temperature", "not recorded" if info.temperature is None else f"{info.temperature:g}"),
-        ("Preprocessing", info.preprocessing),
-        ("Out-of-distribution", "none: no crop is labelled unclassified, no DATA_SHIFT" if clf.ood is None else
-         f"{clf.ood.describe()}; unclassified above {clf.ood.threshold:.4g}"
-         + (f"; DATA_SHIFT above {100 * clf.ood.shift.threshold:.1f}% (>= {clf.ood.shift.min_cells} cells)"
-            if clf.ood.shift is not None else "")),
-    ]
-    for key, label in (("batchwbc.backbone", "Backbone"), ("batchwbc.training_data", "Training data"),
-                       ("batchwbc.test_metrics", "Test metrics"), ("batchwbc.adaptation", "Adapted"),
-                       ("batchwbc.embedding_output", "Embedding output")):
-        if key in info.metadata:
-            rows.append((label, info.metadata[key]))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k.ljust(width)}  {v}")
+    _finish(lambda: run_info(InfoOptions(model_path=model_path, as_json=as_json), click.echo),
+            interrupted="interrupted.", unexpected="the model could not be described ({error}).",
+            say=lambda sentence: click.echo(f"Error: {sentence}", err=True))
 
 
 @main.command("evaluate")
@@ -248,25 +220,21 @@ def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_pa
     Each crop is classified exactly as `batchwbc run` would classify it. Folders that are not
     classes of the model are counted and skipped; unreadable crops are listed (exit code 3).
     """
-    from .evaluation_job import run_evaluate
-    from .interrupt import signals_as_interrupt
-    from .logsetup import setup_logging, stderr_is_terminal
+    from batchwbc.commands.evaluate import EvaluateOptions, run_evaluate
+    from batchwbc.ops.signals import signals_as_interrupt
+    from batchwbc.ops.logging_setup import setup_logging, stderr_is_terminal
 
     show_bar = stderr_is_terminal() and not quiet
     setup_logging(quiet, None, show_bar)
-    try:
+    opts = EvaluateOptions(labelled=labelled, out=out, model_path=model_path, json_path=json_path,
+                           workers=workers, show_bar=show_bar)
+
+    def work() -> int:
         with signals_as_interrupt():  # SIGTERM too: the temp files go, the previous EVAL.xlsx stays
-            code = run_evaluate(labelled, out, model_path, json_path, workers, show_bar)
-    except JobError as exc:
-        log.error("%s", exc)
-        code = exc.code
-    except KeyboardInterrupt as exc:
-        log.error("interrupted (%s); no evaluation was written and the previous one is untouched.", str(exc) or "Ctrl-C")
-        code = exitcodes.INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - one sentence for the user
-        log.error("the evaluation failed unexpectedly (%s: %s); nothing was written.", type(exc).__name__, exc)
-        code = exitcodes.FAILED
-    sys.exit(code)
+            return run_evaluate(opts)
+
+    _finish(work, interrupted="interrupted ({reason}); no evaluation was written and the previous one is untouched.",
+            unexpected="the evaluation failed unexpectedly ({error}); nothing was written.")
 
 
 @main.command("adapt")
@@ -289,38 +257,39 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
     # Thousands of tiny matrix products: BLAS threads only contend (25x slower on a busy 2-core PC).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from .adapt import AdaptError, run_adapt
-    from .logsetup import setup_logging
-    from .pipeline import default_workers
+    from batchwbc.commands.adapt import run_adapt
+    from batchwbc.ops.logging_setup import setup_logging
+    from batchwbc.engine.pipeline import default_workers
 
     setup_logging(False, None, False)
     if out.suffix.lower() != ".onnx":
         log.error("--out must end in .onnx (got %s).", out.name)
-        sys.exit(exitcodes.USAGE)
-    try:
-        res = run_adapt(labelled, out, model_path, force, default_workers() if workers is None else workers)
-    except AdaptError as exc:
-        log.error("%s", exc)
-        sys.exit(exitcodes.USAGE)
-    except OSError as exc:
-        log.error("the adapted model could not be written (%s).", exc)
-        sys.exit(exitcodes.FAILED)
-    fit = res.fit
-    click.echo(f"cells used: {sum(res.counts.values())} in {len(res.counts)} classes, {res.patients} patients "
-               f"({', '.join(f'{k} {v}' for k, v in res.counts.items())}); unreadable skipped: {len(res.unreadable)}")
-    click.echo(f"cross-validation ({fit.cv_scheme}):")
-    for name, s in (("original", fit.before), ("adapted", fit.after)):
-        click.echo(f"  {name:<9} accuracy {s['accuracy']:.3f}  macro-F1 {s['macro_f1']:.3f}")
-    click.echo(f"temperature {fit.temperature:.3f}, review threshold {fit.review_threshold:.2f}, prior strength {fit.alpha:g}")
-    if not res.written:
-        log.error("the adapted model is worse than the original on this cross-validation; %s was not written "
-                  "(--force writes it anyway).", out)
-        sys.exit(exitcodes.FAILED)
-    if fit.worse:
-        log.warning("written although worse than the original (--force).")
-    if res.ood_rederived is not None:
-        click.echo(_ood_rederived_line(res.ood_rederived))
-    click.echo(f"wrote {out} (version {res.model_version})")
+        sys.exit(exit_codes.USAGE)
+
+    def work() -> int:
+        try:
+            res = run_adapt(labelled, out, model_path, force, default_workers() if workers is None else workers)
+        except OSError as exc:
+            raise CommandError(f"the adapted model could not be written ({exc}).") from None
+        fit = res.fit
+        click.echo(f"cells used: {sum(res.counts.values())} in {len(res.counts)} classes, {res.patients} patients "
+                   f"({', '.join(f'{k} {v}' for k, v in res.counts.items())}); unreadable skipped: {len(res.unreadable)}")
+        click.echo(f"cross-validation ({fit.cv_scheme}):")
+        for name, s in (("original", fit.before), ("adapted", fit.after)):
+            click.echo(f"  {name:<9} accuracy {s['accuracy']:.3f}  macro-F1 {s['macro_f1']:.3f}")
+        click.echo(f"temperature {fit.temperature:.3f}, review threshold {fit.review_threshold:.2f}, prior strength {fit.alpha:g}")
+        if not res.written:
+            raise CommandError(f"the adapted model is worse than the original on this cross-validation; {out} was not "
+                               "written (--force writes it anyway).")
+        if fit.worse:
+            log.warning("written although worse than the original (--force).")
+        if res.ood_rederived is not None:
+            click.echo(_ood_rederived_line(res.ood_rederived))
+        click.echo(f"wrote {out} (version {res.model_version})")
+        return exit_codes.OK
+
+    _finish(work, interrupted="interrupted; no adapted model was written.",
+            unexpected="adaptation failed unexpectedly ({error}); no adapted model was written.")
 
 
 def _ood_rederived_line(p: dict) -> str:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from . import catalogue
-from .datasets import LabelledImage, read_any
+from batchwbc.core import catalogue
+from batchwbc.inputs.public_datasets import LabelledImage, read_any
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def simulate(data: str | os.PathLike, out: str | os.PathLike, n_patients: int, c
              exclude_csv: str | os.PathLike | None = None, split_csv: str | os.PathLike | None = None,
              only_split: str | None = None) -> list[TruthRow]:
     """Read the labelled data, apply the held-out filters, build the patients, write the truth."""
-    from .datasets import DatasetError
+    from batchwbc.inputs.public_datasets import DatasetError
 
     try:
         scan = read_any(data)

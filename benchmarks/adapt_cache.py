@@ -11,16 +11,16 @@ import click
 
 
 @click.command()
-@click.option("--data", required=True, help="Dataset folder in a layout batchwbc.datasets.read_any reads.")
+@click.option("--data", required=True, help="Dataset folder in a layout batchwbc.inputs.public_datasets.read_any reads.")
 @click.option("--out", required=True, help=".npz to write: embeddings, probs, labels, patients, paths.")
 @click.option("--model", default=None, help="Model with an embedding output (default: the bundled one).")
 @click.option("--workers", type=int, default=1)
 def main(data: str, out: str, model: str | None, workers: int) -> None:
     import numpy as np
 
-    from batchwbc.datasets import read_any
-    from batchwbc.embed import embed_files
-    from batchwbc.model import Classifier
+    from batchwbc.inputs.public_datasets import read_any
+    from batchwbc.engine.embed import embed_files
+    from batchwbc.engine.model import Classifier
 
     clf = Classifier(model, threads=1)
     classes = list(clf.info.classes)

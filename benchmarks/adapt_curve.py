@@ -4,7 +4,7 @@ The bundled model v4 was trained on PBC + Munich only, so DeepAPL is unseen. Per
 DeepAPL patients are split in two halves: N labelled cells are drawn at random from the
 first half (the lab's adaptation pool) and the adapted head is tested on every cell of the
 other half, so no test patient ever contributes a training cell. The fit is exactly the
-command's (batchwbc.adapt.adapt_head) on cached embeddings (benchmarks/adapt_cache.py):
+command's (batchwbc.commands.adapt.adapt_head) on cached embeddings (benchmarks/adapt_cache.py):
 
     python -m benchmarks.adapt_cache --data ../shared/data/DeepAPL --out /tmp/deepapl-emb.npz
     python -m benchmarks.adapt_curve /tmp/deepapl-emb.npz --seeds 0 1 2
@@ -24,8 +24,8 @@ import numpy as np
 
 
 def _metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
-    from batchwbc import catalogue
-    from batchwbc.headfit import scores
+    from batchwbc.core import catalogue
+    from batchwbc.adaptation.head_fit import scores
 
     paper = [classes.index(c) for c in catalogue.PAPER_CLASS_IDS]
     m = np.isin(y, paper)
@@ -54,9 +54,9 @@ def _align(ref: np.ndarray, x_lab: np.ndarray, x: np.ndarray, scale: bool) -> np
 def main(cache: str, seeds: tuple[int, ...], sizes: tuple[int, ...], model: str | None, reference: tuple[str, ...]) -> None:
     import onnx
 
-    from batchwbc.adapt import adapt_head
-    from batchwbc.model import DEFAULT_MODEL_PATH
-    from batchwbc.onnxgraph import head_parameters
+    from batchwbc.commands.adapt import adapt_head
+    from batchwbc.engine.model import DEFAULT_MODEL_PATH
+    from batchwbc.engine.onnx_graph import head_parameters
 
     d = np.load(cache)
     x, probs, y, patients = d["embeddings"].astype(np.float64), d["probs"], d["labels"], d["patients"]

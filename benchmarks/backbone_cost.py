@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
-    from batchwbc.ortlog import quiet_session_options
+    from batchwbc.ops.ort_quiet import quiet_session_options
     from export.convert import to_onnx
 
     rng = np.random.default_rng(0)

@@ -50,8 +50,8 @@ def model_rate(model: Path | None, size: int, n: int, threads: int = 2, batch: i
     import numpy as np
     import onnxruntime as ort
 
-    from batchwbc.model import DEFAULT_MODEL_PATH
-    from batchwbc.ortlog import quiet_session_options
+    from batchwbc.engine.model import DEFAULT_MODEL_PATH
+    from batchwbc.ops.ort_quiet import quiet_session_options
 
     opts = quiet_session_options()
     opts.intra_op_num_threads = threads
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    from batchwbc.model import Classifier, DEFAULT_MODEL_PATH
+    from batchwbc.engine.model import Classifier, DEFAULT_MODEL_PATH
 
     size = Classifier(args.model or DEFAULT_MODEL_PATH, threads=1).info.input_size
     with tempfile.TemporaryDirectory() as tmp:

@@ -90,7 +90,7 @@ def build_slides(root: Path, sources: list[Path], n: int, per_patient: int) -> N
 
 def default_model(workdir: Path) -> Path:
     sys.path.insert(0, str(REPO))
-    from batchwbc.model import DEFAULT_MODEL_PATH
+    from batchwbc.engine.model import DEFAULT_MODEL_PATH
 
     if DEFAULT_MODEL_PATH.is_file():
         return DEFAULT_MODEL_PATH

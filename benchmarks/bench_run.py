@@ -78,7 +78,7 @@ def build_slides(data: Path, n: int, dest: Path, per_patient: int, seed: int) ->
     """Symlink n real crops (cycling if the data has fewer) into patient folders."""
     import numpy as np
 
-    from batchwbc.datasets import read_any
+    from batchwbc.inputs.public_datasets import read_any
 
     items = read_any(data).items
     if not items:
@@ -99,9 +99,9 @@ def timed_run(slides: Path, size: int, classifier, workers: int, batch: int, thr
 
     The baseline (classifier None) must prepare crops with the model's own contract, or the
     ratio would compare two different decoding costs."""
-    from batchwbc.config import Settings
-    from batchwbc.discovery import discover
-    from batchwbc.pipeline import Pipeline
+    from batchwbc.core.config import Settings
+    from batchwbc.inputs.slide_folders import discover
+    from batchwbc.engine.pipeline import Pipeline
 
     with TreeRss() as rss:
         c0 = _cpu_seconds()
@@ -126,7 +126,7 @@ def _cpu_seconds() -> float:
 
 def measure(slides: Path, model: Path, workers: int, threads: int, batch: int, repeats: int,
             review_threshold: float | None = None, spinning: bool = False) -> dict:
-    from batchwbc.model import Classifier
+    from batchwbc.engine.model import Classifier
 
     clf = Classifier(model, threads=threads, spinning=spinning)
     size = clf.info.input_size
@@ -164,9 +164,9 @@ def measure(slides: Path, model: Path, workers: int, threads: int, batch: int, r
 
 
 def main() -> None:
-    from batchwbc.job import inference_threads
-    from batchwbc.model import DEFAULT_MODEL_PATH, Classifier
-    from batchwbc.pipeline import DEFAULT_BATCH_SIZE, default_workers
+    from batchwbc.commands.run import inference_threads
+    from batchwbc.engine.model import DEFAULT_MODEL_PATH, Classifier
+    from batchwbc.engine.pipeline import DEFAULT_BATCH_SIZE, default_workers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -36,7 +36,7 @@ def build(args):
     import keras
     import tensorflow as tf
 
-    from batchwbc import catalogue
+    from batchwbc.core import catalogue
     from train.fit import frozen_early_layers
     from train.models import build_core
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
-    from batchwbc import catalogue
+    from batchwbc.core import catalogue
     from train import cvaugment
 
     core, n_frozen = build(args)

@@ -1,9 +1,9 @@
-"""How far real crops are from the runtime's crop checks (batchwbc/cropcheck.py).
+"""How far real crops are from the runtime's crop checks (batchwbc/engine/crop_checks.py).
 
 Reads every image header below a data folder (shortest side, side ratio), then the channel
 difference of a random sample of crops as the runtime sees them (model input, 144 px) and of
 greyscale copies of the first 100 of them saved as colour JPEG (quality 85). The bounds in
-cropcheck.py must lie well outside what real crops show:
+engine/crop_checks.py must lie well outside what real crops show:
 
     python benchmarks/crop_checks.py --data ../shared/data --sample 300
 """
@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batchwbc import cropcheck  # noqa: E402
-from batchwbc.preprocess import is_image_name, prepare_bytes  # noqa: E402
+from batchwbc.engine import crop_checks  # noqa: E402
+from batchwbc.engine.preprocess import is_image_name, prepare_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -45,18 +45,18 @@ def main() -> None:
         files.append(f)
         sides.append(min(w, h))
         ratios.append(max(w, h) / min(w, h))
-    print(f"{len(files)} crops: shortest side {min(sides)} px (bound {cropcheck.MIN_SIDE}), "
-          f"largest side ratio {max(ratios):.2f} (bound {cropcheck.MAX_ASPECT:g})")
+    print(f"{len(files)} crops: shortest side {min(sides)} px (bound {crop_checks.MIN_SIDE}), "
+          f"largest side ratio {max(ratios):.2f} (bound {crop_checks.MAX_ASPECT:g})")
 
     random.seed(args.seed)
     sample = random.sample(files, min(args.sample, len(files)))
-    colour = [cropcheck.channel_difference(prepare_bytes(Path(f).read_bytes(), args.size)) for f in sample]
+    colour = [crop_checks.channel_difference(prepare_bytes(Path(f).read_bytes(), args.size)) for f in sample]
     grey = []
     for f in sample[:100]:
         buf = io.BytesIO()
         Image.open(f).convert("L").convert("RGB").save(buf, "JPEG", quality=85)
-        grey.append(cropcheck.channel_difference(prepare_bytes(buf.getvalue(), args.size)))
-    print(f"channel difference (mean |R-G|+|G-B|, bound {cropcheck.GREY_MAX_DIFF:g}): {len(colour)} colour crops "
+        grey.append(crop_checks.channel_difference(prepare_bytes(buf.getvalue(), args.size)))
+    print(f"channel difference (mean |R-G|+|G-B|, bound {crop_checks.GREY_MAX_DIFF:g}): {len(colour)} colour crops "
           f"min {min(colour):.1f}, 1st percentile {np.percentile(colour, 1):.1f}, median {np.median(colour):.1f}; "
           f"{len(grey)} greyscale copies max {max(grey):.2f}")
 

@@ -8,7 +8,7 @@ and scores the rule sets on the same cells:
 
 - before: the rules before issue 12 (every classified cell counts, review cells included;
   MANY_LOW_CONFIDENCE when > 10% of cells are in review), frozen here;
-- after: `batchwbc.flags.evaluate` as shipped (definite flags from confident cells, pending
+- after: `batchwbc.core.flags.evaluate` as shipped (definite flags from confident cells, pending
   flags for what only review cells raise);
 - after, % flags on all cells: the alternative for BLASTS_HIGH / IG_HIGH / BANDS_HIGH (all
   cells counted, no pending twin), to choose between the two by measurement.
@@ -34,10 +34,10 @@ from typing import Iterable, Mapping, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batchwbc import flags as F  # noqa: E402
-from batchwbc.config import Settings, load_settings  # noqa: E402
-from batchwbc.differential import Differential, summarize  # noqa: E402
-from batchwbc.results import CellResult  # noqa: E402
+from batchwbc.core import flags as F  # noqa: E402
+from batchwbc.core.config import Settings, load_settings  # noqa: E402
+from batchwbc.core.differential import Differential, summarize  # noqa: E402
+from batchwbc.core.records import CellResult  # noqa: E402
 from batchwbc.simulate import PRESETS, simulate  # noqa: E402
 
 SOURCES = ("PBC_dataset_normal_DIB", "AML-Cytomorphology_LMU")
@@ -146,9 +146,9 @@ def score(patients: Mapping[str, tuple[str, set[str], Sequence[CellResult]]], ru
 
 
 def classify(slides: Path, workers: int) -> list[CellResult]:
-    from batchwbc.discovery import discover
-    from batchwbc.model import Classifier
-    from batchwbc.pipeline import Pipeline
+    from batchwbc.inputs.slide_folders import discover
+    from batchwbc.engine.model import Classifier
+    from batchwbc.engine.pipeline import Pipeline
 
     clf = Classifier(None, threads=1, spinning=False)
     found = discover(slides)

@@ -29,9 +29,9 @@ def main() -> None:
 
     import onnx
 
-    from batchwbc import catalogue
-    from batchwbc import model as bm
-    from batchwbc.preprocess import PREPROCESSING_DESCRIPTION, PREPROCESSING_ID
+    from batchwbc.core import catalogue
+    from batchwbc.engine import model as bm
+    from batchwbc.engine.preprocess import PREPROCESSING_DESCRIPTION, PREPROCESSING_ID
     from export.convert import set_metadata, to_onnx
     from train.models import build_core
 

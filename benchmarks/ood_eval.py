@@ -12,7 +12,7 @@ plasma cells - classes the model lacks). The thresholds never see the test split
 With `--candidates` every score is compared; without it only the shipped one (batchwbc.ood).
 
 Part 2 (per batch): pseudo-patients of N cells drawn from `held` set the DATA_SHIFT threshold
-(batchwbc.datashift); then test-split pseudo-patients (must not raise it) and every DeepAPL
+(batchwbc.engine.data_shift); then test-split pseudo-patients (must not raise it) and every DeepAPL
 patient (an unseen source, must raise it) are counted.
 
 Features are cached per set by benchmarks/ood_features.py (first run: ~10 min on 2 cores).
@@ -61,7 +61,7 @@ def cand_maha(k: int | None, residual: bool = False):
     `residual`, plus the squared distance to that subspace (what PCA throws away), scaled to
     the training cells' mean residual per dimension."""
     def fit(ref, head):
-        from batchwbc import ood
+        from batchwbc.engine import ood
 
         r = ood.fit_reference(ref.emb, ref.labels, k=k or ref.emb.shape[1])
 
@@ -96,7 +96,7 @@ def cand_reject(k: int, quantile: float):
     crops; each rule at `quantile` of held cells."""
     def fit(ref, head, feats=None):
         from export.ood_reference import fit_with_thresholds
-        from batchwbc import ood
+        from batchwbc.engine import ood
 
         r = fit_with_thresholds(ref.emb, ref.labels, _FEATS["ref_background"].emb, _FEATS["held"].emb,
                                 _FEATS["held"].labels, _FEATS["held"].sources, np.random.default_rng(1), k=k, quantile=quantile)
@@ -194,16 +194,16 @@ def pseudo_patients(fs, n_cells: int, count: int, rng, by_source: bool = True) -
 
 
 def shift_eval(feats, ref_obj, seed: int = 0) -> dict:
-    from batchwbc import datashift, ood
+    from batchwbc.engine import data_shift, ood
 
     rng = np.random.default_rng(seed + 1)
     cell_scores = {name: ood.score(ref_obj, feats[name].emb) for name in ("held", "test", "deepapl")}
     shift = ref_obj.shift
-    res = {"threshold": shift.threshold, "statistic": datashift.STATISTIC}
+    res = {"threshold": shift.threshold, "statistic": data_shift.STATISTIC}
     for n in (20, 50, 100, 200):
         for name in ("held", "test"):
             pts = pseudo_patients(feats[name], n, 400, rng)
-            stats = np.array([datashift.batch_statistic(ref_obj, cell_scores[name][i]) for i in pts])
+            stats = np.array([data_shift.batch_statistic(ref_obj, cell_scores[name][i]) for i in pts])
             res[f"{name}_n{n}_raised"] = float((stats > shift.threshold).mean())
             res[f"{name}_n{n}_p99"] = float(np.quantile(stats, 0.99))
     pats = np.array(feats["deepapl"].patients)
@@ -211,9 +211,9 @@ def shift_eval(feats, ref_obj, seed: int = 0) -> dict:
     for p in sorted(set(pats)):
         idx = np.flatnonzero(pats == p)
         s = cell_scores["deepapl"][idx]
-        per_patient[p] = {"cells": len(idx), "statistic": datashift.batch_statistic(ref_obj, s),
-                          "decision": datashift.decide(ref_obj, s).raised}
-    decided = [v for v in per_patient.values() if v["cells"] >= datashift.MIN_CELLS]
+        per_patient[p] = {"cells": len(idx), "statistic": data_shift.batch_statistic(ref_obj, s),
+                          "decision": data_shift.decide(ref_obj, s).raised}
+    decided = [v for v in per_patient.values() if v["cells"] >= data_shift.MIN_CELLS]
     res["deepapl_patients"] = len(per_patient)
     res["deepapl_patients_decided"] = len(decided)
     res["deepapl_raised"] = float(np.mean([v["decision"] for v in decided])) if decided else float("nan")
@@ -224,7 +224,7 @@ def shift_eval(feats, ref_obj, seed: int = 0) -> dict:
         for p in per_patient:
             idx = np.flatnonzero(pats == p)
             if len(idx) >= n:
-                raised.append(datashift.decide(ref_obj, cell_scores["deepapl"][rng.choice(idx, n, replace=False)]).raised)
+                raised.append(data_shift.decide(ref_obj, cell_scores["deepapl"][rng.choice(idx, n, replace=False)]).raised)
         res[f"deepapl_n{n}_raised"] = float(np.mean(raised)) if raised else float("nan")
         res[f"deepapl_n{n}_patients"] = len(raised)
     # A patient's class mix must not raise it: test pseudo-patients of 100 cells, 70 of one class.
@@ -234,7 +234,7 @@ def shift_eval(feats, ref_obj, seed: int = 0) -> dict:
         ic, io = np.flatnonzero(labs == c), np.flatnonzero(labs != c)
         if len(ic) < 40:
             continue
-        raised = [datashift.decide(ref_obj, cell_scores["test"][np.concatenate([
+        raised = [data_shift.decide(ref_obj, cell_scores["test"][np.concatenate([
             rng.choice(ic, min(70, len(ic)), replace=False), rng.choice(io, 30, replace=False)])]).raised for _ in range(200)]
         skew[c] = float(np.mean(raised))
     res["test_skewed_70pct_raised"] = skew
@@ -253,7 +253,7 @@ def shift_eval(feats, ref_obj, seed: int = 0) -> dict:
 def safety_table(feats, ref_obj, review_threshold: float) -> dict:
     """Per kind: share unclassified, share only sent to review (confidence below the review
     threshold), and share counted without review - the number that matters to a lab."""
-    from batchwbc import ood
+    from batchwbc.engine import ood
 
     rows = {}
     d = feats["deepapl"]
@@ -277,9 +277,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from batchwbc import ood
-    from batchwbc.model import Classifier
-    from batchwbc.onnxgraph import head_parameters
+    from batchwbc.engine import ood
+    from batchwbc.engine.model import Classifier
+    from batchwbc.engine.onnx_graph import head_parameters
 
     feats = ood_features.compute(args.model, args.data, args.split, args.cache)
     n = {k: len(v.labels) for k, v in {**feats, **kinds(feats)}.items()}
@@ -339,9 +339,9 @@ def main() -> None:
 
 
 def ood_min_cells() -> int:
-    from batchwbc import datashift
+    from batchwbc.engine import data_shift
 
-    return datashift.MIN_CELLS
+    return data_shift.MIN_CELLS
 
 
 if __name__ == "__main__":

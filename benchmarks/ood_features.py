@@ -99,13 +99,13 @@ def _noise(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 def build_sets(data_root: Path, split_csv: Path, n_ref: int, n_held: int, n_synth: int, seed: int, n_reject: int = 600):
     """name -> (list of loaders, labels, sources, patients); a loader returns a decoded RGB array."""
-    from batchwbc import datasets
-    from batchwbc.preprocess import decode_rgb, read_bytes
+    from batchwbc.inputs import public_datasets
+    from batchwbc.engine.preprocess import decode_rgb, read_bytes
 
     from export.ood_reference import background_corner, sample_cells
 
     rng = np.random.default_rng(seed)
-    scan = datasets.read_any(data_root)
+    scan = public_datasets.read_any(data_root)
     indist = [it for it in scan.items if it.source in ("PBC", "AML-LMU")]
     # the same seeded samples as `python -m export.ood_reference` draws
     ref, held, test = sample_cells(indist, read_test_paths(split_csv, data_root), rng, n_ref, n_held)
@@ -157,8 +157,8 @@ def graph_sha256(path: Path) -> str:
 def compute(model: Path | None, data_root: Path, split_csv: Path, cache: Path, n_ref: int = 3000, n_held: int = 1500,
             n_synth: int = 300, seed: int = 0, only: Sequence[str] | None = None) -> dict[str, FeatureSet]:
     """Every set's features, from `cache` where present (delete the folder to recompute)."""
-    from batchwbc.model import Classifier
-    from batchwbc.preprocess import UnreadableImage, to_model_input
+    from batchwbc.engine.model import Classifier
+    from batchwbc.engine.preprocess import UnreadableImage, to_model_input
 
     cache.mkdir(parents=True, exist_ok=True)
     clf = Classifier(model, threads=1)

@@ -5,7 +5,7 @@ classes and over all, blast recall / precision, smudge F1, calibration error, th
 cells sent to review or left unclassified, and the false-alarm rate a lab sees on healthy
 patients: the share of mature normal cells (basophil, eosinophil, lymphocyte, monocyte,
 segmented neutrophil) called blast, immature granulocyte or erythroblast. Every crop goes
-through the runtime exactly as `batchwbc run` would classify it (batchwbc.evaluation_job).
+through the runtime exactly as `batchwbc run` would classify it (batchwbc.commands.evaluate).
 
     python benchmarks/source_metrics.py --model batchwbc/models/batchwbc-wbc12.onnx \\
         --data ../shared/data --split docs/model/test-split.csv [--json out.json]
@@ -45,11 +45,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from batchwbc import catalogue, evaluation
-    from batchwbc.datasets import LabelledImage
-    from batchwbc.evaluation_job import predict_labelled
-    from batchwbc.job import load_classifier
-    from batchwbc.labelled import LabelledSet
+    from batchwbc.core import catalogue, agreement
+    from batchwbc.inputs.public_datasets import LabelledImage
+    from batchwbc.commands.evaluate import predict_labelled
+    from batchwbc.commands.run import load_classifier
+    from batchwbc.inputs.labelled_folders import LabelledSet
 
     clf = load_classifier(args.model, 1)
     classes = tuple(clf.info.classes)
@@ -72,7 +72,7 @@ def main() -> None:
     print("".join(f"{h:>14s}" if i else f"{h:16s}" for i, h in enumerate(head)))
     for name, items in groups.items():
         preds = predict_labelled(LabelledSet(items=items), root, clf, args.workers, 4)
-        ev = evaluation.evaluate(preds.true_ids, preds.pred_ids, preds.confidence, preds.patients, classes,
+        ev = agreement.evaluate(preds.true_ids, preds.pred_ids, preds.confidence, preds.patients, classes,
                                  model_threshold=clf.info.review_threshold)
         per = {m.class_id: m for m in ev.overall.per_class}
         mature = [(t, p) for t, p in zip(preds.true_ids, preds.pred_ids) if t in MATURE]

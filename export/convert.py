@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from batchwbc import catalogue
-from batchwbc import model as bm
-from batchwbc import modelmeta as meta_keys
-from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_WHOLE
+from batchwbc.core import catalogue
+from batchwbc.engine import model as bm
+from batchwbc.engine import model_metadata as meta_keys
+from batchwbc.engine.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_WHOLE
 from train import evalkit
 
 ATTRIBUTION = (
@@ -82,7 +82,7 @@ def set_metadata(proto, meta: dict[str, str]) -> None:
 def ort_session(path: Path):
     import onnxruntime as ort
 
-    from batchwbc.ortlog import quiet_session_options
+    from batchwbc.ops.ort_quiet import quiet_session_options
 
     opts = quiet_session_options()
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -92,7 +92,7 @@ def ms_per_crop(path: Path, x: np.ndarray, repeats: int = 5) -> float:
     """Median single-thread latency per crop at batch 32 (what a 2-core PC's runtime sees)."""
     import onnxruntime as ort
 
-    from batchwbc.ortlog import quiet_session_options
+    from batchwbc.ops.ort_quiet import quiet_session_options
 
     opts = quiet_session_options()
     opts.intra_op_num_threads = 1
@@ -130,8 +130,8 @@ def quantize_int8(float_path: Path, out_path: Path, calib: np.ndarray) -> None:
 
 def validation_review_share(run_dir: Path, temperature: float, threshold: float) -> float | None:
     """% of the run's validation cells below the review threshold (from logits.npz, written by
-    training; batchwbc.calibration.review_share_pct), or None for a run without them."""
-    from batchwbc.calibration import review_share_pct, softmax
+    training; batchwbc.core.calibration.review_share_pct), or None for a run without them."""
+    from batchwbc.core.calibration import review_share_pct, softmax
 
     path = run_dir / "logits.npz"
     if not path.is_file():
@@ -240,9 +240,9 @@ def export_run(run_dir: Path, out_path: Path, data_root: str | None, model_versi
             "test_ece": round(float(run.get("test_ece", float("nan"))), 4),
             "numeric_format": quant_note,
         }),
-        "batchwbc.numeric_format": quant_note,
+        meta_keys.KEY_NUMERIC_FORMAT: quant_note,
     }
-    from batchwbc.onnxgraph import GraphError, add_embedding_output
+    from batchwbc.engine.onnx_graph import GraphError, add_embedding_output
 
     final = onnx.load(str(chosen))
     set_metadata(final, meta)

@@ -20,7 +20,7 @@ def main(model_in: Path, out: Path) -> None:
     """Add the embedding output to MODEL_IN and write the result to --out."""
     import onnx
 
-    from batchwbc.onnxgraph import EMBEDDING_OUTPUT, GraphError, add_embedding_output, find_head
+    from batchwbc.engine.onnx_graph import EMBEDDING_OUTPUT, GraphError, add_embedding_output, find_head
 
     try:
         model = onnx.load(str(model_in))

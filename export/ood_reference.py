@@ -30,6 +30,10 @@ from typing import Callable, Sequence
 import click
 import numpy as np
 
+from batchwbc.engine.data_shift import PSEUDO_PATIENT_SIZES
+from batchwbc.engine.model_metadata import KEY_TRAINING_DATA
+from batchwbc.engine.ood import UNCLASSIFIED_QUANTILE
+
 N_REF = 3000
 N_HELD = 1500
 N_REJECT = 600
@@ -37,9 +41,8 @@ PCA_DIM = 128
 #: Each of the two cell rules catches this share of held-out training cells at most (0.25%),
 #: so both together catch <= 0.5%: held-out cells are mostly cells the model was trained on,
 #: whose scores are lower than unseen cells', and the target is <= 1% of unseen test cells.
-CELL_QUANTILE = 0.9975
+CELL_QUANTILE = UNCLASSIFIED_QUANTILE  # the runtime's number: adapt re-derives it the same way
 SHIFT_CELL_QUANTILE = 0.8
-PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
 PSEUDO_PATIENTS_PER_SIZE = 400
 BACKGROUND = "reject:background"
 #: Images made to be nothing like a cell: coloured noise at random grain sizes, and real crops
@@ -71,7 +74,7 @@ def read_split_paths(split_csv: Path, data_root: Path) -> tuple[set[str], set[st
 def training_sources(meta: dict[str, str]) -> list[str] | None:
     """The sources the model's metadata says it was trained on ('class|source' count keys)."""
     try:
-        counts = json.loads(meta.get("batchwbc.training_data", "{}")).get("counts_class_source") or {}
+        counts = json.loads(meta.get(KEY_TRAINING_DATA, "{}")).get("counts_class_source") or {}
         found = sorted({k.split("|", 1)[1] for k in counts if "|" in k})
     except (ValueError, AttributeError):
         return None
@@ -127,7 +130,7 @@ def not_a_cell(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def embed_loaders(classifier, loaders: Sequence[Callable[[], np.ndarray]], chunk: int = 256):
     """(probs, embeddings, kept indices) for decoded-RGB loaders; unreadable files are left out."""
-    from batchwbc.preprocess import UnreadableImage, to_model_input
+    from batchwbc.engine.preprocess import UnreadableImage, to_model_input
 
     info = classifier.info
     probs, embs, kept = [], [], []
@@ -151,7 +154,7 @@ def embed_loaders(classifier, loaders: Sequence[Callable[[], np.ndarray]], chunk
 def pseudo_patient_statistics(ref, held_scores: np.ndarray, held_sources: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     """DATA_SHIFT statistic of pseudo-patients drawn from held-out cells, one source each
     (a patient's crops come from one analyser), PSEUDO_PATIENTS_PER_SIZE of every size."""
-    from batchwbc import datashift
+    from batchwbc.engine import data_shift
 
     src = np.asarray(held_sources)
     groups = [np.flatnonzero(src == s) for s in sorted(set(src))]
@@ -159,7 +162,7 @@ def pseudo_patient_statistics(ref, held_scores: np.ndarray, held_sources: Sequen
     for n in PSEUDO_PATIENT_SIZES:
         for j in range(PSEUDO_PATIENTS_PER_SIZE):
             g = groups[j % len(groups)]
-            stats.append(datashift.batch_statistic(ref, held_scores[rng.choice(g, size=min(n, len(g)), replace=False)]))
+            stats.append(data_shift.batch_statistic(ref, held_scores[rng.choice(g, size=min(n, len(g)), replace=False)]))
     return np.asarray(stats)
 
 
@@ -169,7 +172,7 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held
     """The complete reference: centres and covariance from ref (+ the background centre and,
     given junk_emb, the not-a-cell centre), every threshold from held (pure apart from the
     seeded generator)."""
-    from batchwbc import datashift, ood
+    from batchwbc.engine import data_shift, ood
 
     junk_emb = np.zeros((0, ref_emb.shape[1]), ref_emb.dtype) if junk_emb is None else junk_emb
     labels = list(ref_labels) + [BACKGROUND] * len(bg_emb) + [NOT_A_CELL] * len(junk_emb)
@@ -189,12 +192,12 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held
     _, flagged = ood.score_and_flag(r, held_emb)
     cut = float(np.quantile(held_score, SHIFT_CELL_QUANTILE))
     r = replace(r, shift=ood.ShiftReference(threshold=1.0, cell_quantile=SHIFT_CELL_QUANTILE, cell_cut=cut,
-                                            min_cells=datashift.MIN_CELLS))
+                                            min_cells=data_shift.MIN_CELLS))
     stats = pseudo_patient_statistics(r, held_score, held_sources, rng)
     shift = replace(r.shift, threshold=float(stats.max()), info={
         "pseudo_patients": int(len(stats)), "sizes": list(PSEUDO_PATIENT_SIZES),
         "rule": "raise when the batch's statistic exceeds the highest of any held-out pseudo-patient",
-        "statistic": datashift.STATISTIC,
+        "statistic": data_shift.STATISTIC,
     })
     full_info = dict(info or {})
     full_info.update({
@@ -210,15 +213,15 @@ def build(model_path: Path, data_root: Path, split_csv: Path, sources: Sequence[
           n_ref: int = N_REF, n_held: int = N_HELD, n_reject: int = N_REJECT, k: int = PCA_DIM, n_not_a_cell: int = N_NOT_A_CELL,
           log: Callable[[str], None] = print):
     """Fit the reference for the model at model_path (which must have an embedding output)."""
-    from batchwbc import datasets
-    from batchwbc.model import Classifier
-    from batchwbc.preprocess import decode_rgb, read_bytes
+    from batchwbc.inputs import public_datasets
+    from batchwbc.engine.model import Classifier
+    from batchwbc.engine.preprocess import decode_rgb, read_bytes
 
     clf = Classifier(model_path, threads=max(1, (os.cpu_count() or 1)))
     if clf.embedding_output is None:
         raise ReferenceBuildError(f"{model_path.name} has no embedding output; add it first with `python -m export.embedding`.")
     sources = list(sources or training_sources(clf.info.metadata) or [])
-    scan = datasets.read_any(data_root)
+    scan = public_datasets.read_any(data_root)
     items = [it for it in scan.items if not sources or it.source in sources]
     items = [it for it in items if it.class_id in clf.info.classes]
     test_paths, fit_paths = read_split_paths(split_csv, data_root)
@@ -257,7 +260,7 @@ def write(model_in: Path, reference, out: Path) -> int:
     """Store the reference in the model's metadata (atomically); returns the metadata's size in bytes."""
     import onnx
 
-    from batchwbc import ood
+    from batchwbc.engine import ood
 
     model = onnx.load(str(model_in))
     text = ood.to_metadata(reference)
@@ -285,7 +288,7 @@ def write(model_in: Path, reference, out: Path) -> int:
 def main(model_in: Path, data_root: Path, split_csv: Path, out: Path, sources: tuple[str, ...], seed: int,
          n_ref: int, n_held: int) -> None:
     """Fit the OOD / DATA_SHIFT reference of MODEL_IN on its training cells and store it in --out."""
-    from batchwbc.model import ModelError
+    from batchwbc.engine.model import ModelError
 
     try:
         ref = build(model_in, data_root, split_csv, sources, seed, n_ref=n_ref, n_held=n_held,

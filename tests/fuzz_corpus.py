@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import tinymodel
-from batchwbc.results import ROOT_GROUP
+from batchwbc.core.records import ROOT_GROUP
 
 CLASSIFY = "classify"
 ERROR = "error"

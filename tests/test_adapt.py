@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 import tinymodel
-from batchwbc import headfit
+from batchwbc.adaptation import head_fit
 from batchwbc.cli import main
-from batchwbc.model import Classifier
-from batchwbc.onnxgraph import (KEY_EMBEDDING_DIM, KEY_EMBEDDING_OUTPUT, GraphError, add_embedding_output,
+from batchwbc.engine.model import Classifier
+from batchwbc.engine.onnx_graph import (KEY_EMBEDDING_DIM, KEY_EMBEDDING_OUTPUT, GraphError, add_embedding_output,
                                 find_head, head_parameters, replace_head)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_replace_head_computes_the_new_layer_with_temperature(tmp_path):
     onnx.save(new, str(out))
     batch = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     probs, emb = Classifier(out).predict_with_embedding(batch)
-    np.testing.assert_allclose(probs, headfit.softmax((emb @ w2 + b2) / 2.5), atol=1e-5)
+    np.testing.assert_allclose(probs, head_fit.softmax((emb @ w2 + b2) / 2.5), atol=1e-5)
     got_w, got_b, got_t = head_parameters(new)
     np.testing.assert_allclose(got_w, w2, rtol=1e-6) and np.testing.assert_allclose(got_b, b2, rtol=1e-6)
     assert got_t == pytest.approx(2.5)
@@ -136,9 +136,9 @@ def test_fit_head_without_data_pressure_is_the_original_and_untouched_columns_st
     v0, c0 = rng.normal(size=(6, 4)), rng.normal(size=4)
     x = rng.normal(size=(40, 6))
     y = rng.integers(0, 2, 40)  # only classes 0 and 1 are labelled
-    v, c = headfit.fit_head(x, y, v0, c0, alpha=1e9)
+    v, c = head_fit.fit_head(x, y, v0, c0, alpha=1e9)
     np.testing.assert_allclose(v, v0, atol=1e-6)
-    v, c = headfit.fit_head(x, y, v0, c0, alpha=0.1)
+    v, c = head_fit.fit_head(x, y, v0, c0, alpha=0.1)
     assert np.abs(v[:, :2] - v0[:, :2]).max() > 1e-2
     np.testing.assert_array_equal(v[:, 2:], v0[:, 2:])
     np.testing.assert_array_equal(c[2:], c0[2:])
@@ -147,11 +147,11 @@ def test_fit_head_without_data_pressure_is_the_original_and_untouched_columns_st
 def test_grouped_folds_keep_a_patient_together_and_fall_back_to_stratified():
     y = np.array([0, 1] * 12)
     groups = [f"P{i % 4}" for i in range(24)]
-    folds, scheme = headfit.fold_ids(y, groups, k=5)
+    folds, scheme = head_fit.fold_ids(y, groups, k=5)
     assert "patient" in scheme and len(set(folds)) == 4
     for g in set(groups):
         assert len({f for f, gg in zip(folds, groups) if gg == g}) == 1
-    folds, scheme = headfit.fold_ids(y, [None] * 24, k=5)
+    folds, scheme = head_fit.fold_ids(y, [None] * 24, k=5)
     assert "stratified" in scheme
     for f in set(folds):
         assert set(y[folds == f]) == {0, 1}
@@ -160,8 +160,8 @@ def test_grouped_folds_keep_a_patient_together_and_fall_back_to_stratified():
 def test_review_threshold_rule():
     probs = np.array([[0.99, 0.01], [0.95, 0.05], [0.9, 0.1], [0.6, 0.4]])
     y = np.array([0, 0, 1, 0])  # the 0.9 cell is wrong
-    assert headfit.review_threshold(probs, y, 0.97) == 0.95
-    assert headfit.review_threshold(probs, y, 0.5) == 0.6
+    assert head_fit.review_threshold(probs, y, 0.97) == 0.95
+    assert head_fit.review_threshold(probs, y, 0.5) == 0.6
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_adapt_skips_unreadable_crops_and_goes_on(tmp_path):
 
 def test_embed_files_survives_a_worker_crash_and_keeps_order(tmp_path):
     """A file that kills its decode worker becomes one error; every other crop is embedded, in order."""
-    from batchwbc.embed import embed_files
+    from batchwbc.engine.embed import embed_files
     from test_pipeline import CRASH_MARKER, crash_on_marker
 
     clf = Classifier(tiny_with_embedding(tmp_path))

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import tinymodel
-from batchwbc import adaptref, datashift, ood
-from batchwbc.adapt import run_adapt
-from batchwbc.embed import embed_files
-from batchwbc.model import Classifier
+from batchwbc.adaptation import thresholds
+from batchwbc.engine import data_shift, ood
+from batchwbc.commands.adapt import run_adapt
+from batchwbc.engine.embed import embed_files
+from batchwbc.engine.model import Classifier
 from test_adapt import CLASSES, tiny_with_embedding, write_crop
 
 
@@ -73,8 +74,8 @@ def adapted(tmp_path_factory):
 
 def test_shifted_lab_raises_data_shift_with_the_parent_not_with_the_adapted_model(adapted):
     parent, new = adapted["parent"], adapted["adapted"]
-    before = datashift.decide(parent.ood, ood.score(parent.ood, embed(parent, adapted["cells"])))
-    after = datashift.decide(new.ood, ood.score(new.ood, embed(new, adapted["cells"])))
+    before = data_shift.decide(parent.ood, ood.score(parent.ood, embed(parent, adapted["cells"])))
+    after = data_shift.decide(new.ood, ood.score(new.ood, embed(new, adapted["cells"])))
     assert before.decided and before.raised, before.text()
     assert after.decided and not after.raised, after.text()
     # and the new patient's verified-like cells are within the new threshold (the parent left
@@ -99,7 +100,7 @@ def test_noise_and_background_are_still_unclassified_with_the_adapted_model(adap
 
 def test_provenance_records_what_was_rederived(adapted):
     parent, new = adapted["parent"].ood, adapted["adapted"].ood
-    prov = json.loads(adapted["adapted"].info.metadata["batchwbc.adaptation"])[adaptref.PROVENANCE_KEY]
+    prov = json.loads(adapted["adapted"].info.metadata["batchwbc.adaptation"])[thresholds.PROVENANCE_KEY]
     assert prov == adapted["result"].ood_rederived
     assert prov["lab_cells_scored"] == 120
     assert prov["parent_unclassified_lab_cells"] == 120
@@ -123,7 +124,7 @@ def test_lab_like_the_training_cells_keeps_the_parent_thresholds(adapted):
     cols = np.array([tinymodel.COLOURS[i] for i in range(len(parent.classes) - 1)], np.float32) / 255.0
     rng = np.random.default_rng(11)
     emb = (cols[rng.integers(0, len(cols), 200)] + rng.normal(0, 0.005, (200, 3))).astype(np.float32)
-    got = adaptref.rederive(parent, emb, [f"P{i % 4}" for i in range(200)])
+    got = thresholds.rederive(parent, emb, [f"P{i % 4}" for i in range(200)])
     assert got.reference.threshold == parent.threshold
     assert got.reference.shift.cell_cut == parent.shift.cell_cut
     assert got.reference.shift.threshold == parent.shift.threshold
@@ -136,12 +137,12 @@ def test_rederive_without_patients_draws_from_all_cells_and_is_seeded(adapted):
     cols = np.array([tinymodel.COLOURS[i] for i in range(4)], np.float32) / 255.0
     rng = np.random.default_rng(12)
     emb = (cols[rng.integers(0, 4, 150)] * 0.85 + 0.1 + rng.normal(0, 0.003, (150, 3))).astype(np.float32)
-    a = adaptref.rederive(parent, emb, None, seed=3)
-    b = adaptref.rederive(parent, emb, None, seed=3)
+    a = thresholds.rederive(parent, emb, None, seed=3)
+    b = thresholds.rederive(parent, emb, None, seed=3)
     assert a.provenance == b.provenance
     assert a.provenance["data_shift"]["batches"] == "all lab cells as one batch"
     assert a.provenance["data_shift"]["parent_raised_data_shift"] == 1
-    assert not datashift.decide(a.reference, ood.score(a.reference, emb)).raised
+    assert not data_shift.decide(a.reference, ood.score(a.reference, emb)).raised
     json.dumps(a.provenance)  # JSON-ready
 
 
@@ -154,7 +155,7 @@ def test_parent_without_reference_adapts_as_before(tmp_path):
     assert res.written and res.ood_rederived is None
     clf = Classifier(tmp_path / "o.onnx", threads=1)
     assert ood.KEY_OOD not in clf.info.metadata and clf.ood is None
-    assert adaptref.PROVENANCE_KEY not in json.loads(clf.info.metadata["batchwbc.adaptation"])
+    assert thresholds.PROVENANCE_KEY not in json.loads(clf.info.metadata["batchwbc.adaptation"])
 
 
 def test_adapt_command_reports_the_rederived_thresholds(tmp_path):

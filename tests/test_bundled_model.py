@@ -7,9 +7,9 @@ import csv
 import numpy as np
 import pytest
 
-from batchwbc import catalogue
-from batchwbc.model import DEFAULT_MODEL_PATH, Classifier
-from batchwbc.preprocess import prepare_file
+from batchwbc.core import catalogue
+from batchwbc.engine.model import DEFAULT_MODEL_PATH, Classifier
+from batchwbc.engine.preprocess import prepare_file
 from conftest import REPO
 
 TEST_SPLIT = REPO / "docs" / "model" / "test-split.csv"
@@ -95,7 +95,7 @@ def test_robust_to_a_slightly_defocused_or_low_resolution_scan(shared_data):
 def test_blasts_are_recognised_at_another_scanners_magnification(predictions, shared_data):
     """Every training blast came from the Munich scanner. Shown at the Barcelona magnification
     (the probe of train/probe.py), v1 lost 25-56 % of them; the model must not rely on scale."""
-    from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
+    from batchwbc.engine.preprocess import decode_rgb, read_bytes, to_model_input
     from train.rescale import zoom_out
 
     clf, _, _, rows = predictions

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from batchwbc.cache import CacheError, ResultCache
+from batchwbc.engine.result_cache import CacheError, ResultCache
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -83,7 +83,7 @@ def test_killed_process_leaves_usable_cache(tmp_path):
     db = tmp_path / "c.db"
     code = textwrap.dedent(f"""
         import os, numpy as np
-        from batchwbc.cache import ResultCache
+        from batchwbc.engine.result_cache import ResultCache
         c = ResultCache({str(db)!r}, {SHA_A!r}, commit_every=10)
         for i in range(25):
             c.store(f"/x/{{i}}.jpg", 1, 1, np.full(12, i, np.float32), None)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from batchwbc import preprocess as pp
+from batchwbc.engine import preprocess as pp
 
 CREAM = (245, 222, 200)  # CellaVision-like background: blue below green
 PINK = (225, 170, 175)  # red cell

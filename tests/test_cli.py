@@ -14,10 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 import tinymodel
-from batchwbc import __version__, exitcodes, report
+from batchwbc import __version__
+from batchwbc.ops import exit_codes
+from batchwbc.outputs import workbook
 from batchwbc.cli import main
-from batchwbc.job import inference_threads, resolve_review_threshold
-from batchwbc.discovery import discover
+from batchwbc.commands.run import inference_threads, resolve_review_threshold
+from batchwbc.inputs.slide_folders import discover
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "slides"
@@ -74,16 +76,16 @@ def test_info_shows_model_metadata(tiny):
 
 
 def test_info_on_a_missing_bundled_model_is_one_sentence(monkeypatch, tmp_path):
-    monkeypatch.setattr("batchwbc.model.DEFAULT_MODEL_PATH", tmp_path / "absent.onnx")
+    monkeypatch.setattr("batchwbc.engine.model.DEFAULT_MODEL_PATH", tmp_path / "absent.onnx")
     r = invoke("info")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert "missing" in one_error_line(r.stderr)
 
 
 def test_run_without_bundled_model_says_the_model_is_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr("batchwbc.model.DEFAULT_MODEL_PATH", tmp_path / "absent.onnx")
+    monkeypatch.setattr("batchwbc.engine.model.DEFAULT_MODEL_PATH", tmp_path / "absent.onnx")
     r = invoke("run", SAMPLES, "--out", tmp_path / "r.xlsx")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert "model file" in one_error_line(r.stderr) and "missing" in r.stderr
     assert not (tmp_path / "r.xlsx").exists()
 
@@ -92,7 +94,7 @@ def test_run_on_samples_end_to_end(tiny, tmp_path):
     out, csv, logf = tmp_path / "report.xlsx", tmp_path / "cells.csv", tmp_path / "run.log"
     r = invoke("run", SAMPLES, "--out", out, "--model", tiny, "--workers", "0",
                "--cells-csv", csv, "--log-file", logf, "--review-threshold", "0.99")
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     n = len(discover(SAMPLES).crops)
     assert n > 50
     from openpyxl import load_workbook
@@ -114,7 +116,7 @@ def test_real_command_with_worker_processes(tiny, tmp_path):
     out = tmp_path / "r.xlsx"
     r = subprocess.run([PYTHON, "-m", "batchwbc", "run", str(SAMPLES), "--out", str(out), "--model", str(tiny)],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == exitcodes.OK, r.stderr
+    assert r.returncode == exit_codes.OK, r.stderr
     assert out.is_file() and "summary:" in r.stderr
 
 
@@ -128,7 +130,7 @@ def test_unreadable_files_give_exit_3_and_still_a_report(tiny, tmp_path):
     (slides / "B_empty").mkdir()
     csv = tmp_path / "c.csv"
     r = invoke("run", slides, "--out", tmp_path / "r.xlsx", "--model", tiny, "--workers", "0", "--cells-csv", csv)
-    assert r.exit_code == exitcodes.PARTIAL
+    assert r.exit_code == exit_codes.PARTIAL
     assert (tmp_path / "r.xlsx").is_file()
     assert "1 unreadable" in r.stderr and "2 patients" in r.stderr
     assert csv.read_text().splitlines()[1].startswith("A,A/good.png,lymphocyte")
@@ -148,7 +150,7 @@ def test_unwritable_output_is_refused_before_classification(tiny, tmp_path, bad)
         out = tmp_path / "adir.xlsx"
         out.mkdir()
     r = invoke("run", SAMPLES, "--out", out, "--model", tiny, "--workers", "0")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     one_error_line(r.stderr)
     assert "found" not in r.stderr  # discovery and classification never started
 
@@ -157,14 +159,14 @@ def test_broken_model_file_is_a_usage_error(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not onnx")
     r = invoke("run", SAMPLES, "--out", tmp_path / "r.xlsx", "--model", bad)
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert "not a valid ONNX model" in one_error_line(r.stderr)
 
 
 def test_model_without_contract_metadata_is_refused(tmp_path):
     m = tinymodel.build(tmp_path / "m.onnx", drop_keys=("batchwbc.classes",))
     r = invoke("run", SAMPLES, "--out", tmp_path / "r.xlsx", "--model", m)
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert "metadata" in one_error_line(r.stderr)
 
 
@@ -172,19 +174,19 @@ def test_bad_config_is_a_usage_error(tiny, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("this is = = not toml")
     r = invoke("run", SAMPLES, "--out", tmp_path / "r.xlsx", "--model", tiny, "--config", cfg)
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     one_error_line(r.stderr)
 
 
 @pytest.mark.parametrize("args", [["--workers", "-1"], ["--batch-size", "0"], ["--review-threshold", "1.5"]])
 def test_bad_option_values_are_usage_errors(tiny, tmp_path, args):
     r = invoke("run", SAMPLES, "--out", tmp_path / "r.xlsx", "--model", tiny, *args)
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
 
 
 def test_missing_slides_folder_is_a_usage_error(tiny, tmp_path):
     r = invoke("run", tmp_path / "nope", "--out", tmp_path / "r.xlsx", "--model", tiny)
-    assert r.exit_code == exitcodes.USAGE and "does not exist" in r.stderr
+    assert r.exit_code == exit_codes.USAGE and "does not exist" in r.stderr
 
 
 def test_review_threshold_precedence():
@@ -215,7 +217,7 @@ def test_inference_threads_leave_the_other_cores_to_decoding():
 
 
 def test_cli_batch_size_default_is_the_pipeline_default():
-    from batchwbc.pipeline import DEFAULT_BATCH_SIZE
+    from batchwbc.engine.pipeline import DEFAULT_BATCH_SIZE
 
     opt = next(p for p in main.commands["run"].params if p.name == "batch_size")
     assert opt.default == DEFAULT_BATCH_SIZE
@@ -224,7 +226,7 @@ def test_cli_batch_size_default_is_the_pipeline_default():
 def test_progress_logs_plain_lines_when_there_is_no_bar():
     import logging
 
-    from batchwbc.logsetup import PROGRESS_LOGGER, Progress
+    from batchwbc.ops.logging_setup import PROGRESS_LOGGER, Progress
 
     class ListHandler(logging.Handler):
         def __init__(self):
@@ -259,16 +261,16 @@ def test_summary_csv_option_writes_one_line_per_patient(tiny, tmp_path):
 
     out, summary = tmp_path / "r.xlsx", tmp_path / "summary.csv"
     r = invoke("run", SAMPLES, "--out", out, "--model", tiny, "--workers", "0", "--summary-csv", summary)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     got = list(csvmod.DictReader(summary.open(encoding="utf-8", newline="")))
     assert [g["Patient"] for g in got] == discover(SAMPLES).patients
     from openpyxl import load_workbook
 
     ws = load_workbook(out, read_only=True)["Summary"]
     # from the header row on: the banner above it is the sheet's, not the CSV's
-    sheet = [tuple(c.value for c in row) for row in ws.iter_rows(min_row=report.HEADER_ROWS["Summary"])]
+    sheet = [tuple(c.value for c in row) for row in ws.iter_rows(min_row=workbook.HEADER_ROWS["Summary"])]
     assert summary.read_text(encoding="utf-8").startswith("Patient,")
-    header = tuple(h for h in sheet[0] if h not in ("Verified by", "Verified on", "Every class", report.CHECK_HEADER))
+    header = tuple(h for h in sheet[0] if h not in ("Verified by", "Verified on", "Every class", workbook.CHECK_HEADER))
     assert tuple(got[0]) == header  # the sheet's machine columns (not the technologist's, the link or the hidden Check)
     assert [g["Flag codes"] for g in got] == [row[sheet[0].index("Flag codes")] or "" for row in sheet[1:]]
     assert "Verified by" in sheet[0]  # the workbook keeps them
@@ -278,6 +280,6 @@ def test_summary_csv_option_writes_one_line_per_patient(tiny, tmp_path):
 def test_summary_csv_must_be_a_csv_file(tiny, tmp_path):
     r = invoke("run", SAMPLES, "--out", tmp_path / "r.xlsx", "--model", tiny, "--workers", "0",
                "--summary-csv", tmp_path / "summary.txt")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert ".csv" in one_error_line(r.stderr)
     assert not (tmp_path / "r.xlsx").exists()

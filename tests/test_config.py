@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from batchwbc import catalogue, config
-from batchwbc.config import DEFAULT_SETTINGS, ConfigError, Settings, load_settings
+from batchwbc.core import catalogue, config
+from batchwbc.core.config import DEFAULT_SETTINGS, ConfigError, Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "config-example.toml"
 

@@ -8,29 +8,29 @@ import pytest
 
 import fuzz_corpus
 import tinymodel
-from batchwbc import cropcheck
-from batchwbc.cache import ResultCache
-from batchwbc.pipeline import decode_one
-from batchwbc.preprocess import UnreadableImage
+from batchwbc.engine import crop_checks
+from batchwbc.engine.result_cache import ResultCache
+from batchwbc.engine.pipeline import decode_one
+from batchwbc.engine.preprocess import UnreadableImage
 
 
 @pytest.mark.parametrize("w,h,word", [(1, 1, "too small"), (31, 400, "too small"), (400, 31, "too small"),
                                       (8000, 3, "too small"), (121, 40, "strip"), (40, 121, "strip"),
                                       (1000, 300, "strip")])
 def test_shape_problem_names_the_size(w, h, word):
-    reason = cropcheck.shape_problem(w, h)
+    reason = crop_checks.shape_problem(w, h)
     assert reason is not None and f"{w}x{h} pixels" in reason and word in reason
 
 
 @pytest.mark.parametrize("w,h", [(32, 32), (360, 363), (400, 400), (120, 40), (40, 120), (2500, 2500)])
 def test_real_crop_shapes_pass(w, h):
-    assert cropcheck.shape_problem(w, h) is None
+    assert crop_checks.shape_problem(w, h) is None
 
 
 def test_check_crop_shape_raises_unreadable_image():
     with pytest.raises(UnreadableImage, match="too small"):
-        cropcheck.check_crop_shape(np.zeros((3, 8000, 3), np.uint8))
-    cropcheck.check_crop_shape(np.zeros((64, 64, 3), np.uint8))
+        crop_checks.check_crop_shape(np.zeros((3, 8000, 3), np.uint8))
+    crop_checks.check_crop_shape(np.zeros((64, 64, 3), np.uint8))
 
 
 def test_decode_one_refuses_a_strip(tmp_path):
@@ -44,21 +44,21 @@ def test_greyscale_detection():
     cell = fuzz_corpus.cell_like()
     grey3 = np.repeat(fuzz_corpus.grey_of(cell)[:, :, None], 3, axis=2)
     noisy = np.clip(grey3.astype(np.int16) + np.random.default_rng(0).integers(-1, 2, grey3.shape), 0, 255).astype(np.uint8)
-    assert cropcheck.is_greyscale(grey3) and cropcheck.is_greyscale(noisy)
-    assert not cropcheck.is_greyscale(cell)
+    assert crop_checks.is_greyscale(grey3) and crop_checks.is_greyscale(noisy)
+    assert not crop_checks.is_greyscale(cell)
     for rgb in tinymodel.COLOURS:  # the test model's class colours are all colourful
-        assert not cropcheck.is_greyscale(np.broadcast_to(np.array(rgb, np.uint8), (32, 32, 3)))
+        assert not crop_checks.is_greyscale(np.broadcast_to(np.array(rgb, np.uint8), (32, 32, 3)))
     tinted = grey3.astype(np.int16)
     tinted[..., 0] += 6  # a faint but real colour cast is not greyscale
-    assert not cropcheck.is_greyscale(np.clip(tinted, 0, 255).astype(np.uint8))
+    assert not crop_checks.is_greyscale(np.clip(tinted, 0, 255).astype(np.uint8))
 
 
 def test_review_reasons():
-    assert cropcheck.review_reasons(0.9, 0.6) == ""
-    assert cropcheck.review_reasons(0.5, 0.6) == cropcheck.LOW_CONFIDENCE_REASON
-    assert cropcheck.review_reasons(0.9, 0.6, cropcheck.GREYSCALE_REASON) == cropcheck.GREYSCALE_REASON
-    both = cropcheck.review_reasons(0.5, 0.6, cropcheck.GREYSCALE_REASON)
-    assert both.startswith(cropcheck.GREYSCALE_REASON) and both.endswith(cropcheck.LOW_CONFIDENCE_REASON)
+    assert crop_checks.review_reasons(0.9, 0.6) == ""
+    assert crop_checks.review_reasons(0.5, 0.6) == crop_checks.LOW_CONFIDENCE_REASON
+    assert crop_checks.review_reasons(0.9, 0.6, crop_checks.GREYSCALE_REASON) == crop_checks.GREYSCALE_REASON
+    both = crop_checks.review_reasons(0.5, 0.6, crop_checks.GREYSCALE_REASON)
+    assert both.startswith(crop_checks.GREYSCALE_REASON) and both.endswith(crop_checks.LOW_CONFIDENCE_REASON)
 
 
 def test_cache_from_before_image_reasons_is_upgraded_and_its_rows_rechecked(tmp_path):
@@ -75,10 +75,10 @@ def test_cache_from_before_image_reasons_is_upgraded_and_its_rows_rechecked(tmp_
     conn.close()
     with ResultCache(db, "sha") as cache:
         assert cache.lookup("/a.png", 10, 20) is None  # written before greyscale was checked: decode again
-        cache.store("/a.png", 10, 20, np.ones(3, np.float32), b"jpg", cropcheck.GREYSCALE_REASON)
+        cache.store("/a.png", 10, 20, np.ones(3, np.float32), b"jpg", crop_checks.GREYSCALE_REASON)
         cache.store("/b.png", 10, 20, np.ones(3, np.float32), None)
     with ResultCache(db, "sha") as cache:
-        assert cache.lookup("/a.png", 10, 20).image_reason == cropcheck.GREYSCALE_REASON
+        assert cache.lookup("/a.png", 10, 20).image_reason == crop_checks.GREYSCALE_REASON
         assert cache.lookup("/b.png", 10, 20).image_reason == ""
 
 
@@ -98,7 +98,7 @@ def test_greyscale_reason_survives_the_cache(tmp_path):
         assert r.exit_code == 0, r.output
         cells = {c["File"]: c for c in sheet_rows(tmp_path / f"{night}.xlsx", "Cells")}
         assert cells["P1/grey.png"]["Review"] == "yes"
-        assert cells["P1/grey.png"]["Review reason"].startswith(cropcheck.GREYSCALE_REASON)
+        assert cells["P1/grey.png"]["Review reason"].startswith(crop_checks.GREYSCALE_REASON)
         assert cells["P1/colour.png"]["Review"] == "no" and not cells["P1/colour.png"]["Review reason"]
         review = sheet_rows(tmp_path / f"{night}.xlsx", "Review")
         assert [c["File"] for c in review] == ["P1/grey.png"]

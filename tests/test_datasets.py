@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from batchwbc.datasets import DEEPAPL_SOURCE, DatasetError, LMU_SOURCE, PBC_SOURCE, read_any
+from batchwbc.inputs.public_datasets import DEEPAPL_SOURCE, DatasetError, LMU_SOURCE, PBC_SOURCE, read_any
 
 # Counts documented in ../shared/data/README.md for this subset.
 EXPECTED = {

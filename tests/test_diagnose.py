@@ -10,8 +10,8 @@ pytest.importorskip("tensorflow")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, shared_data):
-    from batchwbc.catalogue import CLASS_IDS
-    from batchwbc.datasets import read_any
+    from batchwbc.core.catalogue import CLASS_IDS
+    from batchwbc.inputs.public_datasets import read_any
     from train.models import build_core
     from train.split import write_split_csv
 
@@ -63,7 +63,7 @@ def test_soup_tta_and_margin_print_one_line_per_variant(tiny_run, shared_data):
     assert len(_accuracies(tta)) == 8
     margin = _invoke("margin", d / "a.keras", *common, "--margins", "1.5,1.8")
     assert "margin 1.50" in margin and "margin 1.80" in margin
-    from batchwbc import preprocess
+    from batchwbc.engine import preprocess
 
     assert preprocess.CELL_MARGIN == 1.8  # the contract's constant is restored afterwards
 

@@ -7,9 +7,9 @@ from fractions import Fraction
 
 import pytest
 
-from batchwbc import catalogue
-from batchwbc.differential import exact_binomial_ci, regularized_beta, summarize
-from batchwbc.results import CellResult
+from batchwbc.core import catalogue
+from batchwbc.core.differential import exact_binomial_ci, regularized_beta, summarize
+from batchwbc.core.records import CellResult
 
 
 def cell(class_id: str, patient: str = "P", review: bool = False, i: int = 0) -> CellResult:
@@ -157,7 +157,7 @@ def test_smudge_cells_are_a_percentage_of_all_cells_never_of_wbc():
     empty = summarize([])
     assert empty.smudge == 0 and empty.smudge_pct_of_cells is None
     # An unclassified crop (batchwbc.ood) is in no count, so not in the smudge denominator either.
-    from batchwbc.ood import UNCLASSIFIED
+    from batchwbc.engine.ood import UNCLASSIFIED
 
     with_unknown = summarize(cells_from({"lymphocyte": 9, "smudge": 1}) + [cell(UNCLASSIFIED, i=99)] * 10)
     assert with_unknown.n_cells == 20 and with_unknown.unclassified == 10

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from batchwbc import discovery
-from batchwbc.discovery import DiscoveryError, discover, natural_key
-from batchwbc.results import ROOT_GROUP
+from batchwbc.inputs import slide_folders
+from batchwbc.inputs.slide_folders import DiscoveryError, discover, natural_key
+from batchwbc.core.records import ROOT_GROUP
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="needs POSIX symlinks / FIFOs")
 
@@ -50,8 +50,8 @@ def test_extensions_in_any_case_and_ignored_files_are_counted(tmp_path):
     touch(tmp_path / ".DS_Store")
     found = discover(tmp_path)
     assert sorted(Path(r).name for r in rels(found)) == sorted(names)
-    assert found.ignored[discovery.IGNORED_NOT_IMAGE] == 2
-    assert found.ignored[discovery.IGNORED_HIDDEN] == 3
+    assert found.ignored[slide_folders.IGNORED_NOT_IMAGE] == 2
+    assert found.ignored[slide_folders.IGNORED_HIDDEN] == 3
     assert found.ignored_total == 5
 
 
@@ -81,7 +81,7 @@ def test_symlink_loops_terminate_and_are_counted(tmp_path):
     found = discover(tmp_path)
     assert rels(found) == ["A/sub/a.jpg"]
     assert found.patients == ["A"]
-    assert found.ignored[discovery.IGNORED_REPEATED_FOLDER] == 4
+    assert found.ignored[slide_folders.IGNORED_REPEATED_FOLDER] == 4
 
 
 @posix_only
@@ -107,7 +107,7 @@ def test_broken_link_is_an_error_row_and_fifo_is_skipped(tmp_path):
     assert rels(found) == ["P/ok.jpg"]
     assert [(e.patient, e.file) for e in found.errors] == [("P", "P/gone.jpg")]
     assert "does not exist" in found.errors[0].reason
-    assert found.ignored[discovery.IGNORED_NOT_REGULAR] == 1
+    assert found.ignored[slide_folders.IGNORED_NOT_REGULAR] == 1
 
 
 def _remove_chain(top: Path) -> None:

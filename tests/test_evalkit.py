@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchwbc import catalogue
-from batchwbc import preprocess as pp
+from batchwbc.core import catalogue
+from batchwbc.engine import preprocess as pp
 from conftest import REPO
 from train import evalkit
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import tinymodel
-from batchwbc import exitcodes
+from batchwbc.ops import exit_codes
 from batchwbc.cli import main
 
 L, M, MY, PLT = "lymphocyte", "monocyte", "myeloblast", "platelet"
@@ -75,7 +75,7 @@ def test_evaluate_known_answers_workbook_and_json(tiny, tmp_path):
     folder = labelled_folder(tmp_path / "LABELLED")
     out, js = tmp_path / "EVAL.xlsx", tmp_path / "eval.json"
     r = invoke(folder, "--out", out, "--model", tiny, "--json", js, "--workers", "0")
-    assert r.exit_code == exitcodes.PARTIAL, r.stderr  # the damaged crop is listed, not fatal
+    assert r.exit_code == exit_codes.PARTIAL, r.stderr  # the damaged crop is listed, not fatal
     warnings = [ln for ln in r.stderr.splitlines() if " WARNING " in ln]
     assert any("plasma_cell: 2" in ln and "skipped 2 crops" in ln for ln in warnings), r.stderr
     assert any("1 labelled crop could not be read" in ln for ln in warnings)
@@ -132,7 +132,7 @@ def test_without_matplotlib_the_workbook_is_written_and_says_so(tiny, tmp_path, 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     out = tmp_path / "e.xlsx"
     r = invoke(folder, "--out", out, "--model", tiny, "--workers", "0")
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     notes = [ln for ln in r.stderr.splitlines() if "matplotlib is not installed" in ln]
     assert len(notes) == 1
     summary = {row[0]: row[1] for row in load_workbook(out)["Summary"].iter_rows(min_row=2, values_only=True)}
@@ -156,7 +156,7 @@ def test_unusable_folders_are_one_sentence_and_exit_2(tiny, tmp_path, case):
         crop(folder / L / "P2" / "b.png", L)
     out = tmp_path / "e.xlsx"
     r = invoke(folder, "--out", out, "--model", tiny, "--workers", "0")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     (line,) = error_lines(r.stderr)
     expected = {"empty": "no labelled crops found", "only_unknown": "not classes of the model: plasma_cell",
                 "one_class": "of one class (lymphocyte)"}[case]
@@ -167,10 +167,10 @@ def test_unusable_folders_are_one_sentence_and_exit_2(tiny, tmp_path, case):
 def test_bad_output_is_refused_before_any_crop_is_read(tiny, tmp_path):
     folder = labelled_folder(tmp_path / "LAB")
     r = invoke(folder, "--out", tmp_path / "e.txt", "--model", tiny, "--workers", "0")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert ".xlsx" in error_lines(r.stderr)[0] and "evaluating" not in r.stderr
     r = invoke(folder, "--out", tmp_path / "e.xlsx", "--json", tmp_path / "no" / "e.json", "--model", tiny)
-    assert r.exit_code == exitcodes.USAGE and not (tmp_path / "e.xlsx").exists()
+    assert r.exit_code == exit_codes.USAGE and not (tmp_path / "e.xlsx").exists()
 
 
 def test_help_names_every_option_without_heavy_imports():
@@ -178,7 +178,7 @@ def test_help_names_every_option_without_heavy_imports():
     assert r.returncode == 0
     for opt in ("LABELLED", "--out", "--model", "--json", "--workers", "--quiet"):
         assert opt in r.stdout
-    probe = ("import sys; from batchwbc import cli, evaluation, evaluation_job; "
+    probe = ("import sys; from batchwbc import cli; from batchwbc.core import agreement; from batchwbc.commands import evaluate; "
              "print(sorted(m for m in ('numpy','cv2','onnxruntime','openpyxl','matplotlib') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO).stdout.strip() == "[]"
 
@@ -191,7 +191,7 @@ def test_bundled_model_on_its_own_test_split_reproduces_its_recorded_metrics(sha
     import os
     import shutil
 
-    from batchwbc.model import DEFAULT_MODEL_PATH, KEY_TEST_METRICS, Classifier
+    from batchwbc.engine.model import DEFAULT_MODEL_PATH, KEY_TEST_METRICS, Classifier
 
     folder = tmp_path / "LABELLED"
     with open(REPO / "docs" / "model" / "test-split.csv", newline="") as fh:
@@ -205,7 +205,7 @@ def test_bundled_model_on_its_own_test_split_reproduces_its_recorded_metrics(sha
             shutil.copyfile(shared_data / row["path"], dst)
     js = tmp_path / "eval.json"
     r = invoke(folder, "--out", tmp_path / "EVAL.xlsx", "--json", js, "--quiet")
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     got = json.loads(js.read_text())
     card = Classifier(DEFAULT_MODEL_PATH, threads=1).info.json_field(KEY_TEST_METRICS)
     assert got["n"] == card["n"] == len(rows)
@@ -226,19 +226,19 @@ def test_folder_names_that_look_like_formulas_stay_text(tiny, tmp_path):
     crop(folder / L / "=SUM(1,2)" / "a.png", L)
     crop(folder / M / "=SUM(1,2)" / "b.png", M)
     out = tmp_path / "e.xlsx"
-    assert invoke(folder, "--out", out, "--model", tiny, "--workers", "0").exit_code == exitcodes.OK
+    assert invoke(folder, "--out", out, "--model", tiny, "--workers", "0").exit_code == exit_codes.OK
     cell = load_workbook(out)["Patients"]["A2"]
     assert cell.value == "=SUM(1,2)" and cell.data_type == "s"
 
 
 def test_an_interrupt_is_exit_130_and_one_sentence(tiny, tmp_path, monkeypatch):
-    from batchwbc import evaluation_job
-    from batchwbc.interrupt import RunInterrupted
+    from batchwbc.commands import evaluate
+    from batchwbc.ops.signals import RunInterrupted
 
     def stopped(*args, **kwargs):
         raise RunInterrupted("SIGTERM")
 
-    monkeypatch.setattr(evaluation_job, "run_evaluate", stopped)
+    monkeypatch.setattr(evaluate, "run_evaluate", stopped)
     r = invoke(tmp_path, "--out", tmp_path / "e.xlsx", "--model", tiny)
-    assert r.exit_code == exitcodes.INTERRUPTED
+    assert r.exit_code == exit_codes.INTERRUPTED
     assert "stopped by SIGTERM" in error_lines(r.stderr)[0]

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from batchwbc import catalogue
-from batchwbc.evaluation import (
+from batchwbc.core import catalogue
+from batchwbc.core.agreement import (
     EvaluationError, bland_altman, confusion_matrix, evaluate, patient_comparisons, reliability,
     review_tradeoff, summarize,
 )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from batchwbc import flags as fl
-from batchwbc.config import DEFAULT_SETTINGS
-from batchwbc.results import CellResult
+from batchwbc.core import flags as fl
+from batchwbc.core.config import DEFAULT_SETTINGS
+from batchwbc.core.records import CellResult
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "flag_rates.py"
 _spec = importlib.util.spec_from_file_location("flag_rates", _PATH)
@@ -53,7 +53,7 @@ def test_a_flag_only_pending_is_missed_as_definite_but_not_altogether():
 
 def test_legacy_many_low_confidence_was_above_10_percent():
     d = cells(("lymphocyte", 89, False), ("lymphocyte", 11, True))
-    from batchwbc.differential import summarize
+    from batchwbc.core.differential import summarize
 
     assert fl.MANY_LOW_CONFIDENCE in bench.legacy_flags(summarize(d), DEFAULT_SETTINGS)
     assert fl.MANY_LOW_CONFIDENCE not in bench.current_flags(summarize(d), DEFAULT_SETTINGS)

@@ -5,10 +5,10 @@ from dataclasses import replace
 
 import pytest
 
-from batchwbc import flags as fl
-from batchwbc.config import DEFAULT_SETTINGS
-from batchwbc.differential import exact_binomial_ci, summarize
-from batchwbc.results import CellResult
+from batchwbc.core import flags as fl
+from batchwbc.core.config import DEFAULT_SETTINGS
+from batchwbc.core.differential import exact_binomial_ci, summarize
+from batchwbc.core.records import CellResult
 
 
 def diff(counts: dict[str, int], n_review: int = 0):

@@ -22,9 +22,9 @@ from click.testing import CliRunner
 
 import fuzz_corpus
 import tinymodel
-from batchwbc import exitcodes
-from batchwbc import model as bm
-from batchwbc.runlock import RunLock, lock_path_for
+from batchwbc.ops import exit_codes
+from batchwbc.engine import model as bm
+from batchwbc.ops.run_lock import RunLock, lock_path_for
 
 REPO = Path(__file__).resolve().parents[1]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals / FIFOs")
@@ -59,7 +59,7 @@ def sheet_rows(xlsx: Path, name: str) -> list[dict]:
         rows = list(wb[name].iter_rows(values_only=True))
     finally:
         wb.close()
-    from batchwbc.report import HEADER_ROWS
+    from batchwbc.outputs.workbook import HEADER_ROWS
 
     rows = rows[HEADER_ROWS.get(name, 1) - 1:]  # the Summary's row 1 is the banner
     header = rows[0]
@@ -123,7 +123,7 @@ def corpus_run(tmp_path_factory, model_path):
 
 def test_corpus_exit_code_is_partial(corpus_run):
     p = corpus_run["proc"]
-    assert p.returncode == exitcodes.PARTIAL, p.stderr
+    assert p.returncode == exit_codes.PARTIAL, p.stderr
     assert "Traceback" not in p.stderr
     assert corpus_run["seconds"] < 120  # nothing hung (FIFO, symlink loops)
 
@@ -268,7 +268,7 @@ def test_corpus_nothing_left_behind(corpus_run):
 def test_files_deleted_or_replaced_after_discovery(tmp_path, model_path, monkeypatch, workers):
     """Discovery lists the files, then (as a technologist re-exporting a slide would) some are
     deleted or replaced before they are decoded. The run must report them and lose nothing."""
-    import batchwbc.discovery as discovery
+    import batchwbc.inputs.slide_folders as discovery
 
     slides = tmp_path / "slides"
     (slides / "P1").mkdir(parents=True)
@@ -292,7 +292,7 @@ def test_files_deleted_or_replaced_after_discovery(tmp_path, model_path, monkeyp
     monkeypatch.setattr(discovery, "discover", discover_then_change)
     out = tmp_path / "r.xlsx"
     res = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", workers])
-    assert res.exit_code == exitcodes.PARTIAL, res.output
+    assert res.exit_code == exit_codes.PARTIAL, res.output
     cells = {c["File"]: c["Class"] for c in sheet_rows(out, "Cells")}
     assert cells == {"P1/a_keep.png": "lymphocyte", "P1/d_recoloured.png": "basophil", "P1/g_keep.png": "lymphocyte"}
     errors = {e["File"]: e["Reason"] for e in sheet_rows(out, "Errors")}
@@ -327,7 +327,7 @@ def test_sigterm_mid_classification_keeps_previous_report(tmp_path, model_path, 
     (small / "P1" / "a.png").write_bytes(png(tinymodel.colour_for("monocyte")))
     out, log = tmp_path / "report.xlsx", tmp_path / "run.log"
     first = run_proc(["run", small, "--out", out, "--model", model_path, "--workers", "0"])
-    assert first.returncode == exitcodes.OK, first.stderr
+    assert first.returncode == exit_codes.OK, first.stderr
     before = hashlib.sha256(out.read_bytes()).hexdigest()
 
     p = subprocess.Popen([sys.executable, "-m", "batchwbc", "run", str(slow_slides), "--out", str(out),
@@ -342,7 +342,7 @@ def test_sigterm_mid_classification_keeps_previous_report(tmp_path, model_path, 
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == exitcodes.INTERRUPTED, err
+    assert p.returncode == exit_codes.INTERRUPTED, err
     text = log.read_text()
     assert re.search(r"interrupted \(SIGTERM\) after \d+ of 800 cells", text), text
     assert "Traceback" not in err
@@ -377,7 +377,7 @@ def test_sigterm_while_writing_removes_temp_file(tmp_path, model_path, monkeypat
 
     monkeypatch.setattr(Workbook, "save", save_then_sigterm)
     res = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0", "--log-file", log])
-    assert res.exit_code == exitcodes.INTERRUPTED, res.output
+    assert res.exit_code == exit_codes.INTERRUPTED, res.output
     assert saved_to and not saved_to[0].exists()  # the temp file was written, then removed
     assert out.read_bytes() == b"previous report"
     assert leftovers(tmp_path, {"slides", "report.xlsx", "run.log"}) == []
@@ -404,7 +404,7 @@ def test_second_concurrent_run_is_refused(tmp_path, model_path, busy_slides):
         _wait_for(lambda: lock_path_for(out).exists() and lock_path_for(out).stat().st_size > 0, 60, "the first run's lock")
         second = run_cli(["run", busy_slides, "--out", out, "--model", model_path, "--workers", "0"])
         assert p.poll() is None, "the first run ended before the second was refused; give it more crops"
-        assert second.exit_code == exitcodes.USAGE, second.output
+        assert second.exit_code == exit_codes.USAGE, second.output
         errs = error_lines(second.output)
         assert len(errs) == 1 and f"process {p.pid}" in errs[0] and "another batchwbc run" in errs[0], second.output
         assert "found" not in second.output  # refused before looking at any crop
@@ -412,7 +412,7 @@ def test_second_concurrent_run_is_refused(tmp_path, model_path, busy_slides):
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == exitcodes.OK, err  # the first run was not disturbed
+    assert p.returncode == exit_codes.OK, err  # the first run was not disturbed
     assert len(sheet_rows(out, "Cells")) == 80
     assert not lock_path_for(out).exists()
 
@@ -422,12 +422,12 @@ def test_run_refused_while_another_process_holds_the_lock(tmp_path, model_path):
     (slides / "P1").mkdir(parents=True)
     (slides / "P1" / "a.png").write_bytes(png(tinymodel.colour_for("monocyte")))
     out = tmp_path / "r.xlsx"
-    code = f"import sys; from batchwbc.runlock import RunLock\nwith RunLock({str(out)!r}):\n print('ok', flush=True); sys.stdin.readline()\n"
+    code = f"import sys; from batchwbc.ops.run_lock import RunLock\nwith RunLock({str(out)!r}):\n print('ok', flush=True); sys.stdin.readline()\n"
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "ok"
         res = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0"])
-        assert res.exit_code == exitcodes.USAGE
+        assert res.exit_code == exit_codes.USAGE
         assert f"process {holder.pid}" in res.output and "r.xlsx.lock" in res.output
         assert not out.exists()
     finally:
@@ -441,14 +441,14 @@ def test_stale_lock_from_killed_run_is_taken_over(tmp_path, model_path):
     (slides / "P1").mkdir(parents=True)
     (slides / "P1" / "a.png").write_bytes(png(tinymodel.colour_for("monocyte")))
     out, log = tmp_path / "r.xlsx", tmp_path / "run.log"
-    killed = subprocess.Popen([sys.executable, "-c", f"from batchwbc.runlock import RunLock; RunLock({str(out)!r}).acquire(); import time; time.sleep(60)"],
+    killed = subprocess.Popen([sys.executable, "-c", f"from batchwbc.ops.run_lock import RunLock; RunLock({str(out)!r}).acquire(); import time; time.sleep(60)"],
                               cwd=REPO)
     _wait_for(lambda: lock_path_for(out).exists() and lock_path_for(out).stat().st_size > 0, 30, "the lock")
     killed.kill()  # SIGKILL: no cleanup, the lock stays behind
     killed.wait(timeout=30)
     assert json.loads(lock_path_for(out).read_text())["pid"] == killed.pid
     res = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0", "--log-file", log])
-    assert res.exit_code == exitcodes.OK, res.output
+    assert res.exit_code == exit_codes.OK, res.output
     assert re.search(r"WARNING .*stale lock.*no longer running", log.read_text()), log.read_text()
     assert not lock_path_for(out).exists()
     assert len(sheet_rows(out, "Cells")) == 1
@@ -486,7 +486,7 @@ def _grow(root: Path) -> int:
 @pytest.fixture
 def decode_counter(monkeypatch):
     """Counts crops actually decoded in this process (the CLI runs with --workers 0)."""
-    import batchwbc.preprocess as pp
+    import batchwbc.engine.preprocess as pp
 
     calls = []
     real = pp.prepare_file
@@ -506,20 +506,20 @@ def test_incremental_cached_run_equals_full_run(tmp_path, model_path, decode_cou
     opts = ["--model", model_path, "--workers", "0"] + (["--review-threshold", threshold] if threshold else [])
 
     r1 = run_cli(["run", slides, "--out", tmp_path / "night1.xlsx", "--cache", db, *opts])
-    assert r1.exit_code == exitcodes.PARTIAL, r1.output
+    assert r1.exit_code == exit_codes.PARTIAL, r1.output
     assert any(c["Review"] == "yes" for c in sheet_rows(tmp_path / "night1.xlsx", "Cells")) or threshold == "0.3"
     first_decodes = len(decode_counter)
     assert first_decodes == 14
 
     expected_decodes = _grow(slides)
     r2 = run_cli(["run", slides, "--out", tmp_path / "night2.xlsx", "--cache", db, *opts])
-    assert r2.exit_code == exitcodes.PARTIAL, r2.output
+    assert r2.exit_code == exit_codes.PARTIAL, r2.output
     incremental_decodes = len(decode_counter) - first_decodes
     if threshold != "1.0":  # at 1.0 every cell needs review, and cached rows kept no thumbnail
         assert incremental_decodes == expected_decodes
 
     r3 = run_cli(["run", slides, "--out", tmp_path / "full.xlsx", *opts])
-    assert r3.exit_code == exitcodes.PARTIAL, r3.output
+    assert r3.exit_code == exit_codes.PARTIAL, r3.output
     assert sheet_values(tmp_path / "night2.xlsx") == sheet_values(tmp_path / "full.xlsx")
     assert sheet_values(tmp_path / "night1.xlsx") != sheet_values(tmp_path / "full.xlsx")  # the test can tell
 
@@ -529,9 +529,9 @@ def test_cache_reused_when_threshold_changes(tmp_path, model_path, decode_counte
     slides, db = tmp_path / "slides", tmp_path / "cache.sqlite"
     _cache_slides(slides)
     base = ["--model", model_path, "--workers", "0", "--cache", db]
-    assert run_cli(["run", slides, "--out", tmp_path / "a.xlsx", *base]).exit_code == exitcodes.PARTIAL
+    assert run_cli(["run", slides, "--out", tmp_path / "a.xlsx", *base]).exit_code == exit_codes.PARTIAL
     n = len(decode_counter)
-    assert run_cli(["run", slides, "--out", tmp_path / "b.xlsx", *base, "--review-threshold", "0.2"]).exit_code == exitcodes.PARTIAL
+    assert run_cli(["run", slides, "--out", tmp_path / "b.xlsx", *base, "--review-threshold", "0.2"]).exit_code == exit_codes.PARTIAL
     assert len(decode_counter) - n == 1  # only the broken file
     review_a = sum(c["Review"] == "yes" for c in sheet_rows(tmp_path / "a.xlsx", "Cells"))
     review_b = sum(c["Review"] == "yes" for c in sheet_rows(tmp_path / "b.xlsx", "Cells"))
@@ -545,10 +545,10 @@ def test_other_model_invalidates_cache(tmp_path, model_path, decode_counter):
     assert run_cli(["run", slides, "--out", tmp_path / "a.xlsx", "--model", model_path, "--workers", "0", "--cache", db]).exit_code == 3
     n = len(decode_counter)
     r = run_cli(["run", slides, "--out", tmp_path / "b.xlsx", "--model", other, "--workers", "0", "--cache", db])
-    assert r.exit_code == exitcodes.PARTIAL, r.output
+    assert r.exit_code == exit_codes.PARTIAL, r.output
     assert len(decode_counter) - n == 14  # nothing reused
     full = run_cli(["run", slides, "--out", tmp_path / "c.xlsx", "--model", other, "--workers", "0"])
-    assert full.exit_code == exitcodes.PARTIAL
+    assert full.exit_code == exit_codes.PARTIAL
     assert sheet_values(tmp_path / "b.xlsx") == sheet_values(tmp_path / "c.xlsx")
     assert sheet_values(tmp_path / "a.xlsx")["Cells"] != sheet_values(tmp_path / "b.xlsx")["Cells"]
 
@@ -561,7 +561,7 @@ def test_unusable_cache_file_refused_before_work(tmp_path, model_path, content):
     db.write_bytes(content)
     out = tmp_path / "r.xlsx"
     r = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0", "--cache", db])
-    assert r.exit_code == exitcodes.USAGE, r.output
+    assert r.exit_code == exit_codes.USAGE, r.output
     errs = error_lines(r.output)
     assert len(errs) == 1 and "cache" in errs[0] and "Traceback" not in r.output
     assert "found" not in r.output and not out.exists() and not lock_path_for(out).exists()
@@ -614,7 +614,7 @@ def bad_models(tmp_path_factory):
 
 @pytest.mark.parametrize("case", BAD_MODEL_CASES)
 def test_bad_model_refused_with_one_sentence_before_work(tmp_path, bad_models, case, monkeypatch):
-    import batchwbc.discovery as discovery
+    import batchwbc.inputs.slide_folders as discovery
 
     path, word = bad_models[case]
     slides = tmp_path / "slides"
@@ -628,7 +628,7 @@ def test_bad_model_refused_with_one_sentence_before_work(tmp_path, bad_models, c
 
     monkeypatch.setattr(discovery, "discover", no_discovery)
     r = run_cli(["run", slides, "--out", out, "--model", path, "--workers", "0"])
-    assert r.exit_code == exitcodes.USAGE, r.output
+    assert r.exit_code == exit_codes.USAGE, r.output
     errs = error_lines(r.output)
     assert len(errs) == 1, r.output
     assert word in errs[0], errs[0]
@@ -648,7 +648,7 @@ def test_quiet_prints_only_problems(tmp_path, model_path):
     _cache_slides(slides)
     r = run_cli(["run", slides, "--out", tmp_path / "r.xlsx", "--model", model_path, "--workers", "0", "--quiet",
                  "--log-file", tmp_path / "log"])
-    assert r.exit_code == exitcodes.PARTIAL
+    assert r.exit_code == exit_codes.PARTIAL
     assert " INFO " not in r.stderr and " WARNING " in r.stderr
     assert "summary:" in (tmp_path / "log").read_text()  # the log file still has everything
 
@@ -660,5 +660,5 @@ def test_log_file_appends_across_runs(tmp_path, model_path):
     log = tmp_path / "nightly.log"
     for _ in range(2):
         assert run_cli(["run", slides, "--out", tmp_path / "r.xlsx", "--model", model_path, "--workers", "0",
-                        "--log-file", log]).exit_code == exitcodes.OK
+                        "--log-file", log]).exit_code == exit_codes.OK
     assert len(re.findall(r"1 patients, 1 cells classified, 0 unreadable", log.read_text())) == 2

@@ -19,12 +19,13 @@ import pytest
 from click.testing import CliRunner
 
 import tinymodel
-from batchwbc import exitcodes, gallery
-from batchwbc.config import DEFAULT_SETTINGS
-from batchwbc.differential import summarize
-from batchwbc.flags import WARNING, Flag, evaluate
-from batchwbc.gallery_thumbs import EDGE, crop_path, thumbnail_name
-from batchwbc.results import CellResult, FileError
+from batchwbc.ops import exit_codes
+from batchwbc.outputs import gallery
+from batchwbc.core.config import DEFAULT_SETTINGS
+from batchwbc.core.differential import summarize
+from batchwbc.core.flags import WARNING, Flag, evaluate
+from batchwbc.outputs.gallery_thumbs import EDGE, crop_path, thumbnail_name
+from batchwbc.core.records import CellResult, FileError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "slides"
@@ -36,7 +37,7 @@ GREEN = (0, 200, 0)  # RGB of every test crop: easy to find in a screenshot
 
 
 class Summary(NamedTuple):
-    """What the run computes once per patient (job.PatientSummary has the same fields)."""
+    """What the run computes once per patient (summary.PatientSummary has the same fields)."""
 
     patient: str
     differential: object
@@ -67,7 +68,7 @@ def _summaries(patients, cells_by, errors_by=None):
 
 
 def _info(classes=None):
-    from batchwbc import catalogue
+    from batchwbc.core import catalogue
 
     return gallery.GalleryRunInfo(datetime(2025, 2, 1, 2, 0, tzinfo=timezone.utc), "0.test", "/srv/slides",
                                   "m.onnx", "v1", "ab" * 32, 0.8, tuple(classes or catalogue.CLASS_IDS))
@@ -179,7 +180,7 @@ def figures(page: Path) -> list[dict]:
 
 
 def test_every_cell_is_on_its_patient_page_by_class_lowest_confidence_first(built):
-    from batchwbc import catalogue
+    from batchwbc.core import catalogue
 
     out, patients, cells_by, _, _ = built
     for i, p in enumerate(patients):
@@ -302,7 +303,7 @@ def test_differential_table_shows_the_summary_numbers(built):
     out, _, _, summaries, _ = built
     text = (out / "patient-0001.html").read_text(encoding="utf-8")
     d = summaries["P1"].differential
-    from batchwbc import catalogue
+    from batchwbc.core import catalogue
 
     lymphocyte = html.escape(catalogue.get("lymphocyte").display)
     assert f"<td>{lymphocyte}</td><td class=\"n\">{d.counts['lymphocyte']}</td>" in text
@@ -388,12 +389,12 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_run_html_writes_the_gallery_for_every_crop(tiny, tmp_path):
     from batchwbc.cli import main
-    from batchwbc.discovery import discover
+    from batchwbc.inputs.slide_folders import discover
 
     out = tmp_path / "gallery"
     r = CliRunner().invoke(main, ["run", str(SAMPLES), "--out", str(tmp_path / "r.xlsx"), "--model", str(tiny),
                                   "--workers", "0", "--html", str(out)], catch_exceptions=False)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     assert "HTML gallery: 4 patient pages" in r.stderr
     crops = discover(SAMPLES).crops
     shown = [f["data-file"] for page in pages(out) for f in figures(page)]
@@ -411,7 +412,7 @@ def test_run_html_into_a_foreign_folder_is_refused_before_classifying(tiny, tmp_
     (foreign / "keep.txt").write_text("x")
     r = CliRunner().invoke(main, ["run", str(SAMPLES), "--out", str(tmp_path / "r.xlsx"), "--model", str(tiny),
                                   "--workers", "0", "--html", str(foreign)], catch_exceptions=False)
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert "not a batchwbc gallery" in r.stderr and "found" not in r.stderr  # nothing was even discovered
     assert not (tmp_path / "r.xlsx").exists()
 
@@ -421,7 +422,7 @@ def test_interrupt_while_writing_the_gallery_keeps_the_workbook_and_the_old_gall
 
     out, xlsx = tmp_path / "gallery", tmp_path / "r.xlsx"
     args = ["run", str(SAMPLES), "--out", str(xlsx), "--model", str(tiny), "--workers", "0", "--html", str(out)]
-    assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == exitcodes.OK
+    assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == exit_codes.OK
     before = (out / "index.html").read_bytes()
     xlsx.unlink()
 
@@ -430,7 +431,7 @@ def test_interrupt_while_writing_the_gallery_keeps_the_workbook_and_the_old_gall
 
     monkeypatch.setattr(gallery, "render_index", interrupted)
     r = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert r.exit_code == exitcodes.INTERRUPTED
+    assert r.exit_code == exit_codes.INTERRUPTED
     assert "while writing the HTML gallery; the report was written; the previous HTML gallery is untouched" in r.stderr
     assert xlsx.is_file() and (out / "index.html").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".gallery")) == []
@@ -494,8 +495,8 @@ def test_headless_browser_screenshot_shows_the_thumbnails(built, tmp_path):
 
 
 def test_pending_review_flags_are_labelled_and_marked_as_such():
-    from batchwbc import gallery
-    from batchwbc.flags import REVIEW, WARNING, Flag
+    from batchwbc.outputs import gallery
+    from batchwbc.core.flags import REVIEW, WARNING, Flag
 
     pending = Flag("NRBC_PENDING_REVIEW", "NRBC: 1 possible erythroblast, pending review", REVIEW)
     html = gallery._flags_html([pending])

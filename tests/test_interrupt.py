@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from batchwbc.interrupt import RunInterrupted, signals_as_interrupt
+from batchwbc.ops.signals import RunInterrupted, signals_as_interrupt
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="os.kill(SIGTERM) on Windows terminates")
 
@@ -74,7 +74,7 @@ def test_sigterm_to_subprocess_runs_finally():
     """The real use: a process killed by cron's SIGTERM still runs its cleanup."""
     code = textwrap.dedent("""
         import sys, time
-        from batchwbc.interrupt import RunInterrupted, signals_as_interrupt
+        from batchwbc.ops.signals import RunInterrupted, signals_as_interrupt
         try:
             with signals_as_interrupt():
                 print("ready", flush=True)

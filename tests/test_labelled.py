@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from batchwbc.labelled import LabelledError, read_labelled
+from batchwbc.inputs.labelled_folders import LabelledError, read_labelled
 
 
 def _img(path: Path) -> None:

@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 import tinymodel
-from batchwbc import config, modelmeta
+from batchwbc.core import config
+from batchwbc.engine import model_metadata
 from batchwbc.cli import main
-from batchwbc.reportread import read_report, settings_from_run
+from batchwbc.outputs.workbook_reader import read_report, settings_from_run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "slides"
 
@@ -28,8 +29,8 @@ def test_the_model_share_replaces_the_default_but_never_a_configured_value():
 
 
 def test_model_metadata_carries_the_share(tmp_path):
-    m = tinymodel.build(tmp_path / "m.onnx", metadata={modelmeta.KEY_REVIEW_SHARE: "31.5"})
-    from batchwbc.model import Classifier
+    m = tinymodel.build(tmp_path / "m.onnx", metadata={model_metadata.KEY_REVIEW_SHARE: "31.5"})
+    from batchwbc.engine.model import Classifier
 
     info = Classifier(str(m)).info
     assert info.review_share_pct == pytest.approx(31.5)
@@ -40,7 +41,7 @@ def test_model_metadata_carries_the_share(tmp_path):
 
 @pytest.mark.parametrize("configured", [False, True])
 def test_the_run_sheet_records_the_threshold_in_force(tmp_path, configured):
-    m = tinymodel.build(tmp_path / "m.onnx", metadata={modelmeta.KEY_REVIEW_SHARE: "37.0"})
+    m = tinymodel.build(tmp_path / "m.onnx", metadata={model_metadata.KEY_REVIEW_SHARE: "37.0"})
     out = tmp_path / "r.xlsx"
     args = ["run", str(SAMPLES), "--out", str(out), "--model", str(m), "--quiet"]
     if configured:
@@ -55,7 +56,7 @@ def test_the_run_sheet_records_the_threshold_in_force(tmp_path, configured):
 
 def test_the_share_is_measured_at_the_stored_threshold():
     """export and adapt store the threshold with 2 decimals; the share is the one at that value."""
-    from batchwbc.calibration import review_share_pct
+    from batchwbc.core.calibration import review_share_pct
 
     probs = np.array([[0.5, 0.5], [0.79, 0.21], [0.8, 0.2], [0.95, 0.05]])
     assert review_share_pct(probs, 0.8) == 50.0

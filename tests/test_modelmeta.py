@@ -1,4 +1,4 @@
-"""modelmeta: the metadata contract is validated by real checks, under python -O as well."""
+"""model_metadata: the metadata contract is validated by real checks, under python -O as well."""
 from __future__ import annotations
 
 import json
@@ -8,26 +8,27 @@ from pathlib import Path
 
 import pytest
 
-from batchwbc import catalogue, modelmeta
-from batchwbc.modelmeta import ModelError, parse_metadata
+from batchwbc.core import catalogue
+from batchwbc.engine import model_metadata
+from batchwbc.engine.model_metadata import ModelError, parse_metadata
 
 PRE = "some-preprocessing-v1"
 
 
 def _meta(**overrides: str) -> dict[str, str]:
     meta = {
-        modelmeta.KEY_FORMAT: modelmeta.FORMAT_VERSION,
-        modelmeta.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS[:3])),
-        modelmeta.KEY_INPUT_SIZE: "64",
-        modelmeta.KEY_PREPROCESSING: PRE,
-        modelmeta.KEY_MODEL_VERSION: "t-1",
-        modelmeta.KEY_REVIEW_THRESHOLD: "0.6",
+        model_metadata.KEY_FORMAT: model_metadata.FORMAT_VERSION,
+        model_metadata.KEY_CLASSES: json.dumps(list(catalogue.CLASS_IDS[:3])),
+        model_metadata.KEY_INPUT_SIZE: "64",
+        model_metadata.KEY_PREPROCESSING: PRE,
+        model_metadata.KEY_MODEL_VERSION: "t-1",
+        model_metadata.KEY_REVIEW_THRESHOLD: "0.6",
     }
     meta.update(overrides)
     return meta
 
 
-def _parse(meta: dict[str, str]) -> modelmeta.ModelInfo:
+def _parse(meta: dict[str, str]) -> model_metadata.ModelInfo:
     return parse_metadata(meta, Path("m.onnx"), "0" * 64, {PRE})
 
 
@@ -40,12 +41,12 @@ def test_valid_metadata_parses():
 @pytest.mark.parametrize("size", ["4", "15", "1025", "-1", "abc", "64.5", ""])
 def test_invalid_input_size_is_refused(size):
     with pytest.raises(ModelError, match="invalid input size"):
-        _parse(_meta(**{modelmeta.KEY_INPUT_SIZE: size}))
+        _parse(_meta(**{model_metadata.KEY_INPUT_SIZE: size}))
 
 
 @pytest.mark.parametrize("size", ["16", "1024"])
 def test_input_size_bounds_are_inclusive(size):
-    assert _parse(_meta(**{modelmeta.KEY_INPUT_SIZE: size})).input_size == int(size)
+    assert _parse(_meta(**{model_metadata.KEY_INPUT_SIZE: size})).input_size == int(size)
 
 
 @pytest.mark.parametrize("classes", [
@@ -53,18 +54,18 @@ def test_input_size_bounds_are_inclusive(size):
 ])
 def test_unreadable_class_list_is_refused(classes):
     with pytest.raises(ModelError, match="unreadable class list"):
-        _parse(_meta(**{modelmeta.KEY_CLASSES: classes}))
+        _parse(_meta(**{model_metadata.KEY_CLASSES: classes}))
 
 
 def test_unknown_preprocessing_names_the_provided_ones():
     with pytest.raises(ModelError, match=f"provides {PRE}"):
-        _parse(_meta(**{modelmeta.KEY_PREPROCESSING: "other-v9"}))
+        _parse(_meta(**{model_metadata.KEY_PREPROCESSING: "other-v9"}))
 
 
 def test_checks_hold_under_python_O():
     """The same refusals in an optimised interpreter, where an assert would have vanished."""
     code = (
-        "import json; from pathlib import Path; from batchwbc import modelmeta as m\n"
+        "import json; from pathlib import Path; from batchwbc.engine import model_metadata as m\n"
         "base = {m.KEY_FORMAT: m.FORMAT_VERSION, m.KEY_CLASSES: json.dumps(['lymphocyte']),\n"
         "        m.KEY_INPUT_SIZE: '64', m.KEY_PREPROCESSING: 'p', m.KEY_MODEL_VERSION: 'v'}\n"
         "for key, bad in ((m.KEY_INPUT_SIZE, '4'), (m.KEY_CLASSES, json.dumps({'lymphocyte': 0}))):\n"
@@ -79,7 +80,7 @@ def test_checks_hold_under_python_O():
 
 
 def test_model_module_re_exports_the_contract():
-    from batchwbc import model
+    from batchwbc.engine import model
 
     for name in ("FORMAT_VERSION", "KEY_CLASSES", "KEY_INPUT_SIZE", "REQUIRED_KEYS", "ModelInfo", "ModelError"):
-        assert getattr(model, name) is getattr(modelmeta, name)
+        assert getattr(model, name) is getattr(model_metadata, name)

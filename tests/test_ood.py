@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 import tinymodel
-from batchwbc import datashift, flags, ood
-from batchwbc.config import Settings
-from batchwbc.differential import summarize
-from batchwbc.discovery import discover
-from batchwbc.model import Classifier, ModelError
-from batchwbc.pipeline import Pipeline
+from batchwbc.engine import data_shift, ood
+from batchwbc.core import flags
+from batchwbc.core.config import Settings
+from batchwbc.core.differential import summarize
+from batchwbc.inputs.slide_folders import discover
+from batchwbc.engine.model import Classifier, ModelError
+from batchwbc.engine.pipeline import Pipeline
 
 GREY = (128, 128, 128)
 
@@ -89,7 +90,7 @@ def test_model_without_reference_scores_nothing(tmp_path):
 
 
 def test_cache_keeps_the_unclassified_label(clf, tmp_path):
-    from batchwbc.cache import ResultCache
+    from batchwbc.engine.result_cache import ResultCache
 
     write(tmp_path / "s" / "P" / "grey.png", GREY)
     write(tmp_path / "s" / "P" / "red.png", tinymodel.colour_for("basophil"))
@@ -126,31 +127,31 @@ def test_data_shift_raised_for_shifted_batch_not_for_in_distribution(clf):
     cols = np.array([tinymodel.COLOURS[i] for i in range(len(clf.info.classes))], np.float32) / 255.0
     normal = cols[rng.integers(0, len(cols), 150)] + rng.normal(0, 0.01, (150, 3))
     shifted = cols[rng.integers(0, len(cols), 150)] * 0.85 + 0.1 + rng.normal(0, 0.01, (150, 3))  # another "stain"
-    ok = datashift.decide(ref, ood.score(ref, normal.astype(np.float32)))
-    bad = datashift.decide(ref, ood.score(ref, shifted.astype(np.float32)))
+    ok = data_shift.decide(ref, ood.score(ref, normal.astype(np.float32)))
+    bad = data_shift.decide(ref, ood.score(ref, shifted.astype(np.float32)))
     assert ok.decided and not ok.raised
-    assert bad.decided and bad.raised and datashift.MESSAGE in bad.text()
+    assert bad.decided and bad.raised and data_shift.MESSAGE in bad.text()
     # too few cells: no decision either way
-    few = datashift.decide(ref, ood.score(ref, shifted[:datashift.MIN_CELLS - 1].astype(np.float32)))
+    few = data_shift.decide(ref, ood.score(ref, shifted[:data_shift.MIN_CELLS - 1].astype(np.float32)))
     assert not few.decided and not few.raised
 
 
 def test_data_shift_flag_is_raised_only_from_a_raised_decision():
     d = summarize([])
-    raised = datashift.ShiftDecision(True, True, 100, 90, 0.8, 0.26)
-    quiet = datashift.ShiftDecision(False, True, 100, 20, 0.13, 0.26)
+    raised = data_shift.ShiftDecision(True, True, 100, 90, 0.8, 0.26)
+    quiet = data_shift.ShiftDecision(False, True, 100, 20, 0.13, 0.26)
     codes = lambda s: [f.code for f in flags.evaluate(d, Settings(), shift=s)]  # noqa: E731
     assert flags.DATA_SHIFT in codes(raised)
     assert flags.DATA_SHIFT not in codes(quiet) and flags.DATA_SHIFT not in codes(None)
     (f,) = [f for f in flags.evaluate(d, Settings(), shift=raised) if f.code == flags.DATA_SHIFT]
-    assert datashift.MESSAGE in f.message
+    assert data_shift.MESSAGE in f.message
 
 
 def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
     from openpyxl import load_workbook
 
-    from batchwbc.report import write_workbook
-    from batchwbc.results import RunData
+    from batchwbc.outputs.workbook import write_workbook
+    from batchwbc.core.records import RunData
     from datetime import datetime
 
     root = tmp_path / "slides"
@@ -161,9 +162,9 @@ def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
     found = discover(root)
     out = Pipeline(clf.info.input_size, clf, 0.6, workers=0).run(found.crops)
     now = datetime.now()
-    from batchwbc.datashift import decide_all
-    from batchwbc.report import HEADER_ROWS
-    from batchwbc.summary import summarize_run
+    from batchwbc.engine.data_shift import decide_all
+    from batchwbc.outputs.workbook import HEADER_ROWS
+    from batchwbc.core.summary import summarize_run
 
     shifts, run_shift = decide_all(clf.info.metadata, out.cells)
     run_data = RunData(str(root), list(found.patients), out.cells, [], clf.info, 0.6, now, now, "test",
@@ -195,7 +196,7 @@ def test_export_ood_reference_fits_on_training_cells_only(tmp_path):
     tinymodel.build(model)
     import onnx
 
-    from batchwbc.onnxgraph import add_embedding_output
+    from batchwbc.engine.onnx_graph import add_embedding_output
 
     onnx.save(add_embedding_output(onnx.load(str(model))), str(model))
     data = tmp_path / "data"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from batchwbc import ood
-from batchwbc.model import DEFAULT_MODEL_PATH, Classifier
+from batchwbc.engine import ood
+from batchwbc.engine.model import DEFAULT_MODEL_PATH, Classifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_noise_and_background_corners_never_reach_the_differential(tmp_path, req
     errors = {r[1] for r in list(wb["Errors"].iter_rows(values_only=True))[1:]}
     counted = [rel for rel in written if rel not in errors and cells.get(rel) != ood.UNCLASSIFIED]
     assert not counted, f"counted as cells: {counted}"
-    from batchwbc.report import HEADER_ROWS
+    from batchwbc.outputs.workbook import HEADER_ROWS
 
     summary = list(wb["Summary"].iter_rows(values_only=True))[HEADER_ROWS["Summary"] - 1:]  # row 1: the banner
     head = summary[0]
@@ -83,8 +83,8 @@ def test_most_crops_of_another_stain_are_not_counted(tmp_path):
     data = REPO.parent / "shared" / "data"
     if not data.is_dir():
         pytest.skip("../shared/data (public datasets) is not present on this machine")
-    from batchwbc.discovery import discover
-    from batchwbc.pipeline import Pipeline
+    from batchwbc.inputs.slide_folders import discover
+    from batchwbc.engine.pipeline import Pipeline
 
     rows = list(csv.DictReader(open(REPO / "docs" / "model" / "test-split.csv", encoding="utf-8")))
     for r in rows[5::71][:12]:  # PBC and Munich crops alike

@@ -12,8 +12,8 @@ import pytest
 
 import fuzz_corpus
 import tinymodel
-from batchwbc import exitcodes
-from batchwbc.runlock import lock_path_for
+from batchwbc.ops import exit_codes
+from batchwbc.ops.run_lock import lock_path_for
 from test_fuzz_cli import error_lines, png, run_cli, sheet_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_no_images_exits_no_input_and_keeps_the_previous_report(tmp_path, model_
     out.write_bytes(b"previous report")
     csv.write_bytes(b"previous csv")
     r = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0", "--cells-csv", csv])
-    assert r.exit_code == exitcodes.NO_INPUT == 4, r.output
+    assert r.exit_code == exit_codes.NO_INPUT == 4, r.output
     errs = error_lines(r.output)
     assert len(errs) == 1 and "no images found" in errs[0] and "--allow-empty" in errs[0], r.output
     assert out.read_bytes() == b"previous report" and csv.read_bytes() == b"previous csv"
@@ -57,7 +57,7 @@ def test_allow_empty_writes_an_empty_report(tmp_path, model_path, kind):
     out = tmp_path / "report.xlsx"
     out.write_bytes(b"previous report")
     r = run_cli(["run", slides, "--out", out, "--model", model_path, "--workers", "0", "--allow-empty"])
-    assert r.exit_code == exitcodes.OK, r.output
+    assert r.exit_code == exit_codes.OK, r.output
     assert sheet_rows(out, "Cells") == []
     patients = [row["Patient"] for row in sheet_rows(out, "Summary")]
     assert patients == ([] if kind == "empty" else ["P1", "P2"])
@@ -78,12 +78,12 @@ posix_only = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and re-
 _GRANDCHILD = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from batchwbc import parentwatch
+from batchwbc.ops import parent_watch
 if {poll_only!r}:
     import threading
-    threading.Thread(target=parentwatch._poll_ppid, args=(os.getppid(), 0.2), daemon=True).start()
+    threading.Thread(target=parent_watch._poll_ppid, args=(os.getppid(), 0.2), daemon=True).start()
 else:
-    parentwatch.watch_parent(os.getppid())
+    parent_watch.watch_parent(os.getppid())
 print(os.getpid(), flush=True)
 time.sleep(120)
 """
@@ -175,6 +175,60 @@ def test_sigkill_of_the_run_ends_its_decode_workers(tmp_path, model_path, many_c
                 pass
 
 
+@pytest.fixture(scope="module")
+def many_labelled(tmp_path_factory) -> Path:
+    """A LABELLED folder of 600 large crops in two classes (for adapt and evaluate)."""
+    lab = tmp_path_factory.mktemp("lab") / "LAB"
+    for cls in ("lymphocyte", "monocyte"):
+        fuzz_corpus.large_crop_slides(lab / cls, 3, 100, "P{}")
+    return lab
+
+
+@posix_only
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["adapt", "evaluate"])
+def test_sigkill_of_adapt_or_evaluate_ends_its_decode_workers(tmp_path, many_labelled, command):
+    """adapt (embed.py) and evaluate decode in the same worker pool as run, whose workers
+    watch the parent's pid: a kill -9 of the command leaves no worker behind."""
+    import onnx
+    import psutil
+
+    from batchwbc.engine.onnx_graph import add_embedding_output
+
+    plain = tinymodel.build(tmp_path / "plain.onnx")
+    model = tmp_path / "tiny.onnx"
+    onnx.save(add_embedding_output(onnx.load(str(plain))), str(model))
+    out = tmp_path / ("a.onnx" if command == "adapt" else "e.xlsx")
+    cmd = [sys.executable, "-m", "batchwbc", command, str(many_labelled), "--out", str(out), "--model", str(model),
+           "--workers", "2"]
+    proc_ = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    everyone: list[int] = []
+    try:
+        proc = psutil.Process(proc_.pid)
+        end = time.monotonic() + 60
+        workers: list = []
+        while time.monotonic() < end and len(workers) < 2:  # both decode workers started
+            workers = [c for c in proc.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+            time.sleep(0.05)
+        assert len(workers) >= 2, f"{command} never started its decode workers"
+        time.sleep(1.0)  # mid-run: workers busy decoding
+        everyone = [c.pid for c in proc.children(recursive=True)]
+        assert proc_.poll() is None, f"{command} finished before it could be killed; give it more crops"
+        proc_.send_signal(signal.SIGKILL)
+        proc_.wait(timeout=10)
+        left = _gone_within(everyone, 5)
+        assert left == [], f"processes of the killed {command} still running: {left}"
+        assert not out.exists()
+    finally:  # never leave this test's processes behind, whatever failed
+        if proc_.poll() is None:
+            proc_.kill()
+        for pid in everyone:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 # =========================================================================== onnxruntime output
 def _model_with_unused_initializer(path: Path) -> Path:
     """The tiny model plus a weight no node uses: onnxruntime warns about it at load, in colour."""
@@ -191,7 +245,7 @@ def _model_with_unused_initializer(path: Path) -> Path:
 def test_classifier_silences_onnxruntime_before_its_session(tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    from batchwbc.model import Classifier
+    from batchwbc.engine.model import Classifier
 
     calls: list = []
     monkeypatch.setattr(ort, "set_default_logger_severity", lambda level: calls.append(("severity", level)))
@@ -211,7 +265,7 @@ def test_quiet_without_telemetry_switch_still_works(tmp_path, monkeypatch):
     """Older or other onnxruntime builds lack disable_telemetry_events."""
     import onnxruntime as ort
 
-    from batchwbc.ortlog import quiet_session_options
+    from batchwbc.ops.ort_quiet import quiet_session_options
 
     monkeypatch.delattr(ort, "disable_telemetry_events", raising=False)
     assert quiet_session_options().log_severity_level == 3
@@ -219,7 +273,7 @@ def test_quiet_without_telemetry_switch_still_works(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("which", ["unused-initializer model", "bundled model"])
 def test_quiet_successful_run_leaves_stderr_empty(tmp_path, which):
-    from batchwbc.model import DEFAULT_MODEL_PATH
+    from batchwbc.engine.model import DEFAULT_MODEL_PATH
 
     if which == "bundled model":
         if not DEFAULT_MODEL_PATH.is_file():
@@ -230,7 +284,7 @@ def test_quiet_successful_run_leaves_stderr_empty(tmp_path, which):
     r = subprocess.run([sys.executable, "-m", "batchwbc", "run", str(SAMPLES), "--out", str(tmp_path / "r.xlsx"),
                         "--model", str(model), "--workers", "1", "--quiet"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == exitcodes.OK, r.stderr
+    assert r.returncode == exit_codes.OK, r.stderr
     # Nothing but batchwbc's own log lines: the bundled model rightly warns DATA_SHIFT on the
     # synthetic drawings in samples/, which is batchwbc's own warning, not onnxruntime's noise.
     own = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (WARNING|ERROR) ")

@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from batchwbc import preprocess as pp
-from batchwbc.datasets import DatasetError
+from batchwbc.engine import preprocess as pp
+from batchwbc.inputs.public_datasets import DatasetError
 from conftest import REPO
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import tinymodel
-from batchwbc import exitcodes
-from batchwbc.paths import OutputCollision, check_distinct_outputs
+from batchwbc.ops import exit_codes
+from batchwbc.ops.output_paths import OutputCollision, check_distinct_outputs
 from test_fuzz_cli import error_lines, png, run_cli
 
 
@@ -82,7 +82,7 @@ def test_cli_refuses_collisions_before_any_work(tmp_path, extra):
     args = [a.format(out=out, csv=csv, db=db) for a in extra]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     r = run_cli(["run", slides, "--out", out, "--model", model, "--workers", "0", *args])
-    assert r.exit_code == exitcodes.USAGE, r.output
+    assert r.exit_code == exit_codes.USAGE, r.output
     errs = error_lines(r.output)
     assert len(errs) == 1 and "same file" in errs[0] and errs[0].rstrip().endswith("."), r.output
     assert "found" not in r.output and "Traceback" not in r.output

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import tinymodel
-from batchwbc import pipeline
-from batchwbc import preprocess as pp
-from batchwbc.discovery import discover
-from batchwbc.model import Classifier
-from batchwbc.results import THUMBNAIL_PX
-from batchwbc.pipeline import CRASH_REASON, Pipeline, decode_one, make_thumbnail, top_two
+from batchwbc.engine import pipeline
+from batchwbc.engine import preprocess as pp
+from batchwbc.inputs.slide_folders import discover
+from batchwbc.engine.model import Classifier
+from batchwbc.core.records import THUMBNAIL_PX
+from batchwbc.engine.pipeline import CRASH_REASON, Pipeline, decode_one, make_thumbnail, top_two
 
 CRASH_MARKER = "crashme"
 
@@ -155,7 +155,7 @@ def test_progress_counts_every_file_once(clf, slides):
 
 
 def test_cache_reproduces_a_full_run_and_recomputes_review_thumbnails(clf, slides, tmp_path_factory):
-    cache_mod = pytest.importorskip("batchwbc.cache")
+    cache_mod = pytest.importorskip("batchwbc.engine.result_cache")
     root, _ = slides
     a, b = tinymodel.colour_for("lymphocyte"), tinymodel.colour_for("myeloblast")
     img = np.zeros((40, 40, 3), np.uint8)
@@ -225,7 +225,7 @@ def record_preprocessing(path: str, size: int, preprocessing: str | None = None)
 @pytest.mark.parametrize("contract", [pp.PREPROCESSING_WHOLE, pp.PREPROCESSING_CELL])
 def test_crops_are_prepared_the_way_the_model_was_trained(contract, slides, tmp_path_factory):
     """A v1 (whole-crop) model keeps working after v2 became the training default."""
-    from batchwbc import model as bm
+    from batchwbc.engine import model as bm
 
     m = Classifier(tinymodel.build(tmp_path_factory.mktemp("m") / "t.onnx", metadata={bm.KEY_PREPROCESSING: contract}))
     assert m.info.preprocessing == contract

@@ -13,8 +13,8 @@ import pytest
 
 import fuzz_corpus
 import tinymodel
-from batchwbc import preprocess as pp
-from batchwbc.cropcheck import check_crop_shape
+from batchwbc.engine import preprocess as pp
+from batchwbc.engine.crop_checks import check_crop_shape
 
 SIZE = 32
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -55,7 +55,7 @@ def test_valid_cases_give_model_input(corpus):
 def test_invalid_cases_raise_a_readable_reason(corpus):
     bad = []
     for c in corpus.of(fuzz_corpus.ERROR):
-        try:  # with the runtime's crop check, as batchwbc.pipeline.decode_one calls it
+        try:  # with the runtime's crop check, as batchwbc.engine.pipeline.decode_one calls it
             pp.prepare_file(corpus.root / c.rel, SIZE, check=check_crop_shape)
         except pp.UnreadableImage as exc:
             reason = str(exc)
@@ -111,7 +111,7 @@ _RSS_PROBE = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     from memprobe import peak_kib as peak, reset_peak
-    from batchwbc import preprocess as pp
+    from batchwbc.engine import preprocess as pp
     reset_peak()
     files = sys.argv[2:]
     pp.prepare_bytes(open(files[-1], "rb").read(), 32)  # warm up cv2/Pillow code paths

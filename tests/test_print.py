@@ -17,10 +17,12 @@ import pytest
 from openpyxl import load_workbook
 
 import tinymodel
-from batchwbc import catalogue, exitcodes, report
-from batchwbc.report import BANNER, LINE_PT, THUMBNAIL_PT, page_breaks, row_height, text_lines
+from batchwbc.core import catalogue
+from batchwbc.ops import exit_codes
+from batchwbc.outputs import workbook
+from batchwbc.outputs.workbook import BANNER, LINE_PT, THUMBNAIL_PT, page_breaks, row_height, text_lines
 from test_fuzz_cli import run_cli
-from batchwbc.config import DEFAULT_SETTINGS
+from batchwbc.core.config import DEFAULT_SETTINGS
 from test_report import make_run, mk, write
 
 #: The Done-when of issue 13: four patients must not print as dozens of pages.
@@ -77,7 +79,7 @@ def book(tmp_path_factory):
 def test_every_sheet_prints_landscape_one_page_wide_with_repeated_headers(book):
     _, wb = book
     for ws in wb.worksheets:
-        header = report.HEADER_ROWS[ws.title]
+        header = workbook.HEADER_ROWS[ws.title]
         assert ws.page_setup.orientation == "landscape", ws.title
         assert ws.sheet_properties.pageSetUpPr.fitToPage, ws.title
         assert (int(ws.page_setup.fitToWidth), int(ws.page_setup.fitToHeight)) == (1, 0), ws.title
@@ -94,8 +96,8 @@ def test_summary_banner_sits_above_a_usable_header_row(book):
     _, wb = book
     ws = wb["Summary"]
     assert ws["A1"].value == BANNER == "Pre-classification by software: to be verified by a qualified person"
-    # across the printed columns: the last column is the hidden Check (batchwbc.rowcheck), never printed
-    assert ws.cell(2, ws.max_column).value == report.CHECK_HEADER
+    # across the printed columns: the last column is the hidden Check (batchwbc.outputs.row_checks), never printed
+    assert ws.cell(2, ws.max_column).value == workbook.CHECK_HEADER
     assert ws.column_dimensions[ws.cell(2, ws.max_column).column_letter].hidden
     assert any(str(r) == f"A1:{ws.cell(2, ws.max_column - 1).column_letter}1" for r in ws.merged_cells.ranges)
     assert ws["A2"].value == "Patient" and ws.freeze_panes == "A3"
@@ -106,7 +108,7 @@ def test_summary_rows_are_as_tall_as_their_flags(book):
     _, wb = book
     ws = wb["Summary"]
     rows = {ws.cell(r, 1).value: r for r in range(3, ws.max_row + 1)}
-    p1_flags = ws.cell(rows["P1"], report.SUMMARY_COLUMNS.index("Flags") + 1).value
+    p1_flags = ws.cell(rows["P1"], workbook.SUMMARY_COLUMNS.index("Flags") + 1).value
     assert p1_flags.count("\n") >= 1  # two flags, two lines at least
     assert ws.row_dimensions[rows["P1"]].height >= 2 * LINE_PT
     header_height = ws.row_dimensions[2].height
@@ -213,7 +215,7 @@ def test_a_small_run_prints_on_few_pages(tmp_path):
     _small_run(tmp_path / "slides")
     out = tmp_path / "report.xlsx"
     r = run_cli(["run", tmp_path / "slides", "--out", out, "--model", model, "--workers", "0", "--quiet"])
-    assert r.exit_code == exitcodes.OK, r.output
+    assert r.exit_code == exit_codes.OK, r.output
     review = [c.value for c in load_workbook(out)["Review"]["B"][1:]]
     assert len(review) >= 8  # the run does exercise the thumbnail rows
     profile = (tmp_path / "lo-profile").as_uri()  # its own profile: parallel conversions do not collide

@@ -2,7 +2,7 @@
 import hashlib
 import platform
 
-from batchwbc.provenance import command_line, file_sha256, provenance_rows
+from batchwbc.ops.provenance import command_line, file_sha256, provenance_rows
 
 
 def test_rows_name_the_config_its_hash_and_the_environment(tmp_path):

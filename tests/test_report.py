@@ -16,20 +16,21 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image as PILImage
 
-from batchwbc import catalogue, report
-from batchwbc.config import DEFAULT_SETTINGS
-from batchwbc.differential import summarize
-from batchwbc.model import ModelInfo
-from batchwbc.results import CellResult, FileError, RunData
-from batchwbc.rowcheck import CHECK_HEADER
-from batchwbc.summary import summarize_run
+from batchwbc.core import catalogue
+from batchwbc.outputs import workbook
+from batchwbc.core.config import DEFAULT_SETTINGS
+from batchwbc.core.differential import summarize
+from batchwbc.engine.model import ModelInfo
+from batchwbc.core.records import CellResult, FileError, RunData
+from batchwbc.outputs.row_checks import CHECK_HEADER
+from batchwbc.core.summary import summarize_run
 
 NASTY = ['=HYPERLINK("http://x","y")', "+SUM(1,2)", "-2+3", "@cmd", "Ünïcødé 患者 ☃", "#N/A", "=1+1"]
 
 
 def write(run: RunData, settings, out) -> None:
     """What the job does: summarise each patient once, then let the report format."""
-    report.write_workbook(run, summarize_run(run, settings), settings, out)
+    workbook.write_workbook(run, summarize_run(run, settings), settings, out)
 
 
 def png(colour=(200, 30, 30), size=32) -> bytes:
@@ -83,7 +84,7 @@ def rows(ws) -> list[tuple]:
 
 def table(ws) -> list[tuple]:
     """The sheet's rows from its header row on (the Summary's row 1 is the banner)."""
-    return rows(ws)[report.HEADER_ROWS[ws.title] - 1:]
+    return rows(ws)[workbook.HEADER_ROWS[ws.title] - 1:]
 
 
 def as_dicts(ws) -> list[dict]:
@@ -104,20 +105,20 @@ def written(tmp_path_factory):
 
 def test_sheets_headers_and_frozen_header_rows(written):
     _, _, wb = written
-    assert wb.sheetnames == list(report.SHEETS)
+    assert wb.sheetnames == list(workbook.SHEETS)
     expected = {
-        "Summary": report.SUMMARY_COLUMNS, "Differential": report.DIFFERENTIAL_COLUMNS,
-        "Cells": report.CELLS_COLUMNS, "Review": report.REVIEW_COLUMNS, "Errors": report.ERRORS_COLUMNS,
-        "Run": report.RUN_COLUMNS,
+        "Summary": workbook.SUMMARY_COLUMNS, "Differential": workbook.DIFFERENTIAL_COLUMNS,
+        "Cells": workbook.CELLS_COLUMNS, "Review": workbook.REVIEW_COLUMNS, "Errors": workbook.ERRORS_COLUMNS,
+        "Run": workbook.RUN_COLUMNS,
     }
     for name, cols in expected.items():
         ws = wb[name]
         assert table(ws)[0][: len(cols)] == tuple(cols)
-        assert ws.freeze_panes == f"A{report.HEADER_ROWS[name] + 1}"
+        assert ws.freeze_panes == f"A{workbook.HEADER_ROWS[name] + 1}"
         assert ws.column_dimensions["A"].width > 8
     for required in ("Patient", "Cells classified", "WBC", "Flags", "Blasts %", "IG %", "Band %",
                      "NRBC /100 WBC", "Review cells", "Unreadable files"):
-        assert required in report.SUMMARY_COLUMNS
+        assert required in workbook.SUMMARY_COLUMNS
 
 
 def test_no_cell_is_a_formula_in_openpyxl_or_in_the_xml(written):
@@ -129,7 +130,7 @@ def test_no_cell_is_a_formula_in_openpyxl_or_in_the_xml(written):
                 assert c.data_type != "e", (ws.title, c.coordinate, c.value)
     with zipfile.ZipFile(out) as z:
         sheets = [n for n in z.namelist() if n.startswith("xl/worksheets/sheet")]
-        assert len(sheets) == len(report.SHEETS)
+        assert len(sheets) == len(workbook.SHEETS)
         for name in sheets:
             xml = z.read(name).decode("utf-8")
             assert not re.search(r"<(\w+:)?f[ >/]", xml), name
@@ -249,7 +250,7 @@ def test_errors_and_run_sheets(written):
     run, _, wb = written
     errs = as_dicts(wb["Errors"])
     assert len(errs) == len(run.errors)
-    assert {"Patient": "FAILED", "File": report.WHOLE_PATIENT,
+    assert {"Patient": "FAILED", "File": workbook.WHOLE_PATIENT,
             "Reason": "the folder could not be listed (permission denied)."} in errs
     items = dict(r[:2] for r in rows(wb["Run"])[1:])
     assert items["Model sha256"] == "ab" * 32
@@ -299,7 +300,7 @@ def test_failure_during_save_keeps_the_old_report_and_leaves_no_temp_files(tmp_p
         raise exc_type("disk went away mid-write")  # ...then the write failed
 
     monkeypatch.setattr(wbmod.Workbook, "save", half_save)
-    expected = report.OutputError if exc_type is OSError else exc_type
+    expected = workbook.OutputError if exc_type is OSError else exc_type
     with pytest.raises(expected):
         write(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)
     assert out.read_bytes() == b"previous report"
@@ -307,7 +308,7 @@ def test_failure_during_save_keeps_the_old_report_and_leaves_no_temp_files(tmp_p
     assert not [p for p in _writer.ALL_TEMP_FILES if os.path.exists(p)]  # openpyxl's row buffers too
     monkeypatch.setattr(wbmod.Workbook, "save", real_save)
     write(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)  # and the next run works
-    assert load_workbook(out).sheetnames == list(report.SHEETS)
+    assert load_workbook(out).sheetnames == list(workbook.SHEETS)
 
 
 def test_interrupt_while_building_rows_keeps_the_old_report(tmp_path, monkeypatch):
@@ -318,7 +319,7 @@ def test_interrupt_while_building_rows_keeps_the_old_report(tmp_path, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "_write_review", interrupted)
+    monkeypatch.setattr(workbook, "_write_review", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write(make_run(), DEFAULT_SETTINGS, out)
     assert out.read_bytes() == before
@@ -334,16 +335,16 @@ def test_csv_write_failure_keeps_old_csv(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        report.write_cells_csv(broken_cells(), out)
+        workbook.write_cells_csv(broken_cells(), out)
     assert out.read_text() == "old\n" and listing(tmp_path) == ["cells.csv"]
 
 
 # ------------------------------------------------------------------ output checks
 
 def test_check_output_writable_accepts_a_good_path_and_leaves_nothing(tmp_path):
-    report.check_output_writable(tmp_path / "report.xlsx", (".xlsx",))
+    workbook.check_output_writable(tmp_path / "report.xlsx", (".xlsx",))
     (tmp_path / "report.xlsx").write_bytes(b"old")
-    report.check_output_writable(tmp_path / "report.xlsx")
+    workbook.check_output_writable(tmp_path / "report.xlsx")
     assert listing(tmp_path) == ["report.xlsx"]
 
 
@@ -354,13 +355,13 @@ def test_check_output_writable_rejects_bad_paths(tmp_path):
         (tmp_path / "report.txt", ".xlsx"),
     ]
     for path, words in cases:
-        with pytest.raises(report.OutputError, match=re.escape(words)) as exc:
-            report.check_output_writable(path, (".xlsx",))
+        with pytest.raises(workbook.OutputError, match=re.escape(words)) as exc:
+            workbook.check_output_writable(path, (".xlsx",))
         assert str(exc.value).endswith(".") and "\n" not in str(exc.value)
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(report.OutputError, match="not a folder"):
-        report.check_output_writable(afile / "report.xlsx")
+    with pytest.raises(workbook.OutputError, match="not a folder"):
+        workbook.check_output_writable(afile / "report.xlsx")
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
@@ -369,15 +370,15 @@ def test_check_output_writable_rejects_read_only_folder_and_file(tmp_path):
     ro_dir.mkdir()
     ro_dir.chmod(0o555)
     try:
-        with pytest.raises(report.OutputError, match="cannot write in the folder"):
-            report.check_output_writable(ro_dir / "report.xlsx")
+        with pytest.raises(workbook.OutputError, match="cannot write in the folder"):
+            workbook.check_output_writable(ro_dir / "report.xlsx")
     finally:
         ro_dir.chmod(0o755)
     ro_file = tmp_path / "locked.xlsx"
     ro_file.write_bytes(b"x")
     ro_file.chmod(0o444)
-    with pytest.raises(report.OutputError, match="cannot be replaced"):
-        report.check_output_writable(ro_file)
+    with pytest.raises(workbook.OutputError, match="cannot be replaced"):
+        workbook.check_output_writable(ro_file)
 
 
 def test_check_output_writable_reports_locked_file_and_unwritable_folder(tmp_path, monkeypatch):
@@ -388,18 +389,18 @@ def test_check_output_writable_reports_locked_file_and_unwritable_folder(tmp_pat
     def locked(path, mode="r", *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(report, "open", locked, raising=False)
-    with pytest.raises(report.OutputError, match="close it if it is open in Excel"):
-        report.check_output_writable(target)
+    monkeypatch.setattr(workbook, "open", locked, raising=False)
+    with pytest.raises(workbook.OutputError, match="close it if it is open in Excel"):
+        workbook.check_output_writable(target)
     monkeypatch.undo()
 
     def no_create(out):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(report, "_reserve_temp", no_create)
-    with pytest.raises(report.OutputError, match="cannot write in the folder .*Permission denied"):
-        report.check_output_writable(target)
-    with pytest.raises(report.OutputError, match="Permission denied"):
+    monkeypatch.setattr(workbook, "_reserve_temp", no_create)
+    with pytest.raises(workbook.OutputError, match="cannot write in the folder .*Permission denied"):
+        workbook.check_output_writable(target)
+    with pytest.raises(workbook.OutputError, match="Permission denied"):
         write(make_run(extra_patients=[]), DEFAULT_SETTINGS, target)
     assert target.read_bytes() == b"old"
 
@@ -409,12 +410,12 @@ def test_check_output_writable_reports_locked_file_and_unwritable_folder(tmp_pat
 def test_cells_csv_columns_values_and_formula_protection(tmp_path):
     run = make_run()
     out = tmp_path / "cells.csv"
-    report.write_cells_csv(run.cells, out)
+    workbook.write_cells_csv(run.cells, out)
     raw = out.read_bytes()
     assert not raw.startswith(b"\xef\xbb\xbf")  # plain UTF-8 for software
     with open(out, newline="", encoding="utf-8") as fh:
         got = list(csv.DictReader(fh))
-    assert list(got[0]) == list(report.CSV_COLUMNS)
+    assert list(got[0]) == list(workbook.CSV_COLUMNS)
     assert len(got) == len(run.cells)
     for row, c in zip(got, run.cells):
         assert row["class"] == c.class_id and float(row["confidence"]) == pytest.approx(c.confidence, abs=1e-4)
@@ -428,7 +429,7 @@ def test_cells_csv_columns_values_and_formula_protection(tmp_path):
 
 def test_csv_text_is_reversible_for_apostrophes():
     for original in ["'quoted", "''", "=x", "plain", "'=x", ""]:
-        protected = report.csv_text(original)
+        protected = workbook.csv_text(original)
         assert (protected[1:] if protected.startswith("'") else protected) == original
 
 
@@ -440,9 +441,9 @@ sys.path.insert(0, sys.argv[2])
 from memprobe import peak_kib, reset_peak
 reset_peak()  # ru_maxrss would start at the (big) pytest parent's RSS
 import test_report as t
-from batchwbc import report
-from batchwbc.config import DEFAULT_SETTINGS
-from batchwbc.results import CellResult
+from batchwbc.outputs import workbook
+from batchwbc.core.config import DEFAULT_SETTINGS
+from batchwbc.core.records import CellResult
 n = int(sys.argv[3])
 thumb = t.png()
 cells = [CellResult(f"patient{i % 500:03d}", f"patient{i % 500:03d}/crop_{i:06d}.jpg", "lymphocyte" if i % 7 else "myeloblast",
@@ -477,9 +478,9 @@ SIGINT_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[2])
 import test_report as t
-from batchwbc import report
-from batchwbc.config import DEFAULT_SETTINGS
-from batchwbc.results import CellResult
+from batchwbc.outputs import workbook
+from batchwbc.core.config import DEFAULT_SETTINGS
+from batchwbc.core.records import CellResult
 run = t.make_run(extra_patients=[])
 run.cells = [CellResult(f"p{i % 50}", f"p{i % 50}/c{i}.jpg", "lymphocyte", 0.9, "monocyte", 0.05, False)
              for i in range(int(sys.argv[3]))]
@@ -518,8 +519,8 @@ def test_summary_csv_is_the_summary_sheet(written, tmp_path):
     """--summary-csv writes the Summary sheet's own columns and values, one line per patient."""
     import csv as csvmod
 
-    from batchwbc.report import write_summary_csv
-    from batchwbc.summary import summarize_run
+    from batchwbc.outputs.workbook import write_summary_csv
+    from batchwbc.core.summary import summarize_run
 
     run, _, wb = written
     out = tmp_path / "summary.csv"
@@ -528,11 +529,11 @@ def test_summary_csv_is_the_summary_sheet(written, tmp_path):
     assert not raw.startswith(b"\xef\xbb\xbf")
     lines = raw.decode("utf-8").splitlines()
     assert lines[0].startswith("Patient,")  # the header line first: the sheet's banner is not data
-    assert report.BANNER not in raw.decode("utf-8")
+    assert workbook.BANNER not in raw.decode("utf-8")
     assert len(lines) == 1 + len(run.patients)  # multi-line Flags are flattened: one line per patient
     got = list(csvmod.DictReader(out.open(encoding="utf-8", newline="")))
     sheet = as_dicts(wb["Summary"])
-    machine = [h for h in sheet[0] if h not in ("Verified by", "Verified on", "Every class", report.CHECK_HEADER)]
+    machine = [h for h in sheet[0] if h not in ("Verified by", "Verified on", "Every class", workbook.CHECK_HEADER)]
     assert list(got[0]) == machine  # the sheet's machine columns, in the same order
     for g, s in zip(got, sheet):
         patient = g["Patient"][1:] if g["Patient"].startswith("'") else g["Patient"]
@@ -550,8 +551,8 @@ def test_summary_csv_is_the_summary_sheet(written, tmp_path):
 
 
 def test_summary_csv_is_written_atomically(written, tmp_path, monkeypatch):
-    from batchwbc import report as rep
-    from batchwbc.summary import summarize_run
+    from batchwbc.outputs import workbook as rep
+    from batchwbc.core.summary import summarize_run
 
     run, _, _ = written
     out = tmp_path / "summary.csv"
@@ -578,4 +579,4 @@ def test_pending_review_flag_has_its_own_light_colour(tmp_path):
     row = as_dicts(ws)[0]
     assert row["Flag codes"] == "NRBC_PENDING_REVIEW"
     assert "1 possible erythroblast, pending review" in row["Flags"]
-    assert ws.cell(row=report.HEADER_ROWS["Summary"] + 1, column=1).fill.fgColor.rgb.endswith("DDEBF7")
+    assert ws.cell(row=workbook.HEADER_ROWS["Summary"] + 1, column=1).fill.fgColor.rgb.endswith("DDEBF7")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from batchwbc import runlock
-from batchwbc.runlock import LockedError, LockFileError, RunLock, lock_path_for
+from batchwbc.ops import run_lock
+from batchwbc.ops.run_lock import LockedError, LockFileError, RunLock, lock_path_for
 
 
 def _dead_pid() -> int:
@@ -28,7 +28,7 @@ def test_creates_and_releases(tmp_path):
     with RunLock(target) as lk:
         info = json.loads(lock_path_for(target).read_text())
         assert info["pid"] == os.getpid()
-        assert info["hostname"] == runlock._hostname()
+        assert info["hostname"] == run_lock._hostname()
         assert info["started"]
         assert lk.held
     assert not lock_path_for(target).exists()
@@ -48,7 +48,7 @@ def test_second_lock_refused_with_clear_message(tmp_path):
         with pytest.raises(LockedError) as ei:
             RunLock(target).acquire()
         msg = str(ei.value)
-        assert f"process {os.getpid()}" in msg and runlock._hostname() in msg
+        assert f"process {os.getpid()}" in msg and run_lock._hostname() in msg
         assert "report.xlsx.lock" in msg and "\n" not in msg
         assert lock_path_for(target).exists()  # the refused run did not remove the holder's lock
     assert not lock_path_for(target).exists()
@@ -57,7 +57,7 @@ def test_second_lock_refused_with_clear_message(tmp_path):
 def test_lock_held_by_live_process_in_other_interpreter(tmp_path):
     target = tmp_path / "r.xlsx"
     code = (
-        "import sys, time; from batchwbc.runlock import RunLock\n"
+        "import sys, time; from batchwbc.ops.run_lock import RunLock\n"
         f"with RunLock({str(target)!r}):\n    print('locked', flush=True); sys.stdin.readline()\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -76,7 +76,7 @@ def test_lock_held_by_live_process_in_other_interpreter(tmp_path):
 def test_stale_lock_of_dead_pid_is_replaced(tmp_path, caplog):
     target = tmp_path / "r.xlsx"
     dead = _dead_pid()
-    _write_lock(lock_path_for(target), pid=dead, hostname=runlock._hostname(), started="2020-01-01T02:00:00")
+    _write_lock(lock_path_for(target), pid=dead, hostname=run_lock._hostname(), started="2020-01-01T02:00:00")
     with RunLock(target) as lk:
         assert json.loads(lock_path_for(target).read_text())["pid"] == os.getpid()
         assert lk.replaced_stale and str(dead) in lk.replaced_stale
@@ -88,7 +88,7 @@ def test_killed_holder_lock_is_taken_over(tmp_path):
     """A run killed with SIGKILL leaves its lock; the next run takes it over."""
     target = tmp_path / "r.xlsx"
     code = (
-        "import os; from batchwbc.runlock import RunLock\n"
+        "import os; from batchwbc.ops.run_lock import RunLock\n"
         f"RunLock({str(target)!r}).acquire(); os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -98,10 +98,10 @@ def test_killed_holder_lock_is_taken_over(tmp_path):
 
 
 def test_reused_pid_detected_by_start_time(tmp_path):
-    if runlock._process_start_token(os.getpid()) is None:
+    if run_lock._process_start_token(os.getpid()) is None:
         pytest.skip("process start time not available on this platform")
     target = tmp_path / "r.xlsx"
-    _write_lock(lock_path_for(target), pid=os.getpid(), hostname=runlock._hostname(), started="x", process_start="1")
+    _write_lock(lock_path_for(target), pid=os.getpid(), hostname=run_lock._hostname(), started="x", process_start="1")
     with RunLock(target) as lk:
         assert "another process" in lk.replaced_stale
 
@@ -112,7 +112,7 @@ def test_garbage_lock_young_is_respected_old_is_replaced(tmp_path):
     lp.write_bytes(b"\x00garbage")
     with pytest.raises(LockedError, match="cannot be read"):
         RunLock(target).acquire()
-    old = time.time() - runlock.GARBAGE_STALE_AFTER_S - 10
+    old = time.time() - run_lock.GARBAGE_STALE_AFTER_S - 10
     os.utime(lp, (old, old))
     with RunLock(target) as lk:
         assert "unreadable" in lk.replaced_stale
@@ -124,7 +124,7 @@ def test_foreign_host_lock(tmp_path):
     _write_lock(lp, pid=1, hostname="other-lab-pc", started="2024-01-01T02:00:00")
     with pytest.raises(LockedError, match="other-lab-pc"):
         RunLock(target).acquire()
-    old = time.time() - runlock.FOREIGN_STALE_AFTER_S - 10
+    old = time.time() - run_lock.FOREIGN_STALE_AFTER_S - 10
     os.utime(lp, (old, old))
     with RunLock(target) as lk:
         assert "other-lab-pc" in lk.replaced_stale
@@ -146,9 +146,9 @@ def test_unwritable_folder(tmp_path):
 
 
 def test_pid_alive():
-    assert runlock.pid_alive(os.getpid())
-    assert not runlock.pid_alive(_dead_pid())
-    assert not runlock.pid_alive(0)
+    assert run_lock.pid_alive(os.getpid())
+    assert not run_lock.pid_alive(_dead_pid())
+    assert not run_lock.pid_alive(0)
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "42", "null", '{"pid": "x"}'])

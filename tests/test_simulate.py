@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 import tinymodel
-from batchwbc import catalogue, simulate
+from batchwbc.core import catalogue
+from batchwbc import simulate
 from batchwbc.cli import main as cli_main
-from batchwbc.model import DEFAULT_MODEL_PATH
+from batchwbc.engine.model import DEFAULT_MODEL_PATH
 from batchwbc.simulate import PRESETS, SimulationError, allocate_counts, parse_composition
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def _model_sources_only(info, root: Path) -> Path:
 def test_bundled_model_recovers_simulated_real_patients(tmp_path):
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not present")
-    from batchwbc.model import Classifier
+    from batchwbc.engine.model import Classifier
 
     info = Classifier(DEFAULT_MODEL_PATH, threads=1).info
     metrics = info.json_field("batchwbc.test_metrics") or {}

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from batchwbc.thumbcap import ThumbnailKeeper, fair_level, fair_quota
+from batchwbc.core.thumbnail_quota import ThumbnailKeeper, fair_level, fair_quota
 
 
 def test_every_patient_gets_a_share_not_only_the_first_ones():

@@ -35,8 +35,8 @@ def test_tiny_training_run_exports_with_parity(shared_data, tmp_path):
     r = _run("export", str(run_dir), "--out", str(out), "--parity-images", "8", "--data", str(shared_data))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "parity on 8 real test images" in r.stdout
-    from batchwbc.catalogue import CLASS_IDS
-    from batchwbc.model import Classifier
+    from batchwbc.core.catalogue import CLASS_IDS
+    from batchwbc.engine.model import Classifier
 
     info = Classifier(out).info
     assert info.classes == CLASS_IDS and info.input_size == 32

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from batchwbc.preprocess import PREPROCESSING_CELL, PREPROCESSING_ID, PREPROCESSING_WHOLE
+from batchwbc.engine.preprocess import PREPROCESSING_CELL, PREPROCESSING_ID, PREPROCESSING_WHOLE
 from train.config import TrainingError, resolve_preprocessing
 
 

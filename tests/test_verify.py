@@ -22,15 +22,17 @@ from click.testing import CliRunner
 from openpyxl import Workbook, load_workbook
 
 import tinymodel
-from batchwbc import catalogue, exitcodes, report
+from batchwbc.core import catalogue
+from batchwbc.ops import exit_codes
+from batchwbc.outputs import workbook
 from batchwbc.cli import main
-from batchwbc.config import DEFAULT_SETTINGS
-from batchwbc.differential import summarize
-from batchwbc.flags import BLASTS_HIGH, BLASTS_PRESENT, evaluate
-from batchwbc.labelled import LABELS_CSV, read_labelled
-from batchwbc.results import CellResult
-from batchwbc.rowcheck import CHECK_HEADER
-from batchwbc.verification import UNCLASSIFIED
+from batchwbc.core.config import DEFAULT_SETTINGS
+from batchwbc.core.differential import summarize
+from batchwbc.core.flags import BLASTS_HIGH, BLASTS_PRESENT, evaluate
+from batchwbc.inputs.labelled_folders import LABELS_CSV, read_labelled
+from batchwbc.core.records import CellResult
+from batchwbc.outputs.row_checks import CHECK_HEADER
+from batchwbc.core.verification import UNCLASSIFIED
 
 # patient -> [(file, colour classes, what a person sees)]; two colour classes = an ambiguous crop,
 # coloured just nearer the first (the machine's answer, below the 0.6 review threshold)
@@ -61,7 +63,7 @@ def sha(path: Path) -> str:
 
 def dicts(ws) -> list[dict]:
     """Rows as {header: value} from the sheet's header row on (the Summary's row 1 is a banner)."""
-    data = [tuple(c for c in r) for r in ws.iter_rows(min_row=report.HEADER_ROWS[ws.title], values_only=True)]
+    data = [tuple(c for c in r) for r in ws.iter_rows(min_row=workbook.HEADER_ROWS[ws.title], values_only=True)]
     return [dict(zip(data[0], r)) for r in data[1:]]
 
 
@@ -80,7 +82,7 @@ def made(tmp_path_factory):
             cv2.imwrite(str(path), np.full((40, 40, 3), rgb[::-1], np.uint8))
     out = base / "report.xlsx"
     r = invoke("run", slides, "--out", out, "--model", model, "--workers", "0")
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     return slides, model, out
 
 
@@ -94,7 +96,7 @@ def set_cells(path: Path, sheet: str, edits: dict[tuple[str, str], dict[str, obj
     """Edit cells by (patient, file) and header, with openpyxl, as Excel would; returns their rows."""
     wb = load_workbook(path)
     ws = wb[sheet]
-    h = report.HEADER_ROWS[sheet]
+    h = workbook.HEADER_ROWS[sheet]
     header = [c.value for c in ws[h]]
     rows = {}
     for row in ws.iter_rows(min_row=h + 1):
@@ -122,7 +124,7 @@ def test_report_offers_a_verified_class_drop_down_and_hides_a_check_per_row(made
     wb = load_workbook(made[2])
     for sheet in ("Cells", "Review"):
         ws = wb[sheet]
-        h = report.HEADER_ROWS[sheet]
+        h = workbook.HEADER_ROWS[sheet]
         header = [c.value for c in ws[h]]
         assert header[-1] == CHECK_HEADER and "Verified class" in header
         col = header.index("Verified class") + 1
@@ -133,13 +135,13 @@ def test_report_offers_a_verified_class_drop_down_and_hides_a_check_per_row(made
         assert len(dvs) == 1 and dvs[0].type == "list" and str(dvs[0].sqref) == f"{letter}{h + 1}:{letter}{ws.max_row}"
         offered = dvs[0].formula1.strip('"').split(",")
         assert offered == [*catalogue.CLASS_IDS, UNCLASSIFIED]  # the tiny model's classes, then unclassified
-        assert ws.cell(h, col).fill.fgColor.rgb.endswith(report.EDITABLE_FILL)
-        assert ws.cell(h, 1).fill.fgColor.rgb.endswith(report.PROTECTED_FILL)
+        assert ws.cell(h, col).fill.fgColor.rgb.endswith(workbook.EDITABLE_FILL)
+        assert ws.cell(h, 1).fill.fgColor.rgb.endswith(workbook.PROTECTED_FILL)
         assert ws.cell(h, col).comment is not None
-        assert ws.column_dimensions[letter].fill.fgColor.rgb.endswith(report.EDITABLE_FILL)  # empty cells yellow too
+        assert ws.column_dimensions[letter].fill.fgColor.rgb.endswith(workbook.EDITABLE_FILL)  # empty cells yellow too
     summary = wb["Summary"]
-    h = report.HEADER_ROWS["Summary"]
-    assert h == 2 and summary.cell(1, 1).value == report.BANNER  # the banner above the headers
+    h = workbook.HEADER_ROWS["Summary"]
+    assert h == 2 and summary.cell(1, 1).value == workbook.BANNER  # the banner above the headers
     header = [c.value for c in summary[h]]
     assert {"Verified by", "Verified on"} <= set(header) and header[-1] == CHECK_HEADER
     assert summary.cell(h, header.index("Verified by") + 1).comment is not None
@@ -162,7 +164,7 @@ def test_a_workbook_without_the_summary_banner_still_verifies(made, tmp_path):
     wb.save(rep)
     out = tmp_path / "verified.xlsx"
     r = invoke("verify", rep, "--out", out)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     statuses = {row["Patient"]: row["Status"] for row in dicts(load_workbook(out)["Summary"])}
     assert statuses["P1"] == statuses["P3"] == "signed" and statuses["P2"].startswith("not signed")
 
@@ -170,7 +172,7 @@ def test_a_workbook_without_the_summary_banner_still_verifies(made, tmp_path):
 def test_every_class_id_fits_excels_in_line_drop_down_limit():
     """Excel reads at most 255 characters of an in-line list; the whole catalogue fits."""
     ids = [*catalogue.CLASS_IDS, UNCLASSIFIED]
-    assert len(",".join(ids)) <= report.DROPDOWN_LIMIT
+    assert len(",".join(ids)) <= workbook.DROPDOWN_LIMIT
 
 
 def test_verify_recounts_signs_exports_and_round_trips(made, tmp_path):
@@ -181,7 +183,7 @@ def test_verify_recounts_signs_exports_and_round_trips(made, tmp_path):
     out, labelled = tmp_path / "verified.xlsx", tmp_path / "labelled"
     r = invoke("verify", rep, "--out", out, "--reviewer", "Dr. Lab", "--model", model,
                "--export-labelled", labelled)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     assert sha(rep) == before  # the reviewed workbook is only read
     wb = load_workbook(out)
 
@@ -233,7 +235,7 @@ def test_verify_recounts_signs_exports_and_round_trips(made, tmp_path):
     expected_export = sorted((p, seen, n.replace("/", "__")) for p, crops in SLIDES.items() if p != "P2"
                              for n, _, seen in crops)
     assert exported == expected_export
-    from batchwbc.datasets import read_generic  # python -m train's reader for a lab's own folders
+    from batchwbc.inputs.public_datasets import read_generic  # python -m train's reader for a lab's own folders
 
     assert sorted((it.class_id, it.path.name) for it in read_generic(labelled).items) == \
         sorted((c, n) for _, c, n in expected_export)
@@ -250,7 +252,7 @@ def test_verify_recounts_signs_exports_and_round_trips(made, tmp_path):
     # -- idempotent: verifying the verified workbook gives the same sheets (but its own Run rows)
     again = tmp_path / "again.xlsx"
     r2 = invoke("verify", out, "--out", again)
-    assert r2.exit_code == exitcodes.OK, r2.stderr
+    assert r2.exit_code == exit_codes.OK, r2.stderr
     wb2 = load_workbook(again)
     for sheet in ("Summary", "Differential", "Cells", "Review", "Errors"):
         assert [list(r)[:-1] for r in wb2[sheet].iter_rows(values_only=True)] == \
@@ -262,7 +264,7 @@ def test_display_names_and_case_are_accepted_and_a_blank_workbook_is_all_unsigne
     rep = copy_report(made, tmp_path)
     out = tmp_path / "v.xlsx"
     r = invoke("verify", rep, "--out", out, "--quiet")
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     summary = {row["Patient"]: row for row in dicts(load_workbook(out)["Summary"])}
     assert summary["P3"]["Status"] == "not signed: no name in Verified by"
     assert summary["P1"]["Status"].startswith("not signed: 2 of 2 review cells without a Verified class")
@@ -275,7 +277,7 @@ def test_unknown_class_is_named_with_sheet_row_and_value(made, tmp_path):
     rows = set_cells(rep, "Cells", {("P1", "P1/ly0.png"): {"Verified class": "lymfocyte"}})
     before = sha(rep)
     r = invoke("verify", rep, "--out", tmp_path / "v.xlsx")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     errors = error_lines(r.stderr)
     assert f"Cells sheet row {rows[('P1', 'P1/ly0.png')]}: Verified class 'lymfocyte' is not a class" in errors[0]
     assert "nothing was written" in errors[-1]
@@ -287,7 +289,7 @@ def test_edit_to_a_machine_column_is_named(made, tmp_path):
     rows = set_cells(rep, "Cells", {("P1", "P1/bl0.png"): {"Class": "lymphocyte"}})
     set_cells(rep, "Summary", {("P2", None): {"WBC": 99}})
     r = invoke("verify", rep, "--out", tmp_path / "v.xlsx")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     errors = error_lines(r.stderr)
     assert any(f"Cells sheet row {rows[('P1', 'P1/bl0.png')]}: the machine's column Class was edited" in e
                for e in errors), errors
@@ -300,13 +302,13 @@ def test_conflicting_verified_classes_and_deleted_rows(made, tmp_path):
     set_cells(rep, "Cells", {("P1", "P1/amb0.png"): {"Verified class": "myelocyte"}})
     set_cells(rep, "Review", {("P1", "P1/amb0.png"): {"Verified class": "lymphocyte"}})
     r = invoke("verify", rep, "--out", tmp_path / "v.xlsx")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert "make them agree" in error_lines(r.stderr)[0]
     wb = load_workbook(rep)
     wb["Cells"].delete_rows(3)
     wb.save(rep)
     r = invoke("verify", rep, "--out", tmp_path / "v.xlsx")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     assert any("rows were deleted" in e for e in error_lines(r.stderr))
 
 
@@ -314,7 +316,7 @@ def test_workbook_of_another_model_or_not_a_report_is_refused(made, tmp_path):
     rep = copy_report(made, tmp_path)
     other = tinymodel.build(tmp_path / "other.onnx", metadata={"batchwbc.model_version": "tiny-other"})
     r = invoke("verify", rep, "--out", tmp_path / "v.xlsx", "--model", other)
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     (line,) = error_lines(r.stderr)
     assert "was made by model tiny-test-1" in line and "not by --model other.onnx" in line
 
@@ -323,12 +325,12 @@ def test_workbook_of_another_model_or_not_a_report_is_refused(made, tmp_path):
     wb.active.append(["Patient", "Verified by"])
     wb.save(plain)
     r = invoke("verify", plain, "--out", tmp_path / "v.xlsx")
-    assert r.exit_code == exitcodes.USAGE
+    assert r.exit_code == exit_codes.USAGE
     (line,) = error_lines(r.stderr)
     assert "has no Run sheet, so it is not a batchwbc report" in line
 
     r = invoke("verify", rep, "--out", rep)
-    assert r.exit_code == exitcodes.USAGE and "--out must differ" in error_lines(r.stderr)[0]
+    assert r.exit_code == exit_codes.USAGE and "--out must differ" in error_lines(r.stderr)[0]
 
 
 def test_missing_crop_is_reported_and_skipped_the_rest_exported(made, tmp_path):
@@ -340,14 +342,14 @@ def test_missing_crop_is_reported_and_skipped_the_rest_exported(made, tmp_path):
     (moved / "P3" / "eo1.png").unlink()
     out, labelled = tmp_path / "v.xlsx", tmp_path / "labelled"
     r = invoke("verify", rep, "--out", out, "--export-labelled", labelled, "--slides", moved)
-    assert r.exit_code == exitcodes.PARTIAL, r.stderr
+    assert r.exit_code == exit_codes.PARTIAL, r.stderr
     warnings = [ln for ln in r.stderr.splitlines() if " WARNING " in ln]
     assert len(warnings) == 1 and "the crop P3/eo1.png of patient P3 is not in" in warnings[0]
     got = read_labelled(labelled, catalogue.CLASS_IDS)
     assert len(got.items) == 10 + 3 - 1 and out.is_file()
 
     r = invoke("verify", rep, "--out", tmp_path / "v2.xlsx", "--export-labelled", labelled)
-    assert r.exit_code == exitcodes.USAGE and "is not empty" in error_lines(r.stderr)[0]
+    assert r.exit_code == exit_codes.USAGE and "is not empty" in error_lines(r.stderr)[0]
     assert not (tmp_path / "v2.xlsx").exists()
 
 
@@ -390,9 +392,9 @@ def test_libreoffice_offers_the_drop_down_and_a_workbook_it_saved_verifies(made,
     # 2. saved again as .xlsx by LibreOffice, the workbook still verifies, to the same result
     resaved = libreoffice_convert(rep, "xlsx:Calc MS Excel 2007 XML", tmp_path / "lo", profile)
     direct, via_lo = tmp_path / "direct.xlsx", tmp_path / "via-lo.xlsx"
-    assert invoke("verify", rep, "--out", direct).exit_code == exitcodes.OK
+    assert invoke("verify", rep, "--out", direct).exit_code == exit_codes.OK
     r = invoke("verify", resaved, "--out", via_lo)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     for sheet in ("Differential", "Cells"):
         assert [list(x)[:-1] for x in load_workbook(via_lo)[sheet].iter_rows(values_only=True)] == \
             [list(x)[:-1] for x in load_workbook(direct)[sheet].iter_rows(values_only=True)], sheet
@@ -406,19 +408,19 @@ def test_a_re_sorted_review_sheet_loses_its_thumbnails_rather_than_mismatching_t
     rep = copy_report(made, tmp_path)
     wb = load_workbook(rep)
     ws = wb["Review"]
-    h = report.HEADER_ROWS["Review"]
+    h = workbook.HEADER_ROWS["Review"]
     first, second = ([c.value for c in ws[n]] for n in (h + 1, h + 2))  # what sorting two rows does
     for col, (a, b) in enumerate(zip(first, second), 1):
         ws.cell(h + 1, col).value, ws.cell(h + 2, col).value = b, a
     wb.save(rep)
     out = tmp_path / "v.xlsx"
     r = invoke("verify", rep, "--out", out)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     assert "re-sorted" in r.stderr and len(load_workbook(out)["Review"]._images) == 0
 
 
 def test_row_checks_agree_across_the_ways_a_spreadsheet_stores_values():
-    from batchwbc.rowcheck import edited, row_check, written_row
+    from batchwbc.outputs.row_checks import edited, row_check, written_row
 
     check = row_check(["P1", 3, 0.8333, None, "a\nb"], 7)
     assert written_row(check) == 7
@@ -429,8 +431,8 @@ def test_row_checks_agree_across_the_ways_a_spreadsheet_stores_values():
 
 
 def test_thresholds_are_read_back_from_the_run_sheet_exactly():
-    from batchwbc.config import settings_from_dict
-    from batchwbc.reportread import settings_from_run
+    from batchwbc.core.config import settings_from_dict
+    from batchwbc.outputs.workbook_reader import settings_from_run
 
     custom = settings_from_dict({"flags": {"blasts_high_pct": 12.5, "min_wbc": 200},
                                  "review": {"threshold": 0.7, "max_images": 50},
@@ -442,7 +444,7 @@ def test_thresholds_are_read_back_from_the_run_sheet_exactly():
 
 
 def test_exported_names_are_safe_and_unique():
-    from batchwbc.labelexport import _Namer, safe_name
+    from batchwbc.outputs.labelled_export import _Namer, safe_name
 
     assert safe_name("<root>") == "_root_"
     assert safe_name("CON.jpg") == "_CON.jpg" and safe_name(".hidden.png") == "_hidden.png"
@@ -453,7 +455,7 @@ def test_exported_names_are_safe_and_unique():
 
 
 def test_class_names_resolve_leniently_but_never_guess():
-    from batchwbc.verification import resolve_class
+    from batchwbc.core.verification import resolve_class
 
     ids = list(catalogue.CLASS_IDS)
     assert resolve_class("  Band   NEUTROPHIL ", ids) == "neutrophil_band"
@@ -477,7 +479,7 @@ def test_config_thresholds_replace_the_run_sheets_and_are_recorded(made, tmp_pat
     cfg.write_text("[flags]\nblasts_high_pct = 10\n", encoding="utf-8")
     out = tmp_path / "v.xlsx"
     r = invoke("verify", rep, "--out", out, "--config", cfg)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     wb = load_workbook(out)
     summary = {row["Patient"]: row for row in dicts(wb["Summary"])}
     assert summary["P1"]["Flag codes (verified)"].startswith(BLASTS_HIGH)  # 1/10 blasts >= 10%
@@ -485,7 +487,7 @@ def test_config_thresholds_replace_the_run_sheets_and_are_recorded(made, tmp_pat
     assert run["Flag BLASTS_HIGH: confident blasts >= (% of WBC) [flags.blasts_high_pct]"] == "10"
     assert run["Verification: thresholds from"] == f"--config {cfg}"
     again = tmp_path / "again.xlsx"  # verifying it again without --config keeps the thresholds it states
-    assert invoke("verify", out, "--out", again).exit_code == exitcodes.OK
+    assert invoke("verify", out, "--out", again).exit_code == exit_codes.OK
     assert {row["Patient"]: row for row in dicts(load_workbook(again)["Summary"])}["P1"]["Flag codes (verified)"] \
         == summary["P1"]["Flag codes (verified)"]
 
@@ -495,7 +497,7 @@ def test_html_gallery_of_the_verified_cells_marks_corrections(made, tmp_path):
     review_as_person(rep)
     gallery = tmp_path / "gallery"
     r = invoke("verify", rep, "--out", tmp_path / "v.xlsx", "--html", gallery)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     index = (gallery / "index.html").read_text(encoding="utf-8")
     page = next(p for p in gallery.glob("patient-*.html") if "<h1>P1</h1>" in p.read_text(encoding="utf-8"))
     html = page.read_text(encoding="utf-8")
@@ -528,7 +530,7 @@ def test_verified_gallery_index_says_who_signed_each_patient_and_when(made, tmp_
     set_cells(rep, "Summary", {("P1", None): {"Verified by": signer, "Verified on": "2025-03-04"}})
     gallery, out = tmp_path / "gallery", tmp_path / "v.xlsx"
     r = invoke("verify", rep, "--out", out, "--html", gallery)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     summary = {row["Patient"]: row for row in dicts(load_workbook(out)["Summary"])}
     index = (gallery / "index.html").read_text(encoding="utf-8")
     rows = {m.group(1): m.group(2) for m in re.finditer(r'<a href="patient-\d{4}\.html">([^<]+)</a>(.*?)</tr>', index)}
@@ -545,8 +547,8 @@ def test_verified_gallery_index_says_who_signed_each_patient_and_when(made, tmp_
 
 
 def test_a_data_shift_flag_is_carried_over_and_unclassified_can_be_chosen():
-    from batchwbc.flags import DATA_SHIFT
-    from batchwbc.verification import CarriedShift, VerifiedCell, verify_patients
+    from batchwbc.core.flags import DATA_SHIFT
+    from batchwbc.core.verification import CarriedShift, VerifiedCell, verify_patients
 
     cells = [VerifiedCell(CellResult("P", f"P/{i}.png", "lymphocyte", 0.9, "monocyte", 0.1, False)) for i in range(3)]
     cells.append(VerifiedCell(CellResult("P", "P/x.png", "monocyte", 0.4, "lymphocyte", 0.3, True), UNCLASSIFIED))
@@ -565,20 +567,20 @@ def test_the_verified_workbook_is_laid_out_for_paper_like_the_report(made, tmp_p
     review_as_person(rep)
     out = tmp_path / "verified.xlsx"
     r = invoke("verify", rep, "--out", out)
-    assert r.exit_code == exitcodes.OK, r.stderr
+    assert r.exit_code == exit_codes.OK, r.stderr
     wb = load_workbook(out)
     for name in ("Summary", "Differential", "Cells", "Review", "Errors", "Run"):
-        ws, h = wb[name], report.HEADER_ROWS[name]
+        ws, h = wb[name], workbook.HEADER_ROWS[name]
         assert ws.page_setup.orientation == "landscape" and ws.page_setup.fitToWidth == 1, name
         assert ws.sheet_properties.pageSetUpPr.fitToPage, name
         assert ws.print_title_rows.replace("$", "") == f"1:{h}" and ws.freeze_panes == f"A{h + 1}", name
         header = [c.value for c in ws[h]]
         assert header[-1] == CHECK_HEADER and ws.column_dimensions[ws.cell(h, len(header)).column_letter].hidden
-    assert wb["Summary"].cell(1, 1).value == report.VERIFIED_BANNER
+    assert wb["Summary"].cell(1, 1).value == workbook.VERIFIED_BANNER
     cells = wb["Cells"]
     col = [c.value for c in cells[1]].index("Verified class") + 1
     letter = cells.cell(1, col).column_letter
     dv = cells.data_validations.dataValidation[0]
     assert str(dv.sqref) == f"{letter}2:{letter}{cells.max_row}"  # every row below the header row
     again = invoke("verify", out, "--out", tmp_path / "again.xlsx")
-    assert again.exit_code == exitcodes.OK, again.stderr
+    assert again.exit_code == exit_codes.OK, again.stderr

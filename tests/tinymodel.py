@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from batchwbc import catalogue, model as bm
-from batchwbc.preprocess import PREPROCESSING_DESCRIPTION, PREPROCESSING_ID
+from batchwbc.core import catalogue
+from batchwbc.engine import model as bm
+from batchwbc.engine.preprocess import PREPROCESSING_DESCRIPTION, PREPROCESSING_ID
 
 # Distinct, saturated colours; class k is predicted for colour COLOURS[k].
 COLOURS = [
@@ -97,7 +98,7 @@ def build_with_ood(path: str | Path, classes=catalogue.CLASS_IDS, size: int = 32
     `python -m export.ood_reference` does, on jittered class colours (training cells), pale
     crops (background corners) and a disjoint jittered sample (held-out cells)."""
     from export import ood_reference
-    from batchwbc.onnxgraph import add_embedding_output
+    from batchwbc.engine.onnx_graph import add_embedding_output
 
     path = Path(build(path, size=size, classes=classes, **kw))
     onnx.save(add_embedding_output(onnx.load(str(path))), str(path))

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from batchwbc.exitcodes import USAGE
+from batchwbc.ops.exit_codes import USAGE
 
 from .options import train_options
 
@@ -25,7 +25,7 @@ def _fail(msg: str) -> None:
 def main(**opt) -> None:
     """Train a batchwbc classifier and write model, split, metrics and plots to --out."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchwbc.datasets import DatasetError
+    from batchwbc.inputs.public_datasets import DatasetError
 
     from .config import TrainConfig, TrainingError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 # The temperature and threshold rules are shared with `batchwbc adapt`, so they live in the runtime.
-from batchwbc.calibration import fit_temperature, log_softmax, nll, review_threshold, softmax  # noqa: F401
+from batchwbc.core.calibration import fit_temperature, log_softmax, nll, review_threshold, softmax  # noqa: F401
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> tuple[float, list[dict]]:

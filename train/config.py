@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchwbc.preprocess import PREPROCESSING_ID, PREPROCESSING_WHOLE
+from batchwbc.engine.preprocess import PREPROCESSING_ID, PREPROCESSING_WHOLE
 
 
 class TrainingError(Exception):

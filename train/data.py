@@ -1,6 +1,6 @@
 """Read, quality-filter and decode a labelled dataset once into uint8 arrays.
 
-Decoding once (not per epoch) through the shared `batchwbc.preprocess` functions is what
+Decoding once (not per epoch) through the shared `batchwbc.engine.preprocess` functions is what
 keeps training and runtime pixels identical and a CPU epoch fast.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batchwbc import catalogue
-from batchwbc.datasets import DatasetError, DatasetScan, read_any
-from batchwbc.preprocess import PREPROCESSING_ID, UnreadableImage, decode_rgb, read_bytes, to_model_input
+from batchwbc.core import catalogue
+from batchwbc.inputs.public_datasets import DatasetError, DatasetScan, read_any
+from batchwbc.engine.preprocess import PREPROCESSING_ID, UnreadableImage, decode_rgb, read_bytes, to_model_input
 
 from .quality import black_band_reason
 

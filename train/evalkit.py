@@ -3,7 +3,7 @@
 Why one: the experiments, the robustness guard, the packer and the exporter each used to pick
 split rows, decode them and predict in batches their own way, and the experiments borrowed
 the exporter's loader (an import loop: export imports train). Every evaluation now decodes
-through the runtime's own `batchwbc.preprocess` functions here, so a number measured by an
+through the runtime's own `batchwbc.engine.preprocess` functions here, so a number measured by an
 experiment, by `train.robustness` or by the export's parity check is measured on the same
 pixels the runtime would see. `export` imports this module; `train` never imports `export`.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from batchwbc import catalogue
-from batchwbc.preprocess import CELL_MARGIN, decode_rgb, read_bytes, to_model_input
+from batchwbc.core import catalogue
+from batchwbc.engine.preprocess import CELL_MARGIN, decode_rgb, read_bytes, to_model_input
 
 Row = dict[str, str]  # a split CSV row: path (relative to the data root), class_id, source, split
 
@@ -68,7 +68,7 @@ def predict(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
     """Model outputs for uint8 inputs `x`, `batch` crops at a time.
 
     `model` is a Keras core (float 0..255 in, logits out), an onnxruntime InferenceSession or a
-    `batchwbc.model.Classifier` (uint8 in, calibrated probabilities out); which one is told
+    `batchwbc.engine.model.Classifier` (uint8 in, calibrated probabilities out); which one is told
     by what it offers, so this module imports neither TensorFlow nor onnxruntime.
     """
     if hasattr(model, "get_inputs") and hasattr(model, "run"):  # onnxruntime.InferenceSession

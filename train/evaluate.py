@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchwbc import catalogue
+from batchwbc.core import catalogue
 
 from .calibration import reliability
 

@@ -119,7 +119,7 @@ def degraded_copies(crops: Crops, share: float, defocus_max: float = 0.0,
     another training crop (another stain), and framed again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from batchwbc.preprocess import decode_rgb, read_bytes, to_model_input
+    from batchwbc.engine.preprocess import decode_rgb, read_bytes, to_model_input
 
     from .degrade import colour_donors, degrade, lab_stats, random_params, recolour
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batchwbc import catalogue
+from batchwbc.core import catalogue
 
 from . import calibration, data, evalkit, evaluate, extend, split
 from .callbacks import KeepBest, Throughput

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import click
 
-from batchwbc.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_ID
+from batchwbc.engine.preprocess import PREPROCESSING_DESCRIPTIONS, PREPROCESSING_ID
 
 from .backbones import BACKBONES
 from .config import TrainConfig
@@ -70,7 +70,7 @@ TRAIN_OPTIONS: list[Callable] = [
     _o("--backbone", type=click.Choice(sorted(BACKBONES)), help="Feature extractor; resnet50 is the paper's, the MobileNets suit a CPU PC."),
     _o("--weights", help="'none' (from scratch), 'imagenet' (needs a connection) or PATH to a Keras .h5 weights file for the backbone."),
     _o("--size", type=int, help="Input size S (crops are resized to SxS)."),
-    contract(None, f"Preprocessing contract (batchwbc/preprocess.py): cellcrop-v2 frames the cell, area-v1 resizes the whole crop (the v1 model). Default: with --resume the resumed run's (from its run.json), else {PREPROCESSING_ID}."),
+    contract(None, f"Preprocessing contract (batchwbc/engine/preprocess.py): cellcrop-v2 frames the cell, area-v1 resizes the whole crop (the v1 model). Default: with --resume the resumed run's (from its run.json), else {PREPROCESSING_ID}."),
     _o("--epochs", type=int, help="Maximum epochs (early stopping usually ends sooner)."),
     _o("--batch-size", type=int),
     _o("--lr", type=float, help="Adam learning rate."),

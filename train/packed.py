@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from batchwbc import catalogue
-from batchwbc.exitcodes import USAGE
-from batchwbc.preprocess import PREPROCESSING_ID, PREPROCESSING_WHOLE
+from batchwbc.core import catalogue
+from batchwbc.ops.exit_codes import USAGE
+from batchwbc.engine.preprocess import PREPROCESSING_ID, PREPROCESSING_WHOLE
 
 from . import evalkit
 from .options import contract, data_folder, split_csv

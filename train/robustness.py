@@ -45,8 +45,8 @@ def _next_source(sources: list[str], source: str) -> str:
 
 def evaluate(model_path: str | None, data_root: Path, rows: list[dict], conditions=CONDITIONS, batch: int = 64) -> list[dict]:
     """One dict per condition: accuracy (12 classes), paper-10 accuracy, share below the review threshold."""
-    from batchwbc import catalogue
-    from batchwbc.model import Classifier
+    from batchwbc.core import catalogue
+    from batchwbc.engine.model import Classifier
 
     from . import evalkit
     from .degrade import degrade, lab_stats, recolour

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from batchwbc import catalogue
-from batchwbc.preprocess import CELL_MARGIN
+from batchwbc.core import catalogue
+from batchwbc.engine.preprocess import CELL_MARGIN
 
 from .. import evalkit
 from ..config import resolve_preprocessing

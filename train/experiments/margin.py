@@ -1,6 +1,6 @@
 """`margin`: does the model depend on the framing margin it was trained with (ADR 0005)?
 
-The margin is passed to the decoding as an argument (`batchwbc.preprocess.to_model_input`),
+The margin is passed to the decoding as an argument (`batchwbc.engine.preprocess.to_model_input`),
 never patched into the contract's constant, so the answer holds however decoding is run."""
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ ZOOM_OUT = 0.62  # Munich (M8, 100x) cells appear ~1.6x larger than CellaVision 
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
 def command(model_path, data_root, split_csv, json_out):
     """Test crops of each source re-rendered in the other's style: do blasts stay blasts?"""
-    from batchwbc.model import Classifier
+    from batchwbc.engine.model import Classifier
 
     clf = Classifier(model_path)
     size = clf.info.input_size

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from batchwbc import catalogue
+from batchwbc.core import catalogue
 
 from ..options import data_folder, input_size, keras_models, split_csv
 from .common import accuracy_line, load_keras, predict, split_data

@@ -1,0 +1,143 @@
+"""Re-derive a model's OOD and DATA_SHIFT thresholds from a lab's verified cells (`batchwbc adapt`).
+
+Why: adapt refits only the last layer, so the embedding, and with it the parent reference's
+class centres, covariance and background centre (batchwbc.ood), stay valid. What changes is
+what counts as "validated data": once a lab has adapted the model on its own verified cells,
+those cells are validated data, and a run on more cells like them must neither leave them
+unclassified nor raise DATA_SHIFT. So only the thresholds move, and only upwards (never
+stricter than the parent): the unclassified threshold to cover the lab's cells, the DATA_SHIFT
+cell cut and batch threshold to what pseudo-patients of the lab's cells reach. The
+background (reject-centre) rule is kept as it is, so noise and background crops are still
+caught. Pure numpy; no TensorFlow, no file access.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from batchwbc.engine.data_shift import PSEUDO_PATIENT_SIZES
+from batchwbc.engine.ood import UNCLASSIFIED_QUANTILE
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from batchwbc.engine.ood import OodReference
+
+#: Pseudo-patients drawn per pool (one patient folder, or all cells) and size.
+DRAWS_PER_SIZE = 25
+#: The key the adaptation provenance (batchwbc.adaptation JSON) records this under.
+PROVENANCE_KEY = "ood_reference_rederived"
+
+
+@dataclass(frozen=True)
+class Rederived:
+    reference: "OodReference"  # the parent's reference with the lab's thresholds
+    provenance: dict[str, Any]  # what was re-derived, for batchwbc.adaptation (JSON-ready)
+
+
+def _pools(groups: Sequence[str | None] | None, n: int) -> dict[str, list[int]]:
+    """Cell indices per patient folder; cells without a patient share one pool ("" key)."""
+    pools: dict[str, list[int]] = {}
+    for i in range(n):
+        g = groups[i] if groups is not None else None
+        pools.setdefault(g or "", []).append(i)
+    return pools
+
+
+def pseudo_patient_statistics(ref: "OodReference", scores: "np.ndarray", groups: Sequence[str | None] | None,
+                              seed: int = 0) -> list[float]:
+    """The DATA_SHIFT batch statistic (data_shift.batch_statistic with ref's cut) of pseudo-patients
+    drawn from the lab's cells: groups of 20, 50, 100, 200 cells, each drawn within one patient
+    folder (a real patient's cells are what a run will check), as many sizes as the pool holds;
+    a pool smaller than 20 cells but with at least min_cells counts as one pseudo-patient."""
+    import numpy as np
+
+    from batchwbc.engine.data_shift import batch_statistic
+
+    rng = np.random.default_rng(seed)
+    stats: list[float] = []
+    for _, idx in sorted(_pools(groups, len(scores)).items()):
+        pool = scores[np.array(idx)]
+        sizes = [s for s in PSEUDO_PATIENT_SIZES if s <= len(pool)]
+        if not sizes and len(pool) >= ref.shift.min_cells:
+            stats.append(batch_statistic(ref, pool))
+        for size in sizes:
+            for _ in range(DRAWS_PER_SIZE if size < len(pool) else 1):
+                stats.append(batch_statistic(ref, rng.choice(pool, size=size, replace=False)))
+    return stats
+
+
+def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[str | None] | None = None,
+             seed: int = 0) -> Rederived:
+    """The parent's reference with thresholds that accept the lab's verified cells (see module doc).
+
+    embeddings: the lab cells' embeddings [N, D] from the parent model (the same as the adapted
+    one's: adapt changes only the head); groups: each cell's patient folder or None."""
+    import numpy as np
+
+    from batchwbc.engine import data_shift, ood
+
+    emb = np.asarray(embeddings, dtype=np.float32)
+    scores, flagged = ood.score_and_flag(parent, emb)
+    finite = np.isfinite(scores)
+    lab = scores[finite]
+    prov: dict[str, Any] = {
+        "lab_cells_scored": int(finite.sum()),
+        "parent_unclassified_lab_cells": int(flagged.sum()),
+        "unclassified_threshold": {"parent": parent.threshold, "new": parent.threshold,
+                                   "rule": f"max(parent, {100 * UNCLASSIFIED_QUANTILE:g}th percentile of the lab cells' scores)"},
+        "background_rule": "unchanged",
+    }
+    if len(lab) == 0:  # nothing to learn from: keep the parent's reference as it is
+        prov["unchanged_because"] = "no lab cell has a finite score"
+        return Rederived(parent, prov)
+
+    threshold = max(parent.threshold, float(np.quantile(lab, UNCLASSIFIED_QUANTILE)))
+    prov["unclassified_threshold"]["new"] = threshold
+    new = dataclasses.replace(parent, threshold=threshold,
+                              info={**dict(parent.info), "rederived_by_adapt": {"lab_cells": int(len(lab))}})
+    # What is still unclassified is what the unchanged background rule (or the 0.25% tail) catches:
+    # reported, not hidden, so a lab sees verified cells that sit nearer background than a cell class.
+    _, still = ood.score_and_flag(new, emb)
+    prov["new_unclassified_lab_cells"] = int(still.sum())
+
+    if parent.shift is not None:
+        shift = parent.shift
+        pools = _pools(groups, len(scores))
+        batches = {p: scores[np.array(i)] for p, i in pools.items()}
+        decisions = {p: data_shift.decide(parent, s) for p, s in batches.items()}
+        cut = max(shift.cell_cut, float(np.quantile(lab, shift.cell_quantile)))
+        probe = dataclasses.replace(new, shift=dataclasses.replace(shift, cell_cut=cut))
+        kept = np.flatnonzero(finite)
+        stats = pseudo_patient_statistics(probe, scores[kept], [groups[i] for i in kept] if groups else None, seed)
+        shift_threshold = max([shift.threshold, *stats])
+        new_shift = dataclasses.replace(shift, cell_cut=cut, threshold=shift_threshold,
+                                        info={**dict(shift.info), "rederived_by_adapt": {
+                                            "pseudo_patients": len(stats), "sizes": list(PSEUDO_PATIENT_SIZES)}})
+        new = dataclasses.replace(new, shift=new_shift)
+        after = {p: data_shift.decide(new, s) for p, s in batches.items()}
+        named = [p for p in batches if p]
+        prov["data_shift"] = {
+            "cell_cut": {"parent": shift.cell_cut, "new": cut, "rule": f"max(parent, the lab cells' score at quantile {shift.cell_quantile})"},
+            "threshold": {"parent": shift.threshold, "new": shift_threshold,
+                          "rule": "max(parent, the highest batch statistic of pseudo-patients of 20-200 lab cells)"},
+            "pseudo_patients": len(stats),
+            "highest_pseudo_patient_statistic": max(stats) if stats else None,
+            "min_cells": shift.min_cells,
+            "batches": "patient folders" if named else "all lab cells as one batch",
+            "batches_checked": sum(d.decided for d in decisions.values()),
+            "parent_raised_data_shift": sum(d.raised for d in decisions.values()),
+            "new_raised_data_shift": sum(d.raised for d in after.values()),
+        }
+    return Rederived(new, _finite_json(prov))
+
+
+def _finite_json(d: Any) -> Any:
+    """JSON has no infinity: a non-finite float becomes None."""
+    if isinstance(d, dict):
+        return {k: _finite_json(v) for k, v in d.items()}
+    if isinstance(d, float) and not math.isfinite(d):
+        return None
+    return d

@@ -1,0 +1,86 @@
+"""Each patient's summary, computed once per run: differential, flags and errors together.
+
+The report formats these records and the job's log line counts from them, so the two can
+never disagree about a patient's flags or about which patients exist. Pure: no I/O and no
+heavy imports (the layering test holds it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from batchwbc.core.config import Settings
+from batchwbc.core.differential import Differential, summarize
+from batchwbc.core.flags import Flag, evaluate
+from batchwbc.core.records import CellResult, FileError, RunData
+
+if TYPE_CHECKING:
+    from batchwbc.engine.data_shift import ShiftDecision
+
+
+@dataclass(frozen=True)
+class PatientSummary:
+    """One patient's row of the report: what was counted, what it raises, what failed."""
+
+    patient: str
+    differential: Differential
+    flags: tuple[Flag, ...]  # most severe first, as flags.evaluate returns them
+    errors: tuple[FileError, ...]  # unreadable files ('file' set) and whole-folder failures ('file' == '')
+    cells: tuple[CellResult, ...]  # this patient's cells, in run order (the Review sheet lists some)
+
+    @property
+    def unreadable_files(self) -> int:
+        return sum(1 for e in self.errors if e.file)
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """Run-wide sums of the patient summaries, for the Run sheet and the log's summary line."""
+
+    patients: int
+    wbc: int
+    review_cells: int
+    flags: int
+
+
+def summarize_run(run: RunData, settings: Settings,
+                  shifts: "Mapping[str, ShiftDecision] | None" = None) -> list[PatientSummary]:
+    """One summary per patient in report order: the discovered patients first (empty ones
+    included), then - defensively, so nobody is dropped - any patient seen only in cells or
+    errors. `shifts` are the patients' data-shift decisions (data_shift.decide_all), which
+    add DATA_SHIFT to their flags."""
+    return summarize_groups(run.patients, run.cells, run.errors, settings, shifts)
+
+
+def summarize_groups(patients: Sequence[str], cells: Sequence[CellResult], errors: Sequence[FileError],
+                     settings: Settings, shifts: "Mapping[str, ShiftDecision] | None" = None) -> list[PatientSummary]:
+    """summarize_run's work on plain lists, so `batchwbc verify` can count a report's cells
+    with their verified classes through exactly the same functions."""
+    cells_by: dict[str, list[CellResult]] = {}
+    for c in cells:
+        cells_by.setdefault(c.patient, []).append(c)
+    errors_by: dict[str, list[FileError]] = {}
+    for e in errors:
+        errors_by.setdefault(e.patient, []).append(e)
+    order = dict.fromkeys([*patients, *cells_by, *errors_by])
+    summaries = []
+    for patient in order:
+        group = tuple(cells_by.get(patient, ()))
+        diff = summarize(group)
+        summaries.append(PatientSummary(
+            patient=patient,
+            differential=diff,
+            flags=tuple(evaluate(diff, settings, shift=(shifts or {}).get(patient))),
+            errors=tuple(errors_by.get(patient, ())),
+            cells=group,
+        ))
+    return summaries
+
+
+def totals(summaries: list[PatientSummary]) -> RunTotals:
+    return RunTotals(
+        patients=len(summaries),
+        wbc=sum(s.differential.wbc for s in summaries),
+        review_cells=sum(s.differential.n_review for s in summaries),
+        flags=sum(len(s.flags) for s in summaries),
+    )

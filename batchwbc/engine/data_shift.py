@@ -1,0 +1,113 @@
+"""DATA_SHIFT: is a batch of crops (one patient, or the whole run) unlike the model's validated data?
+
+Why per batch and not per cell: a crop from another analyser or stain often still looks like
+a cell to the model, so few of them are unclassified, yet together they sit further from the
+training cells than any batch of the model's own data does (measured: docs/model-card.md,
+"Out-of-distribution crops and DATA_SHIFT"). The statistic is the share of the batch's cells
+whose OOD score (batchwbc.ood) lies beyond `cell_cut`, the 80th percentile of held-out
+training cells' scores, so about 20% of a normal batch is expected there. The score is scaled
+per class (engine/ood.py), so this holds whatever the patient's mix of classes: a patient with 70%
+eosinophils or monocytes is not "shifted" (measured; an unscaled distance raised it for all
+such pseudo-patients). To be fair to small
+batches the decision uses the lower bound of that share's exact 95% confidence interval
+(Clopper-Pearson), and DATA_SHIFT is raised when that lower bound exceeds `threshold`: the
+highest value seen on pseudo-patients of 20-200 held-out training cells of one source.
+Under MIN_CELLS cells no decision is made (the interval is too wide to say anything).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from batchwbc.engine.ood import OodReference
+
+#: No DATA_SHIFT decision for fewer scored cells than this (default; the model file may set it).
+MIN_CELLS = 20
+#: Sizes (cells) of the pseudo-patients whose highest batch statistic sets the threshold: at
+#: export from held-out training cells (export/ood_reference.py), at adapt from the lab's cells.
+PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
+STATISTIC = "lower 95% bound of the share of cells beyond the 80th percentile of held-out training cells' OOD scores"
+MESSAGE = "images unlike those the model was validated on: results unreliable until validated locally"
+
+
+@dataclass(frozen=True)
+class ShiftDecision:
+    raised: bool
+    decided: bool  # False: too few cells (or no reference) to decide
+    cells: int  # cells with a finite score
+    unusual: int  # of those, beyond the reference's cell cut
+    statistic: float | None  # lower 95% bound of unusual / cells
+    threshold: float | None
+
+    def text(self) -> str:
+        """One sentence with the numbers behind the decision, for a flag or a log line."""
+        if not self.decided:
+            return f"no data-shift check ({self.cells} scored cells, fewer than needed)"
+        share = 100.0 * self.unusual / self.cells
+        verdict = MESSAGE if self.raised else "images like those the model was validated on"
+        op = ">" if self.raised else "<="
+        return (f"{verdict} ({self.unusual}/{self.cells} cells = {share:.0f}% far from the training cells; "
+                f"lower 95% bound {100 * self.statistic:.1f}% {op} {100 * self.threshold:.1f}%)")
+
+
+def lower_bound(unusual: int, cells: int) -> float:
+    from batchwbc.core.differential import exact_binomial_ci
+
+    return exact_binomial_ci(unusual, cells)[0]
+
+
+def batch_statistic(ref: "OodReference", scores: "Sequence[float] | np.ndarray") -> float:
+    """The statistic of one batch of cell scores (ref.shift must be set; 0 for no cells)."""
+    import math
+
+    vals = [float(s) for s in scores if s is not None and not math.isnan(float(s))]
+    if not vals:
+        return 0.0
+    return lower_bound(sum(1 for s in vals if s > ref.shift.cell_cut), len(vals))
+
+
+def decide(ref: "OodReference | None", scores: "Sequence[float | None] | np.ndarray") -> ShiftDecision:
+    """DATA_SHIFT for one batch of cell OOD scores (None = a cell without a score); pure.
+    An unclassified crop's score counts like any other: it is far from the training cells."""
+    import math
+
+    vals = [float(s) for s in scores if s is not None and not math.isnan(float(s))]  # inf stays: unusual
+    if ref is None or ref.shift is None:
+        return ShiftDecision(False, False, len(vals), 0, None, None)
+    shift = ref.shift
+    if len(vals) < shift.min_cells:
+        return ShiftDecision(False, False, len(vals), 0, None, shift.threshold)
+    unusual = sum(1 for s in vals if s > shift.cell_cut)
+    stat = lower_bound(unusual, len(vals))
+    return ShiftDecision(stat > shift.threshold, True, len(vals), unusual, stat, shift.threshold)
+
+
+def decide_all(model_metadata, cells) -> tuple[dict[str, ShiftDecision], ShiftDecision]:
+    """(decision per patient, decision for the whole run) from a run's cells and the model's
+    metadata; no decisions (decided=False) when the model carries no reference."""
+    from batchwbc.engine.ood import OodReferenceError, from_metadata
+
+    try:
+        ref = from_metadata(model_metadata)
+    except OodReferenceError:  # the Classifier already refused such a model; a report never fails on it
+        ref = None
+    by_patient: dict[str, list] = {}
+    for c in cells:
+        by_patient.setdefault(c.patient, []).append(c.ood_score)
+    per_patient = {p: decide(ref, s) for p, s in by_patient.items()}
+    return per_patient, decide(ref, [c.ood_score for c in cells])
+
+
+def log_line(per_patient: dict[str, ShiftDecision], whole: ShiftDecision) -> str | None:
+    """The one warning line for the log, or None when nothing was raised."""
+    raised = [p for p, d in per_patient.items() if d.raised]
+    if not raised and not whole.raised:
+        return None
+    decided = sum(d.decided for d in per_patient.values())
+    names = ", ".join(raised[:10]) + (f" and {len(raised) - 10} more" if len(raised) > 10 else "")
+    run = f"whole run: {whole.text()}" if whole.decided else "whole run: not decided"
+    return (f"DATA_SHIFT: {MESSAGE}; raised for {len(raised)} of {decided} patients checked"
+            f"{' (' + names + ')' if raised else ''}; {run}")

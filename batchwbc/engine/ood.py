@@ -1,0 +1,280 @@
+"""Out-of-distribution (OOD) score of a crop: how unlike the model's own training cells it is.
+
+Why: a softmax always sums to one, so noise, a background corner or a cell type the model
+never learned still gets a confident class (random noise came out "myelocyte 0.88"). The
+model's embedding (the input of its last layer) does carry the information: crops of the
+classes it knows fall in tight clusters, other crops do not. The rule chosen by measurement
+(docs/decisions/0011-out-of-distribution-and-data-shift.md) uses the Mahalanobis distance of
+the embedding to each class centre, with one covariance shared by all classes, in a PCA
+subspace of the training embeddings (Lee et al., NeurIPS 2018), plus one "reject" centre
+fitted on background corners cut from training crops (red cells, no leukocyte: the crops a
+distance to the cell classes alone missed most often). A crop is unclassified when
+
+* its OOD score is beyond `threshold`: the smallest, over the cell classes, of the distance to
+  the class centre divided by that class's median distance among held-out training cells
+  (1 = a typical cell of that class; the division makes the score mean the same for a
+  tight class such as platelets and a spread-out one such as eosinophils, so a patient's
+  class mix does not move the DATA_SHIFT statistic), or
+* it lies nearer the background centre than any cell class, by more than `reject_margin`
+  (raw distance to the nearest cell class minus distance to the background centre).
+
+Everything is folded into one linear map, so the runtime computes  || P (e - mu) - centre ||^2
+per crop and centre: a [k, D] matrix product, nothing else.
+
+The reference (mu, P, the centres, the class scales, the thresholds) lives in the model file's metadata under
+KEY_OOD, written by `python -m export.ood_reference`; a model without it simply gets no OOD
+score and no "unclassified" label (older files keep working).
+"""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:  # numpy is imported where it is used, so `batchwbc --help` stays instant
+    import numpy as np
+
+#: Metadata key of the cell-level reference (JSON, see to_metadata).
+KEY_OOD = "batchwbc.ood"
+#: The unclassified threshold covers this share of known cells' scores: held-out training cells
+#: at export (export/ood_reference.py), the lab's verified cells at adapt (adaptation.thresholds).
+UNCLASSIFIED_QUANTILE = 0.9975
+#: The label a crop gets when its score is beyond the threshold. Not a catalogue class: the
+#: model never predicts it, and it is never counted in the differential.
+UNCLASSIFIED = "unclassified"
+UNCLASSIFIED_DISPLAY = "Unclassified"
+#: The review reason shown for such a crop.
+UNCLASSIFIED_REASON = "not recognised as a cell the model knows"
+SCORE_NAME = "mahalanobis-pca-nearest-class"
+FORMAT = 1
+#: Class names starting with this are "not a cell" centres (e.g. "reject:background").
+REJECT_PREFIX = "reject:"
+
+
+class OodReferenceError(Exception):
+    """A batchwbc.ood entry that cannot be used; str is one sentence."""
+
+
+@dataclass(frozen=True)
+class ShiftReference:
+    """Batch-level reference (batchwbc.engine.data_shift): the threshold on the batch statistic."""
+
+    threshold: float
+    cell_quantile: float  # a cell "is unusual" above this quantile of held-out training cells' scores
+    cell_cut: float  # that quantile's score
+    min_cells: int
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OodReference:
+    mean: "np.ndarray"  # [D]
+    projection: "np.ndarray"  # [k, D]: PCA basis followed by within-class whitening
+    centres: "np.ndarray"  # [C, k] class centres in the whitened space (cell classes and reject centres)
+    classes: tuple[str, ...]
+    threshold: float  # cell score above which a crop is unclassified
+    embedding_output: str
+    reject_margin: float = float("inf")  # (nearest class distance - nearest reject distance) above this: unclassified
+    scales: "np.ndarray | None" = None  # [C] typical distance per class (1 for reject centres); None = all 1
+    basis: "np.ndarray | None" = None  # [k, D] PCA basis (kept for analysis only, not stored)
+    shift: ShiftReference | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)  # how it was fitted and measured, for audit
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def describe(self) -> str:
+        rej = sum(c.startswith(REJECT_PREFIX) for c in self.classes)
+        return (f"Mahalanobis to the nearest of {len(self.classes) - rej} classes, PCA {self.projection.shape[0]} "
+                f"of {self.dim}, {rej} reject centre{'s' if rej != 1 else ''}")
+
+
+# ----------------------------------------------------------------------------- fitting (export side)
+
+def fit_reference(emb: "np.ndarray", labels: Sequence[str], k: int = 32, shrinkage: float = 1e-3,
+                  embedding_output: str = "embedding") -> OodReference:
+    """Fit mu, the PCA basis, the class centres and the shared covariance on training embeddings.
+
+    Shrinkage adds `shrinkage` x the mean variance to the covariance's diagonal: ReLU
+    embeddings have dimensions that are almost always zero, which would make it singular.
+    The threshold is left at +inf; export.ood_reference sets it from held-out cells.
+    """
+    import numpy as np
+
+    x = np.asarray(emb, dtype=np.float64)
+    labels = list(labels)
+    classes = tuple(sorted(set(labels)))
+    if x.ndim != 2 or len(x) != len(labels) or len(classes) < 1:
+        raise ValueError("need an [N, D] embedding array with one label per row")
+    k = int(min(k, x.shape[1], len(x) - 1))
+    mean = x.mean(axis=0)
+    xc = x - mean
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    basis = vt[:k]  # [k, D]
+    z = xc @ basis.T
+    lab = np.array(labels)
+    centres = np.stack([z[lab == c].mean(axis=0) for c in classes])
+    resid = z - centres[np.searchsorted(np.array(classes), lab)]
+    cov = resid.T @ resid / max(1, len(z) - len(classes))
+    cov += shrinkage * np.trace(cov) / k * np.eye(k)
+    w, u = np.linalg.eigh(cov)
+    whiten = u @ np.diag(1.0 / np.sqrt(w)) @ u.T  # symmetric S^-1/2
+    return OodReference(
+        mean=mean.astype(np.float32), projection=(whiten @ basis).astype(np.float32),
+        centres=(centres @ whiten.T).astype(np.float32), classes=classes, threshold=float("inf"),
+        embedding_output=embedding_output, basis=basis,
+    )
+
+
+# ----------------------------------------------------------------------------- scoring (runtime)
+
+def distances(ref: OodReference, emb: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Per embedding row: (OOD score = smallest scaled distance to a cell class, raw squared
+    Mahalanobis distance to the nearest cell class, to the nearest reject centre; +inf where
+    there is none)."""
+    import numpy as np
+
+    z = (np.asarray(emb, dtype=np.float32) - ref.mean) @ ref.projection.T  # [N, k]
+    d = (z * z).sum(axis=1, keepdims=True) - 2.0 * z @ ref.centres.T + (ref.centres * ref.centres).sum(axis=1)
+    d = np.maximum(d, 0.0).astype(np.float64)
+    reject = np.array([c.startswith(REJECT_PREFIX) for c in ref.classes])
+    scales = np.ones(len(ref.classes)) if ref.scales is None else np.asarray(ref.scales, dtype=np.float64)
+    inf = np.full(len(d), np.inf)
+    if not (~reject).any():
+        return inf, inf, d.min(axis=1) if reject.any() else inf
+    known = d[:, ~reject]
+    rejected = d[:, reject].min(axis=1) if reject.any() else inf
+    return (known / scales[~reject]).min(axis=1), known.min(axis=1), rejected
+
+
+def mahalanobis(ref: OodReference, emb: "np.ndarray") -> "np.ndarray":
+    """Squared Mahalanobis distance of each embedding row to its nearest cell-class centre."""
+    return distances(ref, emb)[1]
+
+
+def score_and_flag(ref: OodReference, emb: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+    """(OOD score per crop, unclassified yes/no per crop). Higher scores are less like the
+    training cells; a non-finite embedding scores +inf and is unclassified, so it is never
+    mistaken for a known cell."""
+    import numpy as np
+
+    emb = np.asarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[1] != ref.dim:
+        raise ValueError(f"embedding has shape {emb.shape}; the OOD reference needs [N, {ref.dim}]")
+    finite = np.all(np.isfinite(emb), axis=1)
+    score, known, rejected = distances(ref, np.where(finite[:, None], emb, 0.0))
+    score[~finite] = np.inf
+    with np.errstate(invalid="ignore"):
+        nearer_reject = (known - rejected) > ref.reject_margin
+    return score, (score > ref.threshold) | nearer_reject | ~finite
+
+
+def score(ref: OodReference, emb: "np.ndarray") -> "np.ndarray":
+    """The OOD score per crop (see score_and_flag)."""
+    return score_and_flag(ref, emb)[0]
+
+
+# ----------------------------------------------------------------------------- metadata
+
+_DTYPES = {"float32": "<f4", "float16": "<f2"}
+
+
+def _pack(a: "np.ndarray", dtype: str = "float32") -> dict:
+    """float16 halves the biggest array (the [k, D] projection); its 3 significant digits
+    move distances by far less than the gap between cells and rejected crops."""
+    import numpy as np
+
+    a = np.ascontiguousarray(a, dtype=_DTYPES[dtype])
+    return {"dtype": dtype, "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _fits_float16(a: "np.ndarray") -> bool:
+    """float16 only where it stays finite and keeps small entries (a degenerate covariance
+    can make the whitening huge or tiny)."""
+    import numpy as np
+
+    big = float(np.abs(a).max(initial=0.0))
+    return big < 6e4 and np.isfinite(a.astype(np.float16)).all()
+
+
+def _unpack(d: Any, name: str) -> "np.ndarray":
+    import numpy as np
+
+    try:
+        a = np.frombuffer(base64.b64decode(d["base64"], validate=True), dtype=_DTYPES[d["dtype"]]).reshape(d["shape"])
+    except Exception:  # noqa: BLE001 - any malformed entry is one sentence for the user
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable {name!r} array.") from None
+    if not np.all(np.isfinite(a)):
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has non-finite values in {name!r}.")
+    return a.astype(np.float32)
+
+
+def to_metadata(ref: OodReference) -> str:
+    """The JSON stored under KEY_OOD (arrays as base64 little-endian float32: compact and exact)."""
+    import math
+
+    import numpy as np
+
+    if not math.isfinite(ref.threshold):
+        raise ValueError("set the reference's threshold before storing it")
+    body: dict[str, Any] = {
+        "format": FORMAT,
+        "score": SCORE_NAME,
+        "embedding_output": ref.embedding_output,
+        "classes": list(ref.classes),
+        "threshold": ref.threshold,
+        "reject_margin": ref.reject_margin if math.isfinite(ref.reject_margin) else None,
+        "mean": _pack(ref.mean),
+        "projection": _pack(ref.projection, "float16" if _fits_float16(ref.projection) else "float32"),
+        "centres": _pack(ref.centres),
+        "scales": _pack(ref.scales if ref.scales is not None else np.ones(len(ref.classes))),
+        "info": dict(ref.info),
+    }
+    if ref.shift is not None:
+        body["data_shift"] = {
+            "threshold": ref.shift.threshold, "cell_quantile": ref.shift.cell_quantile,
+            "cell_cut": ref.shift.cell_cut, "min_cells": ref.shift.min_cells, "info": dict(ref.shift.info),
+        }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
+    """The reference stored in a model's metadata, None when it has none; OodReferenceError when
+    it is there but unusable (a model should not silently lose its safety check)."""
+    import math
+
+    raw = meta.get(KEY_OOD)
+    if raw is None:
+        return None
+    try:
+        body = json.loads(raw)
+        if body.get("format") != FORMAT or body.get("score") != SCORE_NAME:
+            raise OodReferenceError(f"the model's {KEY_OOD} metadata is of a kind this batchwbc does not read "
+                                 f"({body.get('score')!r}, format {body.get('format')!r}).")
+        threshold = float(body["threshold"])
+        margin = float("inf") if body.get("reject_margin") is None else float(body["reject_margin"])
+        out_name = str(body["embedding_output"])
+        classes = tuple(str(c) for c in body["classes"])
+        shift_body = body.get("data_shift")
+    except OodReferenceError:
+        raise
+    except Exception:  # noqa: BLE001
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata is not valid JSON with a threshold.") from None
+    mean, proj, centres, scales = (_unpack(body.get(n), n) for n in ("mean", "projection", "centres", "scales"))
+    if not (mean.ndim == 1 and proj.ndim == 2 and centres.ndim == 2 and proj.shape[1] == mean.shape[0]
+            and centres.shape[1] == proj.shape[0] and len(classes) == centres.shape[0] == len(scales)
+            and scales.ndim == 1 and (scales > 0).all() and math.isfinite(threshold)):
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has arrays of inconsistent shapes.")
+    shift = None
+    if shift_body is not None:
+        try:
+            shift = ShiftReference(float(shift_body["threshold"]), float(shift_body["cell_quantile"]),
+                                   float(shift_body["cell_cut"]), int(shift_body["min_cells"]), shift_body.get("info", {}))
+        except Exception:  # noqa: BLE001
+            raise OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable data_shift entry.") from None
+    if math.isnan(margin):
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has an invalid reject_margin.")
+    return OodReference(mean, proj, centres, classes, threshold, out_name, margin, scales, shift=shift,
+                        info=body.get("info", {}))
