@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from . import catalogue
 from .differential import Differential
-from .flags import CRITICAL, REVIEW, Flag, worst_severity
+from .flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNRELIABLE, Flag, worst_severity
 from .gallery_thumbs import EDGE, THUMBS_DIR, ThumbJob, crop_path, thumbnail_name, write_thumbnails
 from .results import CellResult, FileError, RunData
 
@@ -174,10 +174,16 @@ td.name{overflow-wrap:anywhere;max-width:24em}
 tr.critical td:first-child{border-left:6px solid #9c0006}
 tr.warning td:first-child{border-left:6px solid #c98a00}
 tr.review td:first-child{border-left:6px solid #1f4e78}
+tr.possible_critical td:first-child{border-left:6px solid #e0301e}
+tr.unreliable td:first-child{border-left:6px solid #5b1f7a}
+tr.note td:first-child{border-left:6px solid #8a8a8a}
 ul.flags{margin:.2em 0;padding-left:1.2em}
 .sev-critical{color:#9c0006;font-weight:700}
 .sev-warning{color:#7a4b00;font-weight:600}
 .sev-review{color:#1f4e78;font-weight:600}
+.sev-possible_critical{color:#fff;background:#c00000;font-weight:700;padding:0 .25em}
+.sev-unreliable{color:#fff;background:#5b1f7a;font-weight:700;padding:0 .25em}
+.sev-note{color:#404040}
 nav.classes{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #ddd;z-index:1}
 nav.classes a{margin-right:.9em;white-space:nowrap}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
@@ -197,7 +203,8 @@ figcaption small{display:block;color:#444}
 """
 
 
-_SEVERITY_LABEL = {CRITICAL: "Critical", REVIEW: "Pending review"}
+_SEVERITY_LABEL = {CRITICAL: "Critical", POSSIBLE_CRITICAL: "Possible critical, pending review",
+                   UNRELIABLE: "Results unreliable", REVIEW: "Pending review", NOTE: "Note"}
 
 def _page(title: str, body: str) -> str:
     return (

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 from . import catalogue
 from .config import Settings
 from .differential import NRBC_CLASS, PLATELET_CLASS, Differential
-from .flags import CRITICAL, REVIEW, WARNING, worst_severity
+from .flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNRELIABLE, WARNING, worst_severity
 from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .rowcheck import CHECK_HEADER, row_check
@@ -70,9 +70,15 @@ EDITABLE_NOTE = ("Yours to fill in. Every other column is the machine's: batchwb
 #: Excel's limit on an in-line drop-down list (formula1 of a list validation).
 DROPDOWN_LIMIT = 255
 SIGNED = "signed"  # a style like the severities: green, for a signed patient's status
-# Excel's own "bad" red, "neutral" amber and "good" green; light blue for flags only cells in review raise
-_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C", SIGNED: "C6EFCE", REVIEW: "DDEBF7"}
-_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700", SIGNED: "006100", REVIEW: "1F4E78"}
+# Excel's own "bad" red, "neutral" amber and "good" green; light blue for warnings only cells in
+# review raise; a possible critical finding orange-red and bold (urgent: confirm it first);
+# UNRELIABLE (DATA_SHIFT and its kin) violet and bold, a colour no other flag has; LOW_WBC grey.
+_FILLS = {CRITICAL: "FFC7CE", POSSIBLE_CRITICAL: "F8CBAD", UNRELIABLE: "E4D2F0", WARNING: "FFEB9C",
+          SIGNED: "C6EFCE", REVIEW: "DDEBF7", NOTE: "EDEDED"}
+_FONTS = {CRITICAL: "9C0006", POSSIBLE_CRITICAL: "C00000", UNRELIABLE: "5B1F7A", WARNING: "9C5700",
+          SIGNED: "006100", REVIEW: "1F4E78", NOTE: "404040"}
+#: Severities written in bold: what must be read first.
+_BOLD = (CRITICAL, POSSIBLE_CRITICAL, UNRELIABLE)
 #: Between the codes of the Summary's "Flag codes" column: split on it to get the codes.
 FLAG_CODE_SEPARATOR = "; "
 _FORMULA_START = ("=", "+", "-", "@")
@@ -306,7 +312,7 @@ class _Sheet:
         return {
             "fill": self._shared(("fill", severity), lambda: self._PatternFill("solid", fgColor=_FILLS[severity])),
             "font": self._shared(("font", severity),
-                                 lambda: self._Font(color=_FONTS[severity], bold=severity == CRITICAL)),
+                                 lambda: self._Font(color=_FONTS[severity], bold=severity in _BOLD)),
         }
 
     def wrap(self) -> Any:

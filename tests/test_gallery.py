@@ -502,3 +502,17 @@ def test_pending_review_flags_are_labelled_and_marked_as_such():
     assert "Pending review:</span>" in html and "sev-review" in html and "(NRBC_PENDING_REVIEW)" in html
     assert gallery._row_class([pending]) == ' class="review"'
     assert gallery._row_class([pending, Flag("IG_HIGH", "x", WARNING)]) == ' class="warning"'
+
+
+def test_possible_critical_and_unreliable_flags_stand_out():
+    """Issue 19: a possible critical finding and DATA_SHIFT each get their own loud label and row colour."""
+    from batchwbc import gallery
+    from batchwbc.flags import NOTE, POSSIBLE_CRITICAL, UNRELIABLE, WARNING, Flag
+
+    possible = Flag("BLASTS_HIGH_PENDING_REVIEW", "Blasts: possibly 33.7%", POSSIBLE_CRITICAL)
+    shift = Flag("DATA_SHIFT", "Data shift: 80% of cells unlike", UNRELIABLE)
+    html = gallery._flags_html([possible, shift, Flag("LOW_WBC", "Only 50 WBC", NOTE)])
+    assert "Possible critical, pending review:</span>" in html and "sev-possible_critical" in html
+    assert "Results unreliable:</span>" in html and "sev-unreliable" in html
+    assert ".sev-possible_critical{" in gallery._CSS and "tr.unreliable td:first-child" in gallery._CSS
+    assert gallery._row_class([Flag("IG_HIGH", "x", WARNING), possible]) == ' class="possible_critical"'

@@ -579,3 +579,21 @@ def test_pending_review_flag_has_its_own_light_colour(tmp_path):
     assert row["Flag codes"] == "NRBC_PENDING_REVIEW"
     assert "1 possible erythroblast, pending review" in row["Flags"]
     assert ws.cell(row=report.HEADER_ROWS["Summary"] + 1, column=1).fill.fgColor.rgb.endswith("DDEBF7")
+
+
+def test_possible_critical_flag_is_first_and_coloured_as_urgent(tmp_path):
+    """Issue 19: "Blasts: possibly 33.7 % ... pending review" was line 7 of 7 in light blue; a
+    possible critical finding comes first and is orange-red and bold, LOW_WBC comes last."""
+    cells = ([mk("P", "lymphocyte", i) for i in range(50)] + [mk("P", "myeloblast", i) for i in range(5)]
+             + [mk("P", "myeloblast", 100 + i, conf=0.4) for i in range(15)])
+    run = make_run(extra_patients=())
+    run.cells, run.patients, run.errors = cells, ["P"], []
+    out = tmp_path / "r.xlsx"
+    write(run, DEFAULT_SETTINGS, out)
+    ws = load_workbook(out)["Summary"]
+    row = as_dicts(ws)[0]
+    codes = row["Flag codes"].split(report.FLAG_CODE_SEPARATOR)
+    assert codes[0] == "BLASTS_HIGH_PENDING_REVIEW" and codes[-1] == "LOW_WBC"
+    assert row["Flags"].splitlines()[0].startswith("Blasts: possibly")
+    first = ws.cell(row=report.HEADER_ROWS["Summary"] + 1, column=1)
+    assert first.fill.fgColor.rgb.endswith(report._FILLS["possible_critical"]) and first.font.b
