@@ -289,7 +289,7 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
     # Thousands of tiny matrix products: BLAS threads only contend (25x slower on a busy 2-core PC).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from .adapt import AdaptError, run_adapt
+    from .adapt import AdaptError, next_step, run_adapt
     from .logsetup import setup_logging
     from .pipeline import default_workers
 
@@ -321,6 +321,7 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
     if res.ood_rederived is not None:
         click.echo(_ood_rederived_line(res.ood_rederived))
     click.echo(f"wrote {out} (version {res.model_version})")
+    click.echo(next_step(out))
 
 
 def _ood_rederived_line(p: dict) -> str:

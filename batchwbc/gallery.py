@@ -78,6 +78,7 @@ class GalleryRunInfo:
     review_threshold: float
     classes: tuple[str, ...]  # the model's classes: the differential lists only these
     title: str = "batchwbc cell gallery"
+    alert: str | None = None  # summary.run_alert: why the results are unreliable and what to do next
 
     @classmethod
     def from_run(cls, run: RunData) -> "GalleryRunInfo":
@@ -159,6 +160,7 @@ body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;ma
 h1{font-size:1.5em;margin:.6em 0 .2em;overflow-wrap:anywhere}
 h2{font-size:1.15em;margin:1.4em 0 .4em;border-bottom:1px solid #ccc;padding-bottom:.15em}
 .banner{background:#fff4ce;border:1px solid #c9a400;padding:.35em .7em;margin:.6em 0;font-weight:600}
+.alert{background:#5b1f7a;color:#fff;padding:.5em .8em;margin:.6em 0;font-weight:700;font-size:1.1em}
 .run{color:#555;font-size:.85em;overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:.4em 0}
 th,td{border:1px solid #bbb;padding:.15em .5em;text-align:left;vertical-align:top}
@@ -282,7 +284,9 @@ def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequenc
         )
     n_cells = sum(len(cells_by_patient.get(p, ())) for p in patients)
     body = (
-        f"<h1>{esc(info.title)}</h1>\n<p class=\"banner\">{esc(BANNER)}</p>\n{_run_line(info)}"
+        f"<h1>{esc(info.title)}</h1>\n<p class=\"banner\">{esc(BANNER)}</p>\n"
+        + (f"<p class=\"alert\" role=\"alert\">{esc(info.alert)}</p>\n" if info.alert else "")
+        + f"{_run_line(info)}"
         f"<p>{len(patients)} patients, {n_cells} cells. Each patient's page shows every cell grouped by class, "
         "the least confident first; cells below the review threshold are framed with a dashed border and marked REVIEW.</p>\n"
         "<table>\n<thead><tr><th>Patient</th><th>Cells</th><th>WBC</th><th>To review</th><th>Unreadable files</th>"

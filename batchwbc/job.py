@@ -288,7 +288,10 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
 
 def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides: Path, html_dir: Path) -> None:
     """The --html gallery, written after the workbook: a failure here leaves the workbook written."""
+    from dataclasses import replace
+
     from .gallery import GalleryError, GalleryRunInfo, write_gallery
+    from .summary import run_alert
 
     t = time.monotonic()
     by_patient = {s.patient: s for s in summaries}
@@ -296,7 +299,8 @@ def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides
     for cell in run.cells:
         cells_by.setdefault(cell.patient, []).append(cell)
     try:
-        res = write_gallery(html_dir, list(by_patient), cells_by, by_patient, GalleryRunInfo.from_run(run), slides)
+        info = replace(GalleryRunInfo.from_run(run), alert=run_alert(summaries, run.data_shift))
+        res = write_gallery(html_dir, list(by_patient), cells_by, by_patient, info, slides)
     except GalleryError as exc:
         raise JobError(exitcodes.FAILED, f"{str(exc).rstrip('.')}; the workbook was written.") from None
     log.info("HTML gallery: %d patient pages, %d cells, %d thumbnails, %.1f s; open %s",

@@ -41,7 +41,7 @@ from .flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNRELIABLE, WARNIN
 from .modelmeta import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from .results import THUMBNAIL_PX, CellResult, FileError, RunData
 from .rowcheck import CHECK_HEADER, row_check
-from .summary import PatientSummary, totals
+from .summary import PatientSummary, run_alert, totals
 from .thumbcap import fair_quota
 from .verification import PatientVerification, VerifiedReport, class_choices
 
@@ -186,10 +186,11 @@ class _Sheet:
     Each row ends with the hidden Check column (see `_append`)."""
 
     def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float],
-                 editable: Sequence[bool] = (), banner: str | None = None):
+                 editable: Sequence[bool] = (), banner: str | None = None, banner_severity: str = WARNING):
         """Headers `columns` plus the hidden Check column; `editable` marks the columns a
         person may change (yellow header with a note) among the machine's (grey header);
-        `banner` is a merged row above the headers (the header row is then row 2)."""
+        `banner` is a merged row above the headers (the header row is then row 2), coloured
+        like `banner_severity`."""
         from openpyxl.comments import Comment
         from openpyxl.styles import Alignment, Font, PatternFill
         from openpyxl.utils import get_column_letter
@@ -216,7 +217,7 @@ class _Sheet:
         _print_setup(self.ws, title, self.header_row)
         self.edit_fill = PatternFill("solid", fgColor=EDITABLE_FILL)
         if banner is not None:
-            self._banner(banner)
+            self._banner(banner, banner_severity)
         header_font, header_fill = Font(bold=True), PatternFill("solid", fgColor=PROTECTED_FILL)
         header_align = Alignment(wrap_text=True, vertical="bottom")
         self.set_height(row_height(zip(columns, widths), bold=True))
@@ -232,12 +233,13 @@ class _Sheet:
             cells.append(cell)
         self.append(cells)
 
-    def _banner(self, text: str) -> None:
-        """One merged, bold, amber row across the printed columns: read first on screen and on paper."""
+    def _banner(self, text: str, severity: str = WARNING) -> None:
+        """One merged, bold row across the printed columns, amber (or the colour of `severity`):
+        read first on screen and on paper."""
         from openpyxl.utils import get_column_letter
 
-        style = {"font": self._Font(bold=True, size=12, color=_FONTS[WARNING]),
-                 "fill": self._PatternFill("solid", fgColor=_FILLS[WARNING]),
+        style = {"font": self._Font(bold=True, size=12, color=_FONTS[severity]),
+                 "fill": self._PatternFill("solid", fgColor=_FILLS[severity]),
                  "alignment": self._Alignment(wrap_text=True, vertical="center")}
         total = sum(self.widths)
         self.set_height(max(22.0, row_height([(text, total)], bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
@@ -519,14 +521,17 @@ def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[
                  widths_from: Sequence[Any], autofilter: int | None, banner: str | None = None,
                  links: Mapping[str, str] | None = None,
                  keep_together: Callable[[Any], Any] | None = None,
-                 choices: Sequence[str] = ()) -> "_Sheet":
+                 choices: Sequence[str] = (), alert: str | None = None) -> "_Sheet":
     """A sheet with these columns and one line per row; `autofilter` is the row count to
     filter over (None: no filter). `rows` may be a generator (the Review sheet's is);
     `widths_from` holds every row, so its length is the sheet's row count. Drop-down
     columns offer `choices`. `keep_together(row)` gives rows that should print on one page
-    the same key (page breaks between blocks, see `page_breaks`)."""
+    the same key (page breaks between blocks, see `page_breaks`). `alert` (summary.run_alert)
+    is added to the banner on a line of its own and colours it like an UNRELIABLE flag."""
+    if alert and banner is not None:
+        banner = f"{banner}\n{alert}"
     sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns],
-                [c.editable for c in columns], banner)
+                [c.editable for c in columns], banner, UNRELIABLE if alert else WARNING)
     if autofilter is not None:
         sh.filter(autofilter)
     for i, col in enumerate(columns, 1):
@@ -831,10 +836,11 @@ EDITABLE_COLUMNS = tuple(dict.fromkeys(
 # =================================================================== the sheets
 
 def _write_summary(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
-                   links: Mapping[str, str]) -> None:
-    """The banner in row 1 (the software pre-classifies, a person decides), headers in row 2."""
+                   links: Mapping[str, str], alert: str | None = None) -> None:
+    """The banner in row 1 (the software pre-classifies, a person decides; with `alert`, why
+    the results are unreliable and what to do next), headers in row 2."""
     _write_sheet(wb, "Summary", shown_columns(_SUMMARY, classes), summaries, summaries,
-                 autofilter=len(summaries), banner=BANNER, links=links)
+                 autofilter=len(summaries), banner=BANNER, links=links, alert=alert)
 
 
 def differential_links(summaries: Sequence[PatientSummary], classes: Sequence[str]) -> dict[str, str]:
@@ -1023,6 +1029,7 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Unclassified cells (not recognised as a cell the model knows; in no count)",
          sum(x.differential.unclassified for x in summaries)),
         ("Data shift (whole run, compared with the model's own validation data)", _shift_verdict(run.data_shift)),
+        ("Results unreliable (the Summary's banner)", run_alert(summaries, run.data_shift) or "no"),
     ]
     if thumbnails_embedded is not None:
         rows.append((f"Review thumbnails embedded (at most {settings.review_max_images:,}, each patient an "
@@ -1052,7 +1059,9 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
 def _shift_verdict(shift: "ShiftDecision | None") -> str:
     if shift is None or (not shift.decided and shift.threshold is None):
         return "not checked: the model carries no out-of-distribution reference"
-    return f"DATA_SHIFT: {shift.text()}" if shift.raised else shift.text()
+    detail = shift.detail()
+    text = f"{shift.text()} ({detail})" if detail else shift.text()
+    return f"DATA_SHIFT: {text}" if shift.raised else text
 
 
 def _ood_rows(m) -> list[tuple[str, str]]:
@@ -1105,7 +1114,8 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
         with atomic_output(out_path) as tmp:
             classes = run.model.classes
             choices = class_choices(classes, [c.class_id for c in run.cells])
-            _write_summary(wb, summaries, classes, differential_links(summaries, classes))
+            _write_summary(wb, summaries, classes, differential_links(summaries, classes),
+                           run_alert(summaries, run.data_shift))
             _write_differential(wb, summaries, classes, settings)
             _write_cells(wb, run.cells, choices, {})
             embedded = _write_review(wb, summaries, settings.review_max_images, choices, {})
@@ -1131,7 +1141,7 @@ def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: s
     try:
         with atomic_output(out_path) as tmp:
             _write_sheet(wb, "Summary", _SUMMARY_VERIFIED, rep.patients, rep.patients,
-                         autofilter=len(rep.patients), banner=VERIFIED_BANNER)
+                         autofilter=len(rep.patients), banner=VERIFIED_BANNER, alert=run_alert(post))
             rows = _diff_rows(post, _shown_classes(rep.model_classes, verified.values()), settings, pre)
             _write_sheet(wb, "Differential", _DIFFERENTIAL_VERIFIED, rows, rows, autofilter=len(rows),
                          keep_together=lambda r: r.patient)

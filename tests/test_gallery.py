@@ -516,3 +516,17 @@ def test_possible_critical_and_unreliable_flags_stand_out():
     assert "Results unreliable:</span>" in html and "sev-unreliable" in html
     assert ".sev-possible_critical{" in gallery._CSS and "tr.unreliable td:first-child" in gallery._CSS
     assert gallery._row_class([Flag("IG_HIGH", "x", WARNING), possible]) == ' class="possible_critical"'
+
+
+def test_index_opens_with_the_unreliable_results_banner(tmp_path):
+    """Issue 19: the whole-run DATA_SHIFT verdict was only on the Run sheet; the gallery index
+    now opens with it, in plain words, with the next step."""
+    from dataclasses import replace
+
+    patients, cells_by, summaries = _small(tmp_path)
+    plain = gallery.render_index(patients, cells_by, summaries, _info())
+    assert 'class="alert"' not in plain
+    alert = "Results unreliable: 80% of this run's cells are unlike ... see docs/adaptation.md."
+    index = gallery.render_index(patients, cells_by, summaries, replace(_info(), alert=alert))
+    assert index.index('class="alert"') < index.index("<table>")
+    assert html.escape(alert) in index
