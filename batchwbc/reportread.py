@@ -214,7 +214,8 @@ def _read(wb: Any, p: Path) -> ReportContents:
             continue
         seen[key] = n
         cells.append(ReadCell(c, _text(r.get("Verified class")), n))
-    expected = run.get("Cells classified", "")
+    # rows of the Cells sheet: "Crops read" since the count of cells classified leaves out unclassified crops
+    expected = run.get("Crops read (cells classified + unclassified; rows of the Cells sheet)", run.get("Cells classified", ""))
     if expected.isdigit() and int(expected) > len(cells):
         problems.append(f"the Cells sheet lists {len(cells)} cells but the report classified {expected}: "
                         "rows were deleted; start again from the original report.")

@@ -272,7 +272,7 @@ def test_summary_csv_option_writes_one_line_per_patient(tiny, tmp_path):
     assert tuple(got[0]) == header  # the sheet's machine columns (not the technologist's, the link or the hidden Check)
     assert [g["Flag codes"] for g in got] == [row[sheet[0].index("Flag codes")] or "" for row in sheet[1:]]
     assert "Verified by" in sheet[0]  # the workbook keeps them
-    assert sum(int(g["Cells classified"]) for g in got) == len(discover(SAMPLES).crops)
+    assert sum(int(g["Cells classified"]) + int(g["Unclassified"]) for g in got) == len(discover(SAMPLES).crops)
 
 
 def test_summary_csv_must_be_a_csv_file(tiny, tmp_path):
