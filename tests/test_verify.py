@@ -612,3 +612,20 @@ def test_export_follows_links_as_run_read_them_and_refuses_only_dotdot_paths(mad
         assert leaves_root(bad), bad
     for ok in ("P1/a.png", "P1/sub/a..b.png", "<root>/a.png"):
         assert not leaves_root(ok), ok
+
+
+def test_an_evaluate_workbook_is_named_and_pointed_to_the_right_command(tmp_path):
+    """Issue 19: verify said "the Run sheet lacks the column Check ... not written by this
+    batchwbc version" for the workbook of `batchwbc evaluate`; say what the file is instead."""
+    from batchwbc.evaluation_report import SHEETS
+
+    wb = Workbook()
+    wb.remove(wb.active)
+    for name in SHEETS:
+        wb.create_sheet(name).append(("Item", "Value"))
+    path = tmp_path / "EVAL.xlsx"
+    wb.save(path)
+    r = invoke("verify", path, "--out", tmp_path / "v.xlsx")
+    assert r.exit_code == exitcodes.USAGE
+    (line,) = error_lines(r.stderr)
+    assert "batchwbc evaluate" in line and "batchwbc run" in line and "Check" not in line
