@@ -22,6 +22,7 @@ Three promises:
 from __future__ import annotations
 
 import html
+import math
 import os
 import re
 import secrets
@@ -172,7 +173,7 @@ table.diff{font-size:.9em}
 table.diff td,table.diff th{white-space:nowrap}
 th{background:#e8e8e8}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-td.name{overflow-wrap:anywhere;max-width:24em}
+td.name{overflow-wrap:break-word;word-break:normal;hyphens:none;min-width:8em;max-width:24em}
 tr.critical td:first-child{border-left:6px solid #9c0006}
 tr.warning td:first-child{border-left:6px solid #c98a00}
 tr.review td:first-child{border-left:6px solid #1f4e78}
@@ -325,22 +326,29 @@ def _differential_table(d: Differential, classes: Sequence[str]) -> str:
     )
 
 
+def confidence_text(confidence: float) -> str:
+    """A confidence with 2 decimals, rounded down: the review threshold compares the exact value
+    (below it: review), so 0.7969 under a threshold of 0.80 must not read "0.80" beside a
+    cell that is not in review at 0.80."""
+    return f"{math.floor(confidence * 100 + 1e-9) / 100:.2f}"
+
+
 def _cell_html(c: CellResult, thumbs: set[str], threshold: float, machine_class: str | None = None) -> str:
     """One cell; `machine_class` is set when a person corrected the machine's class (verify
     --html): c.class_id is then the verified class and c.confidence the machine's own."""
     name = thumbnail_name(c.patient, c.file)
     second = f"2nd {_display(c.second_class)} {c.second_prob:.2f}"
     if machine_class is not None:
-        second = f"machine: {_display(machine_class)} {c.confidence:.2f}"
+        second = f"machine: {_display(machine_class)} {confidence_text(c.confidence)}"
     title = (f"{c.file}\n{_display(c.class_id)}"
-             + (f" (verified)\n{second}" if machine_class is not None else f" {c.confidence:.2f}\n{second}")
+             + (f" (verified)\n{second}" if machine_class is not None else f" {confidence_text(c.confidence)}\n{second}")
              + (f"\nREVIEW: confidence below {threshold:.3g}" if c.review else ""))
     if name in thumbs:
         picture = f"<img src=\"{THUMBS_DIR}/{name}\" alt=\"{esc(c.file)}\" width=\"{EDGE}\" height=\"{EDGE}\" loading=\"lazy\">"
     else:
         picture = "<div class=\"noimg\">no image</div>"
     tag = "<span class=\"tag\">REVIEW</span> " if c.review else ""
-    shown = f"{c.confidence:.2f}"
+    shown = confidence_text(c.confidence)
     css = " review" if c.review else ""
     if machine_class is not None:
         shown, css = "<span class=\"fix\">CORRECTED</span>", css + " corrected"

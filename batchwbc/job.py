@@ -229,8 +229,10 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         found = discover(opts.slides)
     except DiscoveryError as exc:
         raise JobError(exitcodes.USAGE, str(exc)) from None
-    log.info("found %d crops in %d patient folders (%d other files ignored)",
-             len(found.crops), len(found.patients), found.ignored_total)
+    log.info("found %d %s in %d patient %s (%d other %s ignored)",
+             len(found.crops), "crop" if len(found.crops) == 1 else "crops", len(found.patients),
+             "folder" if len(found.patients) == 1 else "folders", found.ignored_total,
+             "file" if found.ignored_total == 1 else "files")
     if not found.crops and not opts.allow_empty:
         raise JobError(exitcodes.NO_INPUT, f"no images found below {opts.slides} (an empty folder or an unmounted share?); "
                                            "no report was written and the previous one is untouched (--allow-empty writes an empty report).")

@@ -530,3 +530,18 @@ def test_index_opens_with_the_unreliable_results_banner(tmp_path):
     index = gallery.render_index(patients, cells_by, summaries, replace(_info(), alert=alert))
     assert index.index('class="alert"') < index.index("<table>")
     assert html.escape(alert) in index
+
+
+def test_confidence_is_rounded_the_way_the_threshold_compares():
+    """Issue 19: a cell at 0.7969 showed "REVIEW 0.80" beside a non-review "0.80"."""
+    assert gallery.confidence_text(0.7969) == "0.79"
+    assert gallery.confidence_text(0.80) == "0.80" and gallery.confidence_text(0.29) == "0.29"
+    assert gallery.confidence_text(1.0) == "1.00" and gallery.confidence_text(0.0) == "0.00"
+    cell = CellResult("P", "P/a.png", "lymphocyte", 0.7969, "monocyte", 0.1, True)
+    assert "0.80" not in gallery._cell_html(cell, set(), 0.8)
+
+
+def test_patient_names_do_not_wrap_mid_word():
+    """Issue 19: patient names broke mid-word (overflow-wrap:anywhere)."""
+    rule = re.search(r"td\.name\{([^}]*)\}", gallery._CSS).group(1)
+    assert "anywhere" not in rule and "break-word" in rule
