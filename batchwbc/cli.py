@@ -257,7 +257,7 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
     # Thousands of tiny matrix products: BLAS threads only contend (25x slower on a busy 2-core PC).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from batchwbc.commands.adapt import run_adapt
+    from batchwbc.commands.adapt import next_step, run_adapt
     from batchwbc.ops.logging_setup import setup_logging
     from batchwbc.engine.pipeline import default_workers
 
@@ -286,6 +286,7 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
         if res.ood_rederived is not None:
             click.echo(_ood_rederived_line(res.ood_rederived))
         click.echo(f"wrote {out} (version {res.model_version})")
+        click.echo(next_step(out))
         return exit_codes.OK
 
     _finish(work, interrupted="interrupted; no adapted model was written.",

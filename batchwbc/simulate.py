@@ -261,13 +261,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="Build simulated patients with a known differential from labelled images.")
     ap.add_argument("--data", required=True, help="labelled folder(s) in a public layout, e.g. ../shared/data")
     ap.add_argument("--out", required=True, help="new, empty slides folder to create")
-    ap.add_argument("--patients", type=int, default=4)
+    ap.add_argument("--patients", type=int, default=len(PRESETS),
+                    help=f"how many simulated patients (default {len(PRESETS)}: one per preset, so every preset, "
+                         "NRBC included, is shown)")
     ap.add_argument("--cells", type=int, default=200, help="cells per patient")
     ap.add_argument("--preset", action="append", choices=sorted(PRESETS),
                     help="composition preset; repeat to cycle patients through several (default: all)")
     ap.add_argument("--composition", action="append", default=[],
                     help='custom composition "class_id=percent,..." (repeatable; used before presets)')
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="random seed: the same seed and data give the same patients and images (default 0)")
     ap.add_argument("--copy", action="store_true", help="copy the images instead of symlinking them")
     ap.add_argument("--exclude-list", help="CSV with a 'path' column of images not to use (e.g. training files)")
     ap.add_argument("--split-csv", help="split.csv written by training (path,class_id,source,split)")

@@ -183,6 +183,9 @@ def test_adapt_fixes_a_stain_shift_and_the_model_round_trips_through_run_and_inf
     assert "plasma_cell" in r.output and "1 images skipped" in r.output
     assert "grouped by patient (3 patients)" in r.output
     assert "original  accuracy 0.500" in r.output
+    # issue 19: the next step, with the command ready to paste
+    assert f"batchwbc evaluate OTHER_PATIENTS_LABELLED --model {out} --out" in r.output
+    assert "patients it was not fitted on" in r.output
 
     clf = Classifier(out)
     assert clf.info.model_version.startswith("tiny-test-1+adapted-")

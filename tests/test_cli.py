@@ -274,7 +274,7 @@ def test_summary_csv_option_writes_one_line_per_patient(tiny, tmp_path):
     assert tuple(got[0]) == header  # the sheet's machine columns (not the technologist's, the link or the hidden Check)
     assert [g["Flag codes"] for g in got] == [row[sheet[0].index("Flag codes")] or "" for row in sheet[1:]]
     assert "Verified by" in sheet[0]  # the workbook keeps them
-    assert sum(int(g["Cells classified"]) for g in got) == len(discover(SAMPLES).crops)
+    assert sum(int(g["Cells classified"]) + int(g["Unclassified"]) for g in got) == len(discover(SAMPLES).crops)
 
 
 def test_summary_csv_must_be_a_csv_file(tiny, tmp_path):
@@ -283,3 +283,15 @@ def test_summary_csv_must_be_a_csv_file(tiny, tmp_path):
     assert r.exit_code == exit_codes.USAGE
     assert ".csv" in one_error_line(r.stderr)
     assert not (tmp_path / "r.xlsx").exists()
+
+
+def test_one_crop_in_one_folder_is_said_in_the_singular(tiny, tmp_path):
+    """Issue 19: "found 1 crops in 1 patient folders"."""
+    slides = tmp_path / "slides"
+    (slides / "A").mkdir(parents=True)
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[:] = tinymodel.colour_for("lymphocyte")[::-1]
+    cv2.imwrite(str(slides / "A" / "one.png"), img)
+    r = invoke("run", slides, "--out", tmp_path / "r.xlsx", "--model", tiny, "--workers", "0")
+    assert r.exit_code == 0, r.stderr
+    assert "found 1 crop in 1 patient folder (0 other files ignored)" in r.stderr

@@ -112,8 +112,10 @@ def test_evaluate_known_answers_workbook_and_json(tiny, tmp_path):
                              "Patients", "Bland-Altman", "Run"]
     summary = {row[0]: row[1] for row in wb["Summary"].iter_rows(min_row=2, values_only=True)}
     assert summary["Cells evaluated"] == 20
-    assert summary["Accuracy, all classes (20 cells)"] == pytest.approx(data["accuracy"])
-    assert summary["Expected calibration error (15 equal-width bins)"] == pytest.approx(data["ece"])
+    assert summary["Accuracy, all classes (20 cells, unclassified counted as misses)"] == pytest.approx(data["accuracy"])
+    assert summary["Coverage: cells classified (20 of 20; 0 unclassified)"] == 1 and data["coverage"] == 1
+    assert data["classifier"]["accuracy"] == pytest.approx(18 / 20)  # nothing unclassified: the two views agree
+    assert summary["Expected calibration error (15 equal-width bins; classifier)"] == pytest.approx(data["ece"])
     assert "embedded" in summary["Plots"]
     run_items = {row[0]: row[1] for row in wb["Run"].iter_rows(min_row=2, values_only=True)}
     assert "Unreadable: monocyte/P2/damaged.jpg" in run_items
@@ -137,7 +139,7 @@ def test_without_matplotlib_the_workbook_is_written_and_says_so(tiny, tmp_path, 
     assert len(notes) == 1
     summary = {row[0]: row[1] for row in load_workbook(out)["Summary"].iter_rows(min_row=2, values_only=True)}
     assert "matplotlib is not installed" in summary["Plots"]
-    assert summary["Accuracy, all classes (4 cells)"] == 1
+    assert summary["Accuracy, all classes (4 cells, unclassified counted as misses)"] == 1
     with zipfile.ZipFile(out) as z:
         assert not [n for n in z.namelist() if n.startswith("xl/media/")]
     # no patient sub-folders: said plainly instead of an empty comparison
@@ -210,13 +212,16 @@ def test_bundled_model_on_its_own_test_split_reproduces_its_recorded_metrics(sha
     card = Classifier(DEFAULT_MODEL_PATH, threads=1).info.json_field(KEY_TEST_METRICS)
     assert got["n"] == card["n"] == len(rows)
     near = {"abs": 6e-5}  # the metadata keeps 4 decimals
-    assert got["accuracy"] == pytest.approx(card["accuracy"], **near)
-    assert got["macro_f1"] == pytest.approx(card["macro_f1"], **near)
-    assert got["paper10"]["accuracy"] == pytest.approx(card["paper10_accuracy"], **near)
-    assert got["paper10"]["macro_f1"] == pytest.approx(card["paper10_macro_f1"], **near)
+    # the model card scores the classifier alone; the run's view (unclassified as an abstention) is apart
+    clf = got["classifier"]
+    assert clf["accuracy"] == pytest.approx(card["accuracy"], **near)
+    assert clf["macro_f1"] == pytest.approx(card["macro_f1"], **near)
+    assert clf["paper10"]["accuracy"] == pytest.approx(card["paper10_accuracy"], **near)
+    assert clf["paper10"]["macro_f1"] == pytest.approx(card["paper10_macro_f1"], **near)
     assert got["ece"] == pytest.approx(card["test_ece"], **near)
     for cls, f1 in card["f1_per_class"].items():
-        assert got["per_class"][cls]["f1"] == pytest.approx(f1, **near), cls
+        assert clf["per_class"][cls]["f1"] == pytest.approx(f1, **near), cls
+    assert got["accuracy"] <= clf["accuracy"] and got["coverage"] > 0.99  # 0.2% unclassified (model card)
 
 
 def test_folder_names_that_look_like_formulas_stay_text(tiny, tmp_path):

@@ -16,9 +16,9 @@ L, M, PLT = "lymphocyte", "monocyte", "platelet"
 
 
 def test_two_by_two_by_hand():
-    # verified L L L M M, predicted L L M M L -> [[2, 1], [1, 1]]
+    # verified L L L M M, predicted L L M M L -> [[2, 1], [1, 1]] (and no unclassified crop)
     ev = evaluate([L, L, L, M, M], [L, L, M, M, L], [0.9] * 5, [None] * 5, (L, M))
-    assert ev.confusion.tolist() == [[2, 1], [1, 1]]
+    assert ev.confusion.tolist() == [[2, 1, 0], [1, 1, 0]] and ev.columns == (L, M, "unclassified")
     lym, mono = ev.overall.per_class
     assert (lym.precision, lym.recall, lym.f1, lym.support, lym.predicted) == pytest.approx((2 / 3, 2 / 3, 2 / 3, 3, 3))
     assert (mono.precision, mono.recall, mono.f1, mono.support, mono.predicted) == pytest.approx((1 / 2, 1 / 2, 1 / 2, 2, 2))
@@ -178,3 +178,48 @@ def test_ece_is_the_training_sides_ece():
     got = reliability(conf, correct)
     assert got.ece == pytest.approx(ece)
     assert [b.n for b in got.bins] == [b["n"] for b in bins]
+
+
+# ---------------------------------------------------------------- issue 19: measure what `run` reports
+
+U = "unclassified"
+
+
+def test_unclassified_is_an_abstention_not_the_best_guess():
+    """Evaluate once scored an unclassified crop as the model's best guess; a run counts it
+    nowhere. Coverage, accuracy over classified cells and accuracy with abstentions as misses."""
+    true = [L, L, L, L, M, M]
+    run = [L, L, U, U, M, L]
+    guess = [L, L, L, M, M, L]
+    ev = evaluate(true, run, [0.9] * 6, [None] * 6, (L, M), guess_ids=guess)
+    cov = ev.coverage
+    assert (cov.n, cov.classified, cov.unclassified) == (6, 4, 2)
+    assert cov.coverage == pytest.approx(4 / 6)
+    assert cov.accuracy_classified == pytest.approx(3 / 4)
+    assert cov.accuracy_with_abstentions == pytest.approx(3 / 6) == pytest.approx(ev.overall.accuracy)
+    assert ev.confusion.tolist() == [[2, 0, 2], [1, 1, 0]]
+    lym = ev.overall.per_class[0]
+    assert lym.recall == pytest.approx(2 / 4) and lym.precision == pytest.approx(2 / 3)  # abstention: a miss
+    assert ev.classifier.accuracy == pytest.approx(4 / 6)  # the secondary, classifier-only view
+    with pytest.raises(EvaluationError):
+        evaluate(true, run, [0.9] * 6, [None] * 6, (L, M))  # no best guess for an unclassified crop
+
+
+def test_patient_differential_counts_like_the_report():
+    """The Summary's own function: unclassified crops are in no count and not in WBC (one
+    patient read 44 machine blasts of 98 WBC in evaluate, 24 of 111 in the report)."""
+    B = "myeloblast"
+    true = [B, B, L, L, L]
+    run = [B, U, L, L, U]
+    guess = [B, B, L, L, B]
+    (pc,) = evaluate(true, run, [0.9] * 5, ["P"] * 5, (L, B), guess_ids=guess).patients
+    assert pc.machine_wbc == 3 and pc.machine_unclassified == 2 and pc.verified_wbc == 5
+    row = {r.class_id: r for r in pc.rows}
+    assert row[B].machine == 1 and row[B].machine_pct == pytest.approx(100 / 3)
+
+
+def test_review_tradeoff_sends_unclassified_crops_to_review_whatever_their_confidence():
+    ev = evaluate([L, L, M], [L, U, M], [0.95, 0.99, 0.95], [None] * 3, (L, M), model_threshold=0.9,
+                  guess_ids=[L, L, M])
+    at = next(r for r in ev.thresholds if r.threshold == 0.9)
+    assert at.to_review == 1 and at.accepted == 2 and at.accuracy_accepted == pytest.approx(1.0)

@@ -139,7 +139,8 @@ def test_many_low_confidence_needs_more_than_a_high_share_in_few_cells():
 
 def test_empty_patient_only_gets_the_imprecision_flag():
     assert codes(summarize([])) == {fl.LOW_WBC}
-    assert "Only 0 WBC" in flag(summarize([]), fl.LOW_WBC).message
+    msg = flag(summarize([]), fl.LOW_WBC).message
+    assert "Only 0" not in msg and msg.startswith("No WBC classified")  # issue 19: say there are none
 
 
 def test_zero_wbc_but_nrbc_does_not_divide_by_zero():
@@ -259,9 +260,10 @@ def test_percentage_flags_on_confident_cells_with_pending_twin(group, definite, 
 def test_pending_flags_come_after_warnings_and_colour_only_when_alone():
     d = summarize(cells_of(("lymphocyte", 60, False), ("erythroblast", 1, True), ("metamyelocyte", 5, False)))
     got = fl.evaluate(d, DEFAULT_SETTINGS)
-    assert [f.code for f in got] == [fl.IG_HIGH, fl.LOW_WBC, fl.NRBC_PENDING_REVIEW]
+    assert [f.code for f in got] == [fl.IG_HIGH, fl.NRBC_PENDING_REVIEW, fl.LOW_WBC]  # LOW_WBC last (issue 19)
     assert fl.worst_severity(got) == fl.WARNING
-    assert fl.worst_severity(got[-1:]) == fl.REVIEW
+    assert fl.worst_severity(got[1:2]) == fl.REVIEW
+    assert fl.worst_severity(got[-1:]) == fl.NOTE
 
 
 def test_every_pending_code_is_machine_readable_and_distinct():
@@ -278,3 +280,59 @@ def test_rules_are_pure_functions_of_the_differential():
     before = (dict(d.counts), dict(d.confident_counts))
     assert fl.evaluate(d, DEFAULT_SETTINGS) == fl.evaluate(d, DEFAULT_SETTINGS)
     assert (dict(d.counts), dict(d.confident_counts)) == before
+
+
+# ---------------------------------------------------------------- issue 19: what is at stake first
+
+def test_flags_ordered_by_what_is_at_stake():
+    """Critical, possible critical, DATA_SHIFT, warnings, pending warnings, LOW_WBC: a possible
+    33.7 % blasts was once line 7 of 7, below "fewer than 100 WBC"."""
+    from batchwbc.engine.data_shift import ShiftDecision
+
+    d = summarize(cells_of(("lymphocyte", 50, False), ("myeloblast", 10, False), ("myeloblast", 10, True),
+                           ("metamyelocyte", 5, False), ("erythroblast", 1, True)))
+    shift = ShiftDecision(True, True, 76, 60, 0.68, 0.361)
+    got = fl.evaluate(d, DEFAULT_SETTINGS, shift=shift)
+    assert [f.code for f in got] == [fl.BLASTS_HIGH_PENDING_REVIEW, fl.DATA_SHIFT, fl.BLASTS_PRESENT, fl.IG_HIGH,
+                                     fl.NRBC_PENDING_REVIEW, fl.LOW_WBC]
+    assert got[0].severity == fl.POSSIBLE_CRITICAL and got[1].severity == fl.UNRELIABLE
+    assert fl.worst_severity(got) == fl.POSSIBLE_CRITICAL
+    crit = fl.evaluate(summarize(cells_of(("lymphocyte", 70, False), ("myeloblast", 30, False))), DEFAULT_SETTINGS,
+                       shift=shift)
+    assert [f.code for f in crit][:2] == [fl.BLASTS_HIGH, fl.DATA_SHIFT]
+
+
+def test_pending_twin_of_a_critical_rule_reads_as_urgent():
+    d = summarize(cells_of(("lymphocyte", 70, False), ("myeloblast", 10, False), ("myeloblast", 20, True)))
+    (f, *_) = fl.evaluate(d, DEFAULT_SETTINGS)
+    assert f.code == fl.BLASTS_HIGH_PENDING_REVIEW and f.severity == fl.POSSIBLE_CRITICAL
+    assert fl.SEVERITIES.index(fl.POSSIBLE_CRITICAL) < fl.SEVERITIES.index(fl.WARNING)
+
+
+def test_many_unclassified_has_its_own_flag():
+    """A third of the crops unclassified, and no DATA_SHIFT: the run must still say so."""
+    from batchwbc.engine.ood import UNCLASSIFIED
+
+    cells = cells_of(("lymphocyte", 66, False))
+    cells += [CellResult("P", f"P/u{i}.png", UNCLASSIFIED, 0.5, "lymphocyte", 0.5, True) for i in range(34)]
+    f = flag(summarize(cells), fl.MANY_UNCLASSIFIED)
+    assert f.severity == fl.UNRELIABLE and "34 of 100 crops" in f.message and "adapt" in f.message
+    few = cells_of(("lymphocyte", 99, False))
+    few += [CellResult("P", "P/u.png", UNCLASSIFIED, 0.5, "lymphocyte", 0.5, True)]
+    assert fl.MANY_UNCLASSIFIED not in codes(summarize(few))
+
+
+def test_nearly_all_in_review_is_loud_whatever_the_model_expects():
+    """After `adapt` the model's own review share was 86 %, so MANY_LOW_CONFIDENCE stayed quiet
+    while 1,557 of 1,816 cells were in review; MOSTLY_REVIEW does not follow the model."""
+    d = summarize(cells_of(("lymphocyte", 14, False), ("lymphocyte", 86, True)))
+    adapted = replace(DEFAULT_SETTINGS, low_confidence_high_pct=86.0)
+    got = codes(d, adapted)
+    assert fl.MOSTLY_REVIEW in got and fl.MANY_LOW_CONFIDENCE not in got
+    assert fl.MANY_LOW_CONFIDENCE not in codes(d)  # said once, by the louder flag
+    assert fl.MOSTLY_REVIEW not in codes(summarize(cells_of(("lymphocyte", 70, False), ("lymphocyte", 30, True))))
+
+
+def test_one_confident_cell_gives():
+    d = summarize(cells_of(("lymphocyte", 78, False), ("myeloblast", 1, False), ("myeloblast", 21, True)))
+    assert "the 1 confident cell gives" in flag(d, fl.BLASTS_HIGH_PENDING_REVIEW).message

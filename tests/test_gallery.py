@@ -503,3 +503,46 @@ def test_pending_review_flags_are_labelled_and_marked_as_such():
     assert "Pending review:</span>" in html and "sev-review" in html and "(NRBC_PENDING_REVIEW)" in html
     assert gallery._row_class([pending]) == ' class="review"'
     assert gallery._row_class([pending, Flag("IG_HIGH", "x", WARNING)]) == ' class="warning"'
+
+
+def test_possible_critical_and_unreliable_flags_stand_out():
+    """Issue 19: a possible critical finding and DATA_SHIFT each get their own loud label and row colour."""
+    from batchwbc.outputs import gallery
+    from batchwbc.core.flags import NOTE, POSSIBLE_CRITICAL, UNRELIABLE, WARNING, Flag
+
+    possible = Flag("BLASTS_HIGH_PENDING_REVIEW", "Blasts: possibly 33.7%", POSSIBLE_CRITICAL)
+    shift = Flag("DATA_SHIFT", "Data shift: 80% of cells unlike", UNRELIABLE)
+    html = gallery._flags_html([possible, shift, Flag("LOW_WBC", "Only 50 WBC", NOTE)])
+    assert "Possible critical, pending review:</span>" in html and "sev-possible_critical" in html
+    assert "Results unreliable:</span>" in html and "sev-unreliable" in html
+    assert ".sev-possible_critical{" in gallery._CSS and "tr.unreliable td:first-child" in gallery._CSS
+    assert gallery._row_class([Flag("IG_HIGH", "x", WARNING), possible]) == ' class="possible_critical"'
+
+
+def test_index_opens_with_the_unreliable_results_banner(tmp_path):
+    """Issue 19: the whole-run DATA_SHIFT verdict was only on the Run sheet; the gallery index
+    now opens with it, in plain words, with the next step."""
+    from dataclasses import replace
+
+    patients, cells_by, summaries = _small(tmp_path)
+    plain = gallery.render_index(patients, cells_by, summaries, _info())
+    assert 'class="alert"' not in plain
+    alert = "Results unreliable: 80% of this run's cells are unlike ... see docs/adaptation.md."
+    index = gallery.render_index(patients, cells_by, summaries, replace(_info(), alert=alert))
+    assert index.index('class="alert"') < index.index("<table>")
+    assert html.escape(alert) in index
+
+
+def test_confidence_is_rounded_the_way_the_threshold_compares():
+    """Issue 19: a cell at 0.7969 showed "REVIEW 0.80" beside a non-review "0.80"."""
+    assert gallery.confidence_text(0.7969) == "0.79"
+    assert gallery.confidence_text(0.80) == "0.80" and gallery.confidence_text(0.29) == "0.29"
+    assert gallery.confidence_text(1.0) == "1.00" and gallery.confidence_text(0.0) == "0.00"
+    cell = CellResult("P", "P/a.png", "lymphocyte", 0.7969, "monocyte", 0.1, True)
+    assert "0.80" not in gallery._cell_html(cell, set(), 0.8)
+
+
+def test_patient_names_do_not_wrap_mid_word():
+    """Issue 19: patient names broke mid-word (overflow-wrap:anywhere)."""
+    rule = re.search(r"td\.name\{([^}]*)\}", gallery._CSS).group(1)
+    assert "anywhere" not in rule and "break-word" in rule

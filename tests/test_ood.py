@@ -136,6 +136,37 @@ def test_data_shift_raised_for_shifted_batch_not_for_in_distribution(clf):
     assert not few.decided and not few.raised
 
 
+def test_data_shift_says_one_plain_sentence_with_the_next_step():
+    """Issue 19: the terminal repeated its sentence and printed "lower 95% bound 78.4% > 36.1%"."""
+    raised = data_shift.ShiftDecision(True, True, 200, 160, 0.738, 0.361)
+    text = raised.text()
+    assert text.startswith("80% of cells (160 of 200) are unlike the model's validation data")
+    assert "bound" not in text and "36.1" not in text
+    assert "73.8%" in raised.detail() and "36.1%" in raised.detail()  # the statistic stays for the Run sheet
+    line = data_shift.log_line({"A": raised, "B": data_shift.ShiftDecision(False, True, 50, 10, 0.1, 0.361)}, raised)
+    assert line.count("unlike") == 1 and line.count(". ") == 0 and line.endswith(".")
+    assert "80% of this run's cells" in line and "1 of 2 patients checked (A)" in line
+    assert "batchwbc evaluate" in line and "batchwbc adapt" in line and "bound" not in line
+
+
+def test_run_alert_names_data_shift_and_unsuited_patients_with_the_next_step():
+    from batchwbc.core.records import CellResult
+    from batchwbc.core.summary import run_alert, summarize_groups
+
+    quiet = data_shift.ShiftDecision(False, True, 100, 20, 0.13, 0.361)
+    raised = data_shift.ShiftDecision(True, True, 100, 90, 0.8, 0.361)
+    cells = [CellResult("A", f"A/{i}.png", "lymphocyte", 0.99, "monocyte", 0.01, False) for i in range(100)]
+    plain = summarize_groups(["A"], cells, [], Settings(), {"A": quiet})
+    assert run_alert(plain, quiet) is None
+    shifted = summarize_groups(["A"], cells, [], Settings(), {"A": raised})
+    text = run_alert(shifted, raised)
+    assert text.startswith("Results unreliable: 90% of this run's cells and the cells of 1 of 1 patient are unlike")
+    assert "batchwbc evaluate" in text and "batchwbc adapt" in text and "docs/adaptation.md" in text
+    review = [CellResult("B", f"B/{i}.png", "lymphocyte", 0.3, "monocyte", 0.2, True) for i in range(90)]
+    unsuited = summarize_groups(["A", "B"], cells + review, [], Settings())
+    assert "for 1 of 2 patients the model recognised few crops or is unsure of most cells" in run_alert(unsuited)
+
+
 def test_data_shift_flag_is_raised_only_from_a_raised_decision():
     d = summarize([])
     raised = data_shift.ShiftDecision(True, True, 100, 90, 0.8, 0.26)
@@ -180,6 +211,12 @@ def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
     items = {r[0]: r[1] for r in wb["Run"].iter_rows(values_only=True)}
     assert items["Unclassified cells (not recognised as a cell the model knows; in no count)"] == 30
     assert "DATA_SHIFT" in items["Data shift (whole run, compared with the model's own validation data)"]
+    # issue 19: impossible to miss, and it says what to do next
+    banner = wb["Summary"].cell(row=1, column=1).value
+    assert "DATA_SHIFT" in banner and "batchwbc evaluate" in banner and "batchwbc adapt" in banner
+    assert "docs/adaptation.md" in banner and "lower 95% bound" not in banner
+    assert wb["Summary"].cell(row=1, column=1).fill.fgColor.rgb.endswith("E4D2F0")
+    assert "batchwbc evaluate" in items["Results unreliable (the Summary's banner)"]
     review = list(wb["Review"].iter_rows(values_only=True))
     assert any(ood.UNCLASSIFIED_REASON in str(r[3]) for r in review[1:])
 

@@ -119,7 +119,7 @@ def test_summary_shows_every_class_percentage_smudge_and_a_link_to_the_different
     run, wb = book
     ws = wb["Summary"]
     header = [c.value for c in ws[2]]
-    for col in ("Seg %", "Lymph %", "Mono %", "Eos %", "Baso %", "Blasts %", "IG %", "Band %",
+    for col in ("Seg %", "Lymph %", "Mono %", "Eos %", "Baso %", "Blasts % all cells", "IG % all cells", "Band % all cells",
                 "Smudge cells", "Smudge % of all cells", "Every class"):
         assert col in header
     p2 = next(r for r in ws.iter_rows(min_row=3) if r[0].value == "P2")

@@ -116,7 +116,7 @@ def test_sheets_headers_and_frozen_header_rows(written):
         assert table(ws)[0][: len(cols)] == tuple(cols)
         assert ws.freeze_panes == f"A{workbook.HEADER_ROWS[name] + 1}"
         assert ws.column_dimensions["A"].width > 8
-    for required in ("Patient", "Cells classified", "WBC", "Flags", "Blasts %", "IG %", "Band %",
+    for required in ("Patient", "Cells classified", "WBC", "Flags", "Blasts % all cells", "IG % all cells", "Band % all cells",
                      "NRBC /100 WBC", "Review cells", "Unreadable files"):
         assert required in workbook.SUMMARY_COLUMNS
 
@@ -159,19 +159,20 @@ def test_summary_values_flags_and_colours(written):
     assert list(by_patient) == run.patients  # every group, empty and failed ones included, in order
     p1 = by_patient["P1"]
     assert (p1["Cells classified"], p1["WBC"], p1["Platelets"], p1["Review cells"]) == (106, 103, 1, 3)
-    assert p1["Blasts %"] == pytest.approx(100 * 23 / 103, abs=1e-3)
+    assert p1["Blasts % all cells"] == pytest.approx(100 * 23 / 103, abs=1e-3)
     assert p1["NRBC /100 WBC"] == pytest.approx(100 * 2 / 103, abs=1e-3)
     assert p1["Flag codes"] == "BLASTS_HIGH; NRBC_PRESENT"  # '; '-separated, as issue 12 shows
     assert "23/103 WBC" in p1["Flags"]
     p2 = by_patient["P2"]
-    assert p2["Flags"] == "none" and p2["Unreadable files"] == 1 and p2["IG %"] == 0
+    assert p2["Flags"] == "none" and p2["Unreadable files"] == 1 and p2["IG % all cells"] == 0
     empty = by_patient["EMPTY"]
-    assert empty["Cells classified"] == 0 and empty["Blasts %"] is None and "LOW_WBC" in empty["Flag codes"]
+    assert empty["Cells classified"] == 0 and empty["Blasts % all cells"] is None and "LOW_WBC" in empty["Flag codes"]
     assert "permission denied" in by_patient["FAILED"]["Notes"]
-    # Colours: red for the critical row, amber for a warning-only row, none for a clean one.
+    # Colours: red for the critical row, grey for a row whose only flag is LOW_WBC (a note on
+    # precision, issue 19), none for a clean one.
     fills = {r[0].value: r[3].fill.fgColor.rgb for r in ws.iter_rows(min_row=3)}
     assert fills["P1"].endswith("FFC7CE")
-    assert fills["EMPTY"].endswith("FFEB9C")
+    assert fills["EMPTY"].endswith("EDEDED")
     assert fills["P2"] in (None, "00000000")
 
 
@@ -259,7 +260,8 @@ def test_errors_and_run_sheets(written):
     assert items["Slides root"] == "/data/slides"
     assert items["Duration (h:mm:ss)"] == "0:03:07"
     # Counts are stored as numbers, not as text that looks like a number.
-    assert items["Cells classified"] == len(run.cells)
+    assert items["Crops read (cells classified + unclassified; rows of the Cells sheet)"] == len(run.cells)
+    assert items["Cells classified"] == len(run.cells)  # none unclassified here
     assert items["Unreadable files"] == 2 and items["Patients that failed as a whole"] == 1
     assert items["Patients"] == len(run.patients) and items["Model input size (px)"] == 32
     assert items["Review threshold used (confidence below it goes to Review)"] == 0.6
@@ -542,9 +544,9 @@ def test_summary_csv_is_the_summary_sheet(written, tmp_path):
         assert g["Flags"] == s["Flags"].replace("\n", " | ")
         for col in ("Cells classified", "WBC", "Review cells", "Platelets"):
             assert int(g[col]) == s[col]
-        assert (g["Blasts %"] == "") is (s["Blasts %"] is None)
-        if s["Blasts %"] is not None:
-            assert float(g["Blasts %"]) == pytest.approx(s["Blasts %"])
+        assert (g["Blasts % all cells"] == "") is (s["Blasts % all cells"] is None)
+        if s["Blasts % all cells"] is not None:
+            assert float(g["Blasts % all cells"]) == pytest.approx(s["Blasts % all cells"])
     p1 = next(g for g in got if g["Patient"] == "P1")
     assert p1["Flag codes"].split("; ") == ["BLASTS_HIGH", "NRBC_PRESENT"]
     assert any(g["Patient"].startswith("'=") for g in got)  # formula-like names guarded, as in the cells CSV
@@ -580,3 +582,42 @@ def test_pending_review_flag_has_its_own_light_colour(tmp_path):
     assert row["Flag codes"] == "NRBC_PENDING_REVIEW"
     assert "1 possible erythroblast, pending review" in row["Flags"]
     assert ws.cell(row=workbook.HEADER_ROWS["Summary"] + 1, column=1).fill.fgColor.rgb.endswith("DDEBF7")
+
+
+def test_possible_critical_flag_is_first_and_coloured_as_urgent(tmp_path):
+    """Issue 19: "Blasts: possibly 33.7 % ... pending review" was line 7 of 7 in light blue; a
+    possible critical finding comes first and is orange-red and bold, LOW_WBC comes last."""
+    cells = ([mk("P", "lymphocyte", i) for i in range(50)] + [mk("P", "myeloblast", i) for i in range(5)]
+             + [mk("P", "myeloblast", 100 + i, conf=0.4) for i in range(15)])
+    run = make_run(extra_patients=())
+    run.cells, run.patients, run.errors = cells, ["P"], []
+    out = tmp_path / "r.xlsx"
+    write(run, DEFAULT_SETTINGS, out)
+    ws = load_workbook(out)["Summary"]
+    row = as_dicts(ws)[0]
+    codes = row["Flag codes"].split(workbook.FLAG_CODE_SEPARATOR)
+    assert codes[0] == "BLASTS_HIGH_PENDING_REVIEW" and codes[-1] == "LOW_WBC"
+    assert row["Flags"].splitlines()[0].startswith("Blasts: possibly")
+    first = ws.cell(row=workbook.HEADER_ROWS["Summary"] + 1, column=1)
+    assert first.fill.fgColor.rgb.endswith(workbook._FILLS["possible_critical"]) and first.font.b
+
+
+def test_one_number_per_question_in_the_summary(tmp_path):
+    """Issue 19: a row showed Blasts 17.6 % (all cells) beside a flag "4 confident blasts (4.7 %
+    of 85 WBC)", and "Cells classified" counted unclassified crops. Two headed columns now, and
+    Cells classified + Unclassified = crops read."""
+    from batchwbc.engine.ood import UNCLASSIFIED
+
+    cells = ([mk("P", "lymphocyte", i) for i in range(70)] + [mk("P", "myeloblast", i) for i in range(4)]
+             + [mk("P", "myeloblast", 100 + i, conf=0.4) for i in range(11)]
+             + [CellResult("P", f"P/u{i}.jpg", UNCLASSIFIED, 0.5, "lymphocyte", 0.5, True) for i in range(5)])
+    run = make_run(extra_patients=())
+    run.cells, run.patients, run.errors = cells, ["P"], []
+    out = tmp_path / "r.xlsx"
+    write(run, DEFAULT_SETTINGS, out)
+    row = as_dicts(load_workbook(out)["Summary"])[0]
+    assert row["Blasts % all cells"] == pytest.approx(100 * 15 / 85, abs=1e-3)
+    assert row["Blasts % confident cells"] == pytest.approx(100 * 4 / 85, abs=1e-3)
+    assert "4 confident blasts (4.7% of 85 WBC)" in row["Flags"]
+    assert (row["Cells classified"], row["Unclassified"], row["WBC"]) == (85, 5, 85)
+    assert "Blasts %" not in row  # no header that leaves the reader to guess which figure it is

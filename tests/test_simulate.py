@@ -223,3 +223,15 @@ def test_bundled_model_recovers_simulated_real_patients(tmp_path):
             err = abs(100.0 * got.get(cid, 0) / n - 100.0 * p)
             tol = tolerance_pct(p, n, true_frac, metrics)
             assert err <= tol, f"{patient}: {cid} reported {100 * got.get(cid, 0) / n:.1f}% vs true {100 * p:.1f}% (tolerance {tol:.1f})"
+
+
+def test_help_explains_every_option_and_the_default_shows_every_preset(capsys):
+    """Issue 19: --patients and --seed had no help, and the default of 4 patients never used the
+    NRBC preset."""
+    with pytest.raises(SystemExit):
+        simulate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--patients", "--seed"):
+        after = text.split(option, 2)[-1][:60]
+        assert len(after.strip().split()) > 3, f"{option} has no help"
+    assert f"default {len(simulate.PRESETS)}" in text and "nrbc" in simulate.PRESETS

@@ -584,3 +584,50 @@ def test_the_verified_workbook_is_laid_out_for_paper_like_the_report(made, tmp_p
     assert str(dv.sqref) == f"{letter}2:{letter}{cells.max_row}"  # every row below the header row
     again = invoke("verify", out, "--out", tmp_path / "again.xlsx")
     assert again.exit_code == exit_codes.OK, again.stderr
+
+
+def test_export_follows_links_as_run_read_them_and_refuses_only_dotdot_paths(made, tmp_path):
+    """Issue 19: slides made by `python -m batchwbc.simulate` are symbolic links to a data
+    folder elsewhere; `run` read them, yet the export resolved each link, found its target
+    outside the slides folder and exported 0 cells (exit 3)."""
+    import os
+
+    from batchwbc.outputs.labelled_export import leaves_root
+
+    slides, _, _ = made
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    data, linked = tmp_path / "data", tmp_path / "linked-slides"
+    shutil.copytree(slides, data)
+    for f in data.rglob("*.png"):
+        target = linked / f.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(f, target)
+        except OSError:
+            pytest.skip("no symbolic-link rights here")
+    out, labelled = tmp_path / "v.xlsx", tmp_path / "labelled"
+    r = invoke("verify", rep, "--out", out, "--export-labelled", labelled, "--slides", linked)
+    assert r.exit_code == exit_codes.OK, r.stderr
+    assert len(read_labelled(labelled, catalogue.CLASS_IDS).items) == 10 + 3
+    for bad in ("../secret.png", "P1/../../x.png", "/etc/passwd", "C:/x.png", "..\\x.png"):
+        assert leaves_root(bad), bad
+    for ok in ("P1/a.png", "P1/sub/a..b.png", "<root>/a.png"):
+        assert not leaves_root(ok), ok
+
+
+def test_an_evaluate_workbook_is_named_and_pointed_to_the_right_command(tmp_path):
+    """Issue 19: verify said "the Run sheet lacks the column Check ... not written by this
+    batchwbc version" for the workbook of `batchwbc evaluate`; say what the file is instead."""
+    from batchwbc.outputs.evaluation_workbook import SHEETS
+
+    wb = Workbook()
+    wb.remove(wb.active)
+    for name in SHEETS:
+        wb.create_sheet(name).append(("Item", "Value"))
+    path = tmp_path / "EVAL.xlsx"
+    wb.save(path)
+    r = invoke("verify", path, "--out", tmp_path / "v.xlsx")
+    assert r.exit_code == exit_codes.USAGE
+    (line,) = error_lines(r.stderr)
+    assert "batchwbc evaluate" in line and "batchwbc run" in line and "Check" not in line

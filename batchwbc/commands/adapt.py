@@ -211,6 +211,18 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
     return result
 
 
+def next_step(out: Path) -> str:
+    """What to do with the adapted model before a lab relies on it: its cross-validation was
+    on the cells it was fitted to, so check it on verified cells of other patients (after an
+    adaptation DATA_SHIFT vanished while a third of the crops stayed unclassified: only an
+    evaluation on unseen patients shows that). The command is printed ready to paste."""
+    import shlex
+
+    model = shlex.quote(str(out))
+    return ("next: check the adapted model on verified cells of patients it was not fitted on, before using it: "
+            f"batchwbc evaluate OTHER_PATIENTS_LABELLED --model {model} --out EVAL-adapted.xlsx")
+
+
 def _check_enough(counts, labelled: Path) -> None:
     total = sum(counts.values())
     if total == 0:

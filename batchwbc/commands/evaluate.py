@@ -35,12 +35,13 @@ class LabelledPredictions:
     """One entry per crop that could be classified, in the labelled folder's order."""
 
     true_ids: list[str] = field(default_factory=list)
-    pred_ids: list[str] = field(default_factory=list)
+    pred_ids: list[str] = field(default_factory=list)  # the run's answer: a class, or ood.UNCLASSIFIED
+    guess_ids: list[str] = field(default_factory=list)  # the model's best class, also for an unclassified crop
     confidence: list[float] = field(default_factory=list)
     patients: list[str | None] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # relative to the labelled folder
     errors: "list[FileError]" = field(default_factory=list)  # unreadable crops (patient = class folder)
-    unclassified: int = 0  # crops beyond the model's OOD reference; scored by the model's best class
+    unclassified: int = 0  # crops beyond the model's OOD reference: abstentions, as in a run
 
 
 @dataclass
@@ -98,11 +99,13 @@ def predict_labelled(labelled: "LabelledSet", root: Path, classifier: "Classifie
     for cell in result.cells:
         item = by_rel[cell.file]
         out.true_ids.append(item.class_id)
-        # An unclassified crop keeps the model's best class as its second class (pipeline): the
-        # metrics judge the classifier's answer, and the Run sheet counts how many were unclassified.
+        # An unclassified crop keeps the model's best class as its second class (pipeline). The
+        # primary metrics judge the run's answer (an abstention, in no count of the report); the
+        # best class feeds only the classifier-only view and the calibration.
         unclassified = cell.class_id == UNCLASSIFIED
         out.unclassified += unclassified
-        out.pred_ids.append(cell.second_class if unclassified else cell.class_id)
+        out.pred_ids.append(cell.class_id)
+        out.guess_ids.append(cell.second_class if unclassified else cell.class_id)
         out.confidence.append(float(cell.confidence))
         out.patients.append(item.patient)
         out.files.append(cell.file)
@@ -167,13 +170,15 @@ def run_evaluate(opts: EvaluateOptions) -> int:
         raise JobError(exit_codes.FAILED, f"none of the {len(labelled.items)} labelled crops could be decoded; "
                                       "no evaluation was written.")
     result: Evaluation = agreement.evaluate(preds.true_ids, preds.pred_ids, preds.confidence, preds.patients,
-                                             info.classes, model_threshold=info.review_threshold)
+                                             info.classes, model_threshold=info.review_threshold,
+                                             guess_ids=preds.guess_ids)
     run = EvaluationRun(
         labelled_root=str(Path(labelled_root).resolve()), model=info, started=started,
         finished=datetime.now().astimezone(), tool_version=__version__, found=found,
         unknown_folders=labelled.unknown_folders, skipped=labelled.skipped, errors=preds.errors,
         extra={"Decode workers": str(n_workers), "Batch size": str(batch_size),
-               "Unclassified crops (out-of-distribution; scored by the model's best class)": str(preds.unclassified)},
+               "Unclassified crops (not recognised as a cell the model knows; abstentions, as in a run)":
+                   str(preds.unclassified)},
     )
     try:
         plots_note = evaluation_workbook.write_workbook(result, run, out)
@@ -183,9 +188,12 @@ def run_evaluate(opts: EvaluateOptions) -> int:
         raise JobError(exit_codes.FAILED, f"the evaluation could not be written ({str(exc).rstrip('.')}).") from None
     if plots_note:
         log.warning("%s", plots_note)
-    log.info("evaluated %d cells: accuracy %s, macro-F1 %s (paper's ten: %s / %s), ECE %s; %.1f s; workbook: %s",
-             result.n, _fmt(result.overall.accuracy), _fmt(result.overall.macro_f1), _fmt(result.paper10.accuracy),
-             _fmt(result.paper10.macro_f1), _fmt(result.calibration.ece), time.monotonic() - t0, out)
+    cov = result.coverage
+    log.info("evaluated %d cells as a run reports them: %s classified, accuracy %s over the classified cells and %s "
+             "with unclassified crops as misses, macro-F1 %s (paper's ten: %s / %s), ECE %s; %.1f s; workbook: %s",
+             result.n, _pct(cov.coverage), _fmt(cov.accuracy_classified), _fmt(cov.accuracy_with_abstentions),
+             _fmt(result.overall.macro_f1), _fmt(result.paper10.accuracy), _fmt(result.paper10.macro_f1),
+             _fmt(result.calibration.ece), time.monotonic() - t0, out)
     if preds.errors:
         log.warning("%d labelled %s could not be read and %s left out; see the Run sheet.", len(preds.errors),
                     "crop" if len(preds.errors) == 1 else "crops", "is" if len(preds.errors) == 1 else "are")
@@ -195,4 +203,8 @@ def run_evaluate(opts: EvaluateOptions) -> int:
 
 def _fmt(x: float) -> str:
     return "n/a" if x != x else f"{x:.3f}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}%"
 

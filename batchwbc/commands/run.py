@@ -235,8 +235,10 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         found = find_crops(opts.slides)  # the slide-folder layout (inputs/sources.py lists the sources)
     except DiscoveryError as exc:
         raise JobError(exit_codes.USAGE, str(exc)) from None
-    log.info("found %d crops in %d patient folders (%d other files ignored)",
-             len(found.crops), len(found.patients), found.ignored_total)
+    log.info("found %d %s in %d patient %s (%d other %s ignored)",
+             len(found.crops), "crop" if len(found.crops) == 1 else "crops", len(found.patients),
+             "folder" if len(found.patients) == 1 else "folders", found.ignored_total,
+             "file" if found.ignored_total == 1 else "files")
     if not found.crops and not opts.allow_empty:
         raise JobError(exit_codes.NO_INPUT, f"no images found below {opts.slides} (an empty folder or an unmounted share?); "
                                            "no report was written and the previous one is untouched (--allow-empty writes an empty report).")
@@ -294,7 +296,10 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
 
 def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides: Path, html_dir: Path) -> None:
     """The --html gallery, written after the workbook: a failure here leaves the workbook written."""
+    from dataclasses import replace
+
     from batchwbc.outputs.gallery import GalleryError, GalleryRunInfo, write_gallery
+    from batchwbc.core.summary import run_alert
 
     t = time.monotonic()
     by_patient = {s.patient: s for s in summaries}
@@ -302,7 +307,8 @@ def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides
     for cell in run.cells:
         cells_by.setdefault(cell.patient, []).append(cell)
     try:
-        res = write_gallery(html_dir, list(by_patient), cells_by, by_patient, GalleryRunInfo.from_run(run), slides)
+        info = replace(GalleryRunInfo.from_run(run), alert=run_alert(summaries, run.data_shift))
+        res = write_gallery(html_dir, list(by_patient), cells_by, by_patient, info, slides)
     except GalleryError as exc:
         raise JobError(exit_codes.FAILED, f"{str(exc).rstrip('.')}; the workbook was written.") from None
     log.info("HTML gallery: %d patient pages, %d cells, %d thumbnails, %.1f s; open %s",

@@ -275,8 +275,10 @@ def write_verified_gallery(opts: VerifyOptions, contents: "ReportContents",
     marked, each patient's sign-off on the index), written after the workbook: a failure
     here leaves the workbook written."""
     import time
+    from dataclasses import replace
 
     from batchwbc.outputs.gallery import GalleryError, write_gallery
+    from batchwbc.core.summary import run_alert
 
     t = time.monotonic()
     by_patient = {p.patient: p.post for p in patients}
@@ -284,8 +286,9 @@ def write_verified_gallery(opts: VerifyOptions, contents: "ReportContents",
     machine = {(c.patient, c.file): c.class_id for p in patients for c in p.pre.cells}
     corrected = {key: cid for p in patients for c in p.post.cells
                  if (cid := machine[(key := (c.patient, c.file))]) != c.class_id}
+    info = replace(gallery_run_info(contents), alert=run_alert(list(by_patient.values())))
     try:
-        res = write_gallery(opts.html_dir, list(by_patient), cells_by, by_patient, gallery_run_info(contents),
+        res = write_gallery(opts.html_dir, list(by_patient), cells_by, by_patient, info,
                             _crops_root(opts, contents), corrected=corrected,
                             signoffs=gallery_signoffs(patients))
     except GalleryError as exc:

@@ -8,19 +8,28 @@ own test split reproduces the model card):
 
 * Per-class precision, recall and F1 with 0 where a ratio has no denominator (scikit-learn's
   ``zero_division=0``).
+* What a run reports: a crop the model does not recognise (ood.UNCLASSIFIED) is an
+  *abstention*, in no count of the report. So the primary numbers judge the run's answer:
+  coverage (share of cells classified), accuracy over the classified cells, and accuracy (and
+  per-class recall) with abstentions counted as misses; the confusion matrix has an
+  "unclassified" column. The classifier-only view, which scores an unclassified crop by the
+  model's best guess, is kept apart and named so (`classifier`, `classifier_paper10`): once one
+  patient read 44 machine blasts of 98 WBC there against 24 of 111 in the report.
 * "All classes": accuracy over every evaluated cell; macro-F1 averaged over the classes the
   lab verified at least one cell of (a class nobody labelled has no recall to average).
 * "Paper's ten" (catalogue.PAPER_CLASS_IDS): only cells whose *verified* class is one of the
   ten; a prediction outside them (e.g. platelet) counts as an error, and precision is
   computed among those cells - as train/evaluate.py and the published comparison do.
-* Calibration: confidence = the top calibrated probability; equal-width bins, the first
+* Calibration (a property of the classifier): confidence = the top calibrated probability,
+  judged against the model's best guess; equal-width bins, the first
   [0, 1/B] and the rest (lo, hi]; expected calibration error (ECE) = sum over bins of
   (cells in bin / all cells) x |accuracy - mean confidence| (Guo et al., ICML 2017). 15 bins
   as in train/calibration.py, so the ECE is comparable with the model card's.
-* Review: a cell goes to review when its confidence is *below* the threshold, as in a run.
-* Per patient, the machine's and the verified differential over the same cells, each as % of
-  that side's WBC (catalogue counts_in_wbc: erythroblasts, platelets and smudge cells are not
-  in the denominator), and per class the Bland-Altman bias and 95% limits of agreement of
+* Review: a cell goes to review when its confidence is *below* the threshold, and an
+  unclassified crop always does, as in a run.
+* Per patient, the machine's and the verified differential over the same cells, each counted
+  by the run's own function (differential.summarize, the Summary's code path: unclassified
+  crops in no count, erythroblasts, platelets and smudge cells not in the WBC denominator), and per class the Bland-Altman bias and 95% limits of agreement of
   (machine - verified) across patients - the method comparison of CLSI H20-A2 (Bland &
   Altman, Lancet 1986).
 """
@@ -72,6 +81,18 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class Coverage:
+    """What share of the cells the run classifies, and how right it is, the way its report counts."""
+
+    n: int  # cells evaluated
+    classified: int  # given a class (not unclassified)
+    unclassified: int  # abstentions: in no count of the report
+    coverage: float  # classified / n (nan when n == 0)
+    accuracy_classified: float  # right / classified (nan when nothing is classified)
+    accuracy_with_abstentions: float  # right / n: an unclassified crop is a miss
+
+
+@dataclass(frozen=True)
 class ReliabilityBin:
     lo: float
     hi: float
@@ -102,7 +123,7 @@ class PatientClassRow:
     verified: int
     verified_pct: float  # % of the verified WBC (nan when it is 0)
     machine: int
-    machine_pct: float  # % of the machine's WBC (nan when it is 0)
+    machine_pct: float  # % of the machine's WBC, counted as the run counts (nan when it is 0)
 
     @property
     def difference(self) -> float:
@@ -117,6 +138,7 @@ class PatientComparison:
     verified_wbc: int
     machine_wbc: int
     rows: tuple[PatientClassRow, ...]
+    machine_unclassified: int = 0  # crops the run leaves unclassified: in no count, as in the report
 
 
 @dataclass(frozen=True)
@@ -133,10 +155,13 @@ class BlandAltman:
 
 @dataclass(frozen=True)
 class Evaluation:
-    classes: tuple[str, ...]  # the model's classes: rows and columns of `confusion`
-    confusion: "np.ndarray"  # [true, predicted] counts
-    overall: Summary
+    classes: tuple[str, ...]  # the model's classes: rows of `confusion`, and its columns but the last
+    confusion: "np.ndarray"  # [true, run's answer] counts; the last column is "unclassified"
+    overall: Summary  # the run's answers: an unclassified crop is a miss
     paper10: Summary
+    coverage: Coverage
+    classifier: Summary  # classifier only: an unclassified crop scored by the model's best guess
+    classifier_paper10: Summary
     calibration: Calibration
     thresholds: tuple[ThresholdRow, ...]
     model_threshold: float | None
@@ -148,20 +173,28 @@ class Evaluation:
     def n(self) -> int:
         return int(self.confusion.sum())
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The confusion matrix's columns: the model's classes, then unclassified."""
+        from batchwbc.engine.ood import UNCLASSIFIED
+
+        return (*self.classes, UNCLASSIFIED)
+
 
 # ------------------------------------------------------------------ confusion and F1
 
-def confusion_matrix(true_idx: Sequence[int], pred_idx: Sequence[int], k: int) -> "np.ndarray":
-    """k x k counts, rows = verified class, columns = predicted class."""
+def confusion_matrix(true_idx: Sequence[int], pred_idx: Sequence[int], k: int, columns: int | None = None) -> "np.ndarray":
+    """k x columns counts (columns defaults to k), rows = verified class, columns = predicted class."""
     import numpy as np
 
+    cols = k if columns is None else columns
     t = np.asarray(true_idx, dtype=np.int64)
     p = np.asarray(pred_idx, dtype=np.int64)
     if t.shape != p.shape:
         raise EvaluationError("verified and predicted labels differ in number.")
-    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= k):
+    if t.size and (min(t.min(), p.min()) < 0 or t.max() >= k or p.max() >= cols):
         raise EvaluationError("a label index lies outside the class list.")
-    cm = np.zeros((k, k), dtype=np.int64)
+    cm = np.zeros((k, cols), dtype=np.int64)
     np.add.at(cm, (t, p), 1)
     return cm
 
@@ -176,7 +209,7 @@ def summarize(cm: "np.ndarray", classes: Sequence[str], subset: Sequence[str], n
     import numpy as np
 
     idx = [classes.index(c) for c in subset if c in classes]
-    rows = cm[idx, :] if idx else np.zeros((0, len(classes)), dtype=np.int64)
+    rows = cm[idx, :] if idx else np.zeros((0, cm.shape[1]), dtype=np.int64)
     n = int(rows.sum())
     per = []
     for j, i in enumerate(idx):
@@ -218,16 +251,19 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: in
 
 
 def review_tradeoff(confidence: Sequence[float], correct: Sequence[bool],
-                    thresholds: Sequence[float] = REVIEW_THRESHOLDS) -> tuple[ThresholdRow, ...]:
-    """For each threshold: how many cells a person must look at, and how right the rest are."""
+                    thresholds: Sequence[float] = REVIEW_THRESHOLDS,
+                    always: Sequence[bool] | None = None) -> tuple[ThresholdRow, ...]:
+    """For each threshold: how many cells a person must look at, and how right the rest are.
+    `always` marks cells a run sends to review whatever their confidence (unclassified crops)."""
     import numpy as np
 
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
+    forced = np.zeros(conf.shape, dtype=bool) if always is None else np.asarray(always, dtype=bool)
     n, n_err = conf.size, int((~ok).sum())
     out = []
     for t in sorted(set(float(x) for x in thresholds)):
-        review = conf < t
+        review = (conf < t) | forced
         k = int(review.sum())
         accepted = ~review
         out.append(ThresholdRow(
@@ -250,22 +286,30 @@ def _pct(count: int, denominator: int) -> float:
 def patient_comparisons(true_ids: Sequence[str], pred_ids: Sequence[str], patients: Sequence[str | None],
                         classes: Sequence[str]) -> tuple[PatientComparison, ...]:
     """Machine vs verified differential for each patient (cells without a patient are left out),
-    over the model's WBC classes, in order of first appearance."""
-    from collections import Counter
+    over the model's WBC classes, in order of first appearance. Both sides are counted by
+    differential.summarize, the function behind the report's Summary, so an unclassified crop
+    (in `pred_ids`) is in no count here either and a patient's numbers are the report's."""
+    from batchwbc.core.differential import summarize as count
+    from batchwbc.core.records import CellResult
 
     wbc = [c for c in classes if catalogue.get(c).counts_in_wbc]
-    groups: dict[str, tuple[Counter, Counter]] = {}
+    groups: dict[str, tuple[list[CellResult], list[CellResult]]] = {}
     for t, p, who in zip(true_ids, pred_ids, patients):
         if who is None:
             continue
-        v, m = groups.setdefault(who, (Counter(), Counter()))
-        v[t] += 1
-        m[p] += 1
+        v, m = groups.setdefault(who, ([], []))
+        v.append(CellResult(who, "", t, 1.0, "", 0.0, False))
+        m.append(CellResult(who, "", p, 1.0, "", 0.0, False))
+
+    def pct(x: float | None) -> float:
+        return NAN if x is None else x
+
     out = []
     for who, (v, m) in groups.items():
-        v_wbc, m_wbc = sum(v[c] for c in wbc), sum(m[c] for c in wbc)
-        rows = tuple(PatientClassRow(c, v[c], _pct(v[c], v_wbc), m[c], _pct(m[c], m_wbc)) for c in wbc)
-        out.append(PatientComparison(who, sum(v.values()), v_wbc, m_wbc, rows))
+        dv, dm = count(v), count(m)
+        rows = tuple(PatientClassRow(c, dv.counts[c], pct(dv.percent.get(c)), dm.counts[c], pct(dm.percent.get(c)))
+                     for c in wbc)
+        out.append(PatientComparison(who, len(v), dv.wbc, dm.wbc, rows, dm.unclassified))
     return tuple(out)
 
 
@@ -301,25 +345,47 @@ def bland_altman_by_class(comparisons: Sequence[PatientComparison]) -> tuple[Bla
 
 # ------------------------------------------------------------------ everything at once
 
+def coverage(true_ids: Sequence[str], pred_ids: Sequence[str]) -> Coverage:
+    """Coverage and the two accuracies of the run's answers (pred_ids may be UNCLASSIFIED)."""
+    from batchwbc.engine.ood import UNCLASSIFIED
+
+    n = len(true_ids)
+    classified = sum(1 for p in pred_ids if p != UNCLASSIFIED)
+    right = sum(1 for t, p in zip(true_ids, pred_ids) if t == p)
+    return Coverage(n, classified, n - classified, _ratio(classified, n) if n else NAN,
+                    _ratio(right, classified) if classified else NAN, _ratio(right, n) if n else NAN)
+
+
 def evaluate(true_ids: Sequence[str], pred_ids: Sequence[str], confidence: Sequence[float],
              patients: Sequence[str | None], classes: Sequence[str], model_threshold: float | None = None,
-             n_bins: int = DEFAULT_CALIBRATION_BINS) -> Evaluation:
-    """All of `batchwbc evaluate`'s numbers from per-cell verified class, predicted class,
-    confidence and patient (None: no patient folder)."""
+             n_bins: int = DEFAULT_CALIBRATION_BINS, guess_ids: Sequence[str] | None = None) -> Evaluation:
+    """All of `batchwbc evaluate`'s numbers from per-cell verified class, the run's answer
+    (a class, or ood.UNCLASSIFIED), confidence and patient (None: no patient folder).
+    `guess_ids` is the model's best class for every cell (for an unclassified crop, the class
+    it would have said), for the classifier-only view and the calibration; it defaults to
+    `pred_ids`, which then may not hold UNCLASSIFIED."""
+    from batchwbc.engine.ood import UNCLASSIFIED
+
     classes = tuple(classes)
     n = len(true_ids)
-    if not (len(pred_ids) == len(confidence) == len(patients) == n):
+    guess_ids = pred_ids if guess_ids is None else guess_ids
+    if not (len(pred_ids) == len(confidence) == len(patients) == len(guess_ids) == n):
         raise EvaluationError("the per-cell lists differ in length.")
     pos = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({c for c in (*true_ids, *pred_ids) if c not in pos})
+    unknown = sorted({c for c in (*true_ids, *guess_ids) if c not in pos}
+                     | {c for c in pred_ids if c not in pos and c != UNCLASSIFIED})
     if unknown:
         raise EvaluationError(f"labels outside the model's classes: {', '.join(unknown)}.")
     for x in confidence:
         # float32 softmax may land a hair above 1; nan fails every comparison and is refused
         if not (-_CONF_SLACK <= x <= 1.0 + _CONF_SLACK):
             raise EvaluationError("a confidence lies outside 0..1.")
-    cm = confusion_matrix([pos[c] for c in true_ids], [pos[c] for c in pred_ids], len(classes))
-    correct = [t == p for t, p in zip(true_ids, pred_ids)]
+    k = len(classes)
+    true_idx = [pos[c] for c in true_ids]
+    cm = confusion_matrix(true_idx, [pos.get(c, k) for c in pred_ids], k, k + 1)
+    guess_cm = confusion_matrix(true_idx, [pos[c] for c in guess_ids], k)
+    guess_right = [t == g for t, g in zip(true_ids, guess_ids)]
+    run_right = [t == p for t, p in zip(true_ids, pred_ids)]
     thresholds = REVIEW_THRESHOLDS
     if model_threshold is not None and math.isfinite(model_threshold):
         thresholds = (*thresholds, float(model_threshold))
@@ -329,8 +395,11 @@ def evaluate(true_ids: Sequence[str], pred_ids: Sequence[str], confidence: Seque
         confusion=cm,
         overall=summarize(cm, classes, classes, "all classes"),
         paper10=summarize(cm, classes, catalogue.PAPER_CLASS_IDS, "paper's ten classes"),
-        calibration=reliability(confidence, correct, n_bins),
-        thresholds=review_tradeoff(confidence, correct, thresholds),
+        coverage=coverage(true_ids, pred_ids),
+        classifier=summarize(guess_cm, classes, classes, "all classes, classifier only"),
+        classifier_paper10=summarize(guess_cm, classes, catalogue.PAPER_CLASS_IDS, "paper's ten classes, classifier only"),
+        calibration=reliability(confidence, guess_right, n_bins),
+        thresholds=review_tradeoff(confidence, run_right, thresholds, [p == UNCLASSIFIED for p in pred_ids]),
         model_threshold=model_threshold,
         patients=comparisons,
         bland_altman=bland_altman_by_class(comparisons),

@@ -128,7 +128,7 @@ def _clopper_pearson(k: int, n: int, level: float) -> tuple[float, float]:
 class Differential:
     """One patient's differential; percentages are in percent (0..100), None when WBC is 0."""
 
-    n_cells: int  # every classified cell, leukocyte or not
+    n_cells: int  # every crop read: classified cells (leukocyte or not) and unclassified crops
     wbc: int  # leukocytes only: the denominator of every percentage
     counts: Mapping[str, int]  # every catalogue class id -> cells (0 included)
     percent: Mapping[str, float | None]  # WBC class id -> % of WBC
@@ -171,6 +171,24 @@ class Differential:
     @property
     def nrbc_confident(self) -> int:
         return self.confident(NRBC_CLASS)
+
+    @property
+    def classified(self) -> int:
+        """Cells given a class (leukocyte or not); unclassified crops are read but not classified."""
+        return self.n_cells - self.unclassified
+
+    @property
+    def blasts_confident_pct(self) -> float | None:
+        """Confident blasts as % of all WBC: the figure the blast flags compare (core/flags.py)."""
+        return self.pct_of_wbc(self.blasts_confident)
+
+    @property
+    def ig_confident_pct(self) -> float | None:
+        return self.pct_of_wbc(self.ig_confident)
+
+    @property
+    def band_confident_pct(self) -> float | None:
+        return self.pct_of_wbc(self.bands_confident)
 
     def pct_of_wbc(self, count: int) -> float | None:
         """count as % of all WBC (review cells included in the denominator); None when WBC is 0."""

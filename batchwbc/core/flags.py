@@ -32,8 +32,16 @@ if TYPE_CHECKING:
     from batchwbc.engine.data_shift import ShiftDecision
 
 CRITICAL = "critical"  # needs prompt attention (coloured red)
+#: A critical rule's pending twin: a possible critical finding that only cells in review raise.
+#: Confirming it is the most urgent work of the morning, so it is coloured as urgent (orange-red
+#: and bold), not like the quiet pending warnings: "Blasts: possibly 33.7 %" was once light blue.
+POSSIBLE_CRITICAL = "possible_critical"
+#: The images or the model do not suit each other (DATA_SHIFT, many unclassified crops, nearly
+#: every cell in review): every number of the patient is in doubt, whatever its other flags say.
+UNRELIABLE = "unreliable"
 WARNING = "warning"  # needs review (coloured amber)
 REVIEW = "review"  # only cells in review raise it: confirm them first (coloured light blue)
+NOTE = "note"  # a caveat on precision, not a finding (LOW_WBC; coloured grey)
 
 # Flag codes, stable for software reading the workbook.
 BLASTS_HIGH = "BLASTS_HIGH"
@@ -43,6 +51,8 @@ BANDS_HIGH = "BANDS_HIGH"
 NRBC_PRESENT = "NRBC_PRESENT"
 LOW_WBC = "LOW_WBC"
 MANY_LOW_CONFIDENCE = "MANY_LOW_CONFIDENCE"
+MANY_UNCLASSIFIED = "MANY_UNCLASSIFIED"
+MOSTLY_REVIEW = "MOSTLY_REVIEW"
 DATA_SHIFT = "DATA_SHIFT"  # source: batchwbc, compared with the model's own validation data (engine/data_shift.py)
 # Pending twins: what the flag would be if the cells in review were what the model guessed.
 BLASTS_HIGH_PENDING_REVIEW = "BLASTS_HIGH_PENDING_REVIEW"
@@ -60,7 +70,7 @@ COUNT = "count"  # a whole number >= FlagRule.minimum
 class Flag:
     code: str
     message: str  # names the numbers that raised it
-    severity: str  # CRITICAL, WARNING or (pending twins only) REVIEW
+    severity: str  # CRITICAL, UNRELIABLE, WARNING, NOTE, or (pending twins only) POSSIBLE_CRITICAL, REVIEW
 
 
 _EPS = 1e-9  # percentages are ratios of counts; keep "exactly at the threshold" exact despite float rounding
@@ -89,6 +99,9 @@ def _plural(n: int, word: str) -> str:
     return f"{word}{'s' if n != 1 else ''}"
 
 
+#: Where a technologist reads what to do about DATA_SHIFT and the other UNRELIABLE flags.
+DOCS_ADAPTATION = "docs/adaptation.md"
+
 # ---------------------------------------------------------------- the rules: message or None
 # Each definite rule counts confident cells only; its pending twin fires when the confident
 # cells do not reach the threshold but all cells (review included) do.
@@ -114,7 +127,8 @@ def _pct_rule(label: str, total: int, sure: int, op: str, d: Differential, t: fl
     if cmp(sure_pct, t) or not cmp(total_pct, t):
         return None
     return (f"{label}: possibly {total_pct:.1f}% ({total}/{d.wbc} WBC) {op} {_n(t)}%, pending review: "
-            f"{_pending_text(total - sure, 'cell')}; the {sure} confident {_plural(sure, 'cell')} give {sure_pct:.1f}%")
+            f"{_pending_text(total - sure, 'cell')}; the {sure} confident {_plural(sure, 'cell')} "
+            f"{'gives' if sure == 1 else 'give'} {sure_pct:.1f}%")
 
 
 def _blasts_high(d: Differential, t: float) -> str | None:
@@ -180,7 +194,46 @@ def _nrbc_pending(d: Differential, t: int) -> str | None:
 def _low_wbc(d: Differential, t: int) -> str | None:
     if d.wbc >= t:
         return None
+    if d.wbc == 0:
+        return "No WBC classified: there is no differential for this patient"
     return f"Only {d.wbc} WBC classified (< {t}): differential imprecise"
+
+
+def _share_above(k: int, n: int, t: float) -> tuple[float, float, float] | None:
+    """(share, CI low, CI high) in percent when the exact 95% CI of k/n lies wholly above t %,
+    else None: a small patient is not flagged for a share its few cells cannot establish."""
+    if n == 0:
+        return None
+    low, high = exact_binomial_ci(k, n)
+    if not _gt(100.0 * low, t):
+        return None
+    return 100.0 * k / n, 100.0 * low, 100.0 * high
+
+
+def _many_unclassified(d: Differential, t: float) -> str | None:
+    """Crops not recognised as any cell the model knows, clearly above t % of the crops read.
+    After `adapt` a third of a lab's crops stayed unclassified with no DATA_SHIFT raised; this
+    says so on its own."""
+    hit = _share_above(d.unclassified, d.n_cells, t)
+    if hit is None:
+        return None
+    share, low, high = hit
+    return (f"{d.unclassified} of {d.n_cells} crops ({share:.0f}%, 95% CI {low:.0f}-{high:.0f}%) were not "
+            f"recognised as any cell the model knows, far more than the {_n(t)}% expected: the model does not "
+            f"suit these images, so validate it on verified cells and adapt it (see {DOCS_ADAPTATION})")
+
+
+def _mostly_review(d: Differential, t: float) -> str | None:
+    """Cells in review clearly above t % of the crops: the machine pre-classified few cells
+    with confidence, whatever share the model's own metadata expects (after `adapt` that share
+    was 86 %, so MANY_LOW_CONFIDENCE stayed silent while 1,557 of 1,816 cells were in review)."""
+    hit = _share_above(d.n_review, d.n_cells, t)
+    if hit is None:
+        return None
+    share, low, high = hit
+    return (f"{d.n_review} of {d.n_cells} cells ({share:.0f}%, 95% CI {low:.0f}-{high:.0f}%) are in review, more "
+            f"than {_n(t)}%: the machine is confident about few of them, so count this patient manually, or "
+            f"validate and adapt the model (see {DOCS_ADAPTATION})")
 
 
 def _many_low_confidence(d: Differential, t: float) -> str | None:
@@ -204,7 +257,7 @@ class FlagRule:
     """One flag: everything about it in one row."""
 
     code: str
-    severity: str  # CRITICAL or WARNING
+    severity: str  # CRITICAL, UNRELIABLE, WARNING or NOTE (its pending twin: POSSIBLE_CRITICAL or REVIEW)
     setting: str  # the Settings field, and the key in the config's [flags] table
     default: float | int
     unit: str  # PERCENT or COUNT
@@ -215,6 +268,11 @@ class FlagRule:
     suppressed_by: tuple[str, ...] = ()  # codes that already say what this flag (or its twin) would say
     pending_code: str | None = None  # the twin raised when only cells in review reach the threshold
     pending: Callable[[Differential, Any], str | None] | None = None  # the twin's message, else None
+
+    @property
+    def pending_severity(self) -> str:
+        """The pending twin's severity: a possible critical finding reads as urgent."""
+        return POSSIBLE_CRITICAL if self.severity == CRITICAL else REVIEW
 
     @property
     def expected(self) -> str:
@@ -257,12 +315,21 @@ FLAG_RULES: tuple[FlagRule, ...] = (
     FlagRule(NRBC_PRESENT, WARNING, "nrbc_present_min_count", 1, COUNT, "confident erythroblasts >= (cells)",
              _nrbc_present, "ICGHR consensus rules: NRBC trigger a smear review", minimum=1,
              pending_code=NRBC_PENDING_REVIEW, pending=_nrbc_pending),
-    FlagRule(LOW_WBC, WARNING, "min_wbc", 100, COUNT, "WBC classified <",
+    FlagRule(LOW_WBC, NOTE, "min_wbc", 100, COUNT, "WBC classified <",
              _low_wbc, "the routine 100-cell differential (Rümke; CLSI H20 counts 400)", minimum=0),
     FlagRule(MANY_LOW_CONFIDENCE, WARNING, "low_confidence_high_pct", 20.0, PERCENT,
              "review cells, 95% CI wholly > (% of cells)", _many_low_confidence,
              "default: the model's own share of validation cells sent to review (its metadata, "
-             "batchwbc.review_share_pct), else 20 %; set it here to override"),
+             "batchwbc.review_share_pct), else 20 %; set it here to override",
+             suppressed_by=(MOSTLY_REVIEW,)),
+    FlagRule(MANY_UNCLASSIFIED, UNRELIABLE, "unclassified_high_pct", 5.0, PERCENT,
+             "unclassified crops, 95% CI wholly > (% of crops)", _many_unclassified,
+             "batchwbc: the bundled model leaves 0.2 % of its test crops unclassified (target <= 1 %) "
+             "and 18.8 % of an unseen analyzer's (docs/model-card.md)"),
+    FlagRule(MOSTLY_REVIEW, UNRELIABLE, "review_mostly_pct", 50.0, PERCENT,
+             "review cells, 95% CI wholly > (% of crops), whatever the model expects", _mostly_review,
+             "batchwbc: the bundled model sends 19.7 % of its test cells to review, 53.6 % of an unseen "
+             "analyzer's (docs/model-card.md); above half, a person classifies most of the patient anyway"),
 )
 
 #: Each pending code -> the definite flag it may turn into once its cells are verified.
@@ -278,14 +345,17 @@ def rule_for(code: str, rules: Sequence[FlagRule] = FLAG_RULES) -> FlagRule:
     raise KeyError(f"no flag rule {code!r} in the table")
 
 
-_SEVERITY_RANK = {CRITICAL: 0, WARNING: 1, REVIEW: 2}
+#: Most at stake first: the order of a Flags cell and the colour of its row (worst_severity).
+_SEVERITY_RANK = {CRITICAL: 0, POSSIBLE_CRITICAL: 1, UNRELIABLE: 2, WARNING: 3, REVIEW: 4, NOTE: 5}
+#: Every severity, most at stake first.
+SEVERITIES: tuple[str, ...] = tuple(sorted(_SEVERITY_RANK, key=_SEVERITY_RANK.__getitem__))
 
 
 def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule] | None = None,
              shift: "ShiftDecision | None" = None) -> list[Flag]:
-    """All flags raised by one differential, most severe first (table order within a
-    severity; DATA_SHIFT, when the patient's data-shift decision raised it, after the table's
-    warnings and before the pending flags); pure. `rules` defaults to the rules `settings` was
+    """All flags raised by one differential, most at stake first: critical, possible critical
+    (pending review), DATA_SHIFT and the other UNRELIABLE flags, warnings, pending warnings,
+    then LOW_WBC (table order within a severity; DATA_SHIFT first among the UNRELIABLE); pure. `rules` defaults to the rules `settings` was
     built from. DATA_SHIFT is not a table row: its threshold comes from the model file
     (batchwbc.engine.data_shift), not from the lab's config.
 
@@ -310,13 +380,13 @@ def evaluate(diff: Differential, settings: "Settings", rules: Sequence[FlagRule]
             pending = rule.pending(diff, threshold)
             if pending is None:
                 continue
-            flag = Flag(rule.pending_code, pending, REVIEW)
+            flag = Flag(rule.pending_code, pending, rule.pending_severity)
         else:
             continue
         codes.add(flag.code)
         raised.append((_SEVERITY_RANK[flag.severity], i, flag))
     if shift is not None and shift.raised:
-        raised.append((_SEVERITY_RANK[WARNING], len(table), Flag(DATA_SHIFT, f"Data shift: {shift.text()}", WARNING)))
+        raised.append((_SEVERITY_RANK[UNRELIABLE], -1, Flag(DATA_SHIFT, f"Data shift: {shift.text()}", UNRELIABLE)))
     return [f for _, _, f in sorted(raised, key=lambda t: (t[0], t[1]))]
 
 
@@ -326,7 +396,7 @@ def is_pending(flag: Flag) -> bool:
 
 
 def worst_severity(flags: Sequence[Flag]) -> str | None:
-    """The severity that decides a row's colour: CRITICAL beats WARNING beats REVIEW; None
+    """The severity that decides a row's colour: the first of SEVERITIES among the flags; None
     when unflagged."""
     if not flags:
         return None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from batchwbc.core.config import Settings
 from batchwbc.core.differential import Differential, summarize
-from batchwbc.core.flags import Flag, evaluate
+from batchwbc.core.flags import DATA_SHIFT, MANY_UNCLASSIFIED, MOSTLY_REVIEW, Flag, evaluate
 from batchwbc.core.records import CellResult, FileError, RunData
 
 if TYPE_CHECKING:
@@ -84,3 +84,31 @@ def totals(summaries: list[PatientSummary]) -> RunTotals:
         review_cells=sum(s.differential.n_review for s in summaries),
         flags=sum(len(s.flags) for s in summaries),
     )
+
+
+def run_alert(summaries: Sequence[PatientSummary], run_shift: "ShiftDecision | None" = None) -> str | None:
+    """The banner over the Summary sheet and the gallery index when the model may not suit the
+    images: DATA_SHIFT for the run or any patient, or a patient with many unclassified crops or
+    most cells in review. Plain words and the next step, since a flag on line 6 of 7 of one
+    patient's Flags cell was missed; None when nothing calls for it."""
+    from batchwbc.engine.data_shift import NEXT_STEP
+
+    def having(*codes: str) -> list[str]:
+        return [s.patient for s in summaries if any(f.code in codes for f in s.flags)]
+
+    shifted, unsuited = having(DATA_SHIFT), having(MANY_UNCLASSIFIED, MOSTLY_REVIEW)
+    run_raised = run_shift is not None and run_shift.raised
+    if not (shifted or unsuited or run_raised):
+        return None
+    n = len(summaries)
+    parts = []
+    if run_raised or shifted:
+        run_part = (f"{100.0 * run_shift.unusual / run_shift.cells:.0f}% of this run's cells"
+                    if run_raised and run_shift is not None and run_shift.cells else "")
+        who = f"the cells of {len(shifted)} of {n} {'patient' if n == 1 else 'patients'}" if shifted else ""
+        parts.append(f"{' and '.join(p for p in (run_part, who) if p)} are unlike the images the model was "
+                     "validated on (DATA_SHIFT)")
+    if unsuited:
+        parts.append(f"for {len(unsuited)} of {n} {'patient' if n == 1 else 'patients'} the model recognised few "
+                     "crops or is unsure of most cells (MANY_UNCLASSIFIED, MOSTLY_REVIEW)")
+    return (f"Results unreliable: {'; and '.join(parts)}. Before using these results, {NEXT_STEP}.")

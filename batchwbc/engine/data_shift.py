@@ -30,7 +30,7 @@ MIN_CELLS = 20
 #: export from held-out training cells (export/ood_reference.py), at adapt from the lab's cells.
 PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
 STATISTIC = "lower 95% bound of the share of cells beyond the 80th percentile of held-out training cells' OOD scores"
-MESSAGE = "images unlike those the model was validated on: results unreliable until validated locally"
+MESSAGE = "results are unreliable until the model is validated on your verified cells"
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,33 @@ class ShiftDecision:
     threshold: float | None
 
     def text(self) -> str:
-        """One sentence with the numbers behind the decision, for a flag or a log line."""
+        """One plain sentence a technologist reads at 7 a.m.: the share of unusual cells, no
+        statistics (those are in `detail`, for the Run sheet)."""
         if not self.decided:
-            return f"no data-shift check ({self.cells} scored cells, fewer than needed)"
+            return f"no data-shift check ({self.cells} scored {_cells(self.cells)}, fewer than needed)"
         share = 100.0 * self.unusual / self.cells
-        verdict = MESSAGE if self.raised else "images like those the model was validated on"
+        if self.raised:
+            return (f"{share:.0f}% of cells ({self.unusual} of {self.cells}) are unlike the model's validation data: "
+                    f"{MESSAGE}")
+        return (f"images like those the model was validated on ({share:.0f}% of cells, {self.unusual} of "
+                f"{self.cells}, unlike its validation data, as usual)")
+
+    def detail(self) -> str:
+        """The statistic behind the decision, for an auditor (the Run sheet), not for the verdict line."""
+        if not self.decided or self.statistic is None or self.threshold is None:
+            return ""
         op = ">" if self.raised else "<="
-        return (f"{verdict} ({self.unusual}/{self.cells} cells = {share:.0f}% far from the training cells; "
-                f"lower 95% bound {100 * self.statistic:.1f}% {op} {100 * self.threshold:.1f}%)")
+        return (f"lower 95% bound of that share {100 * self.statistic:.1f}% {op} the limit "
+                f"{100 * self.threshold:.1f}%")
+
+
+def _cells(n: int) -> str:
+    return "cell" if n == 1 else "cells"
+
+
+#: The next step after DATA_SHIFT and its kin, in the log and on the report's banners.
+NEXT_STEP = ("check the model on cells your lab has verified (batchwbc evaluate) and adapt it to your images "
+             "(batchwbc adapt); see docs/adaptation.md")
 
 
 def lower_bound(unusual: int, cells: int) -> float:
@@ -102,12 +121,18 @@ def decide_all(model_metadata, cells) -> tuple[dict[str, ShiftDecision], ShiftDe
 
 
 def log_line(per_patient: dict[str, ShiftDecision], whole: ShiftDecision) -> str | None:
-    """The one warning line for the log, or None when nothing was raised."""
+    """The one warning sentence for the log, or None when nothing was raised: how much of the
+    run is unlike the validation data, for whom, and what to do next."""
     raised = [p for p, d in per_patient.items() if d.raised]
     if not raised and not whole.raised:
         return None
     decided = sum(d.decided for d in per_patient.values())
     names = ", ".join(raised[:10]) + (f" and {len(raised) - 10} more" if len(raised) > 10 else "")
-    run = f"whole run: {whole.text()}" if whole.decided else "whole run: not decided"
-    return (f"DATA_SHIFT: {MESSAGE}; raised for {len(raised)} of {decided} patients checked"
-            f"{' (' + names + ')' if raised else ''}; {run}")
+    who = (f"{len(raised)} of {decided} {'patient' if decided == 1 else 'patients'} checked"
+           + (f" ({names})" if raised else ""))
+    if whole.decided:
+        share = 100.0 * whole.unusual / whole.cells
+        what = f"{share:.0f}% of this run's cells are unlike the model's validation data ({who})"
+    else:
+        what = f"the cells of {who} are unlike the model's validation data"
+    return f"DATA_SHIFT: {what}, so the results are unreliable: {NEXT_STEP}."

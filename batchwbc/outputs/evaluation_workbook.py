@@ -7,7 +7,8 @@ matplotlib, from the optional `report` extra; without it the workbook is complet
 the pictures and says so in one line.
 
 Sheets: Summary, Per class, Confusion, Calibration, Review threshold, Patients, Bland-Altman,
-Run (docs/usage.md, "Validate on your own cells").
+Run (docs/usage.md, "Validate on your own cells"). The numbers are those a run's report carries
+(an unclassified crop is an abstention); the classifier-only view is a named secondary block.
 """
 from __future__ import annotations
 
@@ -69,20 +70,20 @@ def make_plots(result: "Evaluation") -> dict[str, bytes] | None:
 
 
 def _confusion_png(result: "Evaluation", Figure: Any, Canvas: Any) -> bytes:
-    cm, ids = result.confusion, result.classes
-    k = len(ids)
-    fig = Figure(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
+    cm, ids, cols = result.confusion, result.classes, result.columns
+    k, kc = len(ids), len(cols)
+    fig = Figure(figsize=(1.0 + 0.55 * kc, 0.8 + 0.5 * k))
     ax = fig.add_subplot()
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), ids, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(range(kc), cols, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(k), ids, fontsize=8)
     top = cm.max() if cm.size else 0
     for i in range(k):
-        for j in range(k):
+        for j in range(kc):
             if cm[i, j]:
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if cm[i, j] > top / 2 else "black")
-    ax.set_xlabel("predicted by the model")
+    ax.set_xlabel("the run's answer")
     ax.set_ylabel("verified")
     ax.set_title(f"Confusion matrix ({result.n} cells)")
     fig.tight_layout()
@@ -188,14 +189,24 @@ class _Writer:
 
 
 def _summary_rows(result: "Evaluation", run: "EvaluationRun", plots_note: str | None) -> list[tuple[str, Any, str | None]]:
-    o, p = result.overall, result.paper10
+    o, p, cov = result.overall, result.paper10, result.coverage
     rows: list[tuple[str, Any, str | None]] = [
         ("Cells evaluated", result.n, None),
-        (f"Accuracy, all classes ({o.n} cells)", o.accuracy, _RATIO),
+        ("Numbers below: the run's answers, as its report counts them (an unclassified crop is in no count)", "", None),
+        (f"Coverage: cells classified ({cov.classified} of {cov.n}; {cov.unclassified} unclassified)", cov.coverage, _PCT),
+        (f"Accuracy over the classified cells ({cov.classified} cells)", cov.accuracy_classified, _RATIO),
+        (f"Accuracy, all classes ({o.n} cells, unclassified counted as misses)", o.accuracy, _RATIO),
         (f"Macro-F1, all classes ({len(o.classes)} verified classes)", o.macro_f1, _RATIO),
         (f"Accuracy, the paper's ten classes ({p.n} cells)", p.accuracy, _RATIO),
         (f"Macro-F1, the paper's ten classes ({len(p.classes)} verified)", p.macro_f1, _RATIO),
-        (f"Expected calibration error ({len(result.calibration.bins)} equal-width bins)", result.calibration.ece, _RATIO),
+        ("Classifier only (secondary: an unclassified crop scored by the model's best guess; not what a "
+         "report shows)", "", None),
+        (f"  Accuracy, all classes, classifier only ({result.classifier.n} cells)", result.classifier.accuracy, _RATIO),
+        ("  Macro-F1, all classes, classifier only", result.classifier.macro_f1, _RATIO),
+        (f"  Accuracy, the paper's ten classes, classifier only ({result.classifier_paper10.n} cells)",
+         result.classifier_paper10.accuracy, _RATIO),
+        (f"Expected calibration error ({len(result.calibration.bins)} equal-width bins; classifier)",
+         result.calibration.ece, _RATIO),
     ]
     t = result.model_threshold
     at = next((r for r in result.thresholds if t is not None and r.threshold == t), None)
@@ -231,25 +242,29 @@ def _write_summary(wb: Any, rows: list[tuple[str, Any, str | None]]) -> None:
 
 def _write_per_class(wb: Any, result: "Evaluation") -> None:
     w = _Writer(wb, "Per class", ("Class", "Class id", "Precision", "Recall", "F1", "Support (verified)",
-                                  "Predicted", "Paper's ten"), (24, 22, 11, 11, 11, 18, 11, 12))
-    fm = (None, None, _RATIO, _RATIO, _RATIO, None, None, None)
+                                  "Predicted", "Paper's ten", "Left unclassified"), (24, 22, 11, 11, 11, 18, 11, 12, 16))
+    fm = (None, None, _RATIO, _RATIO, _RATIO, None, None, None, None)
+    unclassified = {c: int(result.confusion[i, -1]) for i, c in enumerate(result.classes)}
     for m in result.overall.per_class:
         # blank, not 0, where a ratio has no denominator: a class nobody verified has no recall
         verified, called = m.support > 0, m.predicted > 0
         w.append((catalogue.get(m.class_id).display, m.class_id, m.precision if called else None,
                   m.recall if verified else None, m.f1 if verified or called else None, m.support,
-                  m.predicted, "yes" if m.class_id in catalogue.PAPER_CLASS_IDS else "no"), fm)
+                  m.predicted, "yes" if m.class_id in catalogue.PAPER_CLASS_IDS else "no",
+                  unclassified.get(m.class_id, 0)), fm)
     for s in (result.overall, result.paper10):
         w.append((f"Macro-F1, {s.name}", "", "", "", s.macro_f1, s.n, "", ""), fm, bold=True)
     w.append(())
+    w.append(("The run's answers: a verified cell left unclassified counts against its class's recall (a miss), "
+              "as the report leaves it out of every count.",))
     w.append(("Macro-F1 averages over the classes with at least one verified cell. The paper's-ten row counts only "
               "cells verified as one of the ten: a prediction outside them is an error. Blank: no cell verified "
               "as (recall) or called (precision) this class. The JSON output writes 0 there.",))
 
 
 def _write_confusion(wb: Any, result: "Evaluation", png: bytes | None) -> None:
-    ids = list(result.classes)
-    w = _Writer(wb, "Confusion", ("verified \\ predicted", *ids, "Total"), (24, *([12] * len(ids)), 10))
+    ids, cols = list(result.classes), list(result.columns)
+    w = _Writer(wb, "Confusion", ("verified \\ run's answer", *cols, "Total"), (24, *([12] * len(cols)), 10))
     cm = result.confusion
     for i, cid in enumerate(ids):
         w.append((cid, *[int(v) for v in cm[i]], int(cm[i].sum())))
@@ -279,22 +294,26 @@ def _write_thresholds(wb: Any, result: "Evaluation") -> None:
         note = "the model's own default" if result.model_threshold is not None and r.threshold == result.model_threshold else ""
         w.append((r.threshold, r.to_review, r.share_to_review, r.accepted, r.accuracy_accepted, r.errors_to_review, note), fm)
     w.append(())
-    w.append(("A cell goes to review when its confidence is below the threshold, as in `batchwbc run --review-threshold`.",))
+    w.append(("A cell goes to review when its confidence is below the threshold, as in `batchwbc run --review-threshold`; "
+              "an unclassified crop always does, and is never among the accepted cells.",))
 
 
 def _write_patients(wb: Any, result: "Evaluation") -> None:
     w = _Writer(wb, "Patients", ("Patient", "Class", "Verified count", "Verified % of WBC", "Machine count",
                                  "Machine % of WBC", "Machine - verified (points)", "Verified WBC", "Machine WBC",
-                                 "Cells"), (22, 22, 14, 17, 14, 17, 25, 13, 13, 8))
-    fm = (None, None, None, _POINTS, None, _POINTS, _POINTS, None, None, None)
+                                 "Cells", "Machine unclassified"), (22, 22, 14, 17, 14, 17, 25, 13, 13, 8, 14))
+    fm = (None, None, None, _POINTS, None, _POINTS, _POINTS, None, None, None, None)
     if not result.patients:
         w.append(("No patient sub-folders (LABELLED/<class>/<patient>/...): no per-patient comparison.",))
         return
     for pc in result.patients:
         for r in pc.rows:
             w.append((pc.patient, r.class_id, r.verified, r.verified_pct, r.machine, r.machine_pct, r.difference,
-                      pc.verified_wbc, pc.machine_wbc, pc.cells), fm)
-    w.ws.auto_filter.ref = f"A1:J{w.row}"
+                      pc.verified_wbc, pc.machine_wbc, pc.cells, pc.machine_unclassified), fm)
+    w.ws.auto_filter.ref = f"A1:K{w.row}"
+    w.append(())
+    w.append(("Machine: counted as the run's Summary counts (the same function): an unclassified crop is in no count "
+              "and not in the machine's WBC.",))
 
 
 def _write_bland_altman(wb: Any, result: "Evaluation", png: bytes | None) -> None:
@@ -384,25 +403,34 @@ def as_dict(result: "Evaluation", run: "EvaluationRun") -> dict[str, Any]:
         return {m.class_id: {"precision": m.precision, "recall": m.recall, "f1": m.f1, "support": m.support,
                              "predicted": m.predicted} for m in s.per_class}
 
-    o, p = result.overall, result.paper10
+    o, p, cov = result.overall, result.paper10, result.coverage
+    c, cp = result.classifier, result.classifier_paper10
     return _clean({
         "n": result.n,
-        "accuracy": o.accuracy,
+        "coverage": cov.coverage,
+        "classified": cov.classified,
+        "unclassified": cov.unclassified,
+        "accuracy_classified": cov.accuracy_classified,
+        "accuracy": o.accuracy,  # unclassified counted as misses: what the report carries
         "macro_f1": o.macro_f1,
         "macro_f1_classes": o.classes,
         "per_class": per_class(o),
         "paper10": {"n": p.n, "accuracy": p.accuracy, "macro_f1": p.macro_f1, "macro_f1_classes": p.classes,
                     "per_class": per_class(p)},
+        "classifier": {"note": "classifier only: an unclassified crop scored by the model's best guess",
+                       "n": c.n, "accuracy": c.accuracy, "macro_f1": c.macro_f1, "per_class": per_class(c),
+                       "paper10": {"n": cp.n, "accuracy": cp.accuracy, "macro_f1": cp.macro_f1,
+                                   "per_class": per_class(cp)}},
         "ece": result.calibration.ece,
         "calibration_bins": [{"lo": b.lo, "hi": b.hi, "n": b.n, "confidence": b.confidence, "accuracy": b.accuracy}
                              for b in result.calibration.bins],
-        "confusion": {"classes": result.classes, "matrix": result.confusion.tolist()},
+        "confusion": {"classes": result.classes, "columns": result.columns, "matrix": result.confusion.tolist()},
         "model_review_threshold": result.model_threshold,
         "review_thresholds": [{"threshold": r.threshold, "to_review": r.to_review, "share_to_review": r.share_to_review,
                                "accepted": r.accepted, "accuracy_accepted": r.accuracy_accepted,
                                "errors_to_review": r.errors_to_review} for r in result.thresholds],
         "patients": [{"patient": pc.patient, "cells": pc.cells, "verified_wbc": pc.verified_wbc,
-                      "machine_wbc": pc.machine_wbc,
+                      "machine_wbc": pc.machine_wbc, "machine_unclassified": pc.machine_unclassified,
                       "classes": {r.class_id: {"verified": r.verified, "verified_pct": r.verified_pct,
                                                "machine": r.machine, "machine_pct": r.machine_pct,
                                                "difference": r.difference} for r in pc.rows}}

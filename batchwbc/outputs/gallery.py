@@ -22,6 +22,7 @@ Three promises:
 from __future__ import annotations
 
 import html
+import math
 import os
 import re
 import secrets
@@ -33,7 +34,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from batchwbc.core import catalogue
 from batchwbc.core.differential import Differential
-from batchwbc.core.flags import CRITICAL, REVIEW, Flag, worst_severity
+from batchwbc.core.flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNRELIABLE, Flag, worst_severity
 from batchwbc.outputs.gallery_thumbs import EDGE, THUMBS_DIR, ThumbJob, crop_path, thumbnail_name, write_thumbnails
 from batchwbc.core.records import CellResult, FileError, RunData
 
@@ -78,6 +79,7 @@ class GalleryRunInfo:
     review_threshold: float
     classes: tuple[str, ...]  # the model's classes: the differential lists only these
     title: str = "batchwbc cell gallery"
+    alert: str | None = None  # summary.run_alert: why the results are unreliable and what to do next
 
     @classmethod
     def from_run(cls, run: RunData) -> "GalleryRunInfo":
@@ -159,6 +161,7 @@ body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;ma
 h1{font-size:1.5em;margin:.6em 0 .2em;overflow-wrap:anywhere}
 h2{font-size:1.15em;margin:1.4em 0 .4em;border-bottom:1px solid #ccc;padding-bottom:.15em}
 .banner{background:#fff4ce;border:1px solid #c9a400;padding:.35em .7em;margin:.6em 0;font-weight:600}
+.alert{background:#5b1f7a;color:#fff;padding:.5em .8em;margin:.6em 0;font-weight:700;font-size:1.1em}
 .run{color:#555;font-size:.85em;overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:.4em 0}
 th,td{border:1px solid #bbb;padding:.15em .5em;text-align:left;vertical-align:top}
@@ -170,14 +173,20 @@ table.diff{font-size:.9em}
 table.diff td,table.diff th{white-space:nowrap}
 th{background:#e8e8e8}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-td.name{overflow-wrap:anywhere;max-width:24em}
+td.name{overflow-wrap:break-word;word-break:normal;hyphens:none;min-width:8em;max-width:24em}
 tr.critical td:first-child{border-left:6px solid #9c0006}
 tr.warning td:first-child{border-left:6px solid #c98a00}
 tr.review td:first-child{border-left:6px solid #1f4e78}
+tr.possible_critical td:first-child{border-left:6px solid #e0301e}
+tr.unreliable td:first-child{border-left:6px solid #5b1f7a}
+tr.note td:first-child{border-left:6px solid #8a8a8a}
 ul.flags{margin:.2em 0;padding-left:1.2em}
 .sev-critical{color:#9c0006;font-weight:700}
 .sev-warning{color:#7a4b00;font-weight:600}
 .sev-review{color:#1f4e78;font-weight:600}
+.sev-possible_critical{color:#fff;background:#c00000;font-weight:700;padding:0 .25em}
+.sev-unreliable{color:#fff;background:#5b1f7a;font-weight:700;padding:0 .25em}
+.sev-note{color:#404040}
 nav.classes{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #ddd;z-index:1}
 nav.classes a{margin-right:.9em;white-space:nowrap}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
@@ -197,7 +206,8 @@ figcaption small{display:block;color:#444}
 """
 
 
-_SEVERITY_LABEL = {CRITICAL: "Critical", REVIEW: "Pending review"}
+_SEVERITY_LABEL = {CRITICAL: "Critical", POSSIBLE_CRITICAL: "Possible critical, pending review",
+                   UNRELIABLE: "Results unreliable", REVIEW: "Pending review", NOTE: "Note"}
 
 def _page(title: str, body: str) -> str:
     return (
@@ -275,7 +285,9 @@ def render_index(patients: Sequence[str], cells_by_patient: Mapping[str, Sequenc
         )
     n_cells = sum(len(cells_by_patient.get(p, ())) for p in patients)
     body = (
-        f"<h1>{esc(info.title)}</h1>\n<p class=\"banner\">{esc(BANNER)}</p>\n{_run_line(info)}"
+        f"<h1>{esc(info.title)}</h1>\n<p class=\"banner\">{esc(BANNER)}</p>\n"
+        + (f"<p class=\"alert\" role=\"alert\">{esc(info.alert)}</p>\n" if info.alert else "")
+        + f"{_run_line(info)}"
         f"<p>{len(patients)} patients, {n_cells} cells. Each patient's page shows every cell grouped by class, "
         "the least confident first; cells below the review threshold are framed with a dashed border and marked REVIEW.</p>\n"
         "<table>\n<thead><tr><th>Patient</th><th>Cells</th><th>WBC</th><th>To review</th><th>Unreadable files</th>"
@@ -314,22 +326,29 @@ def _differential_table(d: Differential, classes: Sequence[str]) -> str:
     )
 
 
+def confidence_text(confidence: float) -> str:
+    """A confidence with 2 decimals, rounded down: the review threshold compares the exact value
+    (below it: review), so 0.7969 under a threshold of 0.80 must not read "0.80" beside a
+    cell that is not in review at 0.80."""
+    return f"{math.floor(confidence * 100 + 1e-9) / 100:.2f}"
+
+
 def _cell_html(c: CellResult, thumbs: set[str], threshold: float, machine_class: str | None = None) -> str:
     """One cell; `machine_class` is set when a person corrected the machine's class (verify
     --html): c.class_id is then the verified class and c.confidence the machine's own."""
     name = thumbnail_name(c.patient, c.file)
     second = f"2nd {_display(c.second_class)} {c.second_prob:.2f}"
     if machine_class is not None:
-        second = f"machine: {_display(machine_class)} {c.confidence:.2f}"
+        second = f"machine: {_display(machine_class)} {confidence_text(c.confidence)}"
     title = (f"{c.file}\n{_display(c.class_id)}"
-             + (f" (verified)\n{second}" if machine_class is not None else f" {c.confidence:.2f}\n{second}")
+             + (f" (verified)\n{second}" if machine_class is not None else f" {confidence_text(c.confidence)}\n{second}")
              + (f"\nREVIEW: confidence below {threshold:.3g}" if c.review else ""))
     if name in thumbs:
         picture = f"<img src=\"{THUMBS_DIR}/{name}\" alt=\"{esc(c.file)}\" width=\"{EDGE}\" height=\"{EDGE}\" loading=\"lazy\">"
     else:
         picture = "<div class=\"noimg\">no image</div>"
     tag = "<span class=\"tag\">REVIEW</span> " if c.review else ""
-    shown = f"{c.confidence:.2f}"
+    shown = confidence_text(c.confidence)
     css = " review" if c.review else ""
     if machine_class is not None:
         shown, css = "<span class=\"fix\">CORRECTED</span>", css + " corrected"

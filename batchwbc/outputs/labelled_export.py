@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Sequence
 
 from batchwbc.outputs.workbook import atomic_output, csv_text
@@ -69,6 +69,15 @@ class _Namer:
         return candidate
 
 
+def leaves_root(file: str) -> bool:
+    """True when a report's relative crop path could point outside the slides folder by its
+    own text: absolute, a drive, or a '..' part. Only such a path is refused; a symbolic link
+    inside the slides folder is followed, as `batchwbc run` followed it when it read the crop
+    (`python -m batchwbc.simulate` makes links by default, and every one was once refused)."""
+    posix, win = PurePosixPath(file), PureWindowsPath(file)
+    return posix.is_absolute() or bool(win.drive) or win.is_absolute() or ".." in posix.parts or ".." in win.parts
+
+
 def check_export_folder(out_dir: Path) -> None:
     """Fail before any work when the folder cannot take a fresh export."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -90,7 +99,6 @@ def export_labelled(patients: Sequence[PatientVerification], cells: Sequence[Ver
     by_patient = {p.patient: p for p in patients}
     patient_names, file_names = _Namer(), _Namer()
     patient_dirs: dict[str, str] = {}
-    root = crops_root.resolve()
     result = ExportResult()
     lines = []
     for vc in cells:
@@ -98,8 +106,12 @@ def export_labelled(patients: Sequence[PatientVerification], cells: Sequence[Ver
         if pv is None or not is_exported(vc, pv):
             continue
         c = vc.cell
-        source = (root / c.file).resolve()
-        if root not in source.parents or not source.is_file():
+        if leaves_root(c.file):
+            result.missing.append(f"the crop path {c.file} of patient {c.patient} points outside {crops_root}, "
+                                  "so it was not exported.")
+            continue
+        source = crops_root / c.file  # what `run` read: a link is followed, not resolved and judged by its target
+        if not source.is_file():
             result.missing.append(f"the crop {c.file} of patient {c.patient} is not in {crops_root} "
                                   "(moved or deleted), so it was not exported.")
             continue

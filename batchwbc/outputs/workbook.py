@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 from batchwbc.core import catalogue
 from batchwbc.core.config import Settings
 from batchwbc.core.differential import NRBC_CLASS, PLATELET_CLASS, Differential
-from batchwbc.core.flags import CRITICAL, REVIEW, WARNING, worst_severity
+from batchwbc.core.flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNRELIABLE, WARNING, worst_severity
 from batchwbc.engine.model_metadata import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from batchwbc.core.records import THUMBNAIL_PX, CellResult, FileError, RunData
 from batchwbc.outputs.row_checks import CHECK_HEADER, row_check
-from batchwbc.core.summary import PatientSummary, totals
+from batchwbc.core.summary import PatientSummary, run_alert, totals
 from batchwbc.core.thumbnail_quota import fair_quota
 from batchwbc.core.verification import PatientVerification, VerifiedReport, class_choices
 
@@ -70,9 +70,15 @@ EDITABLE_NOTE = ("Yours to fill in. Every other column is the machine's: batchwb
 #: Excel's limit on an in-line drop-down list (formula1 of a list validation).
 DROPDOWN_LIMIT = 255
 SIGNED = "signed"  # a style like the severities: green, for a signed patient's status
-# Excel's own "bad" red, "neutral" amber and "good" green; light blue for flags only cells in review raise
-_FILLS = {CRITICAL: "FFC7CE", WARNING: "FFEB9C", SIGNED: "C6EFCE", REVIEW: "DDEBF7"}
-_FONTS = {CRITICAL: "9C0006", WARNING: "9C5700", SIGNED: "006100", REVIEW: "1F4E78"}
+# Excel's own "bad" red, "neutral" amber and "good" green; light blue for warnings only cells in
+# review raise; a possible critical finding orange-red and bold (urgent: confirm it first);
+# UNRELIABLE (DATA_SHIFT and its kin) violet and bold, a colour no other flag has; LOW_WBC grey.
+_FILLS = {CRITICAL: "FFC7CE", POSSIBLE_CRITICAL: "F8CBAD", UNRELIABLE: "E4D2F0", WARNING: "FFEB9C",
+          SIGNED: "C6EFCE", REVIEW: "DDEBF7", NOTE: "EDEDED"}
+_FONTS = {CRITICAL: "9C0006", POSSIBLE_CRITICAL: "C00000", UNRELIABLE: "5B1F7A", WARNING: "9C5700",
+          SIGNED: "006100", REVIEW: "1F4E78", NOTE: "404040"}
+#: Severities written in bold: what must be read first.
+_BOLD = (CRITICAL, POSSIBLE_CRITICAL, UNRELIABLE)
 #: Between the codes of the Summary's "Flag codes" column: split on it to get the codes.
 FLAG_CODE_SEPARATOR = "; "
 _FORMULA_START = ("=", "+", "-", "@")
@@ -180,10 +186,11 @@ class _Sheet:
     Each row ends with the hidden Check column (see `_append`)."""
 
     def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float],
-                 editable: Sequence[bool] = (), banner: str | None = None):
+                 editable: Sequence[bool] = (), banner: str | None = None, banner_severity: str = WARNING):
         """Headers `columns` plus the hidden Check column; `editable` marks the columns a
         person may change (yellow header with a note) among the machine's (grey header);
-        `banner` is a merged row above the headers (the header row is then row 2)."""
+        `banner` is a merged row above the headers (the header row is then row 2), coloured
+        like `banner_severity`."""
         from openpyxl.comments import Comment
         from openpyxl.styles import Alignment, Font, PatternFill
         from openpyxl.utils import get_column_letter
@@ -210,7 +217,7 @@ class _Sheet:
         _print_setup(self.ws, title, self.header_row)
         self.edit_fill = PatternFill("solid", fgColor=EDITABLE_FILL)
         if banner is not None:
-            self._banner(banner)
+            self._banner(banner, banner_severity)
         header_font, header_fill = Font(bold=True), PatternFill("solid", fgColor=PROTECTED_FILL)
         header_align = Alignment(wrap_text=True, vertical="bottom")
         self.set_height(row_height(zip(columns, widths), bold=True))
@@ -226,12 +233,13 @@ class _Sheet:
             cells.append(cell)
         self.append(cells)
 
-    def _banner(self, text: str) -> None:
-        """One merged, bold, amber row across the printed columns: read first on screen and on paper."""
+    def _banner(self, text: str, severity: str = WARNING) -> None:
+        """One merged, bold row across the printed columns, amber (or the colour of `severity`):
+        read first on screen and on paper."""
         from openpyxl.utils import get_column_letter
 
-        style = {"font": self._Font(bold=True, size=12, color=_FONTS[WARNING]),
-                 "fill": self._PatternFill("solid", fgColor=_FILLS[WARNING]),
+        style = {"font": self._Font(bold=True, size=12, color=_FONTS[severity]),
+                 "fill": self._PatternFill("solid", fgColor=_FILLS[severity]),
                  "alignment": self._Alignment(wrap_text=True, vertical="center")}
         total = sum(self.widths)
         self.set_height(max(22.0, row_height([(text, total)], bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
@@ -306,7 +314,7 @@ class _Sheet:
         return {
             "fill": self._shared(("fill", severity), lambda: self._PatternFill("solid", fgColor=_FILLS[severity])),
             "font": self._shared(("font", severity),
-                                 lambda: self._Font(color=_FONTS[severity], bold=severity == CRITICAL)),
+                                 lambda: self._Font(color=_FONTS[severity], bold=severity in _BOLD)),
         }
 
     def wrap(self) -> Any:
@@ -513,14 +521,17 @@ def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[
                  widths_from: Sequence[Any], autofilter: int | None, banner: str | None = None,
                  links: Mapping[str, str] | None = None,
                  keep_together: Callable[[Any], Any] | None = None,
-                 choices: Sequence[str] = ()) -> "_Sheet":
+                 choices: Sequence[str] = (), alert: str | None = None) -> "_Sheet":
     """A sheet with these columns and one line per row; `autofilter` is the row count to
     filter over (None: no filter). `rows` may be a generator (the Review sheet's is);
     `widths_from` holds every row, so its length is the sheet's row count. Drop-down
     columns offer `choices`. `keep_together(row)` gives rows that should print on one page
-    the same key (page breaks between blocks, see `page_breaks`)."""
+    the same key (page breaks between blocks, see `page_breaks`). `alert` (summary.run_alert)
+    is added to the banner on a line of its own and colours it like an UNRELIABLE flag."""
+    if alert and banner is not None:
+        banner = f"{banner}\n{alert}"
     sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns],
-                [c.editable for c in columns], banner)
+                [c.editable for c in columns], banner, UNRELIABLE if alert else WARNING)
     if autofilter is not None:
         sh.filter(autofilter)
     for i, col in enumerate(columns, 1):
@@ -605,13 +616,18 @@ def _to_differential(s: PatientSummary, links: Mapping[str, str]) -> str | None:
 
 _SUMMARY: tuple[Column, ...] = (
     Column("Patient", _patient, fit(_patient, 12, 30), severity=_worst, wrap=True),
-    Column("Cells classified", lambda s: s.differential.n_cells, 9, PLAIN),
+    Column("Cells classified", lambda s: s.differential.classified, 9, PLAIN),
     Column("WBC", lambda s: s.differential.wbc, 7, PLAIN),
     Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 38,
            severity=_worst, wrap=True),
-    Column("Blasts %", lambda s: _pct(s.differential.blasts_pct), 8, NUMBER, "0.0"),
-    Column("IG %", lambda s: _pct(s.differential.ig_pct), 7, NUMBER, "0.0"),
-    Column("Band %", lambda s: _pct(s.differential.band_pct), 7, NUMBER, "0.0"),
+    # Two figures per flagged group, each header saying which: all cells (review included, as in
+    # the Differential) and confident cells only (what the flags compare).
+    Column("Blasts % all cells", lambda s: _pct(s.differential.blasts_pct), 8, NUMBER, "0.0"),
+    Column("Blasts % confident cells", lambda s: _pct(s.differential.blasts_confident_pct), 9, NUMBER, "0.0"),
+    Column("IG % all cells", lambda s: _pct(s.differential.ig_pct), 7, NUMBER, "0.0"),
+    Column("IG % confident cells", lambda s: _pct(s.differential.ig_confident_pct), 9, NUMBER, "0.0"),
+    Column("Band % all cells", lambda s: _pct(s.differential.band_pct), 7, NUMBER, "0.0"),
+    Column("Band % confident cells", lambda s: _pct(s.differential.band_confident_pct), 9, NUMBER, "0.0"),
     Column("Seg %", _class_pct("neutrophil_segmented"), 7, NUMBER, "0.0", needs="neutrophil_segmented"),
     Column("Lymph %", _class_pct("lymphocyte"), 7, NUMBER, "0.0", needs="lymphocyte"),
     Column("Mono %", _class_pct("monocyte"), 7, NUMBER, "0.0", needs="monocyte"),
@@ -775,7 +791,7 @@ _SUMMARY_VERIFIED: tuple[Column, ...] = (
     Column("Status", lambda v: v.status, 30, severity=lambda v: SIGNED if v.signed else WARNING, wrap=True),
     Column("Verified by", lambda v: v.verified_by or None, 16, editable=True),
     Column("Verified on", lambda v: v.verified_on or None, 16, editable=True),
-    Column("Cells classified", lambda v: v.post.differential.n_cells, 10, PLAIN),
+    Column("Cells classified", lambda v: v.post.differential.classified, 10, PLAIN),
     Column("Corrected cells", lambda v: v.corrected, 10, PLAIN),
     Column("Review cells verified", lambda v: f"{v.review_verified} of {v.review_cells}", 12),
     Column("WBC pre-classified", lambda v: v.pre.differential.wbc, 12, PLAIN),
@@ -823,10 +839,11 @@ EDITABLE_COLUMNS = tuple(dict.fromkeys(
 # =================================================================== the sheets
 
 def _write_summary(wb: Any, summaries: Sequence[PatientSummary], classes: Sequence[str],
-                   links: Mapping[str, str]) -> None:
-    """The banner in row 1 (the software pre-classifies, a person decides), headers in row 2."""
+                   links: Mapping[str, str], alert: str | None = None) -> None:
+    """The banner in row 1 (the software pre-classifies, a person decides; with `alert`, why
+    the results are unreliable and what to do next), headers in row 2."""
     _write_sheet(wb, "Summary", shown_columns(_SUMMARY, classes), summaries, summaries,
-                 autofilter=len(summaries), banner=BANNER, links=links)
+                 autofilter=len(summaries), banner=BANNER, links=links, alert=alert)
 
 
 def differential_links(summaries: Sequence[PatientSummary], classes: Sequence[str]) -> dict[str, str]:
@@ -1009,12 +1026,14 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Model default review threshold", "" if m.review_threshold is None else m.review_threshold),
         ("Review threshold used (confidence below it goes to Review)", run.review_threshold),
         ("Patients", t.patients),
-        ("Cells classified", len(run.cells)),
+        ("Cells classified", sum(x.differential.classified for x in summaries)),
+        ("Crops read (cells classified + unclassified; rows of the Cells sheet)", len(run.cells)),
         ("WBC classified", t.wbc),
         ("Cells to review", t.review_cells),
         ("Unclassified cells (not recognised as a cell the model knows; in no count)",
          sum(x.differential.unclassified for x in summaries)),
         ("Data shift (whole run, compared with the model's own validation data)", _shift_verdict(run.data_shift)),
+        ("Results unreliable (the Summary's banner)", run_alert(summaries, run.data_shift) or "no"),
     ]
     if thumbnails_embedded is not None:
         rows.append((f"Review thumbnails embedded (at most {settings.review_max_images:,}, each patient an "
@@ -1044,7 +1063,9 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
 def _shift_verdict(shift: "ShiftDecision | None") -> str:
     if shift is None or (not shift.decided and shift.threshold is None):
         return "not checked: the model carries no out-of-distribution reference"
-    return f"DATA_SHIFT: {shift.text()}" if shift.raised else shift.text()
+    detail = shift.detail()
+    text = f"{shift.text()} ({detail})" if detail else shift.text()
+    return f"DATA_SHIFT: {text}" if shift.raised else text
 
 
 def _ood_rows(m) -> list[tuple[str, str]]:
@@ -1097,7 +1118,8 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
         with atomic_output(out_path) as tmp:
             classes = run.model.classes
             choices = class_choices(classes, [c.class_id for c in run.cells])
-            _write_summary(wb, summaries, classes, differential_links(summaries, classes))
+            _write_summary(wb, summaries, classes, differential_links(summaries, classes),
+                           run_alert(summaries, run.data_shift))
             _write_differential(wb, summaries, classes, settings)
             _write_cells(wb, run.cells, choices, {})
             embedded = _write_review(wb, summaries, settings.review_max_images, choices, {})
@@ -1123,7 +1145,7 @@ def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: s
     try:
         with atomic_output(out_path) as tmp:
             _write_sheet(wb, "Summary", _SUMMARY_VERIFIED, rep.patients, rep.patients,
-                         autofilter=len(rep.patients), banner=VERIFIED_BANNER)
+                         autofilter=len(rep.patients), banner=VERIFIED_BANNER, alert=run_alert(post))
             rows = _diff_rows(post, _shown_classes(rep.model_classes, verified.values()), settings, pre)
             _write_sheet(wb, "Differential", _DIFFERENTIAL_VERIFIED, rows, rows, autofilter=len(rows),
                          keep_together=lambda r: r.patient)

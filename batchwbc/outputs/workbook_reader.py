@@ -172,8 +172,17 @@ def read_report(path: str | os.PathLike) -> ReportContents:
         wb.close()
 
 
+#: The sheets of `batchwbc evaluate`'s workbook (evaluation_report.SHEETS, not imported: that
+#: module loads the plotting side) that a run's report never has.
+_EVALUATION_SHEETS = {"Per class", "Confusion", "Calibration", "Review threshold", "Bland-Altman"}
+
+
 def _read(wb: Any, p: Path) -> ReportContents:
     problems: list[str] = []
+    if _EVALUATION_SHEETS <= set(wb.sheetnames):
+        raise ReportReadError(
+            f"{p.name} is a validation workbook written by `batchwbc evaluate` (model agreement with verified cells), "
+            "not a run's report; `batchwbc verify` takes the REPORT.xlsx written by `batchwbc run`.")
     if "Run" not in wb.sheetnames:
         raise ReportReadError(f"{p.name} has no Run sheet, so it is not a batchwbc report.")
     run_sheet = _Sheet(wb, "Run", ("Item", "Value"), problems)
@@ -214,7 +223,8 @@ def _read(wb: Any, p: Path) -> ReportContents:
             continue
         seen[key] = n
         cells.append(ReadCell(c, _text(r.get("Verified class")), n))
-    expected = run.get("Cells classified", "")
+    # rows of the Cells sheet: "Crops read" since the count of cells classified leaves out unclassified crops
+    expected = run.get("Crops read (cells classified + unclassified; rows of the Cells sheet)", run.get("Cells classified", ""))
     if expected.isdigit() and int(expected) > len(cells):
         problems.append(f"the Cells sheet lists {len(cells)} cells but the report classified {expected}: "
                         "rows were deleted; start again from the original report.")
