@@ -1,0 +1,1 @@
+"""Views of computed results: workbook, gallery, CSV, labelled export, LIS messages."""
