@@ -23,6 +23,8 @@ from .job import JobError, check_outputs
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .outputs.lis.deliver import LisPlan
+    from .outputs.lis.results import RunFacts
     from .gallery import GalleryRunInfo, SignOff
     from .reportread import ReportContents
     from .verification import PatientVerification, VerifiedCell
@@ -42,6 +44,10 @@ class VerifyOptions:
     export_labelled: Path | None = None
     slides: Path | None = None  # where the crops are now; None: the Slides folder of the Run sheet
     html_dir: Path | None = None  # also write the HTML gallery of the verified cells here
+    # -- LIS (issue 21, batchwbc.outputs.lis): signed patients only
+    hl7_dir: Path | None = None  # one ORU^R01 file per signed patient
+    mllp: str | None = None  # HOST:PORT: send the --hl7 files over MLLP and await each ACK
+    fhir_path: Path | None = None  # one FHIR R4 transaction Bundle per run
 
 
 def file_sha256(path: Path) -> str:
@@ -70,7 +76,8 @@ def verify_job(opts: VerifyOptions) -> int:
     if opts.out.resolve() == opts.report.resolve():
         raise JobError(exitcodes.USAGE, f"--out must differ from {opts.report.name}: the reviewed workbook is "
                                         "never overwritten, so nothing a person typed can be lost.")
-    check_outputs(((opts.out, (".xlsx",)),), opts.html_dir)
+    check_outputs(((opts.out, (".xlsx",)), (opts.fhir_path, (".json",))), opts.html_dir)
+    _check_lis(opts)
     if opts.export_labelled is not None:
         try:
             check_export_folder(opts.export_labelled)
@@ -131,6 +138,12 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
     if opts.export_labelled is not None:
         code, export_rows = _export(opts, contents, patients, cells)
     rows = verification_rows(opts, patients, cells, now) + export_rows
+    lis_plan = None
+    if opts.hl7_dir is not None or opts.fhir_path is not None:  # built before the workbook: its Run sheet lists them
+        from .outputs.lis.deliver import plan_hl7, run_rows
+
+        lis_plan = plan_hl7(patients, settings, _run_facts(contents), contents.model_classes, now)
+        rows += run_rows(lis_plan, opts.hl7_dir, opts.fhir_path)
     rep = VerifiedReport(patients=tuple(patients), cells=tuple(cells), errors=tuple(contents.errors),
                          model_classes=contents.model_classes, choices=tuple(choices),
                          run_rows=tuple(_with_settings(contents.run_rows, settings) + rows))
@@ -145,7 +158,92 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
     for p in patients:
         if not p.signed:
             log.info("patient %s %s", p.patient, p.status)
+    if lis_plan is not None:
+        code = _send_lis(opts, lis_plan, patients, settings, contents, now) or code
     return code
+
+
+# -- LIS messages (issue 21): batchwbc.outputs.lis does the work ----------------------------------
+
+def _check_lis(opts: VerifyOptions) -> None:
+    """Fail fast, before anything is written: the optional libraries, --mllp's address."""
+    if opts.hl7_dir is None and opts.fhir_path is None and opts.mllp is None:
+        return
+    from .outputs.lis import INSTALL_HINT
+
+    if opts.mllp is not None and opts.hl7_dir is None:
+        raise JobError(exitcodes.USAGE, "--mllp sends the --hl7 messages: give --hl7 DIR as well.")
+    if opts.mllp is not None:
+        from .outputs.lis.mllp import parse_address
+
+        try:
+            parse_address(opts.mllp)
+        except ValueError as exc:
+            raise JobError(exitcodes.USAGE, str(exc)) from None
+    if opts.hl7_dir is not None and opts.hl7_dir.exists() and not opts.hl7_dir.is_dir():
+        raise JobError(exitcodes.USAGE, f"--hl7 {opts.hl7_dir} exists and is not a folder.")
+    import importlib.util
+
+    for flag, module in (("--hl7", "hl7apy"), ("--fhir", "fhir.resources")):
+        wanted = opts.hl7_dir if flag == "--hl7" else opts.fhir_path
+        if wanted is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+            raise JobError(exitcodes.USAGE, f"{flag} needs {module}, which is not installed; {INSTALL_HINT}.")
+
+
+def _run_facts(contents: "ReportContents") -> "RunFacts":
+    from .outputs.lis.results import RunFacts
+
+    run = contents.run
+    try:
+        started = datetime.fromisoformat(run.get("Run started", ""))
+    except ValueError:
+        started = None
+    return RunFacts(__version__, Path(run.get("Model file", "")).name, run.get("Model version", ""),
+                    run.get("Model sha256", ""), started)
+
+
+def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientVerification"],
+              settings: "Settings", contents: "ReportContents", now: datetime) -> int:
+    """Write the messages and the bundle, send over MLLP; NOT_DELIVERED when a signed patient
+    did not reach the LIS (not built, or not acknowledged). The workbook is already written."""
+    from .outputs.lis import LisError
+    from .outputs.lis.deliver import deliver, write_messages
+
+    for patient in plan.unsigned:
+        log.info("LIS: patient %s is not signed and was not sent", patient)
+    for patient, reason in plan.failed:
+        log.error("LIS: patient %s was not sent: %s", patient, reason)
+    undelivered = list(plan.failed)
+    try:
+        if opts.hl7_dir is not None:
+            write_messages(opts.hl7_dir, plan.messages)
+            log.info("LIS: %d HL7 messages in %s", len(plan.messages), opts.hl7_dir)
+        if opts.fhir_path is not None:
+            from .outputs.lis import fhir
+            from .report import atomic_output
+
+            built = {m.patient for m in plan.messages}
+            bundle = fhir.build_bundle([p for p in patients if p.patient in built], settings, _run_facts(contents),
+                                       contents.model_classes, now)
+            fhir.validate(bundle)
+            with atomic_output(opts.fhir_path) as tmp:
+                Path(tmp).write_text(fhir.dumps(bundle), encoding="utf-8")
+            log.info("LIS: FHIR bundle of %d patients: %s", len(built), opts.fhir_path)
+    except LisError as exc:
+        raise JobError(exitcodes.FAILED, f"{str(exc).rstrip('.')}; the verified workbook was written.") from None
+    except OSError as exc:
+        raise JobError(exitcodes.FAILED, f"the LIS messages could not be written ({exc.strerror or exc}); "
+                                         "the verified workbook was written.") from None
+    if opts.mllp is not None and opts.hl7_dir is not None:
+        from .outputs.lis.mllp import parse_address
+
+        host, port = parse_address(opts.mllp)
+        undelivered += deliver(opts.hl7_dir, plan.messages, host, port, settings.lis.ack_timeout_s)
+    if undelivered:
+        log.error("LIS: %d signed patients were not delivered (%s); see the lines above.",
+                  len(undelivered), ", ".join(p for p, _ in undelivered))
+        return exitcodes.NOT_DELIVERED
+    return exitcodes.OK
 
 
 def resolve_verified(contents: "ReportContents", choices: Sequence[str]) -> tuple[list["VerifiedCell"], list[str]]:

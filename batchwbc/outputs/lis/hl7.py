@@ -86,10 +86,16 @@ def _coded(field, code: "ResultCode") -> None:  # noqa: ANN001 - an hl7apy CE/CW
     field.ce_3 = code.system  # an ID; config keeps delimiters out
 
 
-def control_id(patient: str, body: str) -> str:
-    """MSH-10: the same patient with the same results always gets the same id, so a re-send of an
-    acknowledged message is recognised (docs/lis.md, "Re-sending"); 20 characters, HL7's limit."""
-    return hashlib.sha256(f"{patient}\x00{body}".encode()).hexdigest()[:20]
+def control_id(p: "PatientVerification", results: Sequence[ReportedResult], settings: "Settings",
+               facts: RunFacts, status: str) -> str:
+    """MSH-10 from what the message states - patient, signer, coded values, flags, model - and
+    not from when it was built: the same signed result always gets the same id, so a re-send
+    recognises what the LIS already acknowledged (docs/lis.md, "Re-sending"). 20 characters,
+    HL7 v2.5.1's length for MSH-10."""
+    what = [p.patient, p.verified_by, status, settings.lis.identifier_field, facts.model_sha256,
+            *(f"{r.code.system}|{r.code.code}|{r.text}|{r.interpretation}" for r in results),
+            *(f.code for f in p.post.flags)]
+    return hashlib.sha256("\x00".join(what).encode()).hexdigest()[:20]
 
 
 def build_oru(p: "PatientVerification", settings: "Settings", facts: RunFacts, classes: Sequence[str],
@@ -106,10 +112,8 @@ def build_oru(p: "PatientVerification", settings: "Settings", facts: RunFacts, c
     results = reported_results(p, settings, classes)
     signed_at = verified_at(p) if status == "F" else None
     try:
-        msg = _message(p, settings, facts, results, now, status, banner, signed_at, "0")
-        body = msg.to_er7().split("\r", 1)[1]  # everything but MSH (its time and control id vary)
-        cid = control_id(p.patient, body)
-        msg.msh.msh_10 = cid
+        cid = control_id(p, results, settings, facts, status)
+        msg = _message(p, settings, facts, results, now, status, banner, signed_at, cid)
         msg.validate()
         return cid, msg.to_er7()
     except HL7apyException as exc:
