@@ -80,7 +80,7 @@ def main() -> None:
     Exit codes: 0 all files classified; 1 the run failed (no new report); 2 usage error,
     unusable model/config/output (nothing classified); 3 report written but some files were
     unreadable; 4 no images in the slides folder (previous report untouched, see --allow-empty);
-    130 interrupted (previous report untouched).
+    5 (verify) some LIS messages were not delivered; 130 interrupted (previous report untouched).
     """
 
 
@@ -162,10 +162,19 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
               help="Where the crops are now, for --export-labelled and --html (default: the Slides folder in the Run sheet).")
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write an offline HTML gallery of the verified cells, by verified class, corrections marked.")
+@click.option("--hl7", "hl7_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write one HL7 v2.5.1 ORU^R01 message per SIGNED patient into this folder (docs/lis.md; "
+                   "needs pip install 'batchwbc[lis]').")
+@click.option("--mllp", metavar="HOST:PORT", default=None,
+              help="Send the --hl7 messages to the LIS over MLLP and wait for each ACK; one already acknowledged "
+                   "is not sent again. Exit 5 when some were not delivered (they stay in the --hl7 folder).")
+@click.option("--fhir", "fhir_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the signed patients as one FHIR R4 transaction Bundle (.json).")
 @log_file_option
 @quiet_option
 def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path | None, config_path: Path | None,
-                   export_labelled: Path | None, slides: Path | None, html_dir: Path | None, log_file: Path | None,
+                   export_labelled: Path | None, slides: Path | None, html_dir: Path | None,
+                   hl7_dir: Path | None, mllp: str | None, fhir_path: Path | None, log_file: Path | None,
                    quiet: bool) -> None:
     """Read a reviewed REPORT.xlsx and write the verified differential to --out.
 
@@ -173,7 +182,8 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
     accepts the machine's class) and type your name in the patient's "Verified by" cell
     (Summary). A patient is signed when every review cell has a Verified class and Verified
     by holds a name. Exit codes: 0 verified; 2 the workbook cannot be verified (each problem
-    is named, nothing is written); 3 verified, but some crops were missing from the export.
+    is named, nothing is written); 3 verified, but some crops were missing from the export;
+    5 verified, but some signed patients' LIS messages were not delivered.
     """
     from batchwbc.ops.logging_setup import LogFileError, setup_logging
     from batchwbc.commands.verify import VerifyOptions, verify_job
@@ -184,7 +194,8 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exit_codes.USAGE)
     opts = VerifyOptions(report=report_path, out=out, reviewer=" ".join(reviewer.split()), model_path=model_path,
-                         config_path=config_path, export_labelled=export_labelled, slides=slides, html_dir=html_dir)
+                         config_path=config_path, export_labelled=export_labelled, slides=slides, html_dir=html_dir,
+                         hl7_dir=hl7_dir, mllp=mllp, fhir_path=fhir_path)
     _finish(lambda: verify_job(opts),
             interrupted="interrupted; the verified workbook was not written and the report is unchanged.",
             unexpected="verification failed unexpectedly ({error}); no verified workbook was written.")

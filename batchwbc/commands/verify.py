@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from batchwbc.outputs.gallery import GalleryRunInfo, SignOff
     from batchwbc.outputs.workbook_reader import ReportContents
     from batchwbc.core.verification import PatientVerification, VerifiedCell
+    from batchwbc.outputs.lis.deliver import LisPlan
+    from batchwbc.outputs.lis.results import RunFacts
 
 log = logging.getLogger("batchwbc")
 
@@ -43,6 +45,10 @@ class VerifyOptions:
     export_labelled: Path | None = None
     slides: Path | None = None  # where the crops are now; None: the Slides folder of the Run sheet
     html_dir: Path | None = None  # also write the HTML gallery of the verified cells here
+    # -- LIS (issue 21, batchwbc.outputs.lis): signed patients only
+    hl7_dir: Path | None = None  # one ORU^R01 file per signed patient
+    mllp: str | None = None  # HOST:PORT: send the --hl7 files over MLLP and await each ACK
+    fhir_path: Path | None = None  # one FHIR R4 transaction Bundle per run
 
 
 def _fail(problems: list[str], report: Path) -> JobError:
@@ -63,7 +69,8 @@ def verify_job(opts: VerifyOptions) -> int:
     if opts.out.resolve() == opts.report.resolve():
         raise JobError(exit_codes.USAGE, f"--out must differ from {opts.report.name}: the reviewed workbook is "
                                         "never overwritten, so nothing a person typed can be lost.")
-    check_outputs(((opts.out, (".xlsx",)),), opts.html_dir)
+    check_outputs(((opts.out, (".xlsx",)), (opts.fhir_path, (".json",))), opts.html_dir)
+    _check_lis(opts)
     if opts.export_labelled is not None:
         try:
             check_export_folder(opts.export_labelled)
@@ -124,6 +131,12 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
     if opts.export_labelled is not None:
         code, export_rows = _export(opts, contents, patients, cells)
     rows = verification_rows(opts, patients, cells, now) + export_rows
+    lis_plan = None
+    if opts.hl7_dir is not None or opts.fhir_path is not None:  # built before the workbook: its Run sheet lists them
+        from batchwbc.commands.outputs.lis.deliver import plan_hl7, run_rows
+
+        lis_plan = plan_hl7(patients, settings, _run_facts(contents), contents.model_classes, now)
+        rows += run_rows(lis_plan, opts.hl7_dir, opts.fhir_path)
     rep = VerifiedReport(patients=tuple(patients), cells=tuple(cells), errors=tuple(contents.errors),
                          model_classes=contents.model_classes, choices=tuple(choices),
                          run_rows=tuple(_with_settings(contents.run_rows, settings) + rows))
@@ -138,7 +151,92 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
     for p in patients:
         if not p.signed:
             log.info("patient %s %s", p.patient, p.status)
+    if lis_plan is not None:
+        code = _send_lis(opts, lis_plan, patients, settings, contents, now) or code
     return code
+
+
+# -- LIS messages (issue 21): batchwbc.outputs.lis does the work ----------------------------------
+
+def _check_lis(opts: VerifyOptions) -> None:
+    """Fail fast, before anything is written: the optional libraries, --mllp's address."""
+    if opts.hl7_dir is None and opts.fhir_path is None and opts.mllp is None:
+        return
+    from batchwbc.commands.outputs.lis import INSTALL_HINT
+
+    if opts.mllp is not None and opts.hl7_dir is None:
+        raise JobError(exit_codes.USAGE, "--mllp sends the --hl7 messages: give --hl7 DIR as well.")
+    if opts.mllp is not None:
+        from batchwbc.commands.outputs.lis.mllp import parse_address
+
+        try:
+            parse_address(opts.mllp)
+        except ValueError as exc:
+            raise JobError(exit_codes.USAGE, str(exc)) from None
+    if opts.hl7_dir is not None and opts.hl7_dir.exists() and not opts.hl7_dir.is_dir():
+        raise JobError(exit_codes.USAGE, f"--hl7 {opts.hl7_dir} exists and is not a folder.")
+    import importlib.util
+
+    for flag, module in (("--hl7", "hl7apy"), ("--fhir", "fhir.resources")):
+        wanted = opts.hl7_dir if flag == "--hl7" else opts.fhir_path
+        if wanted is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+            raise JobError(exit_codes.USAGE, f"{flag} needs {module}, which is not installed; {INSTALL_HINT}.")
+
+
+def _run_facts(contents: "ReportContents") -> "RunFacts":
+    from batchwbc.commands.outputs.lis.results import RunFacts
+
+    run = contents.run
+    try:
+        started = datetime.fromisoformat(run.get("Run started", ""))
+    except ValueError:
+        started = None
+    return RunFacts(__version__, Path(run.get("Model file", "")).name, run.get("Model version", ""),
+                    run.get("Model sha256", ""), started)
+
+
+def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientVerification"],
+              settings: "Settings", contents: "ReportContents", now: datetime) -> int:
+    """Write the messages and the bundle, send over MLLP; NOT_DELIVERED when a signed patient
+    did not reach the LIS (not built, or not acknowledged). The workbook is already written."""
+    from batchwbc.commands.outputs.lis import LisError
+    from batchwbc.commands.outputs.lis.deliver import deliver, write_messages
+
+    for patient in plan.unsigned:
+        log.info("LIS: patient %s is not signed and was not sent", patient)
+    for patient, reason in plan.failed:
+        log.error("LIS: patient %s was not sent: %s", patient, reason)
+    undelivered = list(plan.failed)
+    try:
+        if opts.hl7_dir is not None:
+            write_messages(opts.hl7_dir, plan.messages)
+            log.info("LIS: %d HL7 messages in %s", len(plan.messages), opts.hl7_dir)
+        if opts.fhir_path is not None:
+            from batchwbc.commands.outputs.lis import fhir
+            from batchwbc.outputs.workbook import atomic_output
+
+            built = {m.patient for m in plan.messages}
+            bundle = fhir.build_bundle([p for p in patients if p.patient in built], settings, _run_facts(contents),
+                                       contents.model_classes, now)
+            fhir.validate(bundle)
+            with atomic_output(opts.fhir_path) as tmp:
+                Path(tmp).write_text(fhir.dumps(bundle), encoding="utf-8")
+            log.info("LIS: FHIR bundle of %d patients: %s", len(built), opts.fhir_path)
+    except LisError as exc:
+        raise JobError(exit_codes.FAILED, f"{str(exc).rstrip('.')}; the verified workbook was written.") from None
+    except OSError as exc:
+        raise JobError(exit_codes.FAILED, f"the LIS messages could not be written ({exc.strerror or exc}); "
+                                         "the verified workbook was written.") from None
+    if opts.mllp is not None and opts.hl7_dir is not None:
+        from batchwbc.commands.outputs.lis.mllp import parse_address
+
+        host, port = parse_address(opts.mllp)
+        undelivered += deliver(opts.hl7_dir, plan.messages, host, port, settings.lis.ack_timeout_s)
+    if undelivered:
+        log.error("LIS: %d signed patients were not delivered (%s); see the lines above.",
+                  len(undelivered), ", ".join(p for p, _ in undelivered))
+        return exit_codes.NOT_DELIVERED
+    return exit_codes.OK
 
 
 def resolve_verified(contents: "ReportContents", choices: Sequence[str]) -> tuple[list["VerifiedCell"], list[str]]:

@@ -10,7 +10,7 @@ flags.FLAG_RULES; this module adds the review options and reference ranges.
 from __future__ import annotations
 
 import math
-from dataclasses import field, make_dataclass, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -70,6 +70,121 @@ class _SettingsMethods:
             rows.append((f"Reference range {catalogue.get(cid).display} [reference_ranges.{cid}]", text))
         return rows
 
+# ---------------------------------------------------------------- [lis]: messages to the LIS (issue 21)
+# Which code each reported result carries, and the HL7 header fields a lab's LIS or middleware
+# expects. Defaults and the source of every LOINC code: docs/lis.md. A lab with local or
+# methodless codes replaces rows of [lis.codes]; every key is validated when the config is read.
+
+@dataclass(frozen=True)
+class ResultCode:
+    """One coded result: HL7 coding-system id (LN = LOINC, 99xxx = local) and its FHIR system URI."""
+
+    code: str
+    display: str
+    system: str = "LN"
+    uri: str = "http://loinc.org"
+
+
+#: What each code key reports: the ten leukocyte classes (% of WBC), then the extra results.
+LIS_EXTRA_KEYS = ("nrbc_per_100_wbc", "smudge", "unclassified", "panel")
+_LOCAL = dict(system="99BWBC", uri="urn:batchwbc:local-codes")
+DEFAULT_LIS_CODES: Mapping[str, ResultCode] = MappingProxyType({
+    "neutrophil_segmented": ResultCode("769-0", "Segmented neutrophils/100 leukocytes in Blood by Manual count"),
+    "neutrophil_band": ResultCode("764-1", "Band form neutrophils/100 leukocytes in Blood by Manual count"),
+    "lymphocyte": ResultCode("737-7", "Lymphocytes/100 leukocytes in Blood by Manual count"),
+    "monocyte": ResultCode("744-3", "Monocytes/100 leukocytes in Blood by Manual count"),
+    "eosinophil": ResultCode("714-6", "Eosinophils/100 leukocytes in Blood by Manual count"),
+    "basophil": ResultCode("707-0", "Basophils/100 leukocytes in Blood by Manual count"),
+    "myeloblast": ResultCode("709-6", "Blasts/100 leukocytes in Blood by Manual count"),
+    "promyelocyte": ResultCode("783-1", "Promyelocytes/100 leukocytes in Blood by Manual count"),
+    "myelocyte": ResultCode("749-2", "Myelocytes/100 leukocytes in Blood by Manual count"),
+    "metamyelocyte": ResultCode("740-1", "Metamyelocytes/100 leukocytes in Blood by Manual count"),
+    "nrbc_per_100_wbc": ResultCode("18309-5", "Nucleated erythrocytes/100 leukocytes [Ratio] in Blood by Manual count"),
+    # No LOINC term counts what batchwbc counts here (crops, outside the WBC denominator): local codes.
+    "smudge": ResultCode("SMUDGE", "Smudge cells counted (not in WBC)", **_LOCAL),
+    "unclassified": ResultCode("UNCLASSIFIED", "Crops not recognised as a known cell (not counted)", **_LOCAL),
+    "panel": ResultCode("24318-8", "Manual Differential panel - Blood"),
+})
+#: HL7 fields that may carry the patient/slide folder's name (ORC mirrors OBR's order numbers).
+LIS_IDENTIFIER_FIELDS = ("PID-3", "OBR-2", "OBR-3")
+
+
+@dataclass(frozen=True)
+class LisSettings:
+    """The [lis] table: codes and the HL7 header fields; defaults in docs/config-example.toml."""
+
+    identifier_field: str = "PID-3"  # where the folder name goes; PID-3 always holds it when chosen
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    processing_id: str = "P"  # MSH-11: P production, T training, D debugging
+    ack_timeout_s: float = 10.0  # --mllp: seconds to wait for a connection and for each ACK
+    codes: Mapping[str, ResultCode] = field(default_factory=lambda: DEFAULT_LIS_CODES)
+
+    def code(self, key: str) -> ResultCode:
+        return self.codes[key]
+
+
+DEFAULT_LIS = LisSettings()
+
+
+def _lis_text(name: str, key: str, value: Any, allowed: Sequence[str] | None = None, empty: bool = True) -> str:
+    ok = isinstance(value, str) and (empty or value.strip()) and not any(c in value for c in "\r\n|^~\\&")
+    if not ok or (allowed is not None and value not in allowed):
+        want = f"one of {', '.join(allowed)}" if allowed else "text without line breaks or the HL7 delimiters |^~\\&"
+        raise ConfigError(f"{name}: lis.{key} must be {want}, not {_shown(value)}.")
+    return value
+
+
+def _parse_code(name: str, key: str, table: Any) -> ResultCode:
+    where = f"lis.codes.{key}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: {where} must be a table with code, display and system (and uri unless system is LN).")
+    unknown = set(table) - {"code", "display", "system", "uri"}
+    if unknown:
+        raise ConfigError(f"{name}: unknown key {where}.{sorted(unknown)[0]} (known: code, display, system, uri).")
+    values = {k: _lis_text(name, f"codes.{key}.{k}", table.get(k, ""), empty=k == "uri")
+              for k in ("code", "display", "system", "uri")}
+    if values["system"] == "LN":
+        values["uri"] = values["uri"] or "http://loinc.org"
+    elif not values["uri"]:
+        raise ConfigError(f"{name}: {where}.uri is needed for the FHIR system of a non-LOINC code (system {values['system']!r}).")
+    return ResultCode(**values)
+
+
+def parse_lis(name: str, table: Any) -> LisSettings:
+    """Validate the [lis] table; a partial [lis.codes] replaces only the rows it names."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: lis must be a [lis] table.")
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "codes":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: lis.codes must be a table of [lis.codes.<key>] tables.")
+            codes = dict(DEFAULT_LIS_CODES)
+            for ckey, ctable in value.items():
+                if ckey not in codes:
+                    raise ConfigError(f"{name}: unknown key lis.codes.{ckey} (known: {', '.join(codes)}).")
+                codes[ckey] = _parse_code(name, ckey, ctable)
+            changes["codes"] = MappingProxyType(codes)
+        elif key == "identifier_field":
+            changes[key] = _lis_text(name, key, value, LIS_IDENTIFIER_FIELDS)
+        elif key == "processing_id":
+            changes[key] = _lis_text(name, key, value, ("P", "T", "D"))
+        elif key in ("sending_facility", "receiving_application", "receiving_facility"):
+            changes[key] = _lis_text(name, key, value)
+        elif key == "ack_timeout_s":
+            if not (_is_number(value) and 0 < value <= 600):
+                raise ConfigError(f"{name}: lis.ack_timeout_s must be a number of seconds above 0 and at most 600, "
+                                  f"not {_shown(value)}.")
+            changes[key] = float(value)
+        else:
+            known = "identifier_field, sending_facility, receiving_application, receiving_facility, processing_id, " \
+                    "ack_timeout_s, codes"
+            raise ConfigError(f"{name}: unknown key lis.{key} (known: {known}).")
+    return replace(DEFAULT_LIS, **changes)
+# ---------------------------------------------------------------- end of [lis]
+
 
 def make_settings_class(rules: Sequence[FlagRule], name: str = "Settings") -> type:
     """A frozen Settings dataclass: one field per flag rule (its threshold, with the rule's
@@ -83,6 +198,7 @@ def make_settings_class(rules: Sequence[FlagRule], name: str = "Settings") -> ty
         ("review_max_images", int, field(default=2000)),  # thumbnails embedded in Review; the rest are listed
         ("reference_ranges", "Mapping[str, tuple[float, float]]",
          field(default_factory=lambda: DEFAULT_REFERENCE_RANGES, hash=False)),
+        ("lis", "LisSettings", field(default_factory=lambda: DEFAULT_LIS, hash=False)),  # [lis], issue 21
         # the settings a config file (or a report's Run sheet) gave, so a model default never overrides them
         ("set_by_config", "frozenset[str]", field(default=frozenset(), compare=False)),
     ]
@@ -177,9 +293,12 @@ def settings_from_dict(data: Mapping[str, Any], name: str = "config") -> Setting
         if table_name == "reference_ranges":
             changes["reference_ranges"] = _parse_ranges(name, table)
             continue
+        if table_name == "lis":
+            changes["lis"] = parse_lis(name, table)
+            continue
         schema = _SCHEMA.get(table_name)
         if schema is None:
-            known = ", ".join(f"[{t}]" for t in (*_SCHEMA, "reference_ranges"))
+            known = ", ".join(f"[{t}]" for t in (*_SCHEMA, "reference_ranges", "lis"))
             raise ConfigError(f"{name}: unknown section or key {table_name!r} (known sections: {known}).")
         if not isinstance(table, dict):
             raise ConfigError(f"{name}: {table_name} must be a [{table_name}] table.")

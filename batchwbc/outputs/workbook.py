@@ -688,6 +688,11 @@ def _vs_reference(pct: float | None, rng: tuple[float, float] | None) -> str:
     return "within"
 
 
+#: The Differential sheet's "vs. reference" verdict, public so the LIS messages (batchwbc.outputs.lis)
+#: state exactly what the workbook states instead of comparing again.
+vs_reference = _vs_reference
+
+
 def _class_note(r: _DiffRow) -> str:
     if r.class_id == NRBC_CLASS:
         per100 = "" if r.diff.nrbc_per_100_wbc is None else f": {r.diff.nrbc_per_100_wbc:.1f} per 100 WBC"
