@@ -119,6 +119,10 @@ class LisSettings:
     receiving_facility: str = ""  # MSH-6
     processing_id: str = "P"  # MSH-11: P production, T training, D debugging
     ack_timeout_s: float = 10.0  # --mllp: seconds to wait for a connection and for each ACK
+    # `batchwbc run --hl7/--mllp` sends every patient's pre-classification as a preliminary
+    # result (status P) only when a lab sets this: a pre-classification is not a result, so
+    # sending one is the lab's decision, taken once in its config, not a command-line habit.
+    send_preliminary: bool = False
     codes: Mapping[str, ResultCode] = field(default_factory=lambda: DEFAULT_LIS_CODES)
 
     def code(self, key: str) -> ResultCode:
@@ -178,9 +182,13 @@ def parse_lis(name: str, table: Any) -> LisSettings:
                 raise ConfigError(f"{name}: lis.ack_timeout_s must be a number of seconds above 0 and at most 600, "
                                   f"not {_shown(value)}.")
             changes[key] = float(value)
+        elif key == "send_preliminary":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: lis.send_preliminary must be true or false, not {_shown(value)}.")
+            changes[key] = value
         else:
             known = "identifier_field, sending_facility, receiving_application, receiving_facility, processing_id, " \
-                    "ack_timeout_s, codes"
+                    "ack_timeout_s, send_preliminary, codes"
             raise ConfigError(f"{name}: unknown key lis.{key} (known: {known}).")
     return replace(DEFAULT_LIS, **changes)
 # ---------------------------------------------------------------- end of [lis]
