@@ -384,3 +384,39 @@ def test_send_preliminary_must_be_a_boolean():
     assert settings_from_dict({}).lis.send_preliminary is False
     with pytest.raises(ConfigError, match="true or false"):
         settings_from_dict({"lis": {"send_preliminary": "yes"}})
+
+
+# ---------------------------------------------------------------- LOINC provenance (docs/lis.md "Codes")
+
+#: Long common names the lead confirmed in public copies of the LOINC table (docs/lis.md); the
+#: default `display` must be exactly these, so a LIS that checks code against name accepts them.
+CONFIRMED_LOINC = {
+    "neutrophil_segmented": ("769-0", "Neutrophils.segmented/100 leukocytes in Blood by Manual count"),
+    "neutrophil_band": ("764-1", "Neutrophils.band form/100 leukocytes in Blood by Manual count"),
+    "lymphocyte": ("737-7", "Lymphocytes/100 leukocytes in Blood by Manual count"),
+    "monocyte": ("744-3", "Monocytes/100 leukocytes in Blood by Manual count"),
+    "eosinophil": ("714-6", "Eosinophils/100 leukocytes in Blood by Manual count"),
+    "basophil": ("707-0", "Basophils/100 leukocytes in Blood by Manual count"),
+    "myeloblast": ("709-6", "Blasts/100 leukocytes in Blood by Manual count"),
+    "myelocyte": ("749-2", "Myelocytes/100 leukocytes in Blood by Manual count"),
+    "metamyelocyte": ("740-1", "Metamyelocytes/100 leukocytes in Blood by Manual count"),
+}
+TO_CONFIRM = {"promyelocyte": "783-1", "nrbc_per_100_wbc": "18309-5"}
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_default_displays_are_the_confirmed_loinc_long_names_and_the_rest_is_marked():
+    from batchwbc.core.config import DEFAULT_LIS_CODES
+
+    for key, (code, name) in CONFIRMED_LOINC.items():
+        assert (DEFAULT_LIS_CODES[key].code, DEFAULT_LIS_CODES[key].display) == (code, name), key
+    rows = {line.split("|")[1].strip(): line for line in (DOCS / "lis.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and line.count("|") >= 6}
+    example = (DOCS / "config-example.toml").read_text(encoding="utf-8")
+    for key, code in TO_CONFIRM.items():
+        assert DEFAULT_LIS_CODES[key].code == code
+        assert "to confirm on loinc.org before go-live" in rows[key], key
+        block = example.split(f"[lis.codes.{key}]")[0].rsplit("\n\n", 1)[-1]  # the comment above the table
+        assert "to confirm on loinc.org before go-live" in block, key
+    for key, (code, name) in CONFIRMED_LOINC.items():
+        assert f"| {code} | {name} | confirmed |" in rows[key], key

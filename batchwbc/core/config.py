@@ -89,8 +89,10 @@ class ResultCode:
 LIS_EXTRA_KEYS = ("nrbc_per_100_wbc", "smudge", "unclassified", "panel")
 _LOCAL = dict(system="99BWBC", uri="urn:batchwbc:local-codes")
 DEFAULT_LIS_CODES: Mapping[str, ResultCode] = MappingProxyType({
-    "neutrophil_segmented": ResultCode("769-0", "Segmented neutrophils/100 leukocytes in Blood by Manual count"),
-    "neutrophil_band": ResultCode("764-1", "Band form neutrophils/100 leukocytes in Blood by Manual count"),
+    # display = LOINC's long common name as found in public copies of the LOINC table (docs/lis.md);
+    # 783-1 and 18309-5 were not found in one: to confirm on loinc.org before go-live.
+    "neutrophil_segmented": ResultCode("769-0", "Neutrophils.segmented/100 leukocytes in Blood by Manual count"),
+    "neutrophil_band": ResultCode("764-1", "Neutrophils.band form/100 leukocytes in Blood by Manual count"),
     "lymphocyte": ResultCode("737-7", "Lymphocytes/100 leukocytes in Blood by Manual count"),
     "monocyte": ResultCode("744-3", "Monocytes/100 leukocytes in Blood by Manual count"),
     "eosinophil": ResultCode("714-6", "Eosinophils/100 leukocytes in Blood by Manual count"),
