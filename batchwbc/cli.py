@@ -80,7 +80,7 @@ def main() -> None:
     Exit codes: 0 all files classified; 1 the run failed (no new report); 2 usage error,
     unusable model/config/output (nothing classified); 3 report written but some files were
     unreadable; 4 no images in the slides folder (previous report untouched, see --allow-empty);
-    5 (verify) some LIS messages were not delivered; 130 interrupted (previous report untouched).
+    5 some LIS messages were not delivered (verify; run with [lis] send_preliminary); 130 interrupted (previous report untouched).
     """
 
 
@@ -111,11 +111,17 @@ def main() -> None:
 @click.option("--allow-empty", is_flag=True,
               help="Write a report with zero cells when SLIDES holds no images. Without it such a run exits 4 "
                    "and leaves the previous report untouched (an empty folder is usually an unmounted share).")
+@click.option("--hl7", "hl7_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Only when the --config's [lis] send_preliminary is true: also write every patient's "
+                   "pre-classification as a PRELIMINARY HL7 ORU^R01 (status P) into this folder (docs/lis.md).")
+@click.option("--mllp", metavar="HOST:PORT", default=None,
+              help="Send the --hl7 preliminary messages over MLLP and wait for each ACK; one already acknowledged "
+                   "is not sent again. Exit 5 when some were not delivered.")
 def run_command(slides: Path, out: Path, model_path: Path | None, config_path: Path | None,
                 review_threshold: float | None, workers: int | None, batch_size: int,
                 cache_path: Path | None, cells_csv: Path | None, summary_csv: Path | None, html_dir: Path | None,
                 log_file: Path | None,
-                quiet: bool, allow_empty: bool) -> None:
+                quiet: bool, allow_empty: bool, hl7_dir: Path | None, mllp: str | None) -> None:
     """Classify every crop below SLIDES/<patient>/ and write the report to --out.
 
     SLIDES holds one folder per patient or slide (crops at any depth below it); images
@@ -137,7 +143,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
     opts = RunOptions(slides=slides, out=out, model_path=model_path, config_path=config_path,
                       review_threshold=review_threshold, workers=workers, batch_size=batch_size,
                       cache_path=cache_path, cells_csv=cells_csv, summary_csv=summary_csv, show_bar=show_bar, allow_empty=allow_empty,
-                      html_dir=html_dir)
+                      html_dir=html_dir, hl7_dir=hl7_dir, mllp=mllp)
     # A KeyboardInterrupt reaching here came before the job's signal handlers (start-up).
     _finish(lambda: run_job(opts),
             interrupted="interrupted during start-up; nothing was classified and no report was written.",

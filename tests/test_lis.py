@@ -8,7 +8,6 @@ starts on 127.0.0.1, every wait bounded by a one-second ACK time-out.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import socketserver
 import threading
@@ -47,10 +46,8 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def verified(tmp_path_factory):
-    """A reviewed report (three patients signed, one not) verified with --hl7 and --fhir."""
-    base = tmp_path_factory.mktemp("lis")
+def _slides(base: Path) -> tuple[Path, Path]:
+    """The tiny model and one folder of single-colour crops per patient of SLIDES."""
     model = tinymodel.build(base / "tiny.onnx")
     slides = base / "slides"
     for patient, classes in SLIDES.items():
@@ -58,6 +55,14 @@ def verified(tmp_path_factory):
             (slides / patient).mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(slides / patient / f"c{i}.png"),
                         np.full((40, 40, 3), tinymodel.colour_for(cid)[::-1], np.uint8))
+    return model, slides
+
+
+@pytest.fixture(scope="module")
+def verified(tmp_path_factory):
+    """A reviewed report (three patients signed, one not) verified with --hl7 and --fhir."""
+    base = tmp_path_factory.mktemp("lis")
+    model, slides = _slides(base)
     rep = base / "report.xlsx"
     r = invoke("run", slides, "--out", rep, "--model", model, "--workers", "0")
     assert r.exit_code == exit_codes.OK, r.stderr
@@ -265,3 +270,153 @@ def test_mllp_needs_hl7_and_a_missing_extra_names_it(verified, tmp_path, monkeyp
     r = invoke("verify", verified[0], "--out", tmp_path / "v.xlsx", "--hl7", tmp_path / "h")
     assert r.exit_code == exit_codes.USAGE and "batchwbc[lis]" in r.stderr
     assert not (tmp_path / "v.xlsx").exists()
+
+
+# ---------------------------------------------------------------- preliminary results from `run` ([lis] send_preliminary)
+
+CODE_OF = {"neutrophil_segmented": "769-0", "lymphocyte": "737-7", "monocyte": "744-3", "eosinophil": "714-6",
+           "myeloblast": "709-6"}
+
+
+@pytest.fixture
+def prelim(tmp_path):
+    """Slides, the tiny model and a config that opts in to preliminary results (1 s ACK time-out)."""
+    model, slides = _slides(tmp_path)
+    cfg = tmp_path / "prelim.toml"
+    cfg.write_text("[lis]\nsend_preliminary = true\nack_timeout_s = 1.0\n", encoding="utf-8")
+
+    def run(*extra):
+        return invoke("run", slides, "--out", tmp_path / "report.xlsx", "--model", model, "--workers", "0", *extra)
+    return run, cfg, tmp_path
+
+
+def test_run_sends_nothing_and_refuses_hl7_without_the_config_opt_in(prelim, tmp_path):
+    run, _, base = prelim
+    plain = base / "plain.toml"
+    plain.write_text("[lis]\nack_timeout_s = 1.0\n", encoding="utf-8")
+    for extra in (("--hl7", base / "hl7"), ("--hl7", base / "hl7", "--config", plain), ("--mllp", "127.0.0.1:1")):
+        r = run(*extra)
+        assert r.exit_code == exit_codes.USAGE
+        assert "send_preliminary = true in its [lis] table" in r.stderr and "Traceback" not in r.stderr
+        assert not (base / "report.xlsx").exists() and not (base / "hl7").exists()
+    r = run()  # no option, no opt-in: a plain run, no LIS row
+    assert r.exit_code == exit_codes.OK
+    assert not any("LIS" in str(k) for k in {r["Item"] for r in _sheet(base / "report.xlsx", "Run")})
+
+
+def test_preliminary_messages_carry_status_p_the_banner_and_the_summary_values(prelim):
+    run, cfg, base = prelim
+    lis = Listener("AA")
+    try:
+        r = run("--config", cfg, "--hl7", base / "hl7", "--mllp", lis.address)
+        assert r.exit_code == exit_codes.OK, r.stderr
+        assert len(lis.received) == len(SLIDES) and len(mllp.acknowledged(base / "hl7")) == len(SLIDES)
+        r = run("--config", cfg, "--hl7", base / "hl7", "--mllp", lis.address)  # the same night again
+        assert r.exit_code == exit_codes.OK and len(lis.received) == len(SLIDES)
+        assert "already acknowledged" in r.stderr
+    finally:
+        lis.close()
+    msgs = _messages(base / "hl7")
+    assert set(msgs) == set(SLIDES)  # every patient, unsigned by definition
+    assert all("-prelim-" in f.name for f in (base / "hl7").glob("*.hl7"))
+    summary = {row["Patient"]: row for row in _sheet(base / "report.xlsx", "Summary")}
+    diff = _sheet(base / "report.xlsx", "Differential")
+    for patient, msg in msgs.items():
+        oo = msg.oru_r01_patient_result.oru_r01_order_observation
+        assert hl7.text_of(oo.obr.obr_25) == "P"
+        notes = [hl7.text_of(n.nte_3) for n in oo.nte]
+        assert notes[0] == workbook.BANNER  # the Summary sheet's banner wording, first
+        flags = [n.split(":")[0] for n in notes[1:]]
+        assert "; ".join(flags) == (summary[patient]["Flag codes"] or "")
+        sent = {}
+        for group in oo.oru_r01_observation:
+            assert hl7.text_of(group.obx.obx_11) == "P" and not group.obx.obx_16.to_er7()  # nobody signed
+            sent[hl7.text_of(group.obx.obx_3.ce_1)] = group.obx
+        for row in (r for r in diff if r["Patient"] == patient and r["Class id"] in CODE_OF and r["% of WBC"] is not None):
+            assert float(hl7.text_of(sent[CODE_OF[row["Class id"]]].obx_5)) == round(row["% of WBC"], 1)
+        assert float(hl7.text_of(sent["18309-5"].obx_5)) == round(summary[patient]["NRBC /100 WBC"], 1)
+        assert hl7.text_of(sent["UNCLASSIFIED"].obx_5) == str(summary[patient]["Unclassified"])
+    rows = {row["Item"]: row["Value"] for row in _sheet(base / "report.xlsx", "Run")}
+    assert rows["LIS preliminary results (status P)"].startswith(f"{len(SLIDES)} patients, ORU^R01")
+    assert rows["LIS preliminary not sent (message could not be built)"] == "none"
+
+
+def test_the_final_result_after_a_preliminary_one_is_a_distinct_message(prelim):
+    run, cfg, base = prelim
+    folder = base / "hl7"
+    lis = Listener("AA")
+    try:
+        assert run("--config", cfg, "--hl7", folder, "--mllp", lis.address).exit_code == exit_codes.OK
+        prelim_ids = mllp.acknowledged(folder)
+        wb = load_workbook(base / "report.xlsx")  # a person signs every patient, changing nothing
+        ws = wb["Summary"]
+        col = [c.value for c in ws[workbook.HEADER_ROWS["Summary"]]].index("Verified by")
+        for row in ws.iter_rows(min_row=workbook.HEADER_ROWS["Summary"] + 1):
+            row[col].value = "Tech"
+        wb.save(base / "report.xlsx")
+        r = invoke("verify", base / "report.xlsx", "--out", base / "v.xlsx", "--hl7", folder, "--mllp", lis.address,
+                   "--config", cfg)
+        assert r.exit_code == exit_codes.OK, r.stderr
+        assert "already acknowledged" not in r.stderr
+    finally:
+        lis.close()
+    final_ids = mllp.acknowledged(folder) - prelim_ids
+    assert len(prelim_ids) == len(final_ids) == len(SLIDES) and len(lis.received) == 2 * len(SLIDES)
+    for text in lis.received[len(SLIDES):]:
+        msg = hl7.parse(text)
+        assert hl7.text_of(msg.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25) == "F"
+
+
+def test_preliminary_not_acknowledged_is_exit_5_with_the_report_written(prelim):
+    run, cfg, base = prelim
+    lis = Listener("AE")
+    try:
+        r = run("--config", cfg, "--hl7", base / "hl7", "--mllp", lis.address)
+    finally:
+        lis.close()
+    assert r.exit_code == exit_codes.NOT_DELIVERED and "answered AE (duplicate)" in r.stderr
+    assert (base / "report.xlsx").is_file() and len(list((base / "hl7").glob("*.hl7"))) == len(SLIDES)
+    assert not mllp.acknowledged(base / "hl7")
+
+
+def test_send_preliminary_must_be_a_boolean():
+    assert settings_from_dict({"lis": {"send_preliminary": True}}).lis.send_preliminary is True
+    assert settings_from_dict({}).lis.send_preliminary is False
+    with pytest.raises(ConfigError, match="true or false"):
+        settings_from_dict({"lis": {"send_preliminary": "yes"}})
+
+
+# ---------------------------------------------------------------- LOINC provenance (docs/lis.md "Codes")
+
+#: Long common names the lead confirmed in public copies of the LOINC table (docs/lis.md); the
+#: default `display` must be exactly these, so a LIS that checks code against name accepts them.
+CONFIRMED_LOINC = {
+    "neutrophil_segmented": ("769-0", "Neutrophils.segmented/100 leukocytes in Blood by Manual count"),
+    "neutrophil_band": ("764-1", "Neutrophils.band form/100 leukocytes in Blood by Manual count"),
+    "lymphocyte": ("737-7", "Lymphocytes/100 leukocytes in Blood by Manual count"),
+    "monocyte": ("744-3", "Monocytes/100 leukocytes in Blood by Manual count"),
+    "eosinophil": ("714-6", "Eosinophils/100 leukocytes in Blood by Manual count"),
+    "basophil": ("707-0", "Basophils/100 leukocytes in Blood by Manual count"),
+    "myeloblast": ("709-6", "Blasts/100 leukocytes in Blood by Manual count"),
+    "myelocyte": ("749-2", "Myelocytes/100 leukocytes in Blood by Manual count"),
+    "metamyelocyte": ("740-1", "Metamyelocytes/100 leukocytes in Blood by Manual count"),
+}
+TO_CONFIRM = {"promyelocyte": "783-1", "nrbc_per_100_wbc": "18309-5"}
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_default_displays_are_the_confirmed_loinc_long_names_and_the_rest_is_marked():
+    from batchwbc.core.config import DEFAULT_LIS_CODES
+
+    for key, (code, name) in CONFIRMED_LOINC.items():
+        assert (DEFAULT_LIS_CODES[key].code, DEFAULT_LIS_CODES[key].display) == (code, name), key
+    rows = {line.split("|")[1].strip(): line for line in (DOCS / "lis.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and line.count("|") >= 6}
+    example = (DOCS / "config-example.toml").read_text(encoding="utf-8")
+    for key, code in TO_CONFIRM.items():
+        assert DEFAULT_LIS_CODES[key].code == code
+        assert "to confirm on loinc.org before go-live" in rows[key], key
+        block = example.split(f"[lis.codes.{key}]")[0].rsplit("\n\n", 1)[-1]  # the comment above the table
+        assert "to confirm on loinc.org before go-live" in block, key
+    for key, (code, name) in CONFIRMED_LOINC.items():
+        assert f"| {code} | {name} | confirmed |" in rows[key], key

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from batchwbc.engine.pipeline import Pipeline, PipelineOutput
     from batchwbc.core.records import RunData
     from batchwbc.core.summary import PatientSummary
+    from batchwbc.outputs.lis.deliver import LisPlan
 
 log = logging.getLogger("batchwbc")
 
@@ -62,6 +63,9 @@ class RunOptions:
     show_bar: bool = False  # a progress bar on the terminal
     allow_empty: bool = False  # a slides folder without images writes an empty report instead of exit 4
     html_dir: Path | None = None  # also write the offline HTML gallery here
+    # -- preliminary results to the LIS (issue 21), only when the config's [lis] send_preliminary is true
+    hl7_dir: Path | None = None  # one ORU^R01 (status P) file per patient
+    mllp: str | None = None  # HOST:PORT: send them and await each ACK
 
 
 def resolve_review_threshold(cli_value: float | None, config_value: float | None, model_value: float | None) -> tuple[float, str]:
@@ -111,6 +115,83 @@ def check_outputs(outputs: "Sequence[tuple[Path | None, tuple[str, ...]]]", html
             raise JobError(exit_codes.USAGE, str(exc)) from None
 
 
+def check_preliminary(opts: RunOptions, settings: "Settings") -> None:
+    """Fail fast on --hl7/--mllp: the lab's opt-in first, then the address, the folder, the extra.
+
+    A pre-classification is not a result (docs/lis.md), so `run` sends one only where a lab
+    decided it in its config; an option alone must never start sending unverified values."""
+    if opts.hl7_dir is None and opts.mllp is None:
+        if settings.lis.send_preliminary:
+            log.warning("the config's [lis] send_preliminary is true but no --hl7 DIR was given, so no preliminary "
+                        "results are sent.")
+        return
+    flag = "--hl7" if opts.hl7_dir is not None else "--mllp"
+    if not settings.lis.send_preliminary:
+        raise JobError(exit_codes.USAGE, f"run {flag} sends unverified preliminary results, which only a config with "
+                                        "send_preliminary = true in its [lis] table enables (docs/lis.md).")
+    if opts.hl7_dir is None:
+        raise JobError(exit_codes.USAGE, "--mllp sends the --hl7 messages: give --hl7 DIR as well.")
+    if opts.hl7_dir.exists() and not opts.hl7_dir.is_dir():
+        raise JobError(exit_codes.USAGE, f"--hl7 {opts.hl7_dir} exists and is not a folder.")
+    from batchwbc.outputs.lis import INSTALL_HINT
+
+    if opts.mllp is not None:
+        from batchwbc.outputs.lis.mllp import parse_address
+
+        try:
+            parse_address(opts.mllp)
+        except ValueError as exc:
+            raise JobError(exit_codes.USAGE, str(exc)) from None
+    import importlib.util
+
+    if importlib.util.find_spec("hl7apy") is None:
+        raise JobError(exit_codes.USAGE, f"--hl7 needs hl7apy, which is not installed; {INSTALL_HINT}.")
+
+
+def plan_preliminary(opts: RunOptions, run: "RunData", summaries: "Sequence[PatientSummary]",
+                     settings: "Settings") -> "LisPlan":
+    """Every patient's preliminary message, from the summaries the workbook shows, with the
+    Summary sheet's banner (and its alert line, if any) as the first NTEs."""
+    from batchwbc.core.summary import run_alert
+    from batchwbc.outputs.lis.deliver import plan_preliminary as plan
+    from batchwbc.outputs.lis.results import RunFacts
+    from batchwbc.outputs.workbook import BANNER
+
+    info = run.model
+    facts = RunFacts(__version__, info.path.name, info.model_version, info.sha256, run.started)
+    banner = [BANNER, run_alert(summaries, run.data_shift) or ""]
+    return plan(summaries, settings, facts, run.model.classes, datetime.now().astimezone(), banner, run.finished)
+
+
+def send_preliminary(opts: RunOptions, plan: "LisPlan", settings: "Settings") -> int:
+    """Write the preliminary messages to --hl7 (atomically) and send them over --mllp, after the
+    workbook: a LIS that is down must not cost the night's report. NOT_DELIVERED when a patient's
+    message could not be built or was not acknowledged; each one is in the log with its reason."""
+    from batchwbc.outputs.lis.deliver import deliver, write_messages
+
+    if opts.hl7_dir is None:
+        return exit_codes.OK
+    for patient, reason in plan.failed:
+        log.error("LIS: patient %s: no preliminary result was sent: %s", patient, reason)
+    try:
+        write_messages(opts.hl7_dir, plan.messages)
+    except OSError as exc:
+        raise JobError(exit_codes.FAILED, f"the preliminary LIS messages could not be written to {opts.hl7_dir} "
+                                         f"({exc.strerror or exc}); the report was written.") from None
+    log.info("LIS: %d preliminary HL7 messages (status P) in %s", len(plan.messages), opts.hl7_dir)
+    undelivered = list(plan.failed)
+    if opts.mllp is not None:
+        from batchwbc.outputs.lis.mllp import parse_address
+
+        host, port = parse_address(opts.mllp)
+        undelivered += deliver(opts.hl7_dir, plan.messages, host, port, settings.lis.ack_timeout_s)
+    if undelivered:
+        log.error("LIS: the preliminary results of %d patients were not delivered (%s); see the lines above.",
+                  len(undelivered), ", ".join(p for p, _ in undelivered))
+        return exit_codes.NOT_DELIVERED
+    return exit_codes.OK
+
+
 def load_classifier(model_path: str | None, threads: int) -> "Classifier":
     """The model to run, or JobError(USAGE) with the reason it cannot be used."""
     from batchwbc.engine.model import DEFAULT_MODEL_PATH, Classifier, ModelError
@@ -134,6 +215,7 @@ class RunState:
         self.pipeline: "Pipeline | None" = None
         self.stage = "start-up"
         self.report_written = False  # the workbook is in place; only the --html gallery was still being written
+        self.sending = False  # the workbook is in place; preliminary LIS messages were being sent
 
     def where(self) -> str:
         """'after 1234 of 5000 cells', 'while looking for images', ..."""
@@ -145,6 +227,8 @@ class RunState:
         return f"while {self.stage}" if self.stage != "start-up" else "during start-up"
 
     def outcome(self) -> str:
+        if self.sending:
+            return "the report was written; preliminary LIS messages not yet acknowledged stay in the --hl7 folder"
         if self.report_written:
             return "the report was written; the previous HTML gallery is untouched"
         return "no report was written and the previous one is untouched"
@@ -177,6 +261,7 @@ def run_job(opts: RunOptions) -> int:
         settings = config_mod.load_settings(opts.config_path)
     except config_mod.ConfigError as exc:
         raise JobError(exit_codes.USAGE, str(exc)) from None
+    check_preliminary(opts, settings)
     n_workers = default_workers() if opts.workers is None else opts.workers
     classifier = load_classifier(str(opts.model_path) if opts.model_path else None,
                                  inference_threads(os.cpu_count() or 1))
@@ -268,6 +353,14 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
     shift_line = log_line(shifts, run_shift)
     if shift_line:
         log.warning("%s", shift_line)
+    lis_plan = None
+    if opts.hl7_dir is not None:  # built before the workbook, so its Run sheet says what is sent
+        from dataclasses import replace
+
+        from batchwbc.outputs.lis.deliver import preliminary_rows
+
+        lis_plan = plan_preliminary(opts, run, summaries, prep.settings)
+        run = replace(run, extra={**run.extra, **preliminary_rows(lis_plan, opts.hl7_dir, opts.mllp)})
 
     state.stage = "writing the report"
     try:
@@ -287,11 +380,15 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         "summary: %d patients, %d cells classified, %d unreadable, %d for review, %d flags raised, %.1f s; report: %s",
         len(found.patients), len(run.cells), len(errors), t.review_cells, t.flags, time.monotonic() - t0, opts.out,
     )
+    code = exit_codes.OK
     if errors:
         log.warning("%d %s could not be classified; see the Errors sheet.", len(errors),
                     "file or folder" if len(errors) == 1 else "files or folders")
-        return exit_codes.PARTIAL
-    return exit_codes.OK
+        code = exit_codes.PARTIAL
+    if lis_plan is not None:  # after the report: its exit code wins over PARTIAL, as verify's does
+        state.stage, state.report_written, state.sending = "sending preliminary results to the LIS", True, True
+        code = send_preliminary(opts, lis_plan, prep.settings) or code
+    return code
 
 
 def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides: Path, html_dir: Path) -> None:

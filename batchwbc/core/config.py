@@ -89,8 +89,10 @@ class ResultCode:
 LIS_EXTRA_KEYS = ("nrbc_per_100_wbc", "smudge", "unclassified", "panel")
 _LOCAL = dict(system="99BWBC", uri="urn:batchwbc:local-codes")
 DEFAULT_LIS_CODES: Mapping[str, ResultCode] = MappingProxyType({
-    "neutrophil_segmented": ResultCode("769-0", "Segmented neutrophils/100 leukocytes in Blood by Manual count"),
-    "neutrophil_band": ResultCode("764-1", "Band form neutrophils/100 leukocytes in Blood by Manual count"),
+    # display = LOINC's long common name as found in public copies of the LOINC table (docs/lis.md);
+    # 783-1 and 18309-5 were not found in one: to confirm on loinc.org before go-live.
+    "neutrophil_segmented": ResultCode("769-0", "Neutrophils.segmented/100 leukocytes in Blood by Manual count"),
+    "neutrophil_band": ResultCode("764-1", "Neutrophils.band form/100 leukocytes in Blood by Manual count"),
     "lymphocyte": ResultCode("737-7", "Lymphocytes/100 leukocytes in Blood by Manual count"),
     "monocyte": ResultCode("744-3", "Monocytes/100 leukocytes in Blood by Manual count"),
     "eosinophil": ResultCode("714-6", "Eosinophils/100 leukocytes in Blood by Manual count"),
@@ -119,6 +121,10 @@ class LisSettings:
     receiving_facility: str = ""  # MSH-6
     processing_id: str = "P"  # MSH-11: P production, T training, D debugging
     ack_timeout_s: float = 10.0  # --mllp: seconds to wait for a connection and for each ACK
+    # `batchwbc run --hl7/--mllp` sends every patient's pre-classification as a preliminary
+    # result (status P) only when a lab sets this: a pre-classification is not a result, so
+    # sending one is the lab's decision, taken once in its config, not a command-line habit.
+    send_preliminary: bool = False
     codes: Mapping[str, ResultCode] = field(default_factory=lambda: DEFAULT_LIS_CODES)
 
     def code(self, key: str) -> ResultCode:
@@ -178,9 +184,13 @@ def parse_lis(name: str, table: Any) -> LisSettings:
                 raise ConfigError(f"{name}: lis.ack_timeout_s must be a number of seconds above 0 and at most 600, "
                                   f"not {_shown(value)}.")
             changes[key] = float(value)
+        elif key == "send_preliminary":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: lis.send_preliminary must be true or false, not {_shown(value)}.")
+            changes[key] = value
         else:
             known = "identifier_field, sending_facility, receiving_application, receiving_facility, processing_id, " \
-                    "ack_timeout_s, codes"
+                    "ack_timeout_s, send_preliminary, codes"
             raise ConfigError(f"{name}: unknown key lis.{key} (known: {known}).")
     return replace(DEFAULT_LIS, **changes)
 # ---------------------------------------------------------------- end of [lis]

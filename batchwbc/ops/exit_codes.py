@@ -5,7 +5,7 @@ FAILED = 1  #: the run failed; no new report (the previous one is untouched)
 USAGE = 2  #: bad arguments, unusable model/config, or an output that cannot be written; nothing was classified
 PARTIAL = 3  #: report written, but some files were unreadable or a patient failed (see the Errors sheet)
 NO_INPUT = 4  #: no images below the slides folder (empty, or an unmounted share); the previous report is untouched
-NOT_DELIVERED = 5  #: verified workbook written, but some LIS messages were not acknowledged (they stay in the --hl7 folder)
+NOT_DELIVERED = 5  #: workbook written (verify; run with [lis] send_preliminary), but some LIS messages were not delivered (they stay in the --hl7 folder)
 INTERRUPTED = 130  #: stopped by SIGINT/SIGTERM; the previous report is untouched
 
 

@@ -1,6 +1,9 @@
-"""`batchwbc verify --hl7 DIR [--mllp HOST:PORT] [--fhir FILE.json]`: which patients, which files, what was sent.
+"""`batchwbc verify --hl7 DIR [--mllp HOST:PORT] [--fhir FILE.json]` (and `batchwbc run --hl7 DIR
+[--mllp HOST:PORT]` when the config's [lis] send_preliminary allows it): which patients, which
+files, what was sent.
 
-Only signed patients are sent; the others are listed (log and Run sheet). Each message is a
+verify sends only signed patients (final, F); the others are listed (log and Run sheet). run
+sends every patient's pre-classification as preliminary (P). Each message is a
 file in DIR named after the patient and its control id, written atomically; with --mllp each
 is sent and its ACK awaited. A message the LIS did not acknowledge stays in DIR with the
 reason logged and the exit code NOT_DELIVERED; one it acknowledged is recorded in
@@ -20,6 +23,7 @@ from batchwbc.outputs.lis import LisError
 
 if TYPE_CHECKING:
     from batchwbc.core.config import Settings
+    from batchwbc.core.summary import PatientSummary
     from batchwbc.outputs.lis.results import RunFacts
     from batchwbc.core.verification import PatientVerification
 
@@ -31,12 +35,15 @@ class Message:
     patient: str
     control_id: str
     er7: str
+    preliminary: bool = False  # status P (from `run`); F otherwise
 
     @property
     def file_name(self) -> str:
-        """A safe, unique file name: the folder name's harmless characters, then the control id."""
+        """A safe, unique file name: the folder name's harmless characters, then the control id;
+        a preliminary message says so in its name, so a person looking at DIR (which verify and
+        run may share) tells a pre-classification from a signed result without opening it."""
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.patient).strip("._")[:60] or "patient"
-        return f"{safe}-{self.control_id}.hl7"
+        return f"{safe}-{'prelim-' if self.preliminary else ''}{self.control_id}.hl7"
 
 
 @dataclass
@@ -65,6 +72,39 @@ def plan_hl7(patients: Sequence["PatientVerification"], settings: "Settings", fa
             continue
         plan.messages.append(Message(p.patient, cid, er7))
     return plan
+
+
+def plan_preliminary(summaries: Sequence["PatientSummary"], settings: "Settings", facts: "RunFacts",
+                     classes: Sequence[str], now: datetime, banner: Sequence[str], finished: datetime) -> LisPlan:
+    """Build every patient's preliminary message (status P): all are unsigned by definition, so
+    none is left out for that; a message that cannot be built is listed with its reason."""
+    from batchwbc.outputs.lis.hl7 import build_preliminary
+
+    plan = LisPlan()
+    for s in summaries:
+        try:
+            cid, er7 = build_preliminary(s, settings, facts, classes, now, banner, finished)
+        except LisError as exc:
+            plan.failed.append((s.patient, str(exc)))
+            continue
+        plan.messages.append(Message(s.patient, cid, er7, preliminary=True))
+    return plan
+
+
+#: The run's Run-sheet rows about preliminary results (the workbook is written before sending).
+PRELIMINARY_ROW = "LIS preliminary results (status P)"
+PRELIMINARY_FAILED_ROW = "LIS preliminary not sent (message could not be built)"
+
+
+def preliminary_rows(plan: LisPlan, folder: Path, address: str | None) -> dict[str, str]:
+    """What the run's Run sheet says it sends: how many, where, and who could not be built. The
+    ACKs come after the workbook is written, so they are in the log and DIR/delivered.tsv."""
+    n = len(plan.messages)
+    text = f"{n} {'patient' if n == 1 else 'patients'}, ORU^R01 v2.5.1 in {folder}"
+    if address:
+        text += f"; sent to {address} after this workbook was written (each ACK: the log and {folder / 'delivered.tsv'})"
+    return {PRELIMINARY_ROW: text,
+            PRELIMINARY_FAILED_ROW: "; ".join(reason for _, reason in plan.failed) or "none"}
 
 
 def run_rows(plan: LisPlan, folder: Path | None, fhir: Path | None) -> list[tuple[str, str]]:

@@ -89,7 +89,7 @@ def build_bundle(patients: Sequence["PatientVerification"], settings: "Settings"
             entries.append((performer, {"resourceType": "Practitioner", "name": [{"text": p.verified_by}]},
                             "Practitioner"))
         members = []
-        for r in reported_results(p, settings, classes):
+        for r in reported_results(p.post, settings, classes):
             url = _uid("observation", p.patient, r.key, p.verified_on)
             members.append({"reference": url})
             entries.append((url, _observation(r, subject, performer, device, issued, effective), "Observation"))

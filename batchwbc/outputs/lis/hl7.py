@@ -1,4 +1,4 @@
-"""One HL7 v2.5.1 ORU^R01 message per signed patient, built and validated with hl7apy.
+"""One HL7 v2.5.1 ORU^R01 message per patient - final (F) when signed, preliminary (P) from a run - built and validated with hl7apy.
 
 The structure (segments, groups, required fields, data types) is hl7apy's, checked with its
 STRICT validation before a message is written. Text from outside - the folder name, the
@@ -22,10 +22,12 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 from batchwbc.outputs.lis import LisError
-from batchwbc.outputs.lis.results import ReportedResult, RunFacts, reported_results, verified_at
+from batchwbc.outputs.lis.results import (FINAL, PRELIMINARY, ReportedPatient, ReportedResult, RunFacts, final,
+                                          preliminary, reported_results)
 
 if TYPE_CHECKING:
     from batchwbc.core.config import ResultCode, Settings
+    from batchwbc.core.summary import PatientSummary
     from batchwbc.core.verification import PatientVerification
 
 VERSION = "2.5.1"
@@ -86,43 +88,57 @@ def _coded(field, code: "ResultCode") -> None:  # noqa: ANN001 - an hl7apy CE/CW
     field.ce_3 = code.system  # an ID; config keeps delimiters out
 
 
-def control_id(p: "PatientVerification", results: Sequence[ReportedResult], settings: "Settings",
-               facts: RunFacts, status: str) -> str:
-    """MSH-10 from what the message states - patient, signer, coded values, flags, model - and
-    not from when it was built: the same signed result always gets the same id, so a re-send
-    recognises what the LIS already acknowledged (docs/lis.md, "Re-sending"). 20 characters,
-    HL7 v2.5.1's length for MSH-10."""
-    what = [p.patient, p.verified_by, status, settings.lis.identifier_field, facts.model_sha256,
+def control_id(rp: ReportedPatient, results: Sequence[ReportedResult], settings: "Settings",
+               facts: RunFacts) -> str:
+    """MSH-10 from what the message states - patient, signer, status, coded values, flags, model,
+    notes - and not from when it was built: the same result always gets the same id, so a
+    re-send recognises what the LIS already acknowledged (docs/lis.md, "Re-sending"). The
+    status is part of it, so a patient's final result never shares an id with its preliminary
+    one, even when a person changed nothing. 20 characters, HL7 v2.5.1's length for MSH-10."""
+    what = [rp.patient, rp.signer, rp.status, settings.lis.identifier_field, facts.model_sha256,
             *(f"{r.code.system}|{r.code.code}|{r.text}|{r.interpretation}" for r in results),
-            *(f.code for f in p.post.flags)]
+            *(f.code for f in rp.summary.flags)]
+    if rp.notes:  # only preliminary results carry notes; final ids stay what they were before P existed
+        what += ["notes", *rp.notes]
     return hashlib.sha256("\x00".join(what).encode()).hexdigest()[:20]
 
 
 def build_oru(p: "PatientVerification", settings: "Settings", facts: RunFacts, classes: Sequence[str],
-              now: datetime, status: str = "F", banner: str = "") -> tuple[str, str]:
-    """(control id, ER7 text with \\r between segments) of the patient's ORU^R01 message.
+              now: datetime) -> tuple[str, str]:
+    """(control id, ER7 text with \\r between segments) of a signed patient's final ORU^R01.
+    Raises LisError with one sentence (unsigned, undated, too long, not valid)."""
+    return build(final(p), settings, facts, classes, now)
 
-    status F (final, a signed patient) or P (preliminary, with `banner` - the workbook's
-    pre-classification banner - as the first NTE). Raises LisError with one sentence.
-    """
-    if status == "F" and not p.signed:
-        raise LisError(f"patient {p.patient!r} is not signed ({p.status}); only signed results are final.")
-    if len(p.patient) > 199:
-        raise LisError(f"patient folder name {p.patient[:40]!r}... is longer than HL7's 199 characters.")
-    results = reported_results(p, settings, classes)
-    signed_at = verified_at(p) if status == "F" else None
+
+def build_preliminary(s: "PatientSummary", settings: "Settings", facts: RunFacts, classes: Sequence[str],
+                      now: datetime, banner: Sequence[str], finished: datetime) -> tuple[str, str]:
+    """(control id, ER7) of a run's preliminary ORU^R01 (status P) for one patient: its
+    pre-classified values, with the workbook's banner and the run's flags as NTEs."""
+    return build(preliminary(s, banner, finished), settings, facts, classes, now)
+
+
+def build(rp: ReportedPatient, settings: "Settings", facts: RunFacts, classes: Sequence[str],
+          now: datetime) -> tuple[str, str]:
+    """(control id, ER7 text) of the patient's ORU^R01, validated with hl7apy's STRICT level."""
+    if rp.status not in (FINAL, PRELIMINARY):
+        raise LisError(f"result status {rp.status!r} is neither F (final) nor P (preliminary).")
+    if rp.status == FINAL and (not rp.signer or rp.signed_at is None):
+        raise LisError(f"patient {rp.patient!r} has no signer and signing time, so its result cannot be final.")
+    if len(rp.patient) > 199:
+        raise LisError(f"patient folder name {rp.patient[:40]!r}... is longer than HL7's 199 characters.")
+    results = reported_results(rp.summary, settings, classes)
     try:
-        cid = control_id(p, results, settings, facts, status)
-        msg = _message(p, settings, facts, results, now, status, banner, signed_at, cid)
+        cid = control_id(rp, results, settings, facts)
+        msg = _message(rp, settings, facts, results, now, cid)
         msg.validate()
         return cid, msg.to_er7()
     except HL7apyException as exc:
-        raise LisError(f"patient {p.patient!r}: the HL7 message is not valid ({exc}).") from None
+        raise LisError(f"patient {rp.patient!r}: the HL7 message is not valid ({exc}).") from None
 
 
-def _message(p: "PatientVerification", settings: "Settings", facts: RunFacts, results: list[ReportedResult],
-             now: datetime, status: str, banner: str, signed_at: datetime | None, cid: str) -> Message:
-    lis = settings.lis
+def _message(rp: ReportedPatient, settings: "Settings", facts: RunFacts, results: list[ReportedResult],
+             now: datetime, cid: str) -> Message:
+    lis, status = settings.lis, rp.status
     m = Message("ORU_R01", version=VERSION, validation_level=STRICT)
     m.msh.msh_3.hd_1 = "batchwbc"
     m.msh.msh_3.hd_2 = re.sub(r"[^0-9A-Za-z.+-]", "", facts.batchwbc_version)  # the sending application's version
@@ -143,7 +159,7 @@ def _message(p: "PatientVerification", settings: "Settings", facts: RunFacts, re
     pid.pid_1 = "1"
     # PID-3 is required: it holds the folder name unless the LIS matches on an order number,
     # then the same name is sent there too with identifier type "SID" (specimen id) - never empty.
-    pid.pid_3.cx_1 = Text(p.patient)
+    pid.pid_3.cx_1 = Text(rp.patient)
     pid.pid_3.cx_5 = "PI" if lis.identifier_field == "PID-3" else "SID"
     pid.pid_5.xpn_7 = "U"  # name type "unspecified": batchwbc does not know the patient's name
     oo = pr.add_group("ORU_R01_ORDER_OBSERVATION")
@@ -152,17 +168,18 @@ def _message(p: "PatientVerification", settings: "Settings", facts: RunFacts, re
     for seg, fields in ((oo.orc, {"OBR-2": "orc_2", "OBR-3": "orc_3"}), (oo.obr, {"OBR-2": "obr_2", "OBR-3": "obr_3"})):
         name = fields.get(lis.identifier_field)
         if name:
-            getattr(seg, name).ei_1 = Text(p.patient)
+            getattr(seg, name).ei_1 = Text(rp.patient)
     if lis.identifier_field != "OBR-3":  # batchwbc is the filler: its order number is the folder name
-        oo.obr.obr_3.ei_1 = Text(p.patient)
-        oo.orc.orc_3.ei_1 = Text(p.patient)
+        oo.obr.obr_3.ei_1 = Text(rp.patient)
+        oo.orc.orc_3.ei_1 = Text(rp.patient)
     _coded(oo.obr.obr_4, lis.code("panel"))
     if facts.run_started is not None:
         oo.obr.obr_7 = _dtm(facts.run_started)  # when the crops were classified
-    if signed_at is not None:
-        oo.obr.obr_22 = _dtm(signed_at)  # results status change: the verification
+    changed = rp.signed_at or rp.reported_at  # results status change: the verification (F), the run (P)
+    if changed is not None:
+        oo.obr.obr_22 = _dtm(changed)
     oo.obr.obr_25 = status
-    notes = ([banner] if banner else []) + [f"{f.code}: {f.message}" for f in p.post.flags]
+    notes = [*rp.notes, *(f"{f.code}: {f.message}" for f in rp.summary.flags)]
     for i, text in enumerate(notes, 1):
         nte = oo.add_segment("NTE")
         nte.nte_1 = str(i)
@@ -182,8 +199,8 @@ def _message(p: "PatientVerification", settings: "Settings", facts: RunFacts, re
         if r.interpretation:
             obx.obx_8 = r.interpretation
         obx.obx_11 = status
-        if signed_at is not None:
-            obx.obx_16.xcn_2.fn_1 = Text(p.verified_by)  # responsible observer: the signer, as typed
+        if rp.signer:
+            obx.obx_16.xcn_2.fn_1 = Text(rp.signer)  # responsible observer: the signer, as typed
         obx.obx_17.ce_1 = Text(facts.model_version or "unknown")
         obx.obx_17.ce_2 = Text(f"batchwbc model {facts.model_file}".strip())
         obx.obx_17.ce_3 = "99BWBC"
