@@ -134,7 +134,7 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
     rows = verification_rows(opts, patients, cells, now) + export_rows
     lis_plan = None
     if opts.hl7_dir is not None or opts.fhir_path is not None:  # built before the workbook: its Run sheet lists them
-        from batchwbc.commands.outputs.lis.deliver import plan_hl7, run_rows
+        from batchwbc.outputs.lis.deliver import plan_hl7, run_rows
 
         lis_plan = plan_hl7(patients, settings, _run_facts(contents), contents.model_classes, now)
         rows += run_rows(lis_plan, opts.hl7_dir, opts.fhir_path)
@@ -163,12 +163,12 @@ def _check_lis(opts: VerifyOptions) -> None:
     """Fail fast, before anything is written: the optional libraries, --mllp's address."""
     if opts.hl7_dir is None and opts.fhir_path is None and opts.mllp is None:
         return
-    from batchwbc.commands.outputs.lis import INSTALL_HINT
+    from batchwbc.outputs.lis import INSTALL_HINT
 
     if opts.mllp is not None and opts.hl7_dir is None:
         raise JobError(exit_codes.USAGE, "--mllp sends the --hl7 messages: give --hl7 DIR as well.")
     if opts.mllp is not None:
-        from batchwbc.commands.outputs.lis.mllp import parse_address
+        from batchwbc.outputs.lis.mllp import parse_address
 
         try:
             parse_address(opts.mllp)
@@ -185,7 +185,7 @@ def _check_lis(opts: VerifyOptions) -> None:
 
 
 def _run_facts(contents: "ReportContents") -> "RunFacts":
-    from batchwbc.commands.outputs.lis.results import RunFacts
+    from batchwbc.outputs.lis.results import RunFacts
 
     from batchwbc.outputs.run_record import started_at
 
@@ -197,8 +197,8 @@ def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientV
               settings: "Settings", contents: "ReportContents", now: datetime) -> int:
     """Write the messages and the bundle, send over MLLP; NOT_DELIVERED when a signed patient
     did not reach the LIS (not built, or not acknowledged). The workbook is already written."""
-    from batchwbc.commands.outputs.lis import LisError
-    from batchwbc.commands.outputs.lis.deliver import deliver, write_messages
+    from batchwbc.outputs.lis import LisError
+    from batchwbc.outputs.lis.deliver import deliver, write_messages
 
     for patient in plan.unsigned:
         log.info("LIS: patient %s is not signed and was not sent", patient)
@@ -210,7 +210,7 @@ def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientV
             write_messages(opts.hl7_dir, plan.messages)
             log.info("LIS: %d HL7 messages in %s", len(plan.messages), opts.hl7_dir)
         if opts.fhir_path is not None:
-            from batchwbc.commands.outputs.lis import fhir
+            from batchwbc.outputs.lis import fhir
             from batchwbc.outputs.workbook import atomic_output
 
             built = {m.patient for m in plan.messages}
@@ -226,7 +226,7 @@ def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientV
         raise JobError(exit_codes.FAILED, f"the LIS messages could not be written ({exc.strerror or exc}); "
                                          "the verified workbook was written.") from None
     if opts.mllp is not None and opts.hl7_dir is not None:
-        from batchwbc.commands.outputs.lis.mllp import parse_address
+        from batchwbc.outputs.lis.mllp import parse_address
 
         host, port = parse_address(opts.mllp)
         undelivered += deliver(opts.hl7_dir, plan.messages, host, port, settings.lis.ack_timeout_s)
