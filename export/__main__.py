@@ -21,10 +21,11 @@ def main(run_dir, out_path, data_root, model_version, parity_images, tolerance, 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pathlib import Path
 
-    from .convert import ExportError, export_run
+    from .convert import ExportConfig, ExportError, export_run
 
+    cfg = ExportConfig(Path(run_dir), Path(out_path), data_root, model_version, parity_images, tolerance, quantize, opset)
     try:
-        ok = export_run(Path(run_dir), Path(out_path), data_root, model_version, parity_images, tolerance, quantize, opset)
+        ok = export_run(cfg)
     except ExportError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -38,7 +38,9 @@ def test_new_head_convolution_keeps_backbone_and_reinitialises_what_changed(tmp_
     dst = _core(32, head_conv=24)
     fresh = _copy_weights(src, dst)
     assert fresh == ["head_conv", "head_conv_bn", "head_norm", "head_dense"]
-    backbone = dst.layers[2]
+    from train.models import backbone_of
+
+    backbone = backbone_of(dst)
     assert all(np.all(w.numpy() == 0.5) for w in backbone.weights)
     assert not np.all(dst.get_layer("head_conv").kernel.numpy() == 0.5)
     assert np.all(dst.get_layer("logits").kernel.numpy() == 0.5)  # 256 -> 12 still fits
@@ -54,3 +56,19 @@ def test_another_backbone_is_refused_in_one_sentence(tmp_path):
     other, _ = build_core("mobilenetv3small", 32, 12)
     with pytest.raises(TrainingError, match="different backbone"):
         _copy_weights(src, other)
+
+
+def test_the_backbone_is_found_by_type_not_position():
+    """Issue 20: `core.layers[2]` named the backbone by accident of position; backbone_of finds
+    the one nested model, and says so in one sentence when a model has none."""
+    import keras
+
+    from train.config import TrainingError
+    from train.models import backbone_of, build_core
+
+    core, net = build_core("mobilenet_025", 32, 12)
+    assert backbone_of(core) is net
+    inp = keras.Input((4,))
+    flat = keras.Model(inp, keras.layers.Dense(2)(inp), name="flat")
+    with pytest.raises(TrainingError, match=r"^model flat holds 0 nested models .* its backbone\.$"):
+        backbone_of(flat)

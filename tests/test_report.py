@@ -18,6 +18,7 @@ from PIL import Image as PILImage
 
 from batchwbc.core import catalogue
 from batchwbc.outputs import workbook
+from batchwbc.outputs.run_record import RECORD_SHEET
 from batchwbc.core.config import DEFAULT_SETTINGS
 from batchwbc.core.differential import summarize
 from batchwbc.engine.model import ModelInfo
@@ -105,7 +106,8 @@ def written(tmp_path_factory):
 
 def test_sheets_headers_and_frozen_header_rows(written):
     _, _, wb = written
-    assert wb.sheetnames == list(workbook.SHEETS)
+    assert wb.sheetnames == [*workbook.SHEETS, RECORD_SHEET]  # the run record last, hidden (outputs.run_record)
+    assert wb[RECORD_SHEET].sheet_state == "hidden"
     expected = {
         "Summary": workbook.SUMMARY_COLUMNS, "Differential": workbook.DIFFERENTIAL_COLUMNS,
         "Cells": workbook.CELLS_COLUMNS, "Review": workbook.REVIEW_COLUMNS, "Errors": workbook.ERRORS_COLUMNS,
@@ -130,7 +132,7 @@ def test_no_cell_is_a_formula_in_openpyxl_or_in_the_xml(written):
                 assert c.data_type != "e", (ws.title, c.coordinate, c.value)
     with zipfile.ZipFile(out) as z:
         sheets = [n for n in z.namelist() if n.startswith("xl/worksheets/sheet")]
-        assert len(sheets) == len(workbook.SHEETS)
+        assert len(sheets) == len(workbook.SHEETS) + 1  # and the hidden run record
         for name in sheets:
             xml = z.read(name).decode("utf-8")
             assert not re.search(r"<(\w+:)?f[ >/]", xml), name
@@ -310,7 +312,7 @@ def test_failure_during_save_keeps_the_old_report_and_leaves_no_temp_files(tmp_p
     assert not [p for p in _writer.ALL_TEMP_FILES if os.path.exists(p)]  # openpyxl's row buffers too
     monkeypatch.setattr(wbmod.Workbook, "save", real_save)
     write(make_run(extra_patients=[]), DEFAULT_SETTINGS, out)  # and the next run works
-    assert load_workbook(out).sheetnames == list(workbook.SHEETS)
+    assert load_workbook(out).sheetnames == [*workbook.SHEETS, RECORD_SHEET]
 
 
 def test_interrupt_while_building_rows_keeps_the_old_report(tmp_path, monkeypatch):

@@ -388,9 +388,12 @@ def test_libreoffice_offers_the_drop_down_and_a_workbook_it_saved_verifies(made,
             for (sheet, a), (_, b) in zip(starts, starts[1:])}
     n_cells = sum(len(c) for c in SLIDES.values())
     n_review = sum(len(colours) > 1 for crops in SLIDES.values() for _, colours, _ in crops)
-    assert uses == {"Summary": 0, "Differential": 0, "Cells": n_cells, "Review": n_review, "Errors": 0, "Run": 0}
-    # 2. saved again as .xlsx by LibreOffice, the workbook still verifies, to the same result
+    assert uses == {"Summary": 0, "Differential": 0, "Cells": n_cells, "Review": n_review, "Errors": 0, "Run": 0,
+                    "_record": 0}
+    # 2. saved again as .xlsx by LibreOffice, the workbook still verifies, to the same result,
+    # from its run record (kept hidden), not from the Run sheet's labels
     resaved = libreoffice_convert(rep, "xlsx:Calc MS Excel 2007 XML", tmp_path / "lo", profile)
+    assert _record(resaved) == _record(rep) and load_workbook(resaved)["_record"].sheet_state == "hidden"
     direct, via_lo = tmp_path / "direct.xlsx", tmp_path / "via-lo.xlsx"
     assert invoke("verify", rep, "--out", direct).exit_code == exit_codes.OK
     r = invoke("verify", resaved, "--out", via_lo)
@@ -631,3 +634,116 @@ def test_an_evaluate_workbook_is_named_and_pointed_to_the_right_command(tmp_path
     assert r.exit_code == exit_codes.USAGE
     (line,) = error_lines(r.stderr)
     assert "batchwbc evaluate" in line and "batchwbc run" in line and "Check" not in line
+
+
+# ----------------------------------------------------------------------------- the run record (issue 20)
+
+def _record(path: Path):
+    from batchwbc.outputs.run_record import read_record_sheet
+
+    return read_record_sheet(load_workbook(path), path.name)
+
+
+def test_run_sheet_labels_are_free_to_change_verify_reads_the_run_record(made, tmp_path, monkeypatch):
+    """A report whose Run sheet words every label differently (a later layout) still verifies
+    with its model and its own thresholds: verify reads the hidden run record, not the labels."""
+    slides, model, _ = made
+    cfg = tmp_path / "lab.toml"
+    cfg.write_text("[flags]\nblasts_high_pct = 10\n[review]\nmax_images = 50\n", encoding="utf-8")
+    real_run_rows = workbook.run_rows
+
+    def reworded(*args, **kwargs):  # every label changed, its "[table.key]" dropped
+        return [(f"Reworded {i}: " + re.sub(r"\[.*", "", k)[::-1], v)
+                for i, (k, v) in enumerate(real_run_rows(*args, **kwargs))]
+
+    monkeypatch.setattr(workbook, "run_rows", reworded)
+    rep = tmp_path / "report.xlsx"
+    assert invoke("run", slides, "--out", rep, "--model", model, "--workers", "0", "--config", cfg).exit_code \
+        == exit_codes.OK
+    monkeypatch.undo()
+    items = [row[0] for row in load_workbook(rep)["Run"].iter_rows(min_row=2, values_only=True)]
+    assert "Model sha256" not in items and not any("[flags." in i for i in items)
+    review_as_person(rep)
+    out = tmp_path / "verified.xlsx"
+    r = invoke("verify", rep, "--out", out, "--model", model)  # no --config: the record's thresholds
+    assert r.exit_code == exit_codes.OK, r.stderr
+    assert "defaults are used" not in r.stderr
+    summary = {row["Patient"]: row for row in dicts(load_workbook(out)["Summary"])}
+    assert summary["P1"]["Flag codes (verified)"].startswith(BLASTS_HIGH)  # 1/10 blasts >= 10% (default: 20%)
+    rec = _record(out)
+    assert rec.written_by == "verify" and rec.settings_object().blasts_high_pct == 10
+    assert rec.settings_object().review_max_images == 50 and rec.model_sha256 == sha(model)
+    assert invoke("verify", out, "--out", tmp_path / "again.xlsx").exit_code == exit_codes.OK
+
+
+def test_a_workbook_without_a_run_record_still_verifies_by_its_run_sheet(made, tmp_path):
+    """Reports written before the record (batchwbc 0.1.0) are read by their Run-sheet labels;
+    the verified workbook then carries a record rebuilt from them."""
+    from batchwbc.outputs.run_record import RECORD_SHEET
+
+    rep = copy_report(made, tmp_path)
+    review_as_person(rep)
+    direct = tmp_path / "direct.xlsx"
+    assert invoke("verify", rep, "--out", direct).exit_code == exit_codes.OK
+    wb = load_workbook(rep)
+    del wb[RECORD_SHEET]
+    wb.save(rep)
+    out = tmp_path / "verified.xlsx"
+    r = invoke("verify", rep, "--out", out, "--model", made[1])
+    assert r.exit_code == exit_codes.OK, r.stderr
+    for sheet in ("Summary", "Differential", "Cells"):
+        assert [list(x)[:-1] for x in load_workbook(out)[sheet].iter_rows(values_only=True)] == \
+            [list(x)[:-1] for x in load_workbook(direct)[sheet].iter_rows(values_only=True)], sheet
+    old, new = _record(out), _record(direct)
+    assert old.settings_object() == new.settings_object()
+    assert (old.model_sha256, old.model_classes, old.crops_read, old.slides_root) == \
+        (new.model_sha256, new.model_classes, new.crops_read, new.slides_root)
+
+
+def test_an_edited_run_record_or_a_newer_format_is_refused_in_one_sentence(made, tmp_path):
+    from batchwbc.outputs.run_record import RECORD_SHEET
+
+    rep = copy_report(made, tmp_path)
+    wb = load_workbook(rep)
+    ws = wb[RECORD_SHEET]
+    assert ws.sheet_state == "hidden"
+    for row in ws.iter_rows(min_row=2):
+        if row[0].value == "crops_read":
+            row[1].value = "999"
+    wb.save(rep)
+    r = invoke("verify", rep, "--out", tmp_path / "v.xlsx")
+    assert r.exit_code == exit_codes.USAGE
+    (line,) = error_lines(r.stderr)
+    assert f"hidden {RECORD_SHEET} sheet of report.xlsx was edited or damaged" in line
+    wb = load_workbook(rep)
+    ws = wb[RECORD_SHEET]
+    for row in ws.iter_rows(min_row=2):
+        if row[0].value == "record_format":
+            row[1].value = "7"
+    wb.save(rep)
+    r = invoke("verify", rep, "--out", tmp_path / "v.xlsx")
+    assert r.exit_code == exit_codes.USAGE
+    (line,) = error_lines(r.stderr)
+    assert "run record format 7" in line and "reads format 1" in line
+
+
+def test_the_run_record_round_trips_settings_and_long_values():
+    from batchwbc.core.config import settings_as_dict, settings_from_dict
+    from batchwbc.outputs.run_record import RunRecord, _parse, record_rows
+
+    custom = settings_from_dict({"flags": {"blasts_high_pct": 12.5, "min_wbc": 200},
+                                 "review": {"threshold": 0.7, "max_images": 50},
+                                 "reference_ranges": {"lymphocyte": [18, 45], "basophil": []},
+                                 "lis": {"processing_id": "T", "codes": {"smudge": {
+                                     "code": "S1", "display": "Smudge", "system": "99X", "uri": "urn:x"}}}})
+    assert settings_from_dict(settings_as_dict(custom)) == custom
+    assert settings_from_dict(settings_as_dict(DEFAULT_SETTINGS)) == DEFAULT_SETTINGS
+    shifts = {f"=P{i}\x01ü": "images unlike those the model was validated on " * 3 for i in range(2000)}
+    rec = RunRecord("0.1.0", "2024-01-01 00:00:00", "/slides", "m.onnx", "ab" * 32, "v1", ("lymphocyte",),
+                    0.6, settings_as_dict(custom), 10, 9, shifts)
+    rows = record_rows(rec)
+    assert sum(k == "data_shift" for k, _ in rows) > 1 and all(len(v) <= 32767 and v.isascii() for _, v in rows)
+    texts: dict[str, str] = {}
+    for k, v in rows:
+        texts[k] = texts.get(k, "") + v
+    assert _parse(texts, "x.xlsx") == rec

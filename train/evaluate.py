@@ -42,16 +42,46 @@ def summary_metrics(probs: np.ndarray, labels: np.ndarray, class_ids=catalogue.C
 
 
 def write_artifacts(out: Path, split: str, probs: np.ndarray, labels: np.ndarray, sources: list[str]) -> dict:
-    """Classification report, confusion matrix, ROC/AUC, per-source breakdown, reliability/ECE."""
-    from sklearn.metrics import auc, classification_report, confusion_matrix, roc_curve
+    """Classification report, confusion matrix, ROC/AUC, per-source breakdown, reliability/ECE
+    of one split, as files in `out`; returns what {split}_metrics.json holds.
 
-    plt = _plt()
+    Each artefact is a function of its own, so one can be changed, or reused by an
+    experiment, without reading the others."""
     ids = list(catalogue.CLASS_IDS)
-    k = len(ids)
     pred = probs.argmax(axis=1)
+    rep = write_classification_report(out, split, labels, pred, ids)
+    write_confusion_matrix(out, split, labels, pred, ids)
+    aucs = plot_roc(out, split, probs, labels, ids)
+    ece, bins = plot_reliability(out, split, probs, labels)
+    result = {
+        "summary": summary_metrics(probs, labels),
+        "classification_report": rep,
+        "auc": aucs,
+        "ece": ece,
+        "reliability_bins": bins,
+        "per_source": per_source_metrics(pred, labels, sources, ids),
+    }
+    (out / f"{split}_metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def write_classification_report(out: Path, split: str, labels: np.ndarray, pred: np.ndarray, ids: list[str]) -> dict:
+    """{split}_classification_report.txt (4 digits, every class); returns it as a dict."""
+    from sklearn.metrics import classification_report
+
+    k = len(ids)
     rep_txt = classification_report(labels, pred, labels=list(range(k)), target_names=ids, digits=4, zero_division=0)
     rep = classification_report(labels, pred, labels=list(range(k)), target_names=ids, output_dict=True, zero_division=0)
     (out / f"{split}_classification_report.txt").write_text(rep_txt)
+    return rep
+
+
+def write_confusion_matrix(out: Path, split: str, labels: np.ndarray, pred: np.ndarray, ids: list[str]) -> None:
+    """{split}_confusion_matrix.csv (true rows, predicted columns) and its .png."""
+    from sklearn.metrics import confusion_matrix
+
+    plt = _plt()
+    k = len(ids)
     cm = confusion_matrix(labels, pred, labels=list(range(k)))
     with open(out / f"{split}_confusion_matrix.csv", "w") as fh:
         fh.write("true\\pred," + ",".join(ids) + "\n")
@@ -72,6 +102,12 @@ def write_artifacts(out: Path, split: str, probs: np.ndarray, labels: np.ndarray
     fig.savefig(out / f"{split}_confusion_matrix.png", dpi=110)
     plt.close(fig)
 
+
+def plot_roc(out: Path, split: str, probs: np.ndarray, labels: np.ndarray, ids: list[str]) -> dict[str, float]:
+    """{split}_roc.png, one-vs-rest; returns the AUC of each class that has positives and negatives."""
+    from sklearn.metrics import auc, roc_curve
+
+    plt = _plt()
     aucs = {}
     fig, ax = plt.subplots(figsize=(7, 6))
     for i, cid in enumerate(ids):
@@ -88,7 +124,12 @@ def write_artifacts(out: Path, split: str, probs: np.ndarray, labels: np.ndarray
     fig.tight_layout()
     fig.savefig(out / f"{split}_roc.png", dpi=110)
     plt.close(fig)
+    return aucs
 
+
+def plot_reliability(out: Path, split: str, probs: np.ndarray, labels: np.ndarray) -> tuple[float, list[dict]]:
+    """{split}_reliability.png; returns the ECE and the reliability bins it is drawn from."""
+    plt = _plt()
     ece, bins = reliability(probs, labels)
     fig, ax = plt.subplots(figsize=(5, 5))
     xs = [(b["lo"] + b["hi"]) / 2 for b in bins if b["n"]]
@@ -102,7 +143,12 @@ def write_artifacts(out: Path, split: str, probs: np.ndarray, labels: np.ndarray
     fig.tight_layout()
     fig.savefig(out / f"{split}_reliability.png", dpi=110)
     plt.close(fig)
+    return ece, bins
 
+
+def per_source_metrics(pred: np.ndarray, labels: np.ndarray, sources: list[str], ids: list[str]) -> dict:
+    """Accuracy, per-class recall and predicted counts for each data source (lab) apart: a
+    model good on average can fail one lab's stain."""
     src = np.asarray(sources)
     per_source = {}
     for s in sorted(set(sources)):
@@ -116,16 +162,7 @@ def write_artifacts(out: Path, split: str, probs: np.ndarray, labels: np.ndarray
             },
             "predicted": {ids[c]: int((pred[m] == c).sum()) for c in sorted(set(pred[m].tolist()))},
         }
-    result = {
-        "summary": summary_metrics(probs, labels),
-        "classification_report": rep,
-        "auc": aucs,
-        "ece": ece,
-        "reliability_bins": bins,
-        "per_source": per_source,
-    }
-    (out / f"{split}_metrics.json").write_text(json.dumps(result, indent=2))
-    return result
+    return per_source
 
 
 def plot_history(history_csv: Path, out: Path) -> None:

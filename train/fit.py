@@ -28,17 +28,19 @@ def _copy_weights(path: str, core) -> list[str]:
     """Copy the weights of a saved core into a freshly built one of another input size or head.
 
     Convolutions do not depend on the input size, so a model trained at 128 px is a good
-    start at 160 px. The nested backbone is matched by position (its name contains the size)
-    and must match exactly; head layers are matched by name and a head layer whose shape
+    start at 160 px. The nested backbone is matched as the core's one nested model
+    (models.backbone_of; its name contains the size) and must match exactly; head layers are matched by name and a head layer whose shape
     changed (or that is new) keeps its fresh initialisation. Returns those layers' names.
     """
     import keras
 
     import train.layers  # noqa: F401 - custom layers for load_model
 
+    from .models import backbone_of
+
     src = keras.saving.load_model(path, compile=False)
     by_name = {layer.name: layer for layer in src.layers}
-    src_backbone, dst_backbone = src.layers[2], core.layers[2]
+    src_backbone, dst_backbone = backbone_of(src), backbone_of(core)
     if [w.shape for w in src_backbone.get_weights()] != [w.shape for w in dst_backbone.get_weights()]:
         raise TrainingError(f"{path} has a different backbone; it cannot initialise this model.")
     fresh = []
@@ -127,7 +129,7 @@ def build_model(cfg: TrainConfig):
 
         core = keras.saving.load_model(cfg.resume, compile=False)
         print(f"resumed from {cfg.resume}")
-        return core, core.layers[2]
+        return core, models.backbone_of(core)
     try:
         core, backbone = models.build_core(
             cfg.backbone, cfg.size, len(catalogue.CLASS_IDS), cfg.weights, cfg.colour_norm, dropout=cfg.dropout,

@@ -7,11 +7,26 @@ from pathlib import Path
 import keras
 
 from .backbones import BACKBONES, Backbone  # noqa: F401 - re-exported
+from .config import TrainingError
 from .layers import InputNormalization, StainJitter, ToFloat
 
 
 class WeightsError(Exception):
     """A weights file that does not fit the chosen backbone; str is one sentence."""
+
+
+def backbone_of(core: keras.Model) -> keras.Model:
+    """The backbone of a core built by `build_core` (or loaded from its model.keras): the one
+    nested keras.Model among the core's layers.
+
+    Why by type and not `core.layers[2]`: the position is an accident of the layers before it
+    (the input, the input normalisation); one more layer there and the index would silently
+    name a head layer, whose weights --init-from would then copy across as the "backbone"."""
+    nested = [layer for layer in core.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        raise TrainingError(f"model {core.name} holds {len(nested)} nested models where a core built by "
+                            "train.models.build_core holds exactly one, its backbone.")
+    return nested[0]
 
 
 def _build_lite0(size: int, weights: str | None, pooling: str | None) -> keras.Model:

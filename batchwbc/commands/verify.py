@@ -41,9 +41,9 @@ class VerifyOptions:
     out: Path
     reviewer: str = ""  # who ran the verification (Run sheet); patients are signed in the workbook
     model_path: Path | None = None  # when given, the workbook must come from this model
-    config_path: Path | None = None  # None: the thresholds recorded in the workbook's Run sheet
+    config_path: Path | None = None  # None: the thresholds recorded in the workbook (its run record)
     export_labelled: Path | None = None
-    slides: Path | None = None  # where the crops are now; None: the Slides folder of the Run sheet
+    slides: Path | None = None  # where the crops are now; None: the slides root the run record names
     html_dir: Path | None = None  # also write the HTML gallery of the verified cells here
     # -- LIS (issue 21, batchwbc.outputs.lis): signed patients only
     hl7_dir: Path | None = None  # one ORU^R01 file per signed patient
@@ -63,7 +63,7 @@ def verify_job(opts: VerifyOptions) -> int:
     """Verify one workbook; returns an exit code, raises JobError for a one-sentence failure."""
     from batchwbc.core.config import ConfigError, load_settings
     from batchwbc.outputs.labelled_export import ExportError, check_export_folder
-    from batchwbc.outputs.workbook_reader import ReportReadError, read_report, settings_from_run
+    from batchwbc.outputs.workbook_reader import ReportReadError, read_report
 
     # -- fail fast: paths, config, the workbook itself ---------------------------------------
     if opts.out.resolve() == opts.report.resolve():
@@ -87,29 +87,30 @@ def verify_job(opts: VerifyOptions) -> int:
     except ReportReadError as exc:
         raise JobError(exit_codes.USAGE, str(exc)) from None
 
-    made_by = contents.run.get("Model sha256", "")
+    made_by = contents.record.model_sha256
     if opts.model_path is not None:
         sha = sha256_of(opts.model_path)
         if sha != made_by:
             raise JobError(exit_codes.USAGE, (
-                f"{opts.report.name} was made by model {contents.run.get('Model version', '?')} "
+                f"{opts.report.name} was made by model {contents.record.model_version or '?'} "
                 f"(sha256 {made_by[:12]}...), not by --model {opts.model_path.name} (sha256 {sha[:12]}...); "
                 "verify a workbook with the model that made it."))
     if contents.problems:
         raise _fail(contents.problems, opts.report)
     if settings is None:
         try:
-            settings, missing = settings_from_run(contents.run_rows)
+            settings = contents.settings()
         except ReportReadError as exc:
             raise JobError(exit_codes.USAGE, str(exc)) from None
-        if missing:
+        if contents.settings_missing:
             log.warning("the Run sheet does not record %s; the defaults are used (pass --config to set them).",
-                        ", ".join(missing))
+                        ", ".join(contents.settings_missing))
     return _verify(opts, contents, settings)
 
 
 def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings") -> int:
     from batchwbc.outputs import workbook
+    from batchwbc.outputs.run_record import verified_record
     from batchwbc.core.verification import CarriedShift, VerifiedReport, class_choices, verify_patients
 
     choices = class_choices(contents.model_classes, [rc.cell.class_id for rc in contents.cells])
@@ -141,7 +142,7 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
                          model_classes=contents.model_classes, choices=tuple(choices),
                          run_rows=tuple(_with_settings(contents.run_rows, settings) + rows))
     try:
-        workbook.write_verified_workbook(rep, settings, opts.out)
+        workbook.write_verified_workbook(rep, settings, opts.out, verified_record(contents.record, settings))
     except (OSError, workbook.OutputError) as exc:
         raise JobError(exit_codes.FAILED, f"the verified workbook could not be written ({str(exc).rstrip('.')}).") from None
     log.info("verified %d patients: %d signed, %d not signed; %d cells corrected; workbook: %s",
@@ -186,13 +187,10 @@ def _check_lis(opts: VerifyOptions) -> None:
 def _run_facts(contents: "ReportContents") -> "RunFacts":
     from batchwbc.outputs.lis.results import RunFacts
 
-    run = contents.run
-    try:
-        started = datetime.fromisoformat(run.get("Run started", ""))
-    except ValueError:
-        started = None
-    return RunFacts(__version__, Path(run.get("Model file", "")).name, run.get("Model version", ""),
-                    run.get("Model sha256", ""), started)
+    from batchwbc.outputs.run_record import started_at
+
+    rec = contents.record
+    return RunFacts(__version__, Path(rec.model_file).name, rec.model_version, rec.model_sha256, started_at(rec))
 
 
 def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientVerification"],
@@ -295,7 +293,7 @@ def verification_rows(opts: VerifyOptions, patients: Sequence["PatientVerificati
         (f"{V}run by (--reviewer)", opts.reviewer or "(not given)"),
         (f"{V}batchwbc version", __version__),
         (f"{V}from workbook", str(opts.report.resolve())),
-        (f"{V}thresholds from", f"--config {opts.config_path}" if opts.config_path else "the Run sheet of the workbook"),
+        (f"{V}thresholds from", f"--config {opts.config_path}" if opts.config_path else "those the workbook records"),
         (f"{V}patients signed", f"{signed} of {len(patients)}"),
         (f"{V}cells with a Verified class", str(sum(bool(vc.verified) for vc in cells))),
         (f"{V}cells corrected", str(sum(vc.corrected for vc in cells))),
@@ -327,26 +325,18 @@ def _export(opts: VerifyOptions, contents: "ReportContents", patients: Sequence[
 
 
 def _crops_root(opts: VerifyOptions, contents: "ReportContents") -> Path:
-    return opts.slides or Path(contents.run.get("Slides folder") or contents.run.get("Slides root", ""))
+    return opts.slides or Path(contents.record.slides_root)
 
 
 def gallery_run_info(contents: "ReportContents") -> "GalleryRunInfo":
-    """The run facts the gallery prints, as the workbook's Run sheet records them."""
+    """The run facts the gallery prints, as the workbook's run record holds them."""
     from batchwbc.outputs.gallery import GalleryRunInfo
+    from batchwbc.outputs.run_record import started_at
 
-    run = contents.run
-    try:
-        started = datetime.fromisoformat(run.get("Run started", ""))
-    except ValueError:
-        started = datetime.now().astimezone()
-    try:
-        threshold = float(run.get("Review threshold used (confidence below it goes to Review)", ""))
-    except ValueError:
-        threshold = float("nan")
-    return GalleryRunInfo(started, run.get("batchwbc version", ""), run.get("Slides root", ""),
-                          Path(run.get("Model file", "")).name, run.get("Model version", ""),
-                          run.get("Model sha256", ""), threshold, contents.model_classes,
-                          title="batchwbc verified cell gallery")
+    rec = contents.record
+    return GalleryRunInfo(started_at(rec) or datetime.now().astimezone(), rec.batchwbc_version, rec.slides_root,
+                          Path(rec.model_file).name, rec.model_version, rec.model_sha256, rec.review_threshold,
+                          contents.model_classes, title="batchwbc verified cell gallery")
 
 
 def gallery_signoffs(patients: Sequence["PatientVerification"]) -> dict[str, "SignOff"]:

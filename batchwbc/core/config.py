@@ -325,6 +325,35 @@ def settings_from_dict(data: Mapping[str, Any], name: str = "config") -> Setting
     return replace(DEFAULT_SETTINGS, **changes, set_by_config=frozenset(changes))
 
 
+def settings_as_dict(settings: Settings) -> dict[str, Any]:
+    """The settings as the TOML document that makes them (settings_from_dict's inverse).
+
+    Why: a report records the thresholds it was made with in a machine-readable form
+    (batchwbc.outputs.run_record), so `batchwbc verify` rebuilds them through the same
+    validation as a config file instead of parsing the Run sheet's display text.
+    A review threshold of None (the model's own default) is left out, as a config would."""
+    review: dict[str, Any] = {"max_images": settings.review_max_images}
+    if settings.review_threshold is not None:
+        review["threshold"] = settings.review_threshold
+    ranges: dict[str, list[float]] = {}
+    for cid in catalogue.WBC_CLASS_IDS:
+        rng = settings.reference_range(cid)
+        ranges[cid] = [] if rng is None else [rng[0], rng[1]]
+    lis = settings.lis
+    return {
+        "flags": {r.setting: getattr(settings, r.setting) for r in settings.flag_rules},
+        "review": review,
+        "reference_ranges": ranges,
+        "lis": {
+            "identifier_field": lis.identifier_field, "sending_facility": lis.sending_facility,
+            "receiving_application": lis.receiving_application, "receiving_facility": lis.receiving_facility,
+            "processing_id": lis.processing_id, "ack_timeout_s": lis.ack_timeout_s,
+            "codes": {key: {"code": c.code, "display": c.display, "system": c.system, "uri": c.uri}
+                      for key, c in lis.codes.items()},
+        },
+    }
+
+
 #: The flag threshold a model's own validation data sets unless the config gives one.
 MODEL_REVIEW_SHARE_SETTING = "low_confidence_high_pct"
 
@@ -371,6 +400,7 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "DEFAULT_REFERENCE_RANGES",
     "load_settings",
+    "settings_as_dict",
     "settings_from_dict",
 ]
 

@@ -250,16 +250,14 @@ class Pipeline:
         except OSError:
             return False  # the worker reports the error
         entry = self.cache.lookup(crop.path, st.st_size, st.st_mtime_ns)
-        # With an OOD reference the cache stores [probabilities..., score, unclassified] (the model's
-        # sha256 keys the cache, and the reference is inside the model file, so they always match).
-        extra = 2 if self._ood is not None else 0
-        if entry is None or entry.probs.shape != (len(self.classes) + extra,) or not np.all(np.isfinite(entry.probs[: len(self.classes)])):
+        if entry is None or entry.probs.shape != (len(self.classes),) or not np.all(np.isfinite(entry.probs)):
             return False
-        probs, score, flagged = entry.probs[: len(self.classes)], None, False
-        if extra:
-            score, flagged = float(entry.probs[-2]), bool(entry.probs[-1] > 0.5)
-        cell = cell_from_probs(crop, probs, self.classes, self.review_threshold, entry.thumbnail_jpeg,
-                               entry.image_reason, score, flagged)
+        # The model's sha256 keys the cache and its OOD reference is inside the model file, so a
+        # row has a score exactly when the model has a reference; anything else is recomputed.
+        if (entry.ood_score is None) != (self._ood is None):
+            return False
+        cell = cell_from_probs(crop, entry.probs, self.classes, self.review_threshold, entry.thumbnail_jpeg,
+                               entry.image_reason, entry.ood_score, entry.unclassified)
         if cell.review and entry.thumbnail_jpeg is None:
             return False  # needs review now (other threshold) but no thumbnail was kept: redo it
         self._add_cell(idx, cell)
@@ -321,8 +319,9 @@ class Pipeline:
             cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb, image_reason, score, out_of_dist)
             self._add_cell(idx, cell)
             if self.cache is not None and size:
-                stored = p if scores is None else np.concatenate([p, [min(score, 3e38), float(out_of_dist)]])
-                self.cache.store(crop.path, size, mtime_ns, stored, thumb, image_reason)
+                from batchwbc.engine.result_cache import CachedEntry
+
+                self.cache.store(crop.path, size, mtime_ns, CachedEntry(p, thumb, image_reason, score, out_of_dist))
             self._finished()
 
     # -- driving -----------------------------------------------------------------------

@@ -9,9 +9,14 @@ Why these choices:
   file overwrites its old row instead of piling up.
 * The full probability vector is stored (not just the winning class), so a later run with
   another review threshold recomputes the review flag exactly as a full run would.
-* The image's own review reason (a greyscale crop, batchwbc.engine.crop_checks) is stored too. Rows
-  from before that column existed hold NULL there and count as misses, so such crops are
-  checked again once; the column is added in place, so an older cache keeps working.
+* The image's own review reason (a greyscale crop, batchwbc.engine.crop_checks) is stored too,
+  and so are the out-of-distribution score and verdict, each in a column of its own (NULL
+  for a model without an OOD reference), so a cached crop is labelled unclassified exactly
+  as a full run would label it.
+* The format is versioned (cache_meta.schema_version). A format-1 cache (batchwbc 0.1.0) kept
+  the OOD score and verdict as two extra "probabilities"; it is upgraded in place by dropping
+  its results, which are computed again once, rather than guessing which rows hold extras.
+  A cache of a newer format is refused in one sentence.
 * WAL journal + batched commits: a killed run loses at most the last uncommitted batch
   (those crops are simply classified again next time) and never corrupts the file.
 """
@@ -29,7 +34,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # numpy is imported lazily so `batchwbc --help` stays instant
     import numpy as np
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+#: Formats upgraded in place (their results are dropped and computed again once).
+_UPGRADABLE = ("1",)
 _APP_ID = "batchwbc-result-cache"
 #: Commit after this many stores: large enough to keep SQLite fast, small enough that an
 #: interrupted run loses little work.
@@ -49,6 +56,8 @@ _CREATE = (
     " probs BLOB NOT NULL,"
     " thumbnail_jpeg BLOB,"
     " image_reason TEXT,"
+    " ood_score REAL,"  # NULL: the model has no OOD reference
+    " unclassified INTEGER,"  # 1: out of distribution (labelled unclassified); NULL with ood_score
     " PRIMARY KEY (path, model_sha256))",
 )
 
@@ -59,9 +68,13 @@ class CacheError(Exception):
 
 @dataclass(frozen=True)
 class CachedEntry:
-    probs: "np.ndarray"  # float32 vector in the model's class order
+    """One crop's stored result: what the pipeline needs to rebuild its cell without decoding."""
+
+    probs: "np.ndarray"  # float32 vector in the model's class order (the probabilities only)
     thumbnail_jpeg: bytes | None
     image_reason: str = ""  # review reason from the image itself ('' for none)
+    ood_score: float | None = None  # out-of-distribution score; None: the model has no OOD reference
+    unclassified: bool = False  # the OOD reference rejected the crop (it is labelled unclassified)
 
 
 class ResultCache:
@@ -134,28 +147,36 @@ class ResultCache:
             pass
         if meta.get("application") != _APP_ID:
             raise CacheError(f"cache file {self.path} is an SQLite database of another program; choose another --cache path.")
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") in _UPGRADABLE:
+            self._upgrade(conn)
+        elif meta.get("schema_version") != SCHEMA_VERSION:
             raise CacheError(
                 f"cache file {self.path} was written by another batchwbc version (cache format "
                 f"{meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}); delete it to start a new cache."
             )
         conn.execute("PRAGMA journal_mode=WAL")
-        self._add_image_reason_column(conn)
         # NORMAL is crash-safe in WAL mode (a power cut can lose the last commit, never corrupt).
         conn.execute("PRAGMA synchronous=NORMAL")
 
-    @staticmethod
-    def _add_image_reason_column(conn: sqlite3.Connection) -> None:
-        """Upgrade a cache written before image review reasons existed (its rows stay misses)."""
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
-        if "image_reason" in columns:
-            return
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        """Bring an older cache to this format by dropping its results (one transaction, so two
+        runs opening it at once upgrade it once): its crops are classified again, once."""
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("ALTER TABLE results ADD COLUMN image_reason TEXT")
-        except sqlite3.OperationalError:  # another run sharing the cache added it first
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
-            if "image_reason" not in columns:
-                raise
+            old = conn.execute("SELECT value FROM cache_meta WHERE key='schema_version'").fetchone()[0]
+            dropped = 0
+            if old in _UPGRADABLE:  # not upgraded by another run meanwhile
+                dropped = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+                conn.execute("DROP TABLE results")
+                conn.execute(_CREATE[1])
+                conn.execute("UPDATE cache_meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if old in _UPGRADABLE:
+            log.warning("cache file %s was written by an earlier batchwbc (cache format %s); its %d results were "
+                        "dropped and are computed again once.", self.path, old, dropped)
 
     # -- use -----------------------------------------------------------------------------
     def lookup(self, abs_path: str, size: int, mtime_ns: int) -> CachedEntry | None:
@@ -167,7 +188,8 @@ class ResultCache:
             if self.disabled_reason is None:
                 try:
                     row = self._conn.execute(
-                        "SELECT probs, thumbnail_jpeg, image_reason FROM results WHERE path=? AND model_sha256=? AND size=? AND mtime_ns=?",
+                        "SELECT probs, thumbnail_jpeg, image_reason, ood_score, unclassified FROM results"
+                        " WHERE path=? AND model_sha256=? AND size=? AND mtime_ns=?",
                         (abs_path, self.model_sha256, int(size), int(mtime_ns)),
                     ).fetchone()
                 except sqlite3.Error as exc:
@@ -177,14 +199,16 @@ class ResultCache:
                 return None
             self.hits += 1
         probs = np.frombuffer(row[0], dtype="<f4").astype(np.float32)
-        return CachedEntry(probs=probs, thumbnail_jpeg=bytes(row[1]) if row[1] is not None else None, image_reason=row[2])
+        return CachedEntry(probs=probs, thumbnail_jpeg=bytes(row[1]) if row[1] is not None else None,
+                           image_reason=row[2], ood_score=None if row[3] is None else float(row[3]),
+                           unclassified=bool(row[4]) if row[3] is not None else False)
 
-    def store(self, abs_path: str, size: int, mtime_ns: int, probs: "np.ndarray", thumbnail_jpeg: bytes | None,
-              image_reason: str = "") -> None:
+    def store(self, abs_path: str, size: int, mtime_ns: int, entry: CachedEntry) -> None:
         """Remember one result; committed in batches (see DEFAULT_COMMIT_EVERY) and on close."""
         import numpy as np
 
-        blob = np.ascontiguousarray(probs, dtype="<f4").reshape(-1).tobytes()
+        blob = np.ascontiguousarray(entry.probs, dtype="<f4").reshape(-1).tobytes()
+        ood = (None, None) if entry.ood_score is None else (float(entry.ood_score), int(entry.unclassified))
         with self._lock:
             if self.disabled_reason is not None:
                 return
@@ -192,9 +216,10 @@ class ResultCache:
                 if not self._conn.in_transaction:
                     self._conn.execute("BEGIN")
                 self._conn.execute(
-                    "INSERT OR REPLACE INTO results(path, model_sha256, size, mtime_ns, probs, thumbnail_jpeg, image_reason)"
-                    " VALUES (?,?,?,?,?,?,?)",
-                    (abs_path, self.model_sha256, int(size), int(mtime_ns), blob, thumbnail_jpeg, image_reason),
+                    "INSERT OR REPLACE INTO results(path, model_sha256, size, mtime_ns, probs, thumbnail_jpeg,"
+                    " image_reason, ood_score, unclassified) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (abs_path, self.model_sha256, int(size), int(mtime_ns), blob, entry.thumbnail_jpeg,
+                     entry.image_reason, *ood),
                 )
                 self._pending += 1
                 self.stored += 1

@@ -11,7 +11,8 @@ Three promises shape this module:
   cell in Excel keeps it text.
 * Modest memory: openpyxl's write-only mode streams rows to disk, so 50,000 cells cost little.
 
-Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md). A few columns
+Sheets: Summary, Differential, Cells, Review, Errors, Run (see docs/report.md), and the
+hidden _record that `batchwbc verify` reads (batchwbc.outputs.run_record). A few columns
 are the technologist's (Verified class with a drop-down, Verified by, Verified on: yellow);
 every other one is the machine's (grey) and each row ends with a hidden Check of its values
 (batchwbc.outputs.row_checks), so `batchwbc verify` can tell a correction from an accidental edit.
@@ -41,12 +42,14 @@ from batchwbc.core.flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNREL
 from batchwbc.engine.model_metadata import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from batchwbc.core.records import THUMBNAIL_PX, CellResult, FileError, RunData
 from batchwbc.outputs.row_checks import CHECK_HEADER, row_check
+from batchwbc.outputs.run_record import write_record_sheet, record_of_run
 from batchwbc.core.summary import PatientSummary, run_alert, totals
 from batchwbc.core.thumbnail_quota import fair_quota
 from batchwbc.core.verification import PatientVerification, VerifiedReport, class_choices
 
 if TYPE_CHECKING:
     from batchwbc.engine.data_shift import ShiftDecision
+    from batchwbc.outputs.run_record import RunRecord
 
 
 class OutputError(Exception):
@@ -1130,16 +1133,19 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
             embedded = _write_review(wb, summaries, settings.review_max_images, choices, {})
             _write_errors(wb, run.errors)
             _write_run(wb, run_rows(run, settings, summaries, embedded))
+            write_record_sheet(wb, record_of_run(run, settings, summaries, _shift_verdict(run.data_shift)))
             wb.save(tmp)
     finally:
         _discard_sheet_buffers(wb)
 
 
-def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: str | os.PathLike) -> None:
+def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: str | os.PathLike,
+                            record: "RunRecord | None" = None) -> None:
     """Write `batchwbc verify`'s workbook atomically: the report's sheets with the verified
     classes kept in place, the Summary and Differential showing pre-classified and verified
     values side by side, and the Run sheet extended by the verification's own rows. It has
-    the same Verified columns and checks as a report, so it can be verified again."""
+    the same Verified columns and checks as a report, and carries the run's `record`
+    (outputs.run_record) forward, so it can be verified again."""
     from openpyxl import Workbook
 
     pre = [p.pre for p in rep.patients]
@@ -1158,6 +1164,8 @@ def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: s
             _write_review(wb, pre, settings.review_max_images, rep.choices, verified)
             _write_errors(wb, rep.errors)
             _write_run(wb, list(rep.run_rows))
+            if record is not None:
+                write_record_sheet(wb, record)
             wb.save(tmp)
     finally:
         _discard_sheet_buffers(wb)

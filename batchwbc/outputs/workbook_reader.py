@@ -1,5 +1,9 @@
 """Read a batchwbc workbook back (a report or a verified workbook) for `batchwbc verify`.
 
+The run's facts and settings come from the workbook's hidden run record
+(batchwbc.outputs.run_record), never from the Run sheet's wording, so those labels are free
+to change; only a workbook written before the record (batchwbc 0.1.0) is read by its labels.
+
 What a person may have changed - Verified class, Verified by, Verified on - is read as it
 was typed; everything else is the machine's and is checked against each row's hidden Check
 cell (batchwbc.outputs.row_checks), so an edit to a class, a confidence or a Run-sheet threshold is
@@ -19,14 +23,13 @@ from batchwbc.core.config import DEFAULT_SETTINGS, ConfigError, Settings, settin
 from batchwbc.outputs.workbook import EDITABLE_COLUMNS, HEADER_ROWS, KNOWN_HEADERS, WHOLE_PATIENT
 from batchwbc.core.records import CellResult, FileError
 from batchwbc.outputs.row_checks import CHECK_HEADER, edited, written_row
+from batchwbc.outputs.run_record import DATA_SHIFT_PREFIX, RecordError, RunRecord, legacy_record, read_record_sheet
 
 #: Run-sheet items added by `batchwbc verify` start with this; a later verify replaces them.
 VERIFICATION_PREFIX = "Verification: "
-#: Run-sheet items a batchwbc report always has; without them a workbook is not one.
+#: Run-sheet items a report without a run record (batchwbc 0.1.0) always has; without them it is not one.
 RUN_REQUIRED = ("batchwbc version", "Model sha256", "Model version", "Model classes", "Cells classified")
 _MAX_PROBLEMS = 20  # sentences listed before "and N more"
-#: How the report words a DATA_SHIFT flag (flags.evaluate); verify carries the decision over.
-DATA_SHIFT_PREFIX = "Data shift: "
 _KEY = re.compile(r"\[([a-z_]+)\.([a-z_]+)\]\s*$")
 _RANGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*%?\s*$")
 
@@ -57,20 +60,33 @@ class ReportContents:
     """A workbook as verify needs it; `problems` are one sentence each (edits, lost rows)."""
 
     path: Path
-    run_rows: list[tuple[str, str]]  # the Run sheet, without an earlier verification's rows
-    run: dict[str, str]
+    run_rows: list[tuple[str, str]]  # the Run sheet, without an earlier verification's rows: shown, never parsed
+    record: RunRecord  # the run's facts and settings (the hidden record, or rebuilt from an old Run sheet)
     patients: list[str]  # Summary order
     signoff: dict[str, tuple[str, str]]  # patient -> (Verified by, Verified on) as typed
     cells: list[ReadCell]
     review: list[ReviewLine]
     errors: list[FileError]
     problems: list[str] = field(default_factory=list)
-    shifts: dict[str, str] = field(default_factory=dict)  # patient -> its DATA_SHIFT message, as reported
     resorted_review: bool = False  # thumbnails could not be matched safely and were left out
+    settings_missing: list[str] = field(default_factory=list)  # keys an old Run sheet lacks (defaults used)
 
     @property
     def model_classes(self) -> tuple[str, ...]:
-        return tuple(c.strip() for c in self.run.get("Model classes", "").split(",") if c.strip())
+        return self.record.model_classes
+
+    @property
+    def shifts(self) -> dict[str, str]:
+        """patient -> its DATA_SHIFT message as reported (after "Data shift: ")."""
+        return dict(self.record.data_shift)
+
+    def settings(self) -> Settings:
+        """The thresholds the workbook was made (or last verified) with, validated like a
+        config file; raises ReportReadError."""
+        try:
+            return self.record.settings_object()
+        except ConfigError as exc:
+            raise ReportReadError(f"{exc.args[0].rstrip('.')}; pass the lab's config file with --config.") from None
 
 
 def _text(value: Any) -> str:
@@ -185,11 +201,15 @@ def _read(wb: Any, p: Path) -> ReportContents:
             "not a run's report; `batchwbc verify` takes the REPORT.xlsx written by `batchwbc run`.")
     if "Run" not in wb.sheetnames:
         raise ReportReadError(f"{p.name} has no Run sheet, so it is not a batchwbc report.")
+    try:
+        record = read_record_sheet(wb, p.name)
+    except RecordError as exc:
+        raise ReportReadError(str(exc)) from None
     run_sheet = _Sheet(wb, "Run", ("Item", "Value"), problems)
     run_rows = [(_text(r.get("Item")), _text_keep(r.get("Value"))) for _, r in run_sheet.rows]
     run = dict(run_rows)
     missing = [k for k in RUN_REQUIRED if k not in run]
-    if missing:
+    if record is None and missing:
         raise ReportReadError(
             f"the Run sheet of {p.name} lacks {', '.join(missing)}, so it is not a batchwbc report.")
     run_rows = [(k, v) for k, v in run_rows if not k.startswith(VERIFICATION_PREFIX)]
@@ -200,10 +220,15 @@ def _read(wb: Any, p: Path) -> ReportContents:
         patient = _text_keep(r.get("Patient"))
         patients.append(patient)
         signoff[patient] = (_text(r.get("Verified by")), _text(r.get("Verified on")))
-        flags = _text_keep(r.get("Flags (verified)", r.get("Flags"))).splitlines()
-        shift = next((f for f in flags if f.startswith(DATA_SHIFT_PREFIX)), None)
-        if shift is not None:
-            shifts[patient] = shift[len(DATA_SHIFT_PREFIX):]
+        if record is None:  # a workbook without a run record: its DATA_SHIFT flags as worded
+            flags = _text_keep(r.get("Flags (verified)", r.get("Flags"))).splitlines()
+            shift = next((f for f in flags if f.startswith(DATA_SHIFT_PREFIX)), None)
+            if shift is not None:
+                shifts[patient] = shift[len(DATA_SHIFT_PREFIX):]
+    settings_missing: list[str] = []
+    if record is None:
+        data, settings_missing = _settings_data(run_rows)
+        record = legacy_record(run, data, shifts)
 
     cells_sheet = _Sheet(wb, "Cells", ("Patient", "File", "Class", "Confidence", "Second class",
                                        "Second probability", "Review", "Verified class"), problems)
@@ -223,9 +248,9 @@ def _read(wb: Any, p: Path) -> ReportContents:
             continue
         seen[key] = n
         cells.append(ReadCell(c, _text(r.get("Verified class")), n))
-    # rows of the Cells sheet: "Crops read" since the count of cells classified leaves out unclassified crops
-    expected = run.get("Crops read (cells classified + unclassified; rows of the Cells sheet)", run.get("Cells classified", ""))
-    if expected.isdigit() and int(expected) > len(cells):
+    # rows of the Cells sheet: the crops read, since the count of cells classified leaves out unclassified crops
+    expected = record.crops_read
+    if expected > len(cells):
         problems.append(f"the Cells sheet lists {len(cells)} cells but the report classified {expected}: "
                         "rows were deleted; start again from the original report.")
 
@@ -246,8 +271,9 @@ def _read(wb: Any, p: Path) -> ReportContents:
     if len(problems) > _MAX_PROBLEMS:
         more = len(problems) - _MAX_PROBLEMS
         problems = problems[:_MAX_PROBLEMS] + [f"... and {more} more {_plural(more, 'problem', 'problems')} like these."]
-    return ReportContents(path=p, run_rows=run_rows, run=run, patients=patients, signoff=signoff, cells=cells,
-                          review=review, errors=errors, problems=problems, shifts=shifts, resorted_review=resorted)
+    return ReportContents(path=p, run_rows=run_rows, record=record, patients=patients, signoff=signoff, cells=cells,
+                          review=review, errors=errors, problems=problems, resorted_review=resorted,
+                          settings_missing=settings_missing)
 
 
 def _text_keep(value: Any) -> str:
@@ -276,9 +302,18 @@ def _with_thumbnails(ws: Any, review: Sequence[ReviewLine], cells: list[ReadCell
 
 
 def settings_from_run(run_rows: Sequence[tuple[str, str]]) -> tuple[Settings, list[str]]:
-    """The thresholds a report was made with, rebuilt from its Run sheet's "[table.key]" rows
-    through the config loader (so they are validated like a config file); also the keys the
-    sheet does not record, for which the defaults are used."""
+    """The thresholds a workbook without a run record was made with, rebuilt from its Run
+    sheet's "[table.key]" rows through the config loader (so they are validated like a config
+    file); also the keys the sheet does not record, for which the defaults are used."""
+    data, missing = _settings_data(run_rows)
+    try:
+        return settings_from_dict(data, "the Run sheet"), missing
+    except ConfigError as exc:
+        raise ReportReadError(f"{exc.args[0].rstrip('.')}; pass the lab's config file with --config.") from None
+
+
+def _settings_data(run_rows: Sequence[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The config document an old Run sheet's "[table.key]" rows state, and the keys it lacks."""
     data: dict[str, dict[str, Any]] = {}
     for item, value in run_rows:
         m = _KEY.search(item)
@@ -290,10 +325,7 @@ def settings_from_run(run_rows: Sequence[tuple[str, str]]) -> tuple[Settings, li
             data.setdefault(table, {})[key] = parsed
     expected = [m.groups() for item, _ in DEFAULT_SETTINGS.describe() if (m := _KEY.search(item))]
     missing = [f"{t}.{k}" for t, k in expected if k not in data.get(t, {}) and not (t, k) == ("review", "threshold")]
-    try:
-        return settings_from_dict(data, "the Run sheet"), missing
-    except ConfigError as exc:
-        raise ReportReadError(f"{exc.args[0].rstrip('.')}; pass the lab's config file with --config.") from None
+    return data, missing
 
 
 def _setting_value(table: str, value: str) -> Any:
