@@ -18,7 +18,9 @@ every other one is the machine's (grey) and each row ends with a hidden Check of
 `write_verified_workbook` formats verify's result with the same sheets, checks and layout.
 Every sheet is also laid out for paper (`_print_setup`, `row_height`): landscape, one page
 wide, header rows repeated, rows as tall as their wrapped text, a Review row as tall as its
-thumbnail; the hidden Check column is left out of the printed width.
+thumbnail and each patient's Review rows from a new page; the hidden Check column is left out of
+the printed width. The Summary, too wide to be read at one page width, prints at 75 % in column
+blocks with the Patient column repeated (`block_layout`).
 """
 from __future__ import annotations
 
@@ -182,7 +184,8 @@ class _Sheet:
 
     Layout for screen and paper in one place: an optional banner row above the header, a
     wrapped bold header row as tall as its longest header needs, frozen panes and print titles
-    below/at the header, and a landscape page fitted to one page width (see `_print_setup`).
+    below/at the header, and a landscape page fitted to one page width (see `_print_setup`) or,
+    with `blocks`, printed in column blocks (see `_print_in_blocks`).
     Each row ends with the hidden Check column (see `_append`)."""
 
     def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float],
