@@ -284,6 +284,14 @@ def _small_run(folder: Path, patients: int = 4, cells: int = 20) -> None:
             cv2.imwrite(str(d / f"cell_{i:03d}.png"), img)
 
 
+def _calibri_metrics() -> bool:
+    """Whether LibreOffice lays text out with Calibri's widths (Calibri or its twin Carlito)."""
+    if not shutil.which("fc-match"):
+        return False
+    found = subprocess.run(["fc-match", "Calibri"], capture_output=True, text=True, timeout=30).stdout
+    return "Calibri" in found or "Carlito" in found
+
+
 def _pages(pdf: Path) -> int:
     if shutil.which("pdfinfo"):
         out = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, timeout=60).stdout
@@ -326,8 +334,11 @@ def _check_summary_and_review_pages(pages: list[str], wb) -> None:
 
     summary = [p for p in pages if p.strip() and sheet(p) == "Summary"]
     blocks = len(wb["Summary"].col_breaks.brk) + 1
-    assert blocks >= 2 and len(summary) == blocks, f"{len(summary)} Summary pages for {blocks} column blocks"
-    assert all("Patient" in p and "patient_4" in p for p in summary)
+    assert blocks >= 2 and all("Patient" in p and "patient_4" in p for p in summary)
+    if _calibri_metrics():  # another font makes LibreOffice's columns wider than Excel's: no exact count
+        assert len(summary) == blocks, f"{len(summary)} Summary pages for {blocks} column blocks"
+    else:
+        print("Summary pages not compared with its column blocks: no Calibri or Carlito (fonts-crosextra-carlito)")
     review = [p for p in pages if p.strip() and sheet(p) == "Review"]
     on_page = [set(re.findall(r"patient_\d+", p.split("Verified class", 1)[1])) for p in review]
     assert all(len(names) == 1 for names in on_page), on_page
