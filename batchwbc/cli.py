@@ -4,7 +4,9 @@ This layer only turns options into a command's options object (`RunOptions`, `Ve
 `EvaluateOptions`, `InfoOptions`), runs it and maps how it ended to an exit code and one sentence
 on the terminal, in one place (`_finish`; exit codes: batchwbc/ops/exit_codes.py and
 docs/usage.md). Heavy libraries are imported inside the job, so `batchwbc --help` answers
-instantly. Options shared by several commands are defined once below as decorators.
+instantly. Options shared by several commands are defined once below as decorators. Each
+command has a `short_help` for the top-level list: click would cut its docstring's first
+sentence with "..." to fit the line.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ def main() -> None:
     """
 
 
-@main.command("run")
+@main.command("run", short_help="Classify the crops in SLIDES into an Excel report.")
 @click.argument("slides", type=click.Path(exists=True, file_okay=False, dir_okay=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Excel workbook to write (.xlsx). Replaced atomically: an earlier report stays intact until the new one is complete.")
@@ -150,7 +152,7 @@ def run_command(slides: Path, out: Path, model_path: Path | None, config_path: P
             unexpected="the run failed unexpectedly ({error}); no report was written.")
 
 
-@main.command("verify")
+@main.command("verify", short_help="Read a reviewed report, write the verified workbook.")
 @click.argument("report_path", metavar="REPORT.xlsx",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -207,7 +209,7 @@ def verify_command(report_path: Path, out: Path, reviewer: str, model_path: Path
             unexpected="verification failed unexpectedly ({error}); no verified workbook was written.")
 
 
-@main.command("info")
+@main.command("info", short_help="Show the model's version, classes and thresholds.")
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def info_command(model_path: Path | None, as_json: bool) -> None:
@@ -219,7 +221,7 @@ def info_command(model_path: Path | None, as_json: bool) -> None:
             say=lambda sentence: click.echo(f"Error: {sentence}", err=True))
 
 
-@main.command("evaluate")
+@main.command("evaluate", short_help="Measure the model on a lab's verified cells.")
 @click.argument("labelled", type=click.Path(exists=True, file_okay=False, dir_okay=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Excel workbook to write (.xlsx): per-class metrics, confusion, calibration, review threshold, "
@@ -254,7 +256,7 @@ def evaluate_command(labelled: Path, out: Path, model_path: Path | None, json_pa
             unexpected="the evaluation failed unexpectedly ({error}); nothing was written.")
 
 
-@main.command("adapt")
+@main.command("adapt", short_help="Refit the model's last layer to a lab's verified cells.")
 @click.argument("labelled", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Adapted model file to write (.onnx); use it with `batchwbc run --model`.")

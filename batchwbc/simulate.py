@@ -254,17 +254,48 @@ def simulate(data: str | os.PathLike, out: str | os.PathLike, n_patients: int, c
     return truth
 
 
+_HELP_DESCRIPTION = """\
+Build simulated patients with a known differential from labelled images: real labelled
+crops drawn in chosen proportions into a slides folder, so that `batchwbc run` on it can be
+checked against the truth. Counts are allocated exactly (largest remainder). Images are
+symlinked (--copy copies them) under anonymous names (cell_0001.jpg) in shuffled order, so
+neither a name nor the order gives the class away. OUT/truth.csv (patient, file, class_id,
+source, original) and OUT/composition.json record the truth."""
+
+
+def _help_epilog() -> str:
+    """The presets' compositions, examples and exit codes: --help alone says what the tool does
+    (issue 19: it listed the options and nothing else)."""
+    import textwrap
+
+    presets = "\n".join(textwrap.fill(", ".join(f"{cid}={pct:g}" for cid, pct in comp.items()), 88,
+                                       initial_indent=f"  {name:<14} ", subsequent_indent=" " * 17)
+                         for name, comp in sorted(PRESETS.items()))
+    return (f"presets (class_id=percent of all cells, as --composition takes them):\n{presets}\n\n"
+            "examples:\n"
+            "  python -m batchwbc.simulate --data ../shared/data --out /tmp/sim --patients 4 --cells 200 \\\n"
+            "      --preset normal --preset aml --seed 1\n"
+            "  python -m batchwbc.simulate --data ../shared/data --out /tmp/sim --patients 1 --cells 300 \\\n"
+            '      --composition "neutrophil_segmented=60,lymphocyte=30,monocyte=10"\n'
+            "  batchwbc run /tmp/sim --out /tmp/sim.xlsx   (then compare with /tmp/sim/truth.csv)\n\n"
+            "Exit codes: 0 written; 2 impossible request (unknown class, too few images, OUT not empty, ...)\n"
+            "or a usage error.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m batchwbc.simulate",
-                                 description="Build simulated patients with a known differential from labelled images.")
-    ap.add_argument("--data", required=True, help="labelled folder(s) in a public layout, e.g. ../shared/data")
-    ap.add_argument("--out", required=True, help="new, empty slides folder to create")
+    ap = argparse.ArgumentParser(prog="python -m batchwbc.simulate", description=_HELP_DESCRIPTION,
+                                 epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True,
+                    help="a labelled folder in a known layout (PBC, Munich AML, DeepAPL, or <class_id>/ subfolders), "
+                         "or a folder of such folders, e.g. ../shared/data")
+    ap.add_argument("--out", required=True,
+                    help="new, empty slides folder to create: OUT/<patient>/cell_0001.jpg, ... for `batchwbc run`")
     ap.add_argument("--patients", type=int, default=len(PRESETS),
                     help=f"how many simulated patients (default {len(PRESETS)}: one per preset, so every preset, "
                          "NRBC included, is shown)")
-    ap.add_argument("--cells", type=int, default=200, help="cells per patient")
+    ap.add_argument("--cells", type=int, default=200, help="cells per patient (default 200)")
     ap.add_argument("--preset", action="append", choices=sorted(PRESETS),
                     help="composition preset; repeat to cycle patients through several (default: all)")
     ap.add_argument("--composition", action="append", default=[],

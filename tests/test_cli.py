@@ -64,6 +64,17 @@ def test_top_level_help_documents_exit_codes():
         assert code in r.output
 
 
+def test_top_level_help_lists_every_command_without_cutting_it():
+    """Issue 19: `batchwbc --help` cut each command's description with "..."; each command has a
+    short help of its own that fits the line (click shortens after about 45 characters)."""
+    r = invoke("--help")
+    commands = r.output.split("Commands:", 1)[1].strip().splitlines()
+    assert {line.split()[0] for line in commands} == set(main.commands)
+    for line in commands:
+        assert not line.rstrip().endswith("..."), line
+        assert len(line.split(None, 1)[1]) >= 20, line  # a description, not just a word
+
+
 def test_version():
     r = invoke("--version")
     assert r.exit_code == 0 and __version__ in r.output

@@ -235,3 +235,16 @@ def test_help_explains_every_option_and_the_default_shows_every_preset(capsys):
         after = text.split(option, 2)[-1][:60]
         assert len(after.strip().split()) > 3, f"{option} has no help"
     assert f"default {len(simulate.PRESETS)}" in text and "nrbc" in simulate.PRESETS
+
+
+def test_help_is_complete_on_its_own(capsys):
+    """Issue 19: the --help said what the options are, not what the tool writes, which folders
+    --data takes, what the presets hold, the default cell count or what an exit code means."""
+    with pytest.raises(SystemExit):
+        simulate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, composition in simulate.PRESETS.items():  # every preset with its composition
+        assert name in text and all(cid in text for cid in composition), name
+    for needed in ("truth.csv", "composition.json", "symlink", "default 200", "Exit codes", "PBC",
+                   "python -m batchwbc.simulate --data", "batchwbc run"):
+        assert needed in text, needed

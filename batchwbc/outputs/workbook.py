@@ -19,7 +19,9 @@ every other one is the machine's (grey) and each row ends with a hidden Check of
 `write_verified_workbook` formats verify's result with the same sheets, checks and layout.
 Every sheet is also laid out for paper (`_print_setup`, `row_height`): landscape, one page
 wide, header rows repeated, rows as tall as their wrapped text, a Review row as tall as its
-thumbnail; the hidden Check column is left out of the printed width.
+thumbnail and each patient's Review rows from a new page; the hidden Check column is left out of
+the printed width. The Summary, too wide to be read at one page width, prints at 75 % in column
+blocks with the Patient column repeated (`block_layout`).
 """
 from __future__ import annotations
 
@@ -185,15 +187,18 @@ class _Sheet:
 
     Layout for screen and paper in one place: an optional banner row above the header, a
     wrapped bold header row as tall as its longest header needs, frozen panes and print titles
-    below/at the header, and a landscape page fitted to one page width (see `_print_setup`).
+    below/at the header, and a landscape page fitted to one page width (see `_print_setup`) or,
+    with `blocks`, printed in column blocks (see `_print_in_blocks`).
     Each row ends with the hidden Check column (see `_append`)."""
 
     def __init__(self, wb: Any, title: str, columns: Sequence[str], widths: Sequence[float],
-                 editable: Sequence[bool] = (), banner: str | None = None, banner_severity: str = WARNING):
+                 editable: Sequence[bool] = (), banner: str | None = None, banner_severity: str = WARNING,
+                 blocks: BlockLayout | None = None):
         """Headers `columns` plus the hidden Check column; `editable` marks the columns a
         person may change (yellow header with a note) among the machine's (grey header);
         `banner` is a merged row above the headers (the header row is then row 2), coloured
-        like `banner_severity`."""
+        like `banner_severity`; `blocks` prints the sheet in column blocks (`block_layout`)
+        instead of one page wide."""
         from openpyxl.comments import Comment
         from openpyxl.styles import Alignment, Font, PatternFill
         from openpyxl.utils import get_column_letter
@@ -218,6 +223,9 @@ class _Sheet:
         # before the first row is written; the hidden Check column prints nowhere (Excel and
         # LibreOffice leave hidden columns out of the page and of the fit to its width)
         _print_setup(self.ws, title, self.header_row)
+        self.blocks = blocks
+        if blocks is not None:
+            _print_in_blocks(self.ws, blocks)
         self.edit_fill = PatternFill("solid", fgColor=EDITABLE_FILL)
         if banner is not None:
             self._banner(banner, banner_severity)
@@ -238,17 +246,25 @@ class _Sheet:
 
     def _banner(self, text: str, severity: str = WARNING) -> None:
         """One merged, bold row across the printed columns, amber (or the colour of `severity`):
-        read first on screen and on paper."""
+        read first on screen and on paper. A sheet printed in column blocks gets the banner once
+        per block, centred, so every printed page carries it whole (a single merge would print
+        on the first block's pages only, cut off after its first words on the others)."""
         from openpyxl.utils import get_column_letter
 
         style = {"font": self._Font(bold=True, size=12, color=_FONTS[severity]),
                  "fill": self._PatternFill("solid", fgColor=_FILLS[severity]),
-                 "alignment": self._Alignment(wrap_text=True, vertical="center")}
-        total = sum(self.widths)
-        self.set_height(max(22.0, row_height([(text, total)], bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
-        self.append([self.text(text, **style)] + [self.text("", fill=style["fill"])] * (self.nprinted - 1))
-        if self.nprinted > 1:
-            self.ws.merged_cells.add(f"A{self.rows}:{get_column_letter(self.nprinted)}{self.rows}")
+                 "alignment": self._Alignment(wrap_text=True, vertical="center",
+                                              horizontal=None if self.blocks is None else "center")}
+        starts = [0, *([] if self.blocks is None else self.blocks.starts)]
+        spans = list(zip(starts, [*starts[1:], self.nprinted]))  # [first, end) of each merged banner
+        narrowest = min(sum(self.widths[a:b]) for a, b in spans) * 11 / 12  # 12 pt: wider than the 11 pt unit
+        self.set_height(max(22.0, row_height([(text, narrowest)], bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
+        cells = [self.text(text, **style) if i in starts else self.text("", fill=style["fill"])
+                 for i in range(self.nprinted)]
+        self.append(cells)
+        for a, b in spans:
+            if b - a > 1:
+                self.ws.merged_cells.add(f"{get_column_letter(a + 1)}{self.rows}:{get_column_letter(b)}{self.rows}")
 
     def set_height(self, points: float | None) -> None:
         """The height of the row about to be appended (None: the default, one line)."""
@@ -395,6 +411,21 @@ VERIFIED_BANNER = ("Pre-classification by software with a person's verification:
 #: shorter of A4 and Letter) less the margins and a two-line header row. Fitting to the page
 #: width can only shrink the rows, so more fit than this: a block is never split by mistake.
 PAGE_BODY_PT = 595 - (MARGINS["top"] + MARGINS["bottom"]) * 72 - 2 * LINE_PT
+#: Points of printable width of a landscape page: Letter (792 pt, the narrower of A4's 842 and
+#: Letter's 792) less the side margins, so a block laid out for it fits either paper.
+PAGE_WIDTH_PT = 792 - (MARGINS["left"] + MARGINS["right"]) * 72
+#: Points of one column-width unit at 100 %: the width of a "0" in Calibri 11, 0.507 em = 5.58 pt.
+#: Excel rounds it to 7 px (5.25 pt) at 96 dpi, LibreOffice does not (measured: a block laid out
+#: at 5.25 pt per unit printed its last column on a page of its own); the larger one holds in both.
+UNIT_PT = 5.6
+#: Share of the page width a block may fill: column widths are an estimate (fonts differ a
+#: little between Excel, LibreOffice and printers) and a block a few points too wide would
+#: print its last column alone on a page of its own.
+_WIDTH_MARGIN = 0.95
+#: The print scale (percent) of a sheet printed in column blocks: its 11 pt cells print at
+#: 8.25 pt, above the 8 pt a technologist reads without strain (issue 19: the Summary had printed
+#: at 3 to 5.7 pt, fitted to one page width); no larger, as larger rows run onto more pages.
+BLOCK_PRINT_SCALE = 75
 
 
 def text_lines(text: Any, width: float, bold: bool = False) -> int:
@@ -440,6 +471,74 @@ def _print_setup(ws: Any, title: str, header_row: int) -> None:
     ws.oddFooter.right.text = "Page &P of &N"
 
 
+def column_blocks(widths: Sequence[float], page_units: float, joined: Sequence[bool] = ()) -> list[int] | None:
+    """Where to break a wide sheet into printed column blocks: the 0-based columns that start a
+    new block (column page breaks), each block at most `page_units` wide with the first column
+    (the Patient, printed again at the left of every block as a print title) counted in.
+
+    `joined[i]` keeps column i in the block of column i - 1 (a measure's pre-classified and
+    verified values, Verified by and on), so a pair is never read across two pages. None when
+    some column (or joined run) cannot fit beside the first column at all."""
+    if not widths:
+        return []
+    room = page_units - widths[0]
+    runs: list[tuple[int, float]] = []  # (first column, width) of each unbreakable run
+    for i in range(1, len(widths)):
+        if runs and i < len(joined) and joined[i]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + widths[i])
+        else:
+            runs.append((i, widths[i]))
+    starts: list[int] = []
+    used = 0.0
+    for first, width in runs:
+        if width > room:
+            return None
+        if used > 0 and used + width > room:
+            starts.append(first)
+            used = 0.0
+        used += width
+    return starts
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a wide sheet prints: at `scale` percent, in column blocks starting at `starts`."""
+
+    scale: int
+    starts: list[int]
+
+
+def block_layout(widths: Sequence[float], joined: Sequence[bool] = (),
+                 scale: int = BLOCK_PRINT_SCALE) -> BlockLayout | None:
+    """The column blocks of a sheet too wide for one page at `scale` percent (by default the
+    smallest readable one: a larger print would make every block's rows run onto more pages).
+
+    None when the columns fit one page width at `scale` or a single column cannot fit beside
+    the first one: then the sheet is fitted to one page width as before, at `scale` or larger."""
+    starts = column_blocks(widths, PAGE_WIDTH_PT * _WIDTH_MARGIN / (UNIT_PT * scale / 100), joined)
+    if not starts:
+        return None
+    return BlockLayout(scale, starts)
+
+
+def _print_in_blocks(ws: Any, layout: BlockLayout) -> None:
+    """Print at a fixed scale in column blocks instead of one page wide: the column breaks of
+    `layout`, the first column (Patient) repeated at the left of every block, and the blocks of
+    the same rows on consecutive pages (across, then down), so a patient's whole row is read on
+    neighbouring sheets of paper. Excel ignores manual breaks on a sheet fitted to pages, hence
+    a fixed scale."""
+    from openpyxl.worksheet.properties import PageSetupProperties
+
+    ws.sheet_properties.pageSetUpPr = PageSetupProperties(fitToPage=False)
+    ws.page_setup.fitToWidth = None
+    ws.page_setup.fitToHeight = None
+    ws.page_setup.scale = layout.scale
+    ws.page_setup.pageOrder = "overThenDown"
+    ws.print_title_cols = "A:A"
+    for start in layout.starts:
+        ws.col_breaks.append(_break(start))  # after `start` columns: the 0-based column `start` begins a page
+
+
 # =================================================================== columns
 
 TEXT = "text"  # a string cell, forced to text (None leaves the cell empty)
@@ -461,7 +560,9 @@ class Column:
     from all rows (see `fit`); `severity` colours the cell by a row's flag severity; `wrap`
     wraps the text and makes the row as tall as it needs; `needs` names a class the model must
     predict for the column to be shown (a class it cannot predict is not "0 %"); `link` gives
-    the cell an internal hyperlink ("Sheet!A5") from the row and the writer's link targets.
+    the cell an internal hyperlink ("Sheet!A5") from the row and the writer's link targets;
+    `print_with_previous` keeps it on the same printed page as the column before it (a sheet
+    printed in column blocks, see `block_layout`), for pairs read together.
     """
 
     header: str
@@ -475,6 +576,7 @@ class Column:
     dropdown: bool = False  # editable with a drop-down of the run's class ids
     needs: str | None = None
     link: Callable[[Any, Mapping[str, str]], str | None] | None = None
+    print_with_previous: bool = False  # printed in column blocks: never the first of a block
 
     def width_for(self, rows: Sequence[Any]) -> float:
         return self.width(rows) if callable(self.width) else self.width
@@ -524,17 +626,20 @@ def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[
                  widths_from: Sequence[Any], autofilter: int | None, banner: str | None = None,
                  links: Mapping[str, str] | None = None,
                  keep_together: Callable[[Any], Any] | None = None,
-                 choices: Sequence[str] = (), alert: str | None = None) -> "_Sheet":
+                 choices: Sequence[str] = (), alert: str | None = None, in_blocks: bool = False) -> "_Sheet":
     """A sheet with these columns and one line per row; `autofilter` is the row count to
     filter over (None: no filter). `rows` may be a generator (the Review sheet's is);
     `widths_from` holds every row, so its length is the sheet's row count. Drop-down
     columns offer `choices`. `keep_together(row)` gives rows that should print on one page
     the same key (page breaks between blocks, see `page_breaks`). `alert` (summary.run_alert)
-    is added to the banner on a line of its own and colours it like an UNRELIABLE flag."""
+    is added to the banner on a line of its own and colours it like an UNRELIABLE flag.
+    `in_blocks` prints a sheet too wide for a readable page in column blocks (`block_layout`)."""
     if alert and banner is not None:
         banner = f"{banner}\n{alert}"
-    sh = _Sheet(wb, title, [c.header for c in columns], [c.width_for(widths_from) for c in columns],
-                [c.editable for c in columns], banner, UNRELIABLE if alert else WARNING)
+    widths = [c.width_for(widths_from) for c in columns]
+    blocks = block_layout(widths, [c.print_with_previous for c in columns]) if in_blocks else None
+    sh = _Sheet(wb, title, [c.header for c in columns], widths,
+                [c.editable for c in columns], banner, UNRELIABLE if alert else WARNING, blocks)
     if autofilter is not None:
         sh.filter(autofilter)
     for i, col in enumerate(columns, 1):
@@ -588,6 +693,12 @@ def page_breaks(keys: Sequence[Any], heights: Sequence[float], page_pt: float) -
     return breaks
 
 
+def patient_starts(patients: Sequence[str]) -> list[int]:
+    """The counts of rows before each patient's first row but the first's: where a sheet listed
+    patient by patient breaks its pages so that every patient starts on a new page."""
+    return [i for i in range(1, len(patients)) if patients[i] != patients[i - 1]]
+
+
 def _pct(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -621,16 +732,20 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Patient", _patient, fit(_patient, 12, 30), severity=_worst, wrap=True),
     Column("Cells classified", lambda s: s.differential.classified, 9, PLAIN),
     Column("WBC", lambda s: s.differential.wbc, 7, PLAIN),
-    Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 38,
+    # 60 wide like the verified Summary's: three flags of 80-170 characters take 7 lines, not 10
+    Column("Flags", lambda s: "\n".join(f.message for f in s.flags) if s.flags else "none", 60,
            severity=_worst, wrap=True),
     # Two figures per flagged group, each header saying which: all cells (review included, as in
     # the Differential) and confident cells only (what the flags compare).
     Column("Blasts % all cells", lambda s: _pct(s.differential.blasts_pct), 8, NUMBER, "0.0"),
-    Column("Blasts % confident cells", lambda s: _pct(s.differential.blasts_confident_pct), 9, NUMBER, "0.0"),
+    Column("Blasts % confident cells", lambda s: _pct(s.differential.blasts_confident_pct), 9, NUMBER, "0.0",
+           print_with_previous=True),
     Column("IG % all cells", lambda s: _pct(s.differential.ig_pct), 7, NUMBER, "0.0"),
-    Column("IG % confident cells", lambda s: _pct(s.differential.ig_confident_pct), 9, NUMBER, "0.0"),
+    Column("IG % confident cells", lambda s: _pct(s.differential.ig_confident_pct), 9, NUMBER, "0.0",
+           print_with_previous=True),
     Column("Band % all cells", lambda s: _pct(s.differential.band_pct), 7, NUMBER, "0.0"),
-    Column("Band % confident cells", lambda s: _pct(s.differential.band_confident_pct), 9, NUMBER, "0.0"),
+    Column("Band % confident cells", lambda s: _pct(s.differential.band_confident_pct), 9, NUMBER, "0.0",
+           print_with_previous=True),
     Column("Seg %", _class_pct("neutrophil_segmented"), 7, NUMBER, "0.0", needs="neutrophil_segmented"),
     Column("Lymph %", _class_pct("lymphocyte"), 7, NUMBER, "0.0", needs="lymphocyte"),
     Column("Mono %", _class_pct("monocyte"), 7, NUMBER, "0.0", needs="monocyte"),
@@ -641,7 +756,7 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Platelets", lambda s: s.differential.platelets, 10, PLAIN),
     Column("Smudge cells", lambda s: s.differential.smudge, 8, PLAIN, needs="smudge"),
     Column("Smudge % of all cells", lambda s: _pct(s.differential.smudge_pct_of_cells), 10, NUMBER, "0.0",
-           needs="smudge"),
+           needs="smudge", print_with_previous=True),
     Column("Review cells", lambda s: s.differential.n_review, 8, PLAIN),
     Column("Unclassified", lambda s: s.differential.unclassified, 11, PLAIN),
     Column("Unreadable files", lambda s: s.unreadable_files, 11, PLAIN),
@@ -649,7 +764,7 @@ _SUMMARY: tuple[Column, ...] = (
     Column("Flag codes", lambda s: FLAG_CODE_SEPARATOR.join(f.code for f in s.flags), 23, wrap=True),
     Column("Every class", lambda s: "Differential", 12, link=_to_differential),
     Column("Verified by", lambda s: None, 16, editable=True),
-    Column("Verified on", lambda s: None, 14, editable=True),
+    Column("Verified on", lambda s: None, 14, editable=True, print_with_previous=True),
 )
 
 
@@ -791,19 +906,20 @@ def _flag_text(s: PatientSummary) -> str:
 def _side_by_side(header: str, get: Callable[[Differential], float | None]) -> tuple[Column, Column]:
     """A measure before and after verification, in two neighbouring columns."""
     return (Column(f"{header} pre-classified", lambda v: _pct(get(v.pre.differential)), 13, NUMBER, "0.0"),
-            Column(f"{header} verified", lambda v: _pct(get(v.post.differential)), 11, NUMBER, "0.0"))
+            Column(f"{header} verified", lambda v: _pct(get(v.post.differential)), 11, NUMBER, "0.0",
+                   print_with_previous=True))
 
 
 _SUMMARY_VERIFIED: tuple[Column, ...] = (
     Column("Patient", _vp, fit(_vp, 12, 40), severity=lambda v: _worst(v.post)),
     Column("Status", lambda v: v.status, 30, severity=lambda v: SIGNED if v.signed else WARNING, wrap=True),
     Column("Verified by", lambda v: v.verified_by or None, 16, editable=True),
-    Column("Verified on", lambda v: v.verified_on or None, 16, editable=True),
+    Column("Verified on", lambda v: v.verified_on or None, 16, editable=True, print_with_previous=True),
     Column("Cells classified", lambda v: v.post.differential.classified, 10, PLAIN),
     Column("Corrected cells", lambda v: v.corrected, 10, PLAIN),
     Column("Review cells verified", lambda v: f"{v.review_verified} of {v.review_cells}", 12),
     Column("WBC pre-classified", lambda v: v.pre.differential.wbc, 12, PLAIN),
-    Column("WBC verified", lambda v: v.post.differential.wbc, 10, PLAIN),
+    Column("WBC verified", lambda v: v.post.differential.wbc, 10, PLAIN, print_with_previous=True),
     Column("Flags (verified)", lambda v: _flag_text(v.post), 60, severity=lambda v: _worst(v.post), wrap=True),
     *_side_by_side("Blasts %", lambda d: d.blasts_pct),
     *_side_by_side("IG %", lambda d: d.ig_pct),
@@ -812,7 +928,7 @@ _SUMMARY_VERIFIED: tuple[Column, ...] = (
     *_side_by_side("NRBC /100 WBC", lambda d: d.nrbc_per_100_wbc),
     Column("Platelets verified", lambda v: v.post.differential.platelets, 10, PLAIN),
     Column("Unclassified pre-classified", lambda v: v.pre.differential.unclassified, 13, PLAIN),
-    Column("Unclassified verified", lambda v: v.post.differential.unclassified, 12, PLAIN),
+    Column("Unclassified verified", lambda v: v.post.differential.unclassified, 12, PLAIN, print_with_previous=True),
     Column("Flags (pre-classified)", lambda v: _flag_text(v.pre), 60, wrap=True),
     Column("Unreadable files", lambda v: v.post.unreadable_files, 11, PLAIN),
     Column("Notes", lambda v: _notes(v.post), 40, severity=lambda v: WARNING if _notes(v.post) else None),
@@ -851,7 +967,7 @@ def _write_summary(wb: Any, summaries: Sequence[PatientSummary], classes: Sequen
     """The banner in row 1 (the software pre-classifies, a person decides; with `alert`, why
     the results are unreliable and what to do next), headers in row 2."""
     _write_sheet(wb, "Summary", shown_columns(_SUMMARY, classes), summaries, summaries,
-                 autofilter=len(summaries), banner=BANNER, links=links, alert=alert)
+                 autofilter=len(summaries), banner=BANNER, links=links, alert=alert, in_blocks=True)
 
 
 def differential_links(summaries: Sequence[PatientSummary], classes: Sequence[str]) -> dict[str, str]:
@@ -959,10 +1075,14 @@ def _write_review(wb: Any, summaries: Sequence[PatientSummary], limit: int, choi
     the number of thumbnails embedded.
 
     Widths fit the review cells; rows are produced while writing because each embedded
-    thumbnail is anchored to the row it belongs to."""
+    thumbnail is anchored to the row it belongs to. Each patient starts on a new printed page,
+    so one patient's review list can be printed (and checked, and filed) on its own: a 24-patient
+    night ran to 128 pages with the patients running into each other."""
     review = [_CellLine(c, verified.get((c.patient, c.file))) for c in review_order(summaries)]
     sh = _write_sheet(wb, "Review", _REVIEW, (), review, autofilter=None, choices=choices)
     sh.ws.oddFooter.center.text = f"Thumbnails: at most {limit:,}, shared fairly across patients"
+    for after in patient_starts([line.cell.patient for line in review]):
+        sh.ws.row_breaks.append(_break(sh.header_row + after))
     embedded = 0
     for line in _review_rows(sh, review, limit):
         embedded += line.note is None
@@ -1156,7 +1276,7 @@ def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: s
     try:
         with atomic_output(out_path) as tmp:
             _write_sheet(wb, "Summary", _SUMMARY_VERIFIED, rep.patients, rep.patients,
-                         autofilter=len(rep.patients), banner=VERIFIED_BANNER, alert=run_alert(post))
+                         autofilter=len(rep.patients), banner=VERIFIED_BANNER, alert=run_alert(post), in_blocks=True)
             rows = _diff_rows(post, _shown_classes(rep.model_classes, verified.values()), settings, pre)
             _write_sheet(wb, "Differential", _DIFFERENTIAL_VERIFIED, rows, rows, autofilter=len(rows),
                          keep_together=lambda r: r.patient)
