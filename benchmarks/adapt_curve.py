@@ -82,22 +82,28 @@ def main(cache: str, seeds: tuple[int, ...], sizes: tuple[int, ...], model: str 
             t = time.perf_counter()
             fit = adapt_head(x[pick], y[pick], list(patients[pick]), probs[pick], w0, b0, t0, seed=seed)
             secs = time.perf_counter() - t
-            after = _metrics(y[test], (x[test] @ fit.weight + fit.bias).argmax(1), classes)
+            logits = x[test] @ fit.weight + fit.bias
+            after = _metrics(y[test], logits.argmax(1), classes)
+            z = logits / fit.temperature
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            after["review"] = float(((p / p.sum(axis=1, keepdims=True)).max(axis=1) < fit.review_threshold).mean())
             rows.append((seed, n, len(test), after, fit, secs))
-    print("| seed | labelled cells | test cells | accuracy | macro-F1 | paper-10 acc | paper-10 macro-F1 | CV acc before->after | refused | alpha | T | threshold | fit s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| seed | labelled cells | test cells | accuracy | macro-F1 | paper-10 acc | paper-10 macro-F1 | CV acc before->after | refused | alpha | T | threshold | test cells to review | fit s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for seed, n, nt, m, fit, secs in rows:
         label = {0: "0 (original)", -1: "0 (mean-aligned, no labels)", -2: "0 (mean+sd aligned, no labels)"}.get(n, str(n))
         extra = (f"{fit.before['accuracy']:.3f}->{fit.after['accuracy']:.3f} | {'yes' if fit.worse else 'no'} | "
-                 f"{fit.alpha:g} | {fit.temperature:.2f} | {fit.review_threshold:.2f} | {secs:.1f}") if fit else "| | | | |"
+                 f"{fit.alpha:g} | {fit.temperature:.2f} | {fit.review_threshold:.2f} | {100 * m['review']:.1f} % | {secs:.1f}"
+                 ) if fit else "| | | | | |"
         print(f"| {seed} | {label} | {nt} | {m['acc']:.3f} | {m['f1']:.3f} | {m['acc10']:.3f} | {m['f1_10']:.3f} | {extra} |")
     print("\nmean over seeds:")
     for n in sorted({r[1] for r in rows}):
         ms = [r[3] for r in rows if r[1] == n]
         mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
         sd = {k: float(np.std([m[k] for m in ms])) for k in ms[0]}
+        review = f", to review {100 * mean['review']:.1f} %" if "review" in mean else ""
         print(f"n={n}: accuracy {mean['acc']:.3f} (sd {sd['acc']:.3f}), macro-F1 {mean['f1']:.3f}, "
-              f"paper-10 accuracy {mean['acc10']:.3f}, paper-10 macro-F1 {mean['f1_10']:.3f}")
+              f"paper-10 accuracy {mean['acc10']:.3f} (sd {sd['acc10']:.3f}), paper-10 macro-F1 {mean['f1_10']:.3f}{review}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Why: issue 11's runs trained at 10-13 img/s and nobody could tell whether the ne
 input pipeline or other work on the two cores was the bottleneck. This prints, for the same
 model, freeze setting and TensorFlow thread pools:
 
-  * model-only: forward + backward on one in-memory float batch, repeated (no augmentation,
-    no Python per batch: the ceiling for this network on this CPU);
+  * model-only: the compiled training step (`train_on_batch`) on one in-memory float batch,
+    repeated (no augmentation, no input pipeline: the ceiling for this network on this CPU);
   * pipeline: `python -m train`'s own fit input (train.cvaugment's PyDataset: shuffling,
     OpenCV geometry and stain jitter in a worker thread, class weights);
 
@@ -52,9 +52,17 @@ def build(args):
 
 
 def timed_fit(core, data, steps: int, **kw) -> float:
-    """img/s of one epoch of `steps` batches (after a warm-up epoch that traces the step)."""
+    """Seconds for one `fit` epoch of `steps` batches of the real pipeline."""
     t0 = time.perf_counter()
     core.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, **kw)
+    return time.perf_counter() - t0
+
+
+def timed_steps(core, x, y, steps: int) -> float:
+    """Seconds for `steps` compiled training steps on one in-memory batch: the network alone."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        core.train_on_batch(x, y)
     return time.perf_counter() - t0
 
 
@@ -71,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment", type=float, default=1.0)
     args = p.parse_args(argv)
 
-    import tensorflow as tf
-
     from batchwbc.core import catalogue
     from train import cvaugment
 
@@ -82,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     x = rng.integers(0, 256, (n, args.size, args.size, 3), dtype=np.uint8)
     y = rng.integers(0, len(catalogue.CLASS_IDS), n)
     class_weight = {k: 1.0 for k in range(len(catalogue.CLASS_IDS))}
-    one = tf.data.Dataset.from_tensors((x[: args.batch_size].astype(np.float32), y[: args.batch_size])).repeat()
+    xb, yb = x[: args.batch_size].astype(np.float32), y[: args.batch_size]
     pipeline = cvaugment.batches(x, y, None, args.batch_size, args.augment, 0)
 
-    timed_fit(core, one, 3)  # trace both step functions before timing
+    timed_steps(core, xb, yb, 3)  # trace both step functions before timing
     timed_fit(core, pipeline, 3, class_weight=class_weight)
     model_only, real = [], []
     for _ in range(args.repeats):
-        model_only.append(n / timed_fit(core, one, args.steps))
+        model_only.append(n / timed_steps(core, xb, yb, args.steps))
         real.append(n / timed_fit(core, pipeline, args.steps, class_weight=class_weight))
     m, r = statistics.median(model_only), statistics.median(real)
     print(f"{args.backbone} {args.size} px, batch {args.batch_size}, TensorFlow threads {args.tf_threads} "

@@ -329,6 +329,7 @@ def fit(cfg: TrainConfig, core, backbone, prep: Prepared, ts: extend.TrainingSet
             print(f"fine-tuning with the stem and blocks_0..blocks_{cfg.freeze_blocks - 1} frozen ({len(frozen)} layers)", flush=True)
         compile_(cfg.fine_tune_lr or cfg.lr / 10, cfg.epochs - epoch0)
     else:
+        backbone.trainable = True  # a resumed model keeps the trainable flags it was saved with
         frozen_early_layers(backbone, cfg.freeze_blocks)
         compile_(cfg.lr, cfg.epochs)
     if cfg.epochs > epoch0:
