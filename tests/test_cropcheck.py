@@ -9,7 +9,7 @@ import pytest
 import fuzz_corpus
 import tinymodel
 from batchwbc.engine import crop_checks
-from batchwbc.engine.result_cache import ResultCache
+from batchwbc.engine.result_cache import CachedEntry, ResultCache
 from batchwbc.engine.pipeline import decode_one
 from batchwbc.engine.preprocess import UnreadableImage
 
@@ -75,8 +75,8 @@ def test_cache_from_before_image_reasons_is_upgraded_and_its_rows_rechecked(tmp_
     conn.close()
     with ResultCache(db, "sha") as cache:
         assert cache.lookup("/a.png", 10, 20) is None  # written before greyscale was checked: decode again
-        cache.store("/a.png", 10, 20, np.ones(3, np.float32), b"jpg", crop_checks.GREYSCALE_REASON)
-        cache.store("/b.png", 10, 20, np.ones(3, np.float32), None)
+        cache.store("/a.png", 10, 20, CachedEntry(np.ones(3, np.float32), b"jpg", crop_checks.GREYSCALE_REASON))
+        cache.store("/b.png", 10, 20, CachedEntry(np.ones(3, np.float32), None))
     with ResultCache(db, "sha") as cache:
         assert cache.lookup("/a.png", 10, 20).image_reason == crop_checks.GREYSCALE_REASON
         assert cache.lookup("/b.png", 10, 20).image_reason == ""
