@@ -167,7 +167,7 @@ def send_preliminary(opts: RunOptions, plan: "LisPlan", settings: "Settings") ->
     """Write the preliminary messages to --hl7 (atomically) and send them over --mllp, after the
     workbook: a LIS that is down must not cost the night's report. NOT_DELIVERED when a patient's
     message could not be built or was not acknowledged; each one is in the log with its reason."""
-    from batchwbc.outputs.lis.deliver import deliver, write_messages
+    from batchwbc.outputs.lis.deliver import deliver_to, write_messages
 
     if opts.hl7_dir is None:
         return exit_codes.OK
@@ -179,12 +179,7 @@ def send_preliminary(opts: RunOptions, plan: "LisPlan", settings: "Settings") ->
         raise JobError(exit_codes.FAILED, f"the preliminary LIS messages could not be written to {opts.hl7_dir} "
                                          f"({exc.strerror or exc}); the report was written.") from None
     log.info("LIS: %d preliminary HL7 messages (status P) in %s", len(plan.messages), opts.hl7_dir)
-    undelivered = list(plan.failed)
-    if opts.mllp is not None:
-        from batchwbc.outputs.lis.mllp import parse_address
-
-        host, port = parse_address(opts.mllp)
-        undelivered += deliver(opts.hl7_dir, plan.messages, host, port, settings.lis.ack_timeout_s)
+    undelivered = list(plan.failed) + deliver_to(opts.mllp, opts.hl7_dir, plan.messages, settings.lis.ack_timeout_s)
     if undelivered:
         log.error("LIS: the preliminary results of %d patients were not delivered (%s); see the lines above.",
                   len(undelivered), ", ".join(p for p, _ in undelivered))

@@ -198,7 +198,7 @@ def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientV
     """Write the messages and the bundle, send over MLLP; NOT_DELIVERED when a signed patient
     did not reach the LIS (not built, or not acknowledged). The workbook is already written."""
     from batchwbc.outputs.lis import LisError
-    from batchwbc.outputs.lis.deliver import deliver, write_messages
+    from batchwbc.outputs.lis.deliver import deliver_to, write_messages
 
     for patient in plan.unsigned:
         log.info("LIS: patient %s is not signed and was not sent", patient)
@@ -225,11 +225,8 @@ def _send_lis(opts: VerifyOptions, plan: "LisPlan", patients: Sequence["PatientV
     except OSError as exc:
         raise JobError(exit_codes.FAILED, f"the LIS messages could not be written ({exc.strerror or exc}); "
                                          "the verified workbook was written.") from None
-    if opts.mllp is not None and opts.hl7_dir is not None:
-        from batchwbc.outputs.lis.mllp import parse_address
-
-        host, port = parse_address(opts.mllp)
-        undelivered += deliver(opts.hl7_dir, plan.messages, host, port, settings.lis.ack_timeout_s)
+    if opts.hl7_dir is not None:
+        undelivered += deliver_to(opts.mllp, opts.hl7_dir, plan.messages, settings.lis.ack_timeout_s)
     if undelivered:
         log.error("LIS: %d signed patients were not delivered (%s); see the lines above.",
                   len(undelivered), ", ".join(p for p, _ in undelivered))

@@ -154,3 +154,14 @@ def deliver(folder: Path, messages: Sequence[Message], host: str, port: int, tim
         mllp.record(folder, m.control_id, m.file_name, ack, datetime.now().astimezone())
         log.info("LIS: patient %s delivered to %s:%d (%s)", m.patient, host, port, ack.code)
     return failed
+
+
+def deliver_to(address: str | None, folder: Path, messages: Sequence[Message], timeout: float) -> list[tuple[str, str]]:
+    """`deliver` to HOST:PORT when an --mllp address was given (nothing sent without one);
+    the one place run and verify send from."""
+    if address is None:
+        return []
+    from batchwbc.outputs.lis.mllp import parse_address
+
+    host, port = parse_address(address)
+    return deliver(folder, messages, host, port, timeout)
