@@ -434,10 +434,16 @@ def text_lines(text: Any, width: float, bold: bool = False) -> int:
     An estimate, not a measurement (the font is not available here): a unit is the width of a
     "0", and average text is narrower, about 1.15 characters per unit (measured on LibreOffice's
     rendering: "Blast (incl. promonocytes)", 26 characters, fits one line 22 units wide), minus a
-    unit of padding; bold text about 1.0 per unit. It errs on the tall side, which costs a little
-    paper, whereas a row too short hides text."""
-    per_line = max(1, int((width - 1) * (1.0 if bold else 1.15)))
-    return sum(max(1, math.ceil(len(part) / per_line)) for part in str(text).split("\n"))
+    unit of padding; bold text about 0.85 per unit (LibreOffice wrapped the bold header "Blasts %
+    confident cells" into four lines 9 units wide). Lines break between words as the spreadsheet
+    wraps them (a word longer than a line is cut), so a header like "Blasts % confident cells"
+    is not counted as if its characters could fill every line. It errs on the tall side, which
+    costs a little paper, whereas a row too short hides text."""
+    import textwrap
+
+    per_line = max(1, int((width - 1) * (0.85 if bold else 1.15)))
+    return sum(max(1, len(textwrap.wrap(part, per_line, break_on_hyphens=False)))
+               for part in str(text).split("\n"))
 
 
 def row_height(cells: Iterable[tuple[Any, float]], bold: bool = False, line_pt: float = LINE_PT,
@@ -617,9 +623,11 @@ def shown_columns(columns: Sequence[Column], classes: Sequence[str]) -> tuple[Co
 
 
 def _height(sh: "_Sheet", columns: Sequence[Column], row: Any, minimum: float = 0.0) -> float | None:
-    """The row's height from its wrapped text cells, or None for one default line."""
+    """The row's height from its wrapped text cells, or None for one default line. A row written
+    in bold (a critical or unreliable finding) wraps sooner, so it is measured as bold."""
     texts = [(c.value(row), w) for c, w in zip(columns, sh.widths) if c.wrap or c.kind == AUTO]
-    return row_height(((t, w) for t, w in texts if isinstance(t, str)), minimum=minimum)
+    bold = any(c.severity is not None and c.severity(row) in _BOLD for c in columns)
+    return row_height(((t, w) for t, w in texts if isinstance(t, str)), bold=bold, minimum=minimum)
 
 
 def _write_sheet(wb: Any, title: str, columns: Sequence[Column], rows: Iterable[Any],
