@@ -129,23 +129,11 @@ def check_preliminary(opts: RunOptions, settings: "Settings") -> None:
     if not settings.lis.send_preliminary:
         raise JobError(exit_codes.USAGE, f"run {flag} sends unverified preliminary results, which only a config with "
                                         "send_preliminary = true in its [lis] table enables (docs/lis.md).")
-    if opts.hl7_dir is None:
-        raise JobError(exit_codes.USAGE, "--mllp sends the --hl7 messages: give --hl7 DIR as well.")
-    if opts.hl7_dir.exists() and not opts.hl7_dir.is_dir():
-        raise JobError(exit_codes.USAGE, f"--hl7 {opts.hl7_dir} exists and is not a folder.")
-    from batchwbc.outputs.lis import INSTALL_HINT
+    from batchwbc.outputs.lis import destination_problem
 
-    if opts.mllp is not None:
-        from batchwbc.outputs.lis.mllp import parse_address
-
-        try:
-            parse_address(opts.mllp)
-        except ValueError as exc:
-            raise JobError(exit_codes.USAGE, str(exc)) from None
-    import importlib.util
-
-    if importlib.util.find_spec("hl7apy") is None:
-        raise JobError(exit_codes.USAGE, f"--hl7 needs hl7apy, which is not installed; {INSTALL_HINT}.")
+    problem = destination_problem(opts.hl7_dir, opts.mllp)
+    if problem is not None:
+        raise JobError(exit_codes.USAGE, problem)
 
 
 def plan_preliminary(opts: RunOptions, run: "RunData", summaries: "Sequence[PatientSummary]",

@@ -163,25 +163,11 @@ def _check_lis(opts: VerifyOptions) -> None:
     """Fail fast, before anything is written: the optional libraries, --mllp's address."""
     if opts.hl7_dir is None and opts.fhir_path is None and opts.mllp is None:
         return
-    from batchwbc.outputs.lis import INSTALL_HINT
+    from batchwbc.outputs.lis import destination_problem
 
-    if opts.mllp is not None and opts.hl7_dir is None:
-        raise JobError(exit_codes.USAGE, "--mllp sends the --hl7 messages: give --hl7 DIR as well.")
-    if opts.mllp is not None:
-        from batchwbc.outputs.lis.mllp import parse_address
-
-        try:
-            parse_address(opts.mllp)
-        except ValueError as exc:
-            raise JobError(exit_codes.USAGE, str(exc)) from None
-    if opts.hl7_dir is not None and opts.hl7_dir.exists() and not opts.hl7_dir.is_dir():
-        raise JobError(exit_codes.USAGE, f"--hl7 {opts.hl7_dir} exists and is not a folder.")
-    import importlib.util
-
-    for flag, module in (("--hl7", "hl7apy"), ("--fhir", "fhir.resources")):
-        wanted = opts.hl7_dir if flag == "--hl7" else opts.fhir_path
-        if wanted is not None and importlib.util.find_spec(module.split(".")[0]) is None:
-            raise JobError(exit_codes.USAGE, f"{flag} needs {module}, which is not installed; {INSTALL_HINT}.")
+    problem = destination_problem(opts.hl7_dir, opts.mllp, opts.fhir_path)
+    if problem is not None:
+        raise JobError(exit_codes.USAGE, problem)
 
 
 def _run_facts(contents: "ReportContents") -> "RunFacts":
