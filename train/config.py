@@ -66,6 +66,9 @@ class TrainConfig:
     tf_threads: str = "2,2"
     freeze_blocks: int = 0
     train_only: bool = False
+    leave_out_source: str | None = None
+    pack_to: str | None = None
+    augment_workers: int = 1
 
     def __post_init__(self) -> None:
         self.check_values()
@@ -88,6 +91,12 @@ class TrainConfig:
         _ = self.threads  # parses --tf-threads or raises
         if self.head_dense < 0:
             raise TrainingError("--head-dense must be a layer width >= 0 (0 = logits on the pooled features).")
+        if self.augment_workers < 1:
+            raise TrainingError("--augment-workers must be a number of threads >= 1.")
+        if self.pack_to and not self.pack_to.endswith(".npz"):
+            raise TrainingError("--pack-to must name an .npz file.")
+        if self.pack_to and (self.train_only or self.resume):
+            raise TrainingError("--pack-to only prepares data; it cannot be combined with --train-only or --resume.")
         if self.freeze_blocks < 0:
             raise TrainingError("--freeze-blocks must be a number of blocks >= 0.")
         if self.freeze_blocks and self.backbone != "efficientnet_lite0":
@@ -106,6 +115,8 @@ class TrainConfig:
             raise TrainingError(f"data folder {root} does not exist.")
         if not self.packed and not any(root.iterdir()):
             raise TrainingError(f"data folder {root} is empty.")
+        if self.pack_to and self.packed:
+            raise TrainingError("--pack-to needs the original image folder as --data, not a packed file.")
         w = self.weights
         if w not in ("none", "imagenet") and not Path(w).is_file():
             raise TrainingError(f"weights file {w} does not exist (use 'none', 'imagenet' or a path to an .h5 file).")

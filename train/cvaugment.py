@@ -79,14 +79,18 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, strength: float)
     return stain_jitter(geometric(images, rng, strength), rng, strength)
 
 
-def batches(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None, batch_size: int, strength: float, seed: int):
-    """A keras.utils.PyDataset of augmented, reshuffled-every-epoch training batches; one
-    worker thread prepares batches ahead (cv2 and numpy release the GIL)."""
+def batches(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None, batch_size: int, strength: float, seed: int,
+            workers: int = 1):
+    """A keras.utils.PyDataset of augmented, reshuffled-every-epoch training batches; `workers`
+    threads prepare batches ahead (cv2 and numpy release the GIL). One keeps a 2-core PC's
+    second core for the network; a GPU consumes batches faster than one thread makes them.
+    Each batch's random draw depends only on (seed, epoch, batch), so it is the same whatever
+    thread makes it."""
     import keras
 
     class AugmentedBatches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False, max_queue_size=8)
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(8, 2 * workers))
             self.epoch = 0
             self.order = np.random.default_rng([seed, 0]).permutation(len(x))
 

@@ -83,6 +83,10 @@ def configure_threads(cfg: TrainConfig) -> None:
 
     Why: TensorFlow's default inter-op pool of 1 on a 2-core PC left the second core idle
     between ops; 2,2 trained Lite0 at 58 img/s against 37 (docs/training.md)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":  # e.g. JAX on a lent GPU machine
+        return
     import tensorflow as tf
 
     intra, inter = cfg.threads
@@ -204,11 +208,26 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
         [(p, catalogue.CLASS_IDS[l], s, a) for p, l, s, a in zip(ds.paths, ds.labels, ds.sources, assign)],
     )
     idx = {name: np.flatnonzero(assign == name) for name in split.SPLITS}
+    if cfg.leave_out_source:
+        idx = leave_out(idx, ds.sources, cfg.leave_out_source)
+        print(f"left out {cfg.leave_out_source}'s training and validation crops (its test crops stay)")
     for name in split.SPLITS:
         print(f"{name}: {len(idx[name])} images")
     if min(len(idx[k]) for k in (("train", "val") if cfg.train_only else split.SPLITS)) == 0:
         raise TrainingError("too few images to make train, validation and test splits.")
     return Prepared(ds, preprocessing, idx)
+
+
+def leave_out(idx: dict[str, np.ndarray], sources: list[str], source: str) -> dict[str, np.ndarray]:
+    """The split without one source's training and validation rows; its test rows stay.
+
+    Why after the split and not by reading less data: the leave-one-source-out twin then trains
+    on exactly the other sources' rows of the full run (same patients in train, val and test),
+    so the two models differ by one source and nothing else."""
+    src = np.asarray(sources)
+    if not (src == source).any():
+        raise TrainingError(f"--leave-out-source: no crop comes from source {source!r} (sources: {', '.join(sorted(set(sources)))}).")
+    return {name: rows if name == "test" else rows[src[rows] != source] for name, rows in idx.items()}
 
 
 # -- stage 3: the training set, extended by the variants the options ask for -----------------
@@ -223,6 +242,27 @@ def extend_training_set(cfg: TrainConfig, prep: Prepared) -> extend.TrainingSet:
         seed=cfg.seed, workers=cfg.workers,
     )
     return extend.extend(crops, extend.variants(cfg))
+
+
+def write_pack(cfg: TrainConfig, prep: Prepared, ts: extend.TrainingSet) -> None:
+    """--pack-to: the training set exactly as this run would fit it (degraded crops in place)
+    and the validation crops, WebP-encoded (quality 85: mean pixel error ~2.8/255 at 144 px,
+    inside the colour jitter of training; the whole set then fits one trip, 64 MiB) for the trip to a lent GPU machine that cannot
+    see the data folder. Test crops are never packed."""
+    from . import packed
+
+    tr, va = prep.idx["train"], prep.idx["val"]
+    if len(ts.y) != len(tr):
+        raise TrainingError("--pack-to cannot pack copies added to the training set (--degrade-mode add, "
+                            "--zoom-out-source): they have no source or path of their own.")
+    ds = prep.ds
+    images = np.concatenate([ts.x, ds.images[va]])
+    n = packed.write(Path(cfg.pack_to), images, np.concatenate([ts.y, prep.labels("val")]),
+                     prep.sources("train") + prep.sources("val"), [ds.paths[i] for i in np.concatenate([tr, va])],
+                     ["train"] * len(tr) + ["val"] * len(va), prep.preprocessing, quality=85,
+                     note=json.dumps(cfg.options(), default=str))
+    print(f"packed {n} crops ({len(tr)} training as fitted, {len(va)} validation) into {cfg.pack_to} "
+          f"({Path(cfg.pack_to).stat().st_size / 2**20:.1f} MiB)")
 
 
 # -- stage 4: fit ----------------------------------------------------------------------------
@@ -275,7 +315,8 @@ def fit(cfg: TrainConfig, core, backbone, prep: Prepared, ts: extend.TrainingSet
 
         # the core takes float 0..255; the worker thread augments each batch ahead of the step
         trainer = core
-        train_data = cvaugment.batches(ts.x, y.train, y.sample_weight, cfg.batch_size, cfg.augment, cfg.seed)
+        train_data = cvaugment.batches(ts.x, y.train, y.sample_weight, cfg.batch_size, cfg.augment, cfg.seed,
+                                       workers=cfg.augment_workers)
         x_val = x_val.astype(np.float32)
         fit_data: dict = dict(x=train_data)
         steps_per_epoch = len(train_data)
@@ -317,7 +358,8 @@ def fit(cfg: TrainConfig, core, backbone, prep: Prepared, ts: extend.TrainingSet
     common = dict(validation_data=(x_val, y.val), class_weight=y.class_weight, verbose=2, **fit_data)
     t_fit = time.time()
     epoch0 = 0
-    if cfg.freeze_epochs > 0 and cfg.weights != "none":
+    pretrained = cfg.weights != "none" or bool(cfg.init_from)  # a head on a trained backbone is fitted first
+    if cfg.freeze_epochs > 0 and pretrained:
         if not (resuming and (backups / "fine-tune").is_dir()):  # the head phase finished before the break
             backbone.trainable = False
             compile_(cfg.lr)
@@ -344,8 +386,12 @@ def write_train_only_record(cfg: TrainConfig, core, prep: Prepared, fit_seconds:
     since --resume reads it there."""
     import keras
 
+    import train.layers  # noqa: F401 - custom layers for load_model
+
     out = cfg.out
     core.save(out / "model.keras")
+    # the same model without the optimizer's state: a third of the size, for the trip back
+    keras.saving.load_model(out / "model.keras", compile=False).save(out / "model.keras")
     (out / "run.json").write_text(json.dumps({
         "options": cfg.options(), "input_size": cfg.size, "preprocessing": prep.preprocessing, "train_only": True,
         "fit_seconds": fit_seconds, "keras": keras.__version__, "backend": keras.backend.backend(),
@@ -439,6 +485,9 @@ def run(cfg: TrainConfig) -> dict:
     core, backbone = build_model(cfg)
     prep = prepare_data(cfg)
     ts = extend_training_set(cfg, prep)
+    if cfg.pack_to:
+        write_pack(cfg, prep, ts)
+        return {}
     fit_seconds = fit(cfg, core, backbone, prep, ts)
     if cfg.train_only:
         write_train_only_record(cfg, core, prep, fit_seconds)

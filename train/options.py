@@ -105,6 +105,9 @@ TRAIN_OPTIONS: list[Callable] = [
     _o("--tf-threads", help="TensorFlow's intra-op,inter-op thread pools (0 = TensorFlow's choice). On 2 cores 2,2 trained Lite0 at 58 img/s against 37 with 2,1 (docs/training.md)."),
     _o("--freeze-blocks", type=int, help="EfficientNet-Lite0: keep the stem and blocks_0 .. blocks_{N-1} frozen while fine-tuning (5 = stem + stages 1-3: about twice the CPU throughput; docs/training.md); 0 = fine-tune everything."),
     _o("--train-only", is_flag=True, help="Fit and save the model, skip calibration/evaluation (e.g. on a lent GPU machine; finish with --resume --epochs 0)."),
+    _o("--leave-out-source", help="Drop this source's training and validation crops after the split (its test crops stay): the leave-one-source-out twin, on the same patients' split as the full run."),
+    _o("--pack-to", type=click.Path(dir_okay=False), help="Stop after preparing the data: write the training set as the run would fit it (degraded copies included) and the validation crops to this .npz, for a lent GPU machine (docs/training.md)."),
+    _o("--augment-workers", type=int, help="Threads that augment training batches ahead of the step (opencv backend); 1 suits a 2-core PC, a GPU machine wants more."),
 ]
 
 
