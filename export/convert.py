@@ -342,8 +342,10 @@ def add_ood_reference(cfg: ExportConfig, run: TrainedRun) -> None:
         size = write_ood(out_path, ood_ref, with_ood)
         bm.Classifier(with_ood)  # the runtime must accept it, or the model ships without it
         with_ood.replace(out_path)
+        colour = ("" if ood_ref.colour is None else f", {100 * ood_ref.colour.info['held_out_outside']:.2f}% outside "
+                  f"the stain-colour envelope")
         print(f"OOD reference stored ({size / 1000:.0f} kB): {ood_ref.describe()}, "
-              f"{100 * ood_ref.info['held_out_unclassified']:.2f}% of held-out training cells unclassified")
+              f"{100 * ood_ref.info['held_out_unclassified']:.2f}% of held-out training cells unclassified{colour}")
     except (ReferenceBuildError, bm.ModelError, ValueError, np.linalg.LinAlgError) as exc:
         with_ood.unlink(missing_ok=True)
         print(f"no OOD reference stored ({exc}); the runtime will label no crop unclassified and raise no DATA_SHIFT.")

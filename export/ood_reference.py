@@ -14,7 +14,10 @@ What is fitted on what (docs/decisions/0011-out-of-distribution-and-data-shift.m
   * `held`: a disjoint sample of those cells: each class's typical (median) distance, which
     scales the score, and the thresholds (a quantile of their scores for each of the two cell
     rules; the 80th percentile for DATA_SHIFT's cell cut; the highest batch statistic of
-    pseudo-patients of 20-200 of them for DATA_SHIFT).
+    pseudo-patients of 20-200 of them for DATA_SHIFT);
+  * the stain-colour envelope (batchwbc.engine.stain_colour) from the `ref` cells' mean Lab
+    a*/b*, one robust Gaussian per training source, threshold at COLOUR_QUANTILE of their
+    distances times COLOUR_MARGIN; the share of `held` cells outside it is measured and stored.
 The test split is never read except to leave its cells out.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import click
 import numpy as np
@@ -51,6 +54,13 @@ BACKGROUND = "reject:background"
 #: tests/test_ood_bundled.py as a cell) learns a centre of its own for them here.
 NOT_A_CELL = "reject:not-a-cell"
 N_NOT_A_CELL = 600
+#: The stain-colour threshold: this quantile of the reference cells' own colour distances, times
+#: the margin. Chosen on the Lite0 v6 training sources (ADR 0011, "Stain-colour check"): at most 0.1 %
+#: of held-out training cells and none of the test-split cells outside, all 12 re-stained crops of
+#: tests/test_ood_bundled.py outside. A margin of 1.1 left twice as many held-out cells
+#: outside; the L* mean or the a*/b* spreads as extra features let re-stained crops in.
+COLOUR_QUANTILE = UNCLASSIFIED_QUANTILE
+COLOUR_MARGIN = 1.2
 
 
 class ReferenceBuildError(Exception):
@@ -128,12 +138,22 @@ def not_a_cell(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(rows, axis=0))
 
 
-def embed_loaders(classifier, loaders: Sequence[Callable[[], np.ndarray]], chunk: int = 256):
-    """(probs, embeddings, kept indices) for decoded-RGB loaders; unreadable files are left out."""
+class Embedded(NamedTuple):
+    probs: np.ndarray  # [N, classes]
+    emb: np.ndarray  # [N, D]
+    kept: list[int]  # indices of the loaders that could be read
+    colour: np.ndarray  # [N, 2] stain-colour statistics of the same model inputs (batchwbc.engine.stain_colour)
+
+
+def embed_loaders(classifier, loaders: Sequence[Callable[[], np.ndarray]], chunk: int = 256) -> Embedded:
+    """Probabilities, embeddings, kept indices and colour statistics for decoded-RGB loaders;
+    unreadable files are left out. The colour statistic is taken from the very model inputs the
+    runtime would compute it from."""
     from batchwbc.engine.preprocess import UnreadableImage, to_model_input
+    from batchwbc.engine.stain_colour import colour_statistics
 
     info = classifier.info
-    probs, embs, kept = [], [], []
+    probs, embs, kept, colour = [], [], [], []
     for i in range(0, len(loaders), chunk):
         arrays = []
         for j, load in enumerate(loaders[i : i + chunk], start=i):
@@ -143,12 +163,32 @@ def embed_loaders(classifier, loaders: Sequence[Callable[[], np.ndarray]], chunk
                 continue
             kept.append(j)
         for b in range(0, len(arrays), 32):
-            p, e = classifier.predict_with_embedding(np.stack(arrays[b : b + 32]))
+            batch = np.stack(arrays[b : b + 32])
+            p, e = classifier.predict_with_embedding(batch)
             probs.append(p)
             embs.append(e)
+            colour.append(colour_statistics(batch))
     if not kept:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), kept
-    return np.concatenate(probs), np.concatenate(embs), kept
+        return Embedded(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), kept, np.zeros((0, 2)))
+    return Embedded(np.concatenate(probs), np.concatenate(embs), kept, np.concatenate(colour))
+
+
+def colour_envelope(ref_colour: np.ndarray, ref_sources: Sequence[str], held_colour: np.ndarray,
+                    held_sources: Sequence[str], quantile: float = COLOUR_QUANTILE, margin: float = COLOUR_MARGIN):
+    """The stain-colour envelope fitted on the reference cells' statistics (one group per
+    training source), with the share of held-out cells outside it, overall and per source,
+    recorded in its info for audit (pure)."""
+    from dataclasses import replace as _replace
+
+    from batchwbc.engine import stain_colour
+
+    env = stain_colour.fit_envelope(ref_colour, ref_sources, quantile, margin)
+    out = stain_colour.outside(env, held_colour)
+    src = np.asarray(held_sources)
+    per_source = {s: round(float(out[src == s].mean()), 5) for s in sorted(set(src.tolist()))}
+    return _replace(env, info={**env.info, "held_out_cells": int(len(out)),
+                               "held_out_outside": round(float(out.mean()), 5) if len(out) else None,
+                               "held_out_outside_by_source": per_source})
 
 
 def pseudo_patient_statistics(ref, held_scores: np.ndarray, held_sources: Sequence[str], rng: np.random.Generator) -> np.ndarray:
@@ -241,19 +281,21 @@ def build(model_path: Path, data_root: Path, split_csv: Path, sources: Sequence[
     def load(path):
         return lambda: decode_rgb(read_bytes(path))
 
-    _, ref_emb, kept_ref = embed_loaders(clf, [load(it.path) for it in ref])
-    _, held_emb, kept_held = embed_loaders(clf, [load(it.path) for it in held])
+    _, ref_emb, kept_ref, ref_colour = embed_loaders(clf, [load(it.path) for it in ref])
+    _, held_emb, kept_held, held_colour = embed_loaders(clf, [load(it.path) for it in held])
     rng_bg = np.random.default_rng(seed + 7)
     bg_donors = [ref[i] for i in rng_bg.permutation(len(ref))[:n_reject]]
-    _, bg_emb, _ = embed_loaders(clf, [(lambda p=it.path: background_corner(decode_rgb(read_bytes(p)), rng_bg)) for it in bg_donors])
+    _, bg_emb, _, _ = embed_loaders(clf, [(lambda p=it.path: background_corner(decode_rgb(read_bytes(p)), rng_bg)) for it in bg_donors])
     rng_junk = np.random.default_rng(seed + 11)
     junk_donors = [ref[i] for i in rng_junk.permutation(len(ref))[:n_not_a_cell]]
-    _, junk_emb, _ = embed_loaders(clf, [(lambda p=it.path: not_a_cell(decode_rgb(read_bytes(p)), rng_junk)) for it in junk_donors])
+    _, junk_emb, _, _ = embed_loaders(clf, [(lambda p=it.path: not_a_cell(decode_rgb(read_bytes(p)), rng_junk)) for it in junk_donors])
     info = {"fitted_on": f"{len(kept_ref)} training cells of {', '.join(sources) or 'all sources'} outside "
                          f"{split_csv.name}, seed {seed}", "model_sha256_before": clf.info.sha256}
-    return fit_with_thresholds(ref_emb, [ref[i].class_id for i in kept_ref], bg_emb, held_emb,
-                               [held[i].class_id for i in kept_held], [held[i].source for i in kept_held], np.random.default_rng(seed + 1), k=k,
-                               embedding_output=clf.embedding_output, info=info, junk_emb=junk_emb if len(junk_emb) else None)
+    r = fit_with_thresholds(ref_emb, [ref[i].class_id for i in kept_ref], bg_emb, held_emb,
+                            [held[i].class_id for i in kept_held], [held[i].source for i in kept_held], np.random.default_rng(seed + 1), k=k,
+                            embedding_output=clf.embedding_output, info=info, junk_emb=junk_emb if len(junk_emb) else None)
+    colour = colour_envelope(ref_colour, [ref[i].source for i in kept_ref], held_colour, [held[i].source for i in kept_held])
+    return replace(r, colour=colour)
 
 
 def write(model_in: Path, reference, out: Path) -> int:
@@ -300,7 +342,9 @@ def main(model_in: Path, data_root: Path, split_csv: Path, out: Path, sources: t
     i = ref.info
     click.echo(f"wrote {out}: {ref.describe()}; cell threshold {ref.threshold:.4g}, reject margin {ref.reject_margin:.4g} "
                f"({100 * i['held_out_unclassified']:.2f}% of {i['held_out_cells']} held-out training cells unclassified); "
-               f"DATA_SHIFT cell cut {ref.shift.cell_cut:.4g}, threshold {ref.shift.threshold:.4f}; metadata {size / 1000:.0f} kB")
+               f"DATA_SHIFT cell cut {ref.shift.cell_cut:.4g}, threshold {ref.shift.threshold:.4f}; "
+               f"stain colour {ref.colour.threshold:.3g} ({100 * ref.colour.info['held_out_outside']:.2f}% of held-out "
+               f"training cells outside); metadata {size / 1000:.0f} kB")
 
 
 if __name__ == "__main__":

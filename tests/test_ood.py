@@ -260,6 +260,11 @@ def test_export_ood_reference_fits_on_training_cells_only(tmp_path):
         np.full((32, 32, 3), tinymodel.colour_for("monocyte"), np.uint8),
         np.full((32, 32, 3), GREY, np.uint8)]))
     assert not flagged[0] and flagged[1]  # grey = only the test-split cells, which were left out
+    # the stain-colour envelope travels in the same reference, fitted on the same training cells
+    env = clf.ood.colour
+    assert env is not None and len(env.groups) == 1 and env.info["fit_cells"] == 120
+    assert env.info["held_out_cells"] == 230 and env.info["held_out_outside"] <= 0.005
+    assert not flagged[0] & ood.BY_COLOUR  # a training colour is inside
 
 
 def test_export_ood_reference_refuses_a_model_without_embedding(tmp_path):

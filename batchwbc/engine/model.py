@@ -124,12 +124,14 @@ class Classifier:
         return np.asarray(probs, dtype=np.float32), np.asarray(emb, dtype=np.float32)
 
     def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(probabilities, OOD score per crop, unclassified yes/no per crop); the last two are
-        None for a model without an OOD reference, which then costs nothing extra."""
+        """(probabilities, OOD score per crop, verdict per crop: 0 = classified, else why it is
+        unclassified as ood.BY_EMBEDDING / ood.BY_COLOUR bits); the last two are None for a model
+        without an OOD reference, which then costs nothing extra. The batch itself is what the
+        reference's stain-colour envelope, when it has one, looks at."""
         if self.ood is None:
             return self.predict(batch), None, None
         from batchwbc.engine import ood
 
         probs, emb = self.predict_with_embedding(batch)
-        scores, flagged = ood.score_and_flag(self.ood, emb)
-        return probs, scores, flagged
+        scores, verdicts = ood.verdicts(self.ood, emb, batch)
+        return probs, scores, verdicts

@@ -21,9 +21,16 @@ distance to the cell classes alone missed most often). A crop is unclassified wh
 Everything is folded into one linear map, so the runtime computes  || P (e - mu) - centre ||^2
 per crop and centre: a [k, D] matrix product, nothing else.
 
-The reference (mu, P, the centres, the class scales, the thresholds) lives in the model file's metadata under
-KEY_OOD, written by `python -m export.ood_reference`; a model without it simply gets no OOD
-score and no "unclassified" label (older files keep working).
+Apart from the embedding, the reference may carry a stain-colour envelope
+(batchwbc.engine.stain_colour): a crop whose mean Lab a*/b* lies outside the training cells'
+colours is unclassified too, with a reason of its own. Why: a model that standardises colour
+inside its graph (EfficientNet-Lite0) has an embedding blind to stain colour, so re-stained
+crops score like cells (ADR 0011, "Stain-colour check"). A reference without the envelope
+judges by the embedding alone, exactly as before.
+
+The reference (mu, P, the centres, the class scales, the thresholds, the colour envelope) lives in the model
+file's metadata under KEY_OOD, written by `python -m export.ood_reference`; a model without it simply gets
+no OOD score and no "unclassified" label (older files keep working).
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so `batchwbc --help` stays instant
     import numpy as np
+
+    from batchwbc.engine.stain_colour import ColourEnvelope
 
 #: Metadata key of the cell-level reference (JSON, see to_metadata).
 KEY_OOD = "batchwbc.ood"
@@ -46,8 +55,18 @@ UNCLASSIFIED = "unclassified"
 UNCLASSIFIED_DISPLAY = "Unclassified"
 #: The review reason shown for such a crop.
 UNCLASSIFIED_REASON = "not recognised as a cell the model knows"
+#: The review reason of a crop the stain-colour envelope sets apart.
+COLOUR_REASON = "stain colour unlike any training cell"
+#: Why a crop is unclassified, as bits of one small integer (the result cache stores it; 0:
+#: classified). A cache row written before the colour check holds 1, which still means BY_EMBEDDING.
+BY_EMBEDDING = 1
+BY_COLOUR = 2
 SCORE_NAME = "mahalanobis-pca-nearest-class"
+#: Format 2 = format 1 plus a "stain_colour" envelope. A reference with the envelope is written
+#: as format 2, so an older batchwbc refuses the model instead of silently skipping the colour
+#: check; one without it stays format 1, byte for byte as before.
 FORMAT = 1
+FORMAT_WITH_COLOUR = 2
 #: Class names starting with this are "not a cell" centres (e.g. "reject:background").
 REJECT_PREFIX = "reject:"
 
@@ -80,6 +99,7 @@ class OodReference:
     basis: "np.ndarray | None" = None  # [k, D] PCA basis (kept for analysis only, not stored)
     shift: ShiftReference | None = None
     info: Mapping[str, Any] = field(default_factory=dict)  # how it was fitted and measured, for audit
+    colour: "ColourEnvelope | None" = None  # stain-colour envelope (batchwbc.engine.stain_colour); None: no colour check
 
     @property
     def dim(self) -> int:
@@ -87,8 +107,12 @@ class OodReference:
 
     def describe(self) -> str:
         rej = sum(c.startswith(REJECT_PREFIX) for c in self.classes)
-        return (f"Mahalanobis to the nearest of {len(self.classes) - rej} classes, PCA {self.projection.shape[0]} "
+        text = (f"Mahalanobis to the nearest of {len(self.classes) - rej} classes, PCA {self.projection.shape[0]} "
                 f"of {self.dim}, {rej} reject centre{'s' if rej != 1 else ''}")
+        if self.colour is not None:
+            n = len(self.colour.groups)
+            text += f"; stain-colour envelope of {n} training source{'s' if n != 1 else ''}"
+        return text
 
 
 # ----------------------------------------------------------------------------- fitting (export side)
@@ -176,6 +200,30 @@ def score(ref: OodReference, emb: "np.ndarray") -> "np.ndarray":
     return score_and_flag(ref, emb)[0]
 
 
+def verdicts(ref: OodReference, emb: "np.ndarray", images: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+    """(OOD score per crop, verdict per crop): the verdict is 0 for a crop that is classified,
+    else BY_EMBEDDING and/or BY_COLOUR. `images` are the model inputs ([N, S, S, 3] uint8 RGB),
+    read only when the reference carries a colour envelope."""
+    import numpy as np
+
+    scores, flagged = score_and_flag(ref, emb)
+    codes = np.where(flagged, BY_EMBEDDING, 0).astype(np.int64)
+    if ref.colour is not None:
+        from batchwbc.engine import stain_colour
+
+        if len(images) != len(codes):
+            raise ValueError(f"{len(images)} images for {len(codes)} embeddings")
+        codes |= np.where(stain_colour.outside(ref.colour, stain_colour.colour_statistics(images)), BY_COLOUR, 0)
+    return scores, codes
+
+
+def reasons(verdict: int) -> list[str]:
+    """The review reasons of an unclassified crop's verdict (empty for 0). A bare True from an
+    older caller means BY_EMBEDDING."""
+    v = int(verdict)
+    return [r for bit, r in ((BY_EMBEDDING, UNCLASSIFIED_REASON), (BY_COLOUR, COLOUR_REASON)) if v & bit]
+
+
 # ----------------------------------------------------------------------------- metadata
 
 _DTYPES = {"float32": "<f4", "float16": "<f2"}
@@ -220,7 +268,7 @@ def to_metadata(ref: OodReference) -> str:
     if not math.isfinite(ref.threshold):
         raise ValueError("set the reference's threshold before storing it")
     body: dict[str, Any] = {
-        "format": FORMAT,
+        "format": FORMAT if ref.colour is None else FORMAT_WITH_COLOUR,
         "score": SCORE_NAME,
         "embedding_output": ref.embedding_output,
         "classes": list(ref.classes),
@@ -237,7 +285,48 @@ def to_metadata(ref: OodReference) -> str:
             "threshold": ref.shift.threshold, "cell_quantile": ref.shift.cell_quantile,
             "cell_cut": ref.shift.cell_cut, "min_cells": ref.shift.min_cells, "info": dict(ref.shift.info),
         }
+    if ref.colour is not None:
+        body["stain_colour"] = _colour_body(ref.colour)
     return json.dumps(body, separators=(",", ":"))
+
+
+def _colour_body(env: "ColourEnvelope") -> dict:
+    """The envelope as stored: a few hundred bytes (G x 2 centres, G x 2 x 2 whitening)."""
+    import math
+
+    from batchwbc.engine.stain_colour import STATISTIC
+
+    if not math.isfinite(env.threshold):
+        raise ValueError("set the colour envelope's threshold before storing it")
+    return {"statistic": STATISTIC, "groups": list(env.groups), "threshold": env.threshold,
+            "centres": _pack(env.centres), "whitening": _pack(env.whitening), "info": dict(env.info)}
+
+
+def _colour_from_body(body: Any) -> "ColourEnvelope":
+    """The stored envelope, or OodReferenceError in one sentence (a model must not lose its
+    colour check to a damaged entry, nor run it with nonsense)."""
+    import math
+
+    from batchwbc.engine.stain_colour import STATISTIC, ColourEnvelope
+
+    bad = OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable stain_colour envelope.")
+    if not isinstance(body, dict):
+        raise bad
+    if body.get("statistic") != STATISTIC:
+        raise OodReferenceError(f"the model's {KEY_OOD} metadata has a stain_colour envelope of a kind this "
+                                f"batchwbc does not read ({body.get('statistic')!r}).")
+    try:
+        groups = tuple(str(g) for g in body["groups"])
+        threshold = float(body["threshold"])
+        info = dict(body.get("info") or {})
+    except Exception:  # noqa: BLE001
+        raise bad from None
+    centres, whitening = (_unpack(body.get(n), f"stain_colour {n}") for n in ("centres", "whitening"))
+    g = len(groups)
+    if not (g >= 1 and centres.shape == (g, 2) and whitening.shape == (g, 2, 2)
+            and math.isfinite(threshold) and threshold > 0):
+        raise bad
+    return ColourEnvelope(centres, whitening, groups, threshold, info)
 
 
 def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
@@ -250,7 +339,7 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
         return None
     try:
         body = json.loads(raw)
-        if body.get("format") != FORMAT or body.get("score") != SCORE_NAME:
+        if body.get("format") not in (FORMAT, FORMAT_WITH_COLOUR) or body.get("score") != SCORE_NAME:
             raise OodReferenceError(f"the model's {KEY_OOD} metadata is of a kind this batchwbc does not read "
                                  f"({body.get('score')!r}, format {body.get('format')!r}).")
         threshold = float(body["threshold"])
@@ -258,6 +347,9 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
         out_name = str(body["embedding_output"])
         classes = tuple(str(c) for c in body["classes"])
         shift_body = body.get("data_shift")
+        if (body["format"] == FORMAT_WITH_COLOUR) != ("stain_colour" in body):
+            raise OodReferenceError(f"the model's {KEY_OOD} metadata is format {body['format']} "
+                                    f"{'without' if body['format'] == FORMAT_WITH_COLOUR else 'with'} a stain_colour envelope.")
     except OodReferenceError:
         raise
     except Exception:  # noqa: BLE001
@@ -276,5 +368,6 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
             raise OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable data_shift entry.") from None
     if math.isnan(margin):
         raise OodReferenceError(f"the model's {KEY_OOD} metadata has an invalid reject_margin.")
+    colour = _colour_from_body(body["stain_colour"]) if "stain_colour" in body else None
     return OodReference(mean, proj, centres, classes, threshold, out_name, margin, scales, shift=shift,
-                        info=body.get("info", {}))
+                        info=body.get("info", {}), colour=colour)

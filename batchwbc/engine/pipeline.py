@@ -137,18 +137,19 @@ def top_two(probs: "np.ndarray", classes: Sequence[str]) -> tuple[str, float, st
 
 def cell_from_probs(
     crop: Crop, probs: "np.ndarray", classes: Sequence[str], review_threshold: float, thumbnail: bytes | None,
-    image_reason: str = "", ood_score: float | None = None, unclassified: bool = False,
+    image_reason: str = "", ood_score: float | None = None, unclassified: int = 0,
 ) -> CellResult:
     """`image_reason` sends the cell to review whatever its confidence (e.g. a greyscale crop). An
-    unclassified crop (beyond the model's OOD reference) is labelled ood.UNCLASSIFIED, always
-    reviewed, and keeps the model's best class as its second class for the reviewer."""
+    unclassified crop (`unclassified` is the OOD verdict: ood.BY_EMBEDDING and/or ood.BY_COLOUR;
+    True counts as BY_EMBEDDING) is labelled ood.UNCLASSIFIED, always reviewed with the verdict's
+    reasons, and keeps the model's best class as its second class for the reviewer."""
     from batchwbc.engine.crop_checks import review_reasons
-    from batchwbc.engine.ood import UNCLASSIFIED, UNCLASSIFIED_REASON
+    from batchwbc.engine.ood import UNCLASSIFIED, reasons
 
     c1, p1, c2, p2 = top_two(probs, classes)
     score = None if ood_score is None else float(ood_score)
     if unclassified:
-        reason = "; ".join(r for r in (UNCLASSIFIED_REASON, image_reason) if r)
+        reason = "; ".join(r for r in (*reasons(unclassified), image_reason) if r)
         return CellResult(crop.patient, crop.rel, UNCLASSIFIED, p1, c1, p1, True, thumbnail, reason, score)
     reason = review_reasons(p1, review_threshold, image_reason)
     review = bool(reason)
@@ -297,9 +298,9 @@ class Pipeline:
         batch = self._batch[:n]
         try:
             if self._ood is not None:
-                probs, scores, flagged = self.classifier.predict_scored(batch)
+                probs, scores, verdicts = self.classifier.predict_scored(batch)
             else:
-                probs, scores, flagged = self.classifier.predict(batch), None, None
+                probs, scores, verdicts = self.classifier.predict(batch), None, None
             if probs.shape != (n, len(self.classes)):
                 raise ValueError(f"model returned shape {probs.shape}")
         except Exception as exc:  # noqa: BLE001 - fail these cells, keep the run
@@ -314,7 +315,7 @@ class Pipeline:
                 continue
             c1, p1, _, _ = top_two(p, self.classes)
             score = None if scores is None else float(scores[j])
-            out_of_dist = flagged is not None and bool(flagged[j])
+            out_of_dist = 0 if verdicts is None else int(verdicts[j])  # 0, or why it is unclassified (ood.verdicts)
             thumb = make_thumbnail(batch[j]) if p1 < self.review_threshold or image_reason or out_of_dist else None
             cell = cell_from_probs(crop, p, self.classes, self.review_threshold, thumb, image_reason, score, out_of_dist)
             self._add_cell(idx, cell)

@@ -57,7 +57,7 @@ _CREATE = (
     " thumbnail_jpeg BLOB,"
     " image_reason TEXT,"
     " ood_score REAL,"  # NULL: the model has no OOD reference
-    " unclassified INTEGER,"  # 1: out of distribution (labelled unclassified); NULL with ood_score
+    " unclassified INTEGER,"  # the OOD verdict: 0 classified, else ood.BY_EMBEDDING / BY_COLOUR bits; NULL with ood_score
     " PRIMARY KEY (path, model_sha256))",
 )
 
@@ -74,7 +74,7 @@ class CachedEntry:
     thumbnail_jpeg: bytes | None
     image_reason: str = ""  # review reason from the image itself ('' for none)
     ood_score: float | None = None  # out-of-distribution score; None: the model has no OOD reference
-    unclassified: bool = False  # the OOD reference rejected the crop (it is labelled unclassified)
+    unclassified: int = 0  # the OOD verdict (ood.BY_EMBEDDING / ood.BY_COLOUR bits); non-zero: labelled unclassified
 
 
 class ResultCache:
@@ -201,7 +201,7 @@ class ResultCache:
         probs = np.frombuffer(row[0], dtype="<f4").astype(np.float32)
         return CachedEntry(probs=probs, thumbnail_jpeg=bytes(row[1]) if row[1] is not None else None,
                            image_reason=row[2], ood_score=None if row[3] is None else float(row[3]),
-                           unclassified=bool(row[4]) if row[3] is not None else False)
+                           unclassified=int(row[4] or 0) if row[3] is not None else 0)
 
     def store(self, abs_path: str, size: int, mtime_ns: int, entry: CachedEntry) -> None:
         """Remember one result; committed in batches (see DEFAULT_COMMIT_EVERY) and on close."""

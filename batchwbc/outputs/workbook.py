@@ -1205,6 +1205,7 @@ def _shift_verdict(shift: "ShiftDecision | None") -> str:
 
 
 def _ood_rows(m) -> list[tuple[str, str]]:
+    from batchwbc.engine import ood
     from batchwbc.engine.ood import KEY_OOD, OodReferenceError, from_metadata
 
     try:
@@ -1215,6 +1216,10 @@ def _ood_rows(m) -> list[tuple[str, str]]:
         return [("Out-of-distribution reference", "none in the model file: no crop is labelled unclassified")]
     rows = [("Out-of-distribution reference", f"{ref.describe()} ({KEY_OOD}); unclassified when the score is above "
              f"{ref.threshold:.4g} or it lies nearer a reject centre by more than {ref.reject_margin:.4g}")]
+    if ref.colour is not None:
+        rows.append(("Stain-colour check", f"unclassified ({ood.COLOUR_REASON}) when the crop's mean Lab a*/b* lies "
+                     f"beyond Mahalanobis distance {ref.colour.threshold:.3g} of every training source "
+                     f"({', '.join(ref.colour.groups)})"))
     if ref.shift is not None:
         rows.append(("Data-shift rule", f"DATA_SHIFT when the lower 95% bound of the share of cells scoring above "
                      f"{ref.shift.cell_cut:.4g} exceeds {100 * ref.shift.threshold:.1f}%; no decision under "
