@@ -41,6 +41,10 @@ def _one_sentence(exc: pytest.ExceptionInfo) -> str:
         ({"freeze_blocks": -1}, "--freeze-blocks must be"),
         ({"freeze_blocks": 5, "backbone": "mobilenet_025"}, "--freeze-blocks needs --backbone efficientnet_lite0"),
         ({"head_dense": -3}, "--head-dense must be"),
+        ({"augment_workers": 0}, "--augment-workers must be"),
+        ({"pack_to": "pack.zip"}, "--pack-to must name an .npz file"),
+        ({"pack_to": "p.npz", "train_only": True}, "cannot be combined with --train-only"),
+        ({"pack_to": "p.npz", "resume": "m.keras"}, "cannot be combined with --train-only or --resume"),
     ],
 )
 def test_bad_values_and_combinations_are_refused_when_the_config_is_built(options, message):

@@ -203,14 +203,16 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
             assign = np.array(split.stratified_split(strata, cfg.fractions, cfg.seed))
         else:
             assign = np.array(split.grouped_split(strata, patients, cfg.fractions, cfg.seed, pinned))
-    split.write_split_csv(
-        out / "split.csv",
-        [(p, catalogue.CLASS_IDS[l], s, a) for p, l, s, a in zip(ds.paths, ds.labels, ds.sources, assign)],
-    )
     idx = {name: np.flatnonzero(assign == name) for name in split.SPLITS}
     if cfg.leave_out_source:
         idx = leave_out(idx, ds.sources, cfg.leave_out_source)
         print(f"left out {cfg.leave_out_source}'s training and validation crops (its test crops stay)")
+    # only the rows the run uses: export fits the OOD reference on the split's train/val rows
+    used = np.sort(np.concatenate([idx[name] for name in split.SPLITS]))
+    split.write_split_csv(
+        out / "split.csv",
+        [(ds.paths[i], catalogue.CLASS_IDS[ds.labels[i]], ds.sources[i], assign[i]) for i in used],
+    )
     for name in split.SPLITS:
         print(f"{name}: {len(idx[name])} images")
     if min(len(idx[k]) for k in (("train", "val") if cfg.train_only else split.SPLITS)) == 0:
@@ -456,7 +458,8 @@ def write_record(cfg: TrainConfig, prep: Prepared, ev: Evaluation, fit_seconds: 
         "val_ece_uncalibrated": ev.val_ece_uncalibrated,
         "val_ece": ev.results["val"]["ece"],
         "test_ece": ev.results["test"]["ece"],
-        "counts": {f"{c}|{s}": int(n) for (c, s), n in sorted(ds.scan.counts().items())},
+        # the training data's class x source counts (export names the model's sources from them)
+        "counts": {f"{c}|{s}": int(n) for (c, s), n in sorted(ds.scan.counts().items()) if s != cfg.leave_out_source},
         "split_sizes": {k: int(len(v)) for k, v in prep.idx.items()},
         "dropped": len(ds.dropped),
         "skipped": {f"{s}: {r}": n for (s, r), n in sorted(ds.scan.skipped.items())},
