@@ -304,6 +304,8 @@ def adapt_command(labelled: Path, out: Path, model_path: Path | None, force: boo
             log.warning("written although worse than the original (--force).")
         if res.ood_rederived is not None:
             click.echo(_ood_rederived_line(res.ood_rederived))
+        if res.colour_rederived is not None:
+            click.echo(_colour_rederived_line(res.colour_rederived))
         click.echo(f"wrote {out} (version {res.model_version})")
         click.echo(next_step(out))
         return exit_codes.OK
@@ -327,6 +329,17 @@ def _ood_rederived_line(p: dict) -> str:
                  f"{num(d['threshold']['parent'])} -> {num(d['threshold']['new'])} (the original raised it for "
                  f"{d['parent_raised_data_shift']} of {d['batches_checked']} batches checked)")
     return line
+
+
+def _colour_rederived_line(p: dict) -> str:
+    """One line on what adapt did with the stain-colour envelope (batchwbc.adaptation.colour)."""
+    head = (f"stain-colour envelope: the original set {p['parent_outside_lab_cells']} of {p['lab_cells']} lab cells "
+            f"apart by colour")
+    if p.get("kept_parent_because"):
+        return f"{head}; kept unchanged ({p['kept_parent_because'].split(': ', 1)[-1]})"
+    t = p["threshold"]
+    return (f"{head}; group {p['added_group']!r} added, threshold {t['parent']:.3g} -> {t['new']:.3g}, "
+            f"{p['new_outside_lab_cells']} of these cells still outside")
 
 
 if __name__ == "__main__":  # pragma: no cover

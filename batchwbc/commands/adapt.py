@@ -4,7 +4,8 @@ Steps: read LABELLED/<class>/[<patient>/]crop (batchwbc.inputs.labelled_folders)
 the model's own contract and run the model once for probabilities and embeddings
 (batchwbc.engine.embed), refit the head and its calibration (batchwbc.adaptation.head_fit), compare with the
 original model on a patient-grouped cross-validation, re-derive the OOD / DATA_SHIFT
-thresholds from the lab's cells where the model has a reference (batchwbc.adaptation.thresholds), and write
+thresholds from the lab's cells where the model has a reference (batchwbc.adaptation.thresholds), widen
+its stain-colour envelope by the lab's cells where it has one (batchwbc.adaptation.colour), and write
 a new self-describing model (batchwbc.engine.onnx_graph) only when it is not worse there. This module computes and
 writes; the CLI formats.
 """
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from batchwbc.engine.ood import OodReference
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,7 @@ class AdaptResult:
     model_version: str
     written: bool
     ood_rederived: dict | None = None  # adaptref provenance; None when the parent has no OOD reference
+    colour_rederived: dict | None = None  # stain-colour envelope provenance; None when the parent has no envelope
 
 
 def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: bool = False, workers: int = 0,
@@ -185,6 +189,7 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
 
         again = rederive(clf.ood, got.embeddings, groups, seed=seed)
         provenance[PROVENANCE_KEY] = result.ood_rederived = again.provenance
+        reference = _with_lab_colour(again.reference, got.colour, provenance["labelled_folder"], provenance, result)
     meta = {
         KEY_MODEL_VERSION: version,
         KEY_TEMPERATURE: f"{fit.temperature:.6f}",
@@ -195,7 +200,7 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
         KEY_ADAPTATION: json.dumps(provenance),
     }
     if clf.ood is not None:
-        meta[KEY_OOD] = to_metadata(again.reference)
+        meta[KEY_OOD] = to_metadata(reference)
     # The new head is stored in tempered form: logits = e @ V + c, probs = softmax(logits / T').
     new = replace_head(proto, fit.weight, fit.bias, fit.temperature, meta)
     out = Path(out)
@@ -209,6 +214,23 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
         tmp.unlink(missing_ok=True)
     result.written = True
     return result
+
+
+def _with_lab_colour(reference: "OodReference", colour: "np.ndarray", lab_name: str, provenance: dict,
+                     result: AdaptResult) -> "OodReference":
+    """`reference` with its stain-colour envelope widened by the lab's cells (batchwbc.adaptation.colour);
+    records the provenance in `provenance` and `result`, and logs one line when the parent's is kept."""
+    import dataclasses
+
+    from batchwbc.adaptation.colour import PROVENANCE_KEY, rederive_colour
+
+    got = rederive_colour(reference.colour, colour, lab_name)
+    if got.provenance is None:  # the parent has no envelope: none is made up
+        return reference
+    if got.kept_because:
+        log.warning("%s.", got.kept_because)
+    provenance[PROVENANCE_KEY] = result.colour_rederived = got.provenance
+    return dataclasses.replace(reference, colour=got.envelope)
 
 
 def next_step(out: Path) -> str:

@@ -4,6 +4,10 @@
 decoder and framing (`pipeline.decode_one`, i.e. `preprocess.prepare_file` with the model's
 preprocessing id) and the same graph. Unreadable files are returned as errors, never raised,
 so one bad crop does not cost the lab its labels.
+
+Each crop's stain-colour statistic (batchwbc.engine.stain_colour) is taken from the very batch
+the model runs on: the runtime's colour check reads the same model input, so adapt can widen
+the colour envelope for exactly what a run will measure, without decoding anything twice.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Embedded:
     embeddings: "np.ndarray"  # [n_ok, D]
     ok: list[int]  # indices into the input paths that were decoded
     errors: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+    colour: "np.ndarray | None" = None  # [n_ok, 2] stain_colour.colour_statistics of the same model inputs
 
 
 def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0, batch_size: int = 32,
@@ -33,6 +38,7 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
     import numpy as np
 
     from batchwbc.engine.pipeline import CHUNK_FILES, Decoded, decode_chunk, decode_one
+    from batchwbc.engine.stain_colour import colour_statistics
     from batchwbc.engine.worker_pool import CRASH_REASON, run_isolated
 
     decode = decode or decode_one
@@ -51,14 +57,16 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
         with closing(run_isolated(chunks, workers, task, Decoded(None, CRASH_REASON, 0, 0))) as results:
             yield from results
 
-    probs, embs, ok, errors = [], [], [], []
+    probs, embs, colours, ok, errors = [], [], [], [], []
     batch, batch_idx = [], []
 
     def flush() -> None:
         if batch:
-            p, e = classifier.predict_with_embedding(np.stack(batch))
+            stacked = np.stack(batch)
+            p, e = classifier.predict_with_embedding(stacked)
             probs.append(p)
             embs.append(e)
+            colours.append(colour_statistics(stacked))
             ok.extend(batch_idx)
             batch.clear()
             batch_idx.clear()
@@ -82,5 +90,5 @@ def embed_files(classifier: "Classifier", paths: Sequence[str], workers: int = 0
     return Embedded(
         probs=np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
         embeddings=np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
-        ok=ok, errors=errors,
+        ok=ok, errors=errors, colour=np.concatenate(colours) if colours else np.zeros((0, 2)),
     )

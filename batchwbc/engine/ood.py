@@ -110,8 +110,11 @@ class OodReference:
         text = (f"Mahalanobis to the nearest of {len(self.classes) - rej} classes, PCA {self.projection.shape[0]} "
                 f"of {self.dim}, {rej} reject centre{'s' if rej != 1 else ''}")
         if self.colour is not None:
-            n = len(self.colour.groups)
+            added = len(self.colour.info.get("added_groups") or ())  # labs' cells added by adapt
+            n = len(self.colour.groups) - added
             text += f"; stain-colour envelope of {n} training source{'s' if n != 1 else ''}"
+            if added:
+                text += f" and {added} adapted lab{'s' if added != 1 else ''}"
         return text
 
 

@@ -20,6 +20,9 @@ The envelope is one Gaussian per training source (a robust centre and covariance
 source's cells), and a crop's distance is its Mahalanobis distance to the nearest source: the
 sources' stains differ (AML-LMU is bluer than PBC and DeepAPL), and one Gaussian around all of
 them would also cover the space between them.
+
+`batchwbc adapt` adds the lab's verified cells as one more group (with_group, called by
+batchwbc.adaptation.colour), thresholded by the rule the envelope was fitted with.
 """
 from __future__ import annotations
 
@@ -149,7 +152,57 @@ def fit_envelope(stats: "np.ndarray", groups: Sequence[str], quantile: float, ma
     fits = [_robust_gaussian(x[g == name]) for name in order]
     env = ColourEnvelope(centres=np.stack([c for c, _ in fits]), whitening=np.stack([_whiten(v) for _, v in fits]),
                          groups=order, threshold=float("inf"))
-    threshold = float(np.quantile(distances(env, x), quantile)) * margin
+    threshold = _threshold_rule(env, x, quantile, margin)
     full = {"statistic": STATISTIC, "quantile": quantile, "margin": margin, "fit_cells": int(len(x))}
     full.update(info or {})
     return ColourEnvelope(env.centres, env.whitening, order, threshold, full)
+
+
+def _threshold_rule(env: ColourEnvelope, x: "np.ndarray", quantile: float, margin: float) -> float:
+    """The threshold rule: `quantile` of these cells' distances to the nearest group, times `margin`."""
+    import numpy as np
+
+    return float(np.quantile(distances(env, x), quantile)) * margin
+
+
+def threshold_rule(env: ColourEnvelope) -> tuple[float, float]:
+    """(quantile, margin) the envelope's threshold was set with, as fit_envelope records them;
+    ValueError when the envelope does not record them (then nobody can widen it by the same rule)."""
+    try:
+        quantile, margin = float(env.info["quantile"]), float(env.info["margin"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("the stain-colour envelope does not record the quantile and margin of its threshold") from None
+    if not (0.0 < quantile <= 1.0 and margin >= 1.0):
+        raise ValueError("the stain-colour envelope records an invalid quantile or margin")
+    return quantile, margin
+
+
+def with_group(env: ColourEnvelope, stats: "np.ndarray", name: str,
+               info: Mapping[str, Any] | None = None) -> ColourEnvelope:
+    """`env` with one more group, a robust Gaussian fitted on `stats` ([N, 2], N >= MIN_GROUP,
+    all finite), and a threshold by env's own rule (threshold_rule) on these cells' distances
+    to the widened envelope, or env's threshold where that is higher (pure).
+
+    Why never lower: env's own training cells are not at hand (only their groups are stored),
+    and they set env's threshold; a lower one would put some of them outside. Why the same
+    rule: the new group is judged exactly as export judged the training sources. `info` is
+    recorded in the envelope's info under "added_groups" (one entry per group ever added)."""
+    import numpy as np
+
+    x = np.asarray(stats, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError("need an [N, 2] statistic array")
+    if len(x) < MIN_GROUP or not np.all(np.isfinite(x)):
+        raise ValueError(f"a stain-colour group needs at least {MIN_GROUP} cells with finite statistics")
+    if name in env.groups:
+        raise ValueError(f"the stain-colour envelope already has a group {name!r}")
+    quantile, margin = threshold_rule(env)
+    centre, cov = _robust_gaussian(x)
+    wider = ColourEnvelope(centres=np.concatenate([np.asarray(env.centres, np.float64), centre[None]]),
+                           whitening=np.concatenate([np.asarray(env.whitening, np.float64), _whiten(cov)[None]]),
+                           groups=(*env.groups, name), threshold=float("inf"))
+    own = _threshold_rule(wider, x, quantile, margin)
+    added = {"group": name, "cells": int(len(x)), "threshold_by_rule": own, "threshold_before": env.threshold,
+             **dict(info or {})}
+    full = {**dict(env.info), "added_groups": [*env.info.get("added_groups", []), added]}
+    return ColourEnvelope(wider.centres, wider.whitening, wider.groups, max(env.threshold, own), full)
