@@ -60,7 +60,7 @@ def _finish(work: Callable[[], int], *, interrupted: str, unexpected: str,
 #: --model PATH -> parameter `model_path`
 model_option: Decorator = click.option(
     "--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help="batchwbc ONNX model to use instead of the bundled batchwbc/models/batchwbc-wbc12.onnx.")
+    help="batchwbc ONNX model to use instead of the bundled batchwbc/models/batchwbc-wbc13.onnx.")
 #: --config PATH -> parameter `config_path`
 config_option: Decorator = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

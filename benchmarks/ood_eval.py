@@ -1,6 +1,6 @@
 """Measure out-of-distribution scores and the DATA_SHIFT rule for a batchwbc model (no TensorFlow).
 
-    python benchmarks/ood_eval.py --model batchwbc/models/batchwbc-wbc12.onnx --data ../shared/data \
+    python benchmarks/ood_eval.py --model batchwbc/models/batchwbc-wbc13.onnx --data ../shared/data \
         --split docs/model/test-split.csv --cache /tmp/ood/cache [--candidates] [--json out.json]
 
 Part 1 (per crop): each candidate score is fitted on the `ref` sample of the model's own

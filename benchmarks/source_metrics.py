@@ -7,7 +7,7 @@ patients: the share of mature normal cells (basophil, eosinophil, lymphocyte, mo
 segmented neutrophil) called blast, immature granulocyte or erythroblast. Every crop goes
 through the runtime exactly as `batchwbc run` would classify it (batchwbc.commands.evaluate).
 
-    python benchmarks/source_metrics.py --model batchwbc/models/batchwbc-wbc12.onnx \\
+    python benchmarks/source_metrics.py --model batchwbc/models/batchwbc-wbc13.onnx \\
         --data ../shared/data --split docs/model/test-split.csv [--json out.json]
 """
 from __future__ import annotations

@@ -188,7 +188,8 @@ def test_help_names_every_option_without_heavy_imports():
 @pytest.mark.slow
 def test_bundled_model_on_its_own_test_split_reproduces_its_recorded_metrics(shared_data, tmp_path):
     """The model card's numbers (recorded in the model file's metadata at export) come back out of
-    `batchwbc evaluate` run on a LABELLED folder built from docs/model/test-split.csv."""
+    `batchwbc evaluate` run on a LABELLED folder built from its own test split
+    (docs/model/test-split-wbc13.csv: home and 14 DeepAPL test patients)."""
     import csv
     import os
     import shutil
@@ -196,10 +197,10 @@ def test_bundled_model_on_its_own_test_split_reproduces_its_recorded_metrics(sha
     from batchwbc.engine.model import DEFAULT_MODEL_PATH, KEY_TEST_METRICS, Classifier
 
     folder = tmp_path / "LABELLED"
-    with open(REPO / "docs" / "model" / "test-split.csv", newline="") as fh:
+    with open(REPO / "docs" / "model" / "test-split-wbc13.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
-        dst = folder / row["class_id"] / Path(row["path"]).name
+        dst = folder / row["class_id"] / row["path"].replace("/", "__")
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.symlink(shared_data / row["path"], dst)

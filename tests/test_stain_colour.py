@@ -119,11 +119,20 @@ def tinymodel_with_ood() -> Path:
     return _TINY["path"]
 
 
-def test_bundled_model_has_no_envelope_and_its_reference_is_stored_byte_for_byte():
-    clf = Classifier(DEFAULT_MODEL_PATH, threads=1)
+def test_a_model_without_an_envelope_keeps_its_reference_byte_for_byte():
+    """v4, still shipped for labs that validated it, predates the colour check."""
+    clf = Classifier(DEFAULT_MODEL_PATH.parent / "batchwbc-wbc12-v4.onnx", threads=1)
     assert clf.ood.colour is None
     assert ood.to_metadata(clf.ood) == clf.info.metadata[ood.KEY_OOD]
     assert json.loads(clf.info.metadata[ood.KEY_OOD])["format"] == ood.FORMAT
+
+
+def test_the_bundled_model_carries_an_envelope_that_holds_its_held_out_cells():
+    clf = Classifier(DEFAULT_MODEL_PATH, threads=1)
+    if clf.ood is None or clf.ood.colour is None:
+        raise AssertionError("the bundled model has no stain-colour envelope")
+    assert clf.ood.colour.info["held_out_outside"] <= 0.01
+    assert json.loads(clf.info.metadata[ood.KEY_OOD])["format"] == 2
 
 
 def test_envelope_round_trips_as_format_2(envelope):

@@ -8,7 +8,7 @@ re-exports every test crop as such an analyzer would (train.degrade), runs it th
 runtime's own preprocessing and ONNX model, and reports accuracy and the share sent to review
 per condition.
 
-    python -m train.robustness --model batchwbc/models/batchwbc-wbc12.onnx --data ../shared/data --split docs/model/test-split.csv
+    python -m train.robustness --model batchwbc/models/batchwbc-wbc13.onnx --data ../shared/data --split docs/model/test-split.csv
 """
 from __future__ import annotations
 

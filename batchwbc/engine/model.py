@@ -35,7 +35,7 @@ from batchwbc.engine.model_metadata import parse_metadata as _parse_metadata
 from batchwbc.engine.preprocess import PREPROCESSING_DESCRIPTIONS
 from batchwbc.ops.provenance import sha256_of
 
-DEFAULT_MODEL_PATH = Path(__file__).parent.parent / "models" / "batchwbc-wbc12.onnx"  # batchwbc/models/
+DEFAULT_MODEL_PATH = Path(__file__).parent.parent / "models" / "batchwbc-wbc13.onnx"  # batchwbc/models/
 
 
 def parse_metadata(meta: dict[str, str], path: Path, sha256: str) -> ModelInfo:

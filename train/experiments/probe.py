@@ -10,7 +10,7 @@ re-renders each source in the other's style and reports how predictions move:
 A model that learned "Munich look = blast" loses its blasts when they are made to look like
 Barcelona crops, and calls Barcelona cells blasts when they are made to look like Munich ones.
 
-    python -m train.experiments probe --model batchwbc/models/batchwbc-wbc12.onnx --data ../shared/data --split runs/NAME/split.csv
+    python -m train.experiments probe --model batchwbc/models/batchwbc-wbc13.onnx --data ../shared/data --split runs/NAME/split.csv
 """
 from __future__ import annotations
 
