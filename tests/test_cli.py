@@ -225,6 +225,22 @@ def test_inference_threads_leave_the_other_cores_to_decoding():
     assert inference_threads(2) == 1
     assert inference_threads(8) == 4
     assert inference_threads(0) == 1
+    assert inference_threads(2, model_ms_per_crop=0.55) == 1  # v4: decoding is the larger cost
+
+
+def test_a_heavy_model_gets_every_core():
+    """Lite0 (~3.9 ms per crop) is the bottleneck: 2 threads ran 258 crops/s against 218."""
+    assert inference_threads(2, model_ms_per_crop=3.9) == 2
+    assert inference_threads(8, model_ms_per_crop=3.9) == 8
+    assert inference_threads(0, model_ms_per_crop=3.9) == 1
+
+
+def test_the_runtime_times_the_model_and_picks_its_threads(tiny):
+    from batchwbc.commands.run import load_runtime_classifier, one_thread_ms_per_crop
+
+    clf = load_runtime_classifier(str(tiny), 2)
+    ms = one_thread_ms_per_crop(clf)
+    assert 0 < ms < 1.5  # the tiny test model is light: one thread, half of 2 cores
 
 
 def test_cli_batch_size_default_is_the_pipeline_default():

@@ -135,7 +135,7 @@ def run_evaluate(opts: EvaluateOptions) -> int:
 
     from batchwbc.core import agreement
     from batchwbc.outputs import evaluation_workbook, workbook
-    from batchwbc.commands.run import JobError, check_outputs, inference_threads, load_classifier
+    from batchwbc.commands.run import JobError, check_outputs, load_runtime_classifier
     from batchwbc.inputs.labelled_folders import LabelledError, read_labelled
     from batchwbc.ops.logging_setup import Progress
     from batchwbc.engine.pipeline import DEFAULT_BATCH_SIZE, PipelineError, default_workers
@@ -143,7 +143,7 @@ def run_evaluate(opts: EvaluateOptions) -> int:
     started = datetime.now().astimezone()
     t0 = time.monotonic()
     check_outputs(((out, (".xlsx",)), (json_path, (".json",))))
-    classifier = load_classifier(str(model_path) if model_path else None, inference_threads(os.cpu_count() or 1))
+    classifier = load_runtime_classifier(str(model_path) if model_path else None, os.cpu_count() or 1)
     info = classifier.info
     try:
         labelled = read_labelled(labelled_root, info.classes)

@@ -81,16 +81,56 @@ def resolve_review_threshold(cli_value: float | None, config_value: float | None
     return FALLBACK_REVIEW_THRESHOLD, "built-in fallback (the model sets none)"
 
 
-def inference_threads(cpus: int) -> int:
-    """onnxruntime threads for the main process: half the cores, with busy-waiting turned off.
+#: One thread's model time per crop above which the model, not the decoding, is the larger cost:
+#: decoding and framing a crop costs ~1 ms of CPU (docs/performance.md); v4 takes 0.55 ms,
+#: EfficientNet-Lite0 at 144 px ~3.9.
+HEAVY_MODEL_MS = 1.5
 
-    Decode workers (one per core) and inference share the cores, and decoding is the larger
-    cost per crop. Without spinning, idle onnxruntime threads sleep, and decode workers block
-    once the bounded queue is full. Busy-waiting threads burned ~1.4 ms of CPU per crop on a
-    2-core PC; with the bundled model, 1 inference thread instead of 2 saved a further
-    0.08 ms of CPU per crop (docs/performance.md).
+
+def inference_threads(cpus: int, model_ms_per_crop: float = 0.0) -> int:
+    """onnxruntime threads for the main process, with busy-waiting turned off: half the cores
+    for a light model, all of them for a heavy one.
+
+    Decode workers (one per core) and inference share the cores. With a light model decoding
+    is the larger cost per crop: without spinning, idle onnxruntime threads sleep, and decode
+    workers block once the bounded queue is full; with v4, 1 inference thread instead of 2 saved
+    0.08 ms of CPU per crop and ran 554 against 527 crops/s end to end. A heavy model is the
+    bottleneck: with Lite0 (3.9 ms per crop) 2 threads ran 258 crops/s against 218 on 2 cores
+    (`benchmarks/bench_ideal.py --n 5000`, same session; docs/performance.md). Busy-waiting
+    threads burned ~1.4 ms of CPU per crop on a 2-core PC, so spinning stays off either way.
     """
+    if model_ms_per_crop > HEAVY_MODEL_MS:
+        return max(1, cpus)
     return max(1, cpus // 2)
+
+
+def one_thread_ms_per_crop(classifier: "Classifier", batch: int = 4) -> float:
+    """The model's time per crop on the classifier's threads (one, when deciding): the best of
+    three timed batches of blank crops after a warm-up, so a busy moment cannot make a light
+    model look heavy (tens of milliseconds, once per run)."""
+    import time
+
+    import numpy as np
+
+    s = classifier.info.input_size
+    x = np.zeros((batch, s, s, 3), np.uint8)
+    classifier.predict(x)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        classifier.predict(x)
+        best = min(best, time.perf_counter() - t0)
+    return 1000.0 * best / batch
+
+
+def load_runtime_classifier(model_path: str | None, cpus: int) -> "Classifier":
+    """The model for run and evaluate, on as many inference threads as its cost calls for
+    (`inference_threads`): timed on one thread, reloaded on more only for a heavy model."""
+    classifier = load_classifier(model_path, 1)
+    ms = one_thread_ms_per_crop(classifier)
+    threads = inference_threads(cpus, ms)
+    log.debug("model: %.2f ms per crop on one thread; %d inference thread%s", ms, threads, "" if threads == 1 else "s")
+    return classifier if threads == 1 else load_classifier(model_path, threads)
 
 
 def check_outputs(outputs: "Sequence[tuple[Path | None, tuple[str, ...]]]", html_dir: Path | None = None) -> None:
@@ -246,8 +286,7 @@ def run_job(opts: RunOptions) -> int:
         raise JobError(exit_codes.USAGE, str(exc)) from None
     check_preliminary(opts, settings)
     n_workers = default_workers() if opts.workers is None else opts.workers
-    classifier = load_classifier(str(opts.model_path) if opts.model_path else None,
-                                 inference_threads(os.cpu_count() or 1))
+    classifier = load_runtime_classifier(str(opts.model_path) if opts.model_path else None, os.cpu_count() or 1)
     info = classifier.info
     settings = config_mod.with_model_defaults(settings, info.review_share_pct)
     threshold, threshold_source = resolve_review_threshold(opts.review_threshold, settings.review_threshold,
