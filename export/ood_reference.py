@@ -13,7 +13,7 @@ What is fitted on what (docs/decisions/0011-out-of-distribution-and-data-shift.m
     "reject:not-a-cell" centre;
   * `held`: a disjoint sample of those cells: each class's typical (median) distance, which
     scales the score, and the thresholds (a quantile of their scores for each of the two cell
-    rules; the 80th percentile for DATA_SHIFT's cell cut; the highest batch statistic of
+    rules; the highest of the sources' own 80th percentiles for DATA_SHIFT's cell cut; the highest batch statistic of
     pseudo-patients of 20-200 of them for DATA_SHIFT);
   * the stain-colour envelope (batchwbc.engine.stain_colour) from the `ref` cells' mean Lab
     a*/b*, one robust Gaussian per training source, threshold at COLOUR_QUANTILE of their
@@ -206,6 +206,23 @@ def pseudo_patient_statistics(ref, held_scores: np.ndarray, held_sources: Sequen
     return np.asarray(stats)
 
 
+def shift_cell_cut(held_scores: np.ndarray, held_sources: Sequence[str], quantile: float = SHIFT_CELL_QUANTILE) -> float:
+    """DATA_SHIFT's cell cut: the highest of the training sources' own `quantile`s of their
+    held-out cells' scores (pure).
+
+    Why per source: the sources' score distributions differ (DeepAPL's CellaVision cells sit
+    further from the class centres than PBC's). A cut at the pooled quantile put 93 % of some
+    source's pseudo-patients above it, so the highest pseudo-patient statistic, the DATA_SHIFT
+    threshold, became 0.93 for the three-source model and almost nothing could exceed it (the
+    synthetic sample drawings did not). With each source's own quantile at most ~20 % of any
+    source's cells are above the cut, and a batch unlike all of them stands out."""
+    scores = np.asarray(held_scores, dtype=np.float64)
+    src = np.asarray([str(s) for s in held_sources])
+    if len(scores) != len(src) or len(scores) == 0:
+        raise ValueError("need one source per held-out score")
+    return float(max(np.quantile(scores[src == s], quantile) for s in sorted(set(src.tolist()))))
+
+
 def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held_sources, rng, k: int = PCA_DIM,
                         quantile: float = CELL_QUANTILE, embedding_output: str = "embedding", info: dict | None = None,
                         junk_emb: np.ndarray | None = None):
@@ -230,7 +247,7 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held
     margin = float(np.quantile(known - rejected, quantile))
     r = replace(r, threshold=threshold, reject_margin=margin)
     _, flagged = ood.score_and_flag(r, held_emb)
-    cut = float(np.quantile(held_score, SHIFT_CELL_QUANTILE))
+    cut = shift_cell_cut(held_score, held_sources)
     r = replace(r, shift=ood.ShiftReference(threshold=1.0, cell_quantile=SHIFT_CELL_QUANTILE, cell_cut=cut,
                                             min_cells=data_shift.MIN_CELLS))
     stats = pseudo_patient_statistics(r, held_score, held_sources, rng)

@@ -286,3 +286,19 @@ def test_huge_whitening_is_stored_in_float32_not_lost(clf):
     big = replace(clf.ood, projection=clf.ood.projection * 1e6)
     again = ood.from_metadata({ood.KEY_OOD: ood.to_metadata(big)})
     np.testing.assert_allclose(again.projection, big.projection, rtol=1e-6)
+
+
+def test_the_data_shift_cell_cut_is_the_highest_of_the_sources_own_quantiles():
+    """A source whose cells score higher (another analyzer) must not make every pseudo-patient of
+    it look shifted: the cut is its own 80th percentile, not the pooled one."""
+    import numpy as np
+
+    from export.ood_reference import shift_cell_cut
+
+    low, high = np.linspace(0.0, 1.0, 101), np.linspace(2.0, 3.0, 101)
+    cut = shift_cell_cut(np.concatenate([low, high]), ["A"] * 101 + ["B"] * 101, 0.8)
+    assert cut == pytest.approx(np.quantile(high, 0.8))
+    assert cut > np.quantile(np.concatenate([low, high]), 0.8)
+    assert (high > cut).mean() <= 0.2 and (low > cut).mean() == 0
+    with pytest.raises(ValueError):
+        shift_cell_cut(np.array([1.0]), ["A", "B"])

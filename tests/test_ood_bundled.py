@@ -147,3 +147,28 @@ def test_the_stain_colour_envelope_sets_re_stained_crops_apart_by_colour(tmp_pat
     by_colour = sum(c.class_id == ood.UNCLASSIFIED and ood.COLOUR_REASON in c.review_reason for c in cells)
     counted_unreviewed = sum(c.class_id != ood.UNCLASSIFIED and not c.review for c in cells)
     assert len(cells) == 12 and by_colour >= 10 and counted_unreviewed == 0, (by_colour, counted_unreviewed)
+
+
+def test_the_synthetic_sample_slides_raise_data_shift_for_every_patient(tmp_path):
+    """The bundled demo drawings are not blood cells: the report must say its results are
+    unreliable. With the three-source model a pooled cell cut made the DATA_SHIFT threshold
+    0.93 and the drawings passed; the per-source cut (export.ood_reference.shift_cell_cut)
+    restores it."""
+    from batchwbc.engine import data_shift
+    from batchwbc.inputs.slide_folders import discover
+    from batchwbc.engine.pipeline import Pipeline
+
+    from conftest import REPO
+
+    clf = Classifier(DEFAULT_MODEL_PATH, threads=1)
+    if clf.ood is None or clf.ood.shift is None:
+        raise AssertionError("the bundled model has no DATA_SHIFT reference")
+    assert clf.ood.shift.threshold < 0.5  # a threshold near 1 can never be exceeded
+    groups: dict[str, list] = {}
+    crops = discover(REPO / "samples" / "slides").crops
+    for cell in Pipeline(clf.info.input_size, clf, clf.info.review_threshold, workers=0).run(crops).cells:
+        groups.setdefault(cell.patient, []).append(cell.ood_score)
+    assert len(groups) >= 3
+    for patient, scores in groups.items():
+        decision = data_shift.decide(clf.ood, scores)
+        assert decision.decided and decision.raised, (patient, decision)
