@@ -32,9 +32,10 @@ ENCODINGS = ("jpeg", "webp")
 
 
 def encode(rgb: np.ndarray, encoding: str, quality: int, name: str = "a crop") -> bytes:
-    """One crop as JPEG (4:4:4) or WebP bytes. WebP at quality 90 is about half JPEG's size at
-    the same mean pixel error (~2.5/255 at 144 px), which is what makes a whole training set
-    fit into one trip to a lent GPU machine."""
+    """One crop as JPEG (4:4:4) or WebP bytes. Measured on 300 crops at 144 px: JPEG 4:4:4
+    quality 90, 7.6 kB and a mean pixel error of 1.8/255; WebP quality 90, 4.0 kB and 2.4/255;
+    WebP 85 about 3.2 kB. WebP makes a whole training set fit one trip to a lent GPU machine,
+    but it stores colour at half resolution (ADR 0013: train on it, then polish on originals)."""
     import cv2
 
     if encoding == "webp":
