@@ -13,8 +13,8 @@ What is fitted on what (docs/decisions/0011-out-of-distribution-and-data-shift.m
     "reject:not-a-cell" centre;
   * `held`: a disjoint sample of those cells: each class's typical (median) distance, which
     scales the score, and the thresholds (a quantile of their scores for each of the two cell
-    rules; the highest of the sources' own 80th percentiles for DATA_SHIFT's cell cut; the highest batch statistic of
-    pseudo-patients of 20-200 of them for DATA_SHIFT);
+    rules; the highest of the sources' own 80th percentiles for DATA_SHIFT's cell cut; the
+    highest batch statistic of pseudo-patients of 20-200 of them for DATA_SHIFT);
   * the stain-colour envelope (batchwbc.engine.stain_colour) from the `ref` cells' mean Lab
     a*/b*, one robust Gaussian per training source, threshold at COLOUR_QUANTILE of their
     distances times COLOUR_MARGIN; the share of `held` cells outside it is measured and stored.

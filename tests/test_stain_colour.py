@@ -58,7 +58,7 @@ def test_statistic_is_the_mean_lab_a_b_of_the_model_input():
     np.testing.assert_allclose(stain_colour.colour_statistics(grey), [[128.0, 128.0]], atol=0.5)
     crop = stained_crop(np.random.default_rng(0), size=128)
     full = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB).reshape(-1, 3)[:, 1:].mean(axis=0)  # every pixel
-    got = stain_colour.colour_statistic(crop)
+    got = stain_colour.colour_statistics(crop[None])[0]
     np.testing.assert_allclose(got, full, atol=0.5)  # every second pixel: the same colour
     assert got[0] > 135  # purple and pink: a* well above neutral
     batch = np.stack([crop, restain(crop)])

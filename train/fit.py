@@ -489,12 +489,13 @@ def run(cfg: TrainConfig) -> dict:
     """The whole run; returns the record (empty with --train-only)."""
     t_start = time.time()
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.pack_to:  # data only: no model to build (nothing here draws from a global random state)
+        prep = prepare_data(cfg)
+        write_pack(cfg, prep, extend_training_set(cfg, prep))
+        return {}
     core, backbone = build_model(cfg)
     prep = prepare_data(cfg)
     ts = extend_training_set(cfg, prep)
-    if cfg.pack_to:
-        write_pack(cfg, prep, ts)
-        return {}
     fit_seconds = fit(cfg, core, backbone, prep, ts)
     if cfg.train_only:
         write_train_only_record(cfg, core, prep, fit_seconds)

@@ -65,17 +65,19 @@ def rederive_colour(parent: "ColourEnvelope | None", stats: "np.ndarray", lab_na
         "threshold": {"parent": parent.threshold, "new": parent.threshold},
         "groups": {"parent": list(parent.groups), "new": list(parent.groups)},
     }
-    if len(x) < stain_colour.MIN_GROUP:
-        why = (f"the stain-colour envelope was kept as the parent's: {len(x)} lab cells are too few for a colour "
-               f"group of their own (at least {stain_colour.MIN_GROUP} needed)")
+
+    def keep(reason: str) -> ColourRederived:
+        why = f"the stain-colour envelope was kept as the parent's: {reason}"
         return ColourRederived(parent, {**prov, "new_outside_lab_cells": prov["parent_outside_lab_cells"],
                                         "kept_parent_because": why}, why)
+
+    if len(x) < stain_colour.MIN_GROUP:
+        return keep(f"{len(x)} lab cells are too few for a colour group of their own "
+                    f"(at least {stain_colour.MIN_GROUP} needed)")
     try:
         quantile, margin = stain_colour.threshold_rule(parent)
     except ValueError as exc:
-        why = f"the stain-colour envelope was kept as the parent's: {exc}"
-        return ColourRederived(parent, {**prov, "new_outside_lab_cells": prov["parent_outside_lab_cells"],
-                                        "kept_parent_because": why}, why)
+        return keep(str(exc))
     name = group_name(parent, lab_name)
     rule = f"max(parent, the lab cells' distances at quantile {quantile:g} x margin {margin:g})"
     new = stain_colour.with_group(parent, x, name, {"rule": rule})

@@ -77,13 +77,6 @@ def colour_statistics(batch: "np.ndarray") -> "np.ndarray":
     return np.array([cv2.mean(lab[i])[1:3] for i in range(n)], dtype=np.float64)
 
 
-def colour_statistic(rgb: "np.ndarray") -> "np.ndarray":
-    """colour_statistics of one SxSx3 uint8 RGB model input -> [2]."""
-    import numpy as np
-
-    return colour_statistics(np.asarray(rgb)[None])[0]
-
-
 def distances(env: ColourEnvelope, stats: "np.ndarray") -> "np.ndarray":
     """Mahalanobis distance of each [N, 2] statistic to the nearest group; +inf for a
     non-finite statistic (pure)."""
