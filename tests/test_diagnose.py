@@ -68,6 +68,33 @@ def test_soup_tta_and_margin_print_one_line_per_variant(tiny_run, shared_data):
     assert preprocess.CELL_MARGIN == 1.8  # the contract's constant is restored afterwards
 
 
+def test_soup_of_linear_head_models_averages_every_weight(tiny_run, shared_data):
+    """Models with the logits straight on the pooled features (--head-dense 0, the bundled
+    Lite0's head) are rebuilt as such: a rebuilt 256-wide head could not take their weights."""
+    import numpy as np
+
+    from batchwbc.core.catalogue import CLASS_IDS
+    from train.experiments.common import load_keras as load_core
+    from train.models import build_core
+
+    d, _ = tiny_run
+    paths = []
+    for name, seed in (("lin-a", 1), ("lin-b", 2)):
+        core, _ = build_core("mobilenet_025", 32, len(CLASS_IDS), dense=0)
+        rng = np.random.default_rng(seed)
+        core.set_weights([rng.normal(size=w.shape).astype(w.dtype) for w in core.get_weights()])
+        core.save(d / f"{name}.keras")
+        paths.append(d / f"{name}.keras")
+    out = _invoke("soup", *paths, "--data", shared_data, "--split", d / "split.csv", "--size", 32,
+                  "--save", d / "lin-soup" / "model.keras")
+    assert "weight average of 2" in out
+    soup = load_core(d / "lin-soup" / "model.keras")
+    assert not any(layer.name == "head_dense" for layer in soup.layers)
+    a, b = (load_core(p).get_weights() for p in paths)
+    for got, wa, wb in zip(soup.get_weights(), a, b):
+        np.testing.assert_allclose(got, (wa + wb) / 2, rtol=1e-5, atol=1e-6)
+
+
 def test_ensemble_and_bias_commands(tiny_run, shared_data):
     d, _ = tiny_run
     common = ["--data", shared_data, "--split", d / "split.csv"]

@@ -25,8 +25,11 @@ def command(model_paths, data_root, split_csv, size, save_path):
 
     models = [load_keras(p) for p in model_paths]
     base = models[0]  # rebuilt at --size: the averaged models may have been trained at other sizes
-    head_conv = base.get_layer("head_conv").filters if any(layer.name == "head_conv" for layer in base.layers) else 0
-    core, _ = build_core(base.name.removeprefix("core_"), size, int(base.output_shape[-1]), head_conv=head_conv)  # the model's own class count (v1-v4 have 12)
+    names = {layer.name for layer in base.layers}
+    head_conv = base.get_layer("head_conv").filters if "head_conv" in names else 0
+    dense = base.get_layer("head_dense").units if "head_dense" in names else 0  # 0: linear head (ADR 0012)
+    core, _ = build_core(base.name.removeprefix("core_"), size, int(base.output_shape[-1]),  # the model's own class count
+                         dense=dense, head_conv=head_conv)
     ws = [m.get_weights() for m in models]
     for p, w in zip(model_paths, ws):
         core.set_weights(w)
