@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model} has no DATA_SHIFT reference")
         return 1
     cells = Pipeline(clf.info.input_size, clf, clf.info.review_threshold, workers=0).run(discover(args.slides).crops).cells
-    scores: dict[str, list] = collections.defaultdict(list)
-    for c in cells:
-        scores[c.patient].append(c.ood_score)
-    decisions = {p: data_shift.decide(clf.ood, s) for p, s in scores.items()}
-    print(f"{args.model.name}: cell cut {clf.ood.shift.cell_cut:.3f}, threshold {clf.ood.shift.threshold:.3f}; "
+    decisions, _ = data_shift.decide_all(clf.info.metadata, cells)  # the report's own decision
+    unclassified = collections.Counter(c.patient for c in cells if c.class_id == "unclassified")
+    print(f"{args.model.name}: cell cut {clf.ood.shift.cell_cut:.3f}, threshold {clf.ood.shift.threshold:.3f}, "
+          f"set-apart cells {'counted' if clf.ood.shift.counts_set_apart else 'not counted'}; "
           f"{len(decisions)} patients, {sum(d.decided for d in decisions.values())} decided, "
-          f"{sum(d.raised for d in decisions.values())} DATA_SHIFT")
+          f"{sum(d.raised for d in decisions.values())} DATA_SHIFT; "
+          f"{100 * sum(unclassified.values()) / max(1, len(cells)):.1f} % of {len(cells)} cells unclassified")
     return 0
 
 

@@ -249,12 +249,15 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held
     _, flagged = ood.score_and_flag(r, held_emb)
     cut = shift_cell_cut(held_score, held_sources)
     r = replace(r, shift=ood.ShiftReference(threshold=1.0, cell_quantile=SHIFT_CELL_QUANTILE, cell_cut=cut,
-                                            min_cells=data_shift.MIN_CELLS))
-    stats = pseudo_patient_statistics(r, held_score, held_sources, rng)
+                                            min_cells=data_shift.MIN_CELLS, counts_set_apart=True))
+    # the threshold under the runtime's rule: held-out cells the embedding sets apart count as unusual
+    # (the colour envelope is fitted to leave the held-out training cells inside it)
+    counted = np.asarray(data_shift.shift_scores(r, held_score, flagged), dtype=np.float64)
+    stats = pseudo_patient_statistics(r, counted, held_sources, rng)
     shift = replace(r.shift, threshold=float(stats.max()), info={
         "pseudo_patients": int(len(stats)), "sizes": list(PSEUDO_PATIENT_SIZES),
         "rule": "raise when the batch's statistic exceeds the highest of any held-out pseudo-patient",
-        "statistic": data_shift.STATISTIC,
+        "statistic": data_shift.STATISTIC_WITH_SET_APART,
     })
     full_info = dict(info or {})
     full_info.update({

@@ -146,6 +146,35 @@ def test_rederive_without_patients_draws_from_all_cells_and_is_seeded(adapted):
     json.dumps(a.provenance)  # JSON-ready
 
 
+def test_lab_cells_set_apart_by_the_reject_rule_count_before_and_after(adapted):
+    """A lab whose verified cells partly fall nearer the reject (background) centre: the parent
+    counts them as unusual (DATA_SHIFT for every patient), and the adapted reference, derived
+    under the same rule from those cells, no longer raises it for the lab's own patients."""
+    from dataclasses import replace
+
+    parent = adapted["parent"].ood
+    assert parent.shift.counts_set_apart
+    # a cut no score reaches: only the set-apart rule can make a cell unusual here (as for the
+    # new hospital of ADR 0011, whose cells scored inside the cut)
+    parent = replace(parent, shift=replace(parent.shift, cell_cut=1e9))
+    cols = np.array([tinymodel.COLOURS[i] for i in range(4)], np.float32) / 255.0
+    rng = np.random.default_rng(13)
+    cells = cols[rng.integers(0, 4, 400)] + rng.normal(0, 0.003, (400, 3))
+    cells[::2] = np.array(tinymodel.BACKGROUND_COLOUR, np.float32) / 255.0 + rng.normal(0, 0.003, (200, 3))
+    emb = cells.astype(np.float32)
+    groups = [f"P{i // 100}" for i in range(400)]  # 100 cells a patient, half of them set apart
+    score, flagged = ood.score_and_flag(parent, emb)
+    assert flagged[::2].all() and not flagged[1::2].any()
+    got = thresholds.rederive(parent, emb, groups)
+    assert got.provenance["data_shift"]["parent_raised_data_shift"] == 4
+    assert got.provenance["data_shift"]["new_raised_data_shift"] == 0
+    assert got.reference.shift.threshold > parent.shift.threshold
+    _, still = ood.score_and_flag(got.reference, emb)
+    counted = np.asarray(data_shift.shift_scores(got.reference, score, still))
+    for p in ("P0", "P1", "P2", "P3"):
+        assert not data_shift.decide(got.reference, counted[[g == p for g in groups]]).raised
+
+
 def test_parent_without_reference_adapts_as_before(tmp_path):
     from test_adapt import SWAPPED, labelled_folder
 

@@ -302,3 +302,68 @@ def test_the_data_shift_cell_cut_is_the_highest_of_the_sources_own_quantiles():
     assert (high > cut).mean() <= 0.2 and (low > cut).mean() == 0
     with pytest.raises(ValueError):
         shift_cell_cut(np.array([1.0]), ["A", "B"])
+
+
+def _cell(patient: str, score: float, class_id: str = "lymphocyte"):
+    from batchwbc.core.records import CellResult
+
+    return CellResult(patient, f"{patient}/{score}-{class_id}.png", class_id, 0.9, "monocyte", 0.05, False, ood_score=score)
+
+
+def test_data_shift_counts_set_apart_cells_only_where_the_reference_says_so(clf):
+    """A new hospital's cells fell nearer the reject centres, not beyond the score cut (ADR 0011):
+    with counts_set_apart a patient whose cells are set apart raises DATA_SHIFT even when every
+    score is below the cut; an older reference (flag absent) keeps counting scores only."""
+    base = clf.ood
+    low = base.shift.cell_cut / 2  # every score well inside the cut
+    cells = ([_cell("NEWLAB", low, ood.UNCLASSIFIED) for _ in range(30)] + [_cell("NEWLAB", low) for _ in range(30)]
+             + [_cell("HOME", low) for _ in range(60)])
+    for counts, expect in ((True, True), (False, False)):
+        ref = replace(base, shift=replace(base.shift, counts_set_apart=counts))
+        meta = {**clf.info.metadata, ood.KEY_OOD: ood.to_metadata(ref)}
+        per_patient, _ = data_shift.decide_all(meta, cells)
+        assert per_patient["NEWLAB"].raised is expect and per_patient["NEWLAB"].unusual == (30 if counts else 0)
+        assert per_patient["HOME"].decided and not per_patient["HOME"].raised
+    with pytest.raises(ValueError):
+        data_shift.shift_scores(base, [1.0, 2.0], [True])
+
+
+def test_counts_set_apart_round_trips_and_older_files_read_as_false(clf):
+    ref = replace(clf.ood, shift=replace(clf.ood.shift, counts_set_apart=True))
+    body = json.loads(ood.to_metadata(ref))
+    assert body["data_shift"]["counts_set_apart"] is True
+    assert ood.from_metadata({ood.KEY_OOD: json.dumps(body)}).shift.counts_set_apart is True
+    del body["data_shift"]["counts_set_apart"]  # a file written before the flag existed
+    assert ood.from_metadata({ood.KEY_OOD: json.dumps(body)}).shift.counts_set_apart is False
+    body["data_shift"]["counts_set_apart"] = "yes"
+    with pytest.raises(ood.OodReferenceError):
+        ood.from_metadata({ood.KEY_OOD: json.dumps(body)})
+
+
+def test_export_derives_the_threshold_with_set_apart_held_out_cells_counted(monkeypatch):
+    """The threshold must come from the statistic the runtime computes: held-out cells that the
+    embedding sets apart count as unusual in the pseudo-patients too, so a model whose own
+    held-out cells are often set apart gets a higher threshold instead of raising DATA_SHIFT
+    for its own data."""
+    from export.ood_reference import fit_with_thresholds
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (3, 8)).astype(np.float32)
+    lab = rng.integers(0, 3, 900)
+    emb = centres[lab] + rng.normal(0, 1, (900, 8)).astype(np.float32)
+    bg = rng.normal(0, 0.3, (40, 8)).astype(np.float32) + 20
+
+    def fit():
+        return fit_with_thresholds(emb[:600], [f"c{i}" for i in lab[:600]], bg, emb[600:], [f"c{i}" for i in lab[600:]],
+                                   ["A"] * 300, np.random.default_rng(1), k=4)
+
+    plain = fit()
+    assert plain.shift.counts_set_apart and "set apart" in plain.shift.info["statistic"]
+    real = ood.score_and_flag
+
+    def half_set_apart(ref, e):  # as if the reject rule set apart every other held-out cell
+        score, flagged = real(ref, e)
+        return score, flagged | (np.arange(len(e)) % 2 == 0)
+
+    monkeypatch.setattr(ood, "score_and_flag", half_set_apart)
+    assert fit().shift.threshold > plain.shift.threshold + 0.2

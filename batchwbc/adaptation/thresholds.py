@@ -106,12 +106,16 @@ def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[
     if parent.shift is not None:
         shift = parent.shift
         pools = _pools(groups, len(scores))
-        batches = {p: scores[np.array(i)] for p, i in pools.items()}
-        decisions = {p: data_shift.decide(parent, s) for p, s in batches.items()}
+        # what DATA_SHIFT counts: with the parent's thresholds before, with the new ones after
+        # (data_shift.shift_scores: set-apart cells count as unusual where the reference says so)
+        counted_before = np.asarray(data_shift.shift_scores(parent, scores, flagged), dtype=np.float64)
+        counted = np.asarray(data_shift.shift_scores(new, scores, still), dtype=np.float64)
+        decisions = {p: data_shift.decide(parent, counted_before[np.array(i)]) for p, i in pools.items()}
+        batches = {p: counted[np.array(i)] for p, i in pools.items()}
         cut = max(shift.cell_cut, float(np.quantile(lab, shift.cell_quantile)))
         probe = dataclasses.replace(new, shift=dataclasses.replace(shift, cell_cut=cut))
         kept = np.flatnonzero(finite)
-        stats = pseudo_patient_statistics(probe, scores[kept], [groups[i] for i in kept] if groups else None, seed)
+        stats = pseudo_patient_statistics(probe, counted[kept], [groups[i] for i in kept] if groups else None, seed)
         shift_threshold = max([shift.threshold, *stats])
         new_shift = dataclasses.replace(shift, cell_cut=cut, threshold=shift_threshold,
                                         info={**dict(shift.info), "rederived_by_adapt": {

@@ -13,6 +13,14 @@ batches the decision uses the lower bound of that share's exact 95% confidence i
 (Clopper-Pearson), and DATA_SHIFT is raised when that lower bound exceeds `threshold`: the
 highest value seen on pseudo-patients of 20-200 held-out training cells of one source.
 Under MIN_CELLS cells no decision is made (the interval is too wide to say anything).
+
+References that say so (`ShiftReference.counts_set_apart`, every export since 2026-12-04) also
+count a cell the run set apart as unclassified as unusual, whatever its score (shift_scores).
+Why: with the Lite0 models a new hospital's cells do not score further from the class centres
+than the training sources' own; they fall nearer the reject centres (measured on DeepAPL with
+a model that never saw it: 32 % set apart by that rule, 0.2 % by the score, 2 % by colour), so
+a statistic of scores alone raised DATA_SHIFT for 1 of 82 such patients (ADR 0011). The
+threshold is derived under the same rule, so a batch of the model's own data is unaffected.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ MIN_CELLS = 20
 #: export from held-out training cells (export/ood_reference.py), at adapt from the lab's cells.
 PSEUDO_PATIENT_SIZES = (20, 50, 100, 200)
 STATISTIC = "lower 95% bound of the share of cells beyond the 80th percentile of held-out training cells' OOD scores"
+STATISTIC_WITH_SET_APART = ("lower 95% bound of the share of cells beyond the 80th percentile of held-out training "
+                            "cells' OOD scores or set apart as unclassified")
 MESSAGE = "results are unreliable until the model is validated on your verified cells"
 
 
@@ -104,6 +114,16 @@ def decide(ref: "OodReference | None", scores: "Sequence[float | None] | np.ndar
     return ShiftDecision(stat > shift.threshold, True, len(vals), unusual, stat, shift.threshold)
 
 
+def shift_scores(ref: "OodReference | None", scores: "Sequence[float | None] | np.ndarray",
+                 set_apart: "Sequence[bool] | np.ndarray") -> list[float | None]:
+    """The scores DATA_SHIFT counts (pure): a cell set apart as unclassified becomes +inf (always
+    beyond the cut) when the reference counts such cells, else its score is kept as it is."""
+    if len(scores) != len(set_apart):
+        raise ValueError(f"{len(scores)} scores for {len(set_apart)} set-apart flags")
+    counts = ref is not None and ref.shift is not None and ref.shift.counts_set_apart
+    return [float("inf") if counts and bool(a) else (None if s is None else float(s)) for s, a in zip(scores, set_apart)]
+
+
 def decide_all(model_metadata, cells) -> tuple[dict[str, ShiftDecision], ShiftDecision]:
     """(decision per patient, decision for the whole run) from a run's cells and the model's
     metadata; no decisions (decided=False) when the model carries no reference."""
@@ -113,11 +133,14 @@ def decide_all(model_metadata, cells) -> tuple[dict[str, ShiftDecision], ShiftDe
         ref = from_metadata(model_metadata)
     except OodReferenceError:  # the Classifier already refused such a model; a report never fails on it
         ref = None
+    from batchwbc.engine.ood import UNCLASSIFIED
+
+    scores = shift_scores(ref, [c.ood_score for c in cells], [c.class_id == UNCLASSIFIED for c in cells])
     by_patient: dict[str, list] = {}
-    for c in cells:
-        by_patient.setdefault(c.patient, []).append(c.ood_score)
+    for c, score in zip(cells, scores):
+        by_patient.setdefault(c.patient, []).append(score)
     per_patient = {p: decide(ref, s) for p, s in by_patient.items()}
-    return per_patient, decide(ref, [c.ood_score for c in cells])
+    return per_patient, decide(ref, scores)
 
 
 def log_line(per_patient: dict[str, ShiftDecision], whole: ShiftDecision) -> str | None:

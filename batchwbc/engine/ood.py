@@ -84,6 +84,9 @@ class ShiftReference:
     cell_cut: float  # that quantile's score
     min_cells: int
     info: Mapping[str, Any] = field(default_factory=dict)
+    # True: a cell the run sets apart as unclassified counts as unusual whatever its score
+    # (data_shift.shift_scores); the threshold was derived under the same rule. Older files: False.
+    counts_set_apart: bool = False
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,8 @@ def to_metadata(ref: OodReference) -> str:
             "threshold": ref.shift.threshold, "cell_quantile": ref.shift.cell_quantile,
             "cell_cut": ref.shift.cell_cut, "min_cells": ref.shift.min_cells, "info": dict(ref.shift.info),
         }
+        if ref.shift.counts_set_apart:  # written only when set, so older files read back byte-identical
+            body["data_shift"]["counts_set_apart"] = True
     if ref.colour is not None:
         body["stain_colour"] = _colour_body(ref.colour)
     return json.dumps(body, separators=(",", ":"))
@@ -365,8 +370,12 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
     shift = None
     if shift_body is not None:
         try:
+            counts = shift_body.get("counts_set_apart", False)
+            if not isinstance(counts, bool):
+                raise ValueError("counts_set_apart is not true or false")
             shift = ShiftReference(float(shift_body["threshold"]), float(shift_body["cell_quantile"]),
-                                   float(shift_body["cell_cut"]), int(shift_body["min_cells"]), shift_body.get("info", {}))
+                                   float(shift_body["cell_cut"]), int(shift_body["min_cells"]), shift_body.get("info", {}),
+                                   counts_set_apart=counts)
         except Exception:  # noqa: BLE001
             raise OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable data_shift entry.") from None
     if math.isnan(margin):
