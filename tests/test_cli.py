@@ -3,6 +3,7 @@ the fail-fast checks a nightly job relies on (one sentence, documented exit code
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,7 +117,10 @@ def test_run_on_samples_end_to_end(tiny, tmp_path):
     assert len(rows) == n + 1  # header + every cell
     summary = [ln for ln in r.stderr.splitlines() if "summary:" in ln]
     assert len(summary) == 1
-    assert f"{n} cells classified" in summary[0] and "4 patients" in summary[0] and "0 unreadable" in summary[0]
+    assert re.search(rf"4 patients, {n} crops read \((\d+) classified, (\d+) unclassified\), 0 unreadable", summary[0])
+    classified, unclassified = map(int, re.search(r"\((\d+) classified, (\d+) unclassified\)", summary[0]).groups())
+    assert classified + unclassified == n
+    assert unclassified == sum(1 for row in rows[1:] if row.split(",")[2] == "unclassified")  # as the cells CSV says
     assert "summary:" in logf.read_text(encoding="utf-8")
     assert "\r" not in r.stderr  # no progress-bar noise when stderr is not a terminal
     assert not (tmp_path / "report.xlsx.lock").exists()

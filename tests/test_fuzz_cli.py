@@ -241,7 +241,7 @@ def test_corpus_log_has_one_line_summary(corpus_run):
     n_cells = len(m.of(fuzz_corpus.CLASSIFY))
     n_bad = len(m.of(fuzz_corpus.ERROR))
     n_review = sum(1 for c in sheet_rows(corpus_run["out"], "Cells") if c["Review"] == "yes")
-    pattern = (rf"{len(m.patients)} patients, {n_cells} cells classified, {n_bad} unreadable, "
+    pattern = (rf"{len(m.patients)} patients, {n_cells} crops read \(\d+ classified, \d+ unclassified\), {n_bad} unreadable, "
                rf"{n_review} for review, \d+ flags raised, [\d.]+ s")
     lines = [ln for ln in log.splitlines() if re.search(pattern, ln)]
     assert len(lines) == 1, log
@@ -661,4 +661,4 @@ def test_log_file_appends_across_runs(tmp_path, model_path):
     for _ in range(2):
         assert run_cli(["run", slides, "--out", tmp_path / "r.xlsx", "--model", model_path, "--workers", "0",
                         "--log-file", log]).exit_code == exit_codes.OK
-    assert len(re.findall(r"1 patients, 1 cells classified, 0 unreadable", log.read_text())) == 2
+    assert len(re.findall(r"1 patients, 1 crops read \(\d classified, \d unclassified\), 0 unreadable", log.read_text())) == 2

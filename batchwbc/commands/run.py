@@ -398,9 +398,15 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         state.stage, state.report_written = "writing the HTML gallery", True
         write_html_gallery(run, summaries, opts.slides, opts.html_dir)
     t = totals(summaries)
+    from batchwbc.engine.ood import UNCLASSIFIED
+
+    # crops read, split as the report counts them: an unclassified crop is read but in no count
+    unclassified = sum(1 for c in run.cells if c.class_id == UNCLASSIFIED)
     log.info(
-        "summary: %d patients, %d cells classified, %d unreadable, %d for review, %d flags raised, %.1f s; report: %s",
-        len(found.patients), len(run.cells), len(errors), t.review_cells, t.flags, time.monotonic() - t0, opts.out,
+        "summary: %d patients, %d crops read (%d classified, %d unclassified), %d unreadable, %d for review, "
+        "%d flags raised, %.1f s; report: %s",
+        len(found.patients), len(run.cells), len(run.cells) - unclassified, unclassified, len(errors), t.review_cells,
+        t.flags, time.monotonic() - t0, opts.out,
     )
     code = exit_codes.OK
     if errors:
