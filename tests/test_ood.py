@@ -214,6 +214,14 @@ def test_report_shows_unclassified_count_and_data_shift(clf, tmp_path):
     # issue 19: impossible to miss, and it says what to do next
     banner = wb["Summary"].cell(row=1, column=1).value
     assert "DATA_SHIFT" in banner and "batchwbc evaluate" in banner and "batchwbc adapt" in banner
+    # every printed column block starts with the banner's first line; the row stays low enough
+    # that the first patient prints on the first page of each block
+    from batchwbc.outputs import workbook
+
+    summary = wb["Summary"]
+    starts = [r.min_col for r in summary.merged_cells.ranges if r.min_row == 1]
+    assert starts and all(summary.cell(1, c).value.startswith(workbook.BANNER) for c in starts)
+    assert summary.row_dimensions[1].height <= (workbook.BANNER_MAX_LINES + 1) * workbook._BANNER_LINE_PT
     assert "docs/adaptation.md" in banner and "lower 95% bound" not in banner
     assert wb["Summary"].cell(row=1, column=1).fill.fgColor.rgb.endswith("E4D2F0")
     assert "batchwbc evaluate" in items["Results unreliable (the Summary's banner)"]
@@ -367,3 +375,4 @@ def test_export_derives_the_threshold_with_set_apart_held_out_cells_counted(monk
 
     monkeypatch.setattr(ood, "score_and_flag", half_set_apart)
     assert fit().shift.threshold > plain.shift.threshold + 0.2
+

@@ -343,3 +343,16 @@ def _check_summary_and_review_pages(pages: list[str], wb) -> None:
     on_page = [set(re.findall(r"patient_\d+", p.split("Verified class", 1)[1])) for p in review]
     assert all(len(names) == 1 for names in on_page), on_page
     assert len(review) == len({n for names in on_page for n in names}) == 4  # 2-3 review cells each: one page
+
+
+def test_a_narrow_column_block_gets_the_short_banner_so_the_row_stays_low():
+    """A 491-character warning sized for a two-column last block made the banner row 412 points
+    tall (the first patient printed on page 2 of every block): a block where the whole text would
+    take more than BANNER_MAX_LINES lines shows the first line and a pointer to the first block."""
+    alert = "Results unreliable: " + "the cells of 3 of 8 patients are unlike the images the model was validated on " * 5
+    text = f"{BANNER}\n{alert}"
+    assert workbook.banner_for_width(text, 150) == text  # the first block: the whole warning
+    short = workbook.banner_for_width(text, 27)
+    assert short == f"{BANNER}\n{workbook.BANNER_SEE_FIRST}"
+    assert workbook.text_lines(short, 27, bold=True) <= workbook.BANNER_MAX_LINES
+    assert workbook.banner_for_width(BANNER, 5) == BANNER  # nothing to shorten: one line stays whole

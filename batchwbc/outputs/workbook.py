@@ -257,9 +257,11 @@ class _Sheet:
                                               horizontal=None if self.blocks is None else "center")}
         starts = [0, *([] if self.blocks is None else self.blocks.starts)]
         spans = list(zip(starts, [*starts[1:], self.nprinted]))  # [first, end) of each merged banner
-        narrowest = min(sum(self.widths[a:b]) for a, b in spans) * 11 / 12  # 12 pt: wider than the 11 pt unit
-        self.set_height(max(22.0, row_height([(text, narrowest)], bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
-        cells = [self.text(text, **style) if i in starts else self.text("", fill=style["fill"])
+        widths = [sum(self.widths[a:b]) * 11 / 12 for a, b in spans]  # 12 pt: wider than the 11 pt unit
+        texts = [banner_for_width(text, w) for w in widths]
+        self.set_height(max(22.0, row_height(list(zip(texts, widths)), bold=True, line_pt=_BANNER_LINE_PT) or 0.0))
+        by_start = dict(zip(starts, texts))
+        cells = [self.text(by_start[i], **style) if i in by_start else self.text("", fill=style["fill"])
                  for i in range(self.nprinted)]
         self.append(cells)
         for a, b in spans:
@@ -444,6 +446,23 @@ def text_lines(text: Any, width: float, bold: bool = False) -> int:
     per_line = max(1, int((width - 1) * (0.85 if bold else 1.15)))
     return sum(max(1, len(textwrap.wrap(part, per_line, break_on_hyphens=False)))
                for part in str(text).split("\n"))
+
+
+#: Most lines a banner may take in one printed column block before that block gets the short form.
+BANNER_MAX_LINES = 8
+#: The short form's second line: where the whole warning is (the first block always has it).
+BANNER_SEE_FIRST = "Results unreliable: see the first page."
+
+
+def banner_for_width(text: str, width: float) -> str:
+    """The banner text a printed column block `width` units wide shows (pure): the whole text, or,
+    where it would take more than BANNER_MAX_LINES lines, its first line and a pointer to the
+    first block. Why: the banner row is as tall as its tallest block, and a narrow last block
+    (two columns) made a 491-character warning 412 points tall, pushing the first patient onto
+    the second page of every block."""
+    if text_lines(text, width, bold=True) <= BANNER_MAX_LINES or "\n" not in text:
+        return text
+    return f"{text.split(chr(10), 1)[0]}\n{BANNER_SEE_FIRST}"
 
 
 def row_height(cells: Iterable[tuple[Any, float]], bold: bool = False, line_pt: float = LINE_PT,
