@@ -460,9 +460,10 @@ def banner_for_width(text: str, width: float) -> str:
     first block. Why: the banner row is as tall as its tallest block, and a narrow last block
     (two columns) made a 491-character warning 412 points tall, pushing the first patient onto
     the second page of every block."""
-    if text_lines(text, width, bold=True) <= BANNER_MAX_LINES or "\n" not in text:
+    first, newline, _ = text.partition("\n")
+    if not newline or text_lines(text, width, bold=True) <= BANNER_MAX_LINES:
         return text
-    return f"{text.split(chr(10), 1)[0]}\n{BANNER_SEE_FIRST}"
+    return f"{first}\n{BANNER_SEE_FIRST}"
 
 
 def row_height(cells: Iterable[tuple[Any, float]], bold: bool = False, line_pt: float = LINE_PT,
