@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
-    from batchwbc.engine import data_shift, ood, stain_colour
+    from batchwbc.engine import data_shift, ood
     from batchwbc.engine.embed import embed_files
     from batchwbc.engine.model import Classifier
 
@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(csv.DictReader(open(args.split, encoding="utf-8")))
     got = embed_files(clf, [str(args.data / r["path"]) for r in rows], workers=0)
     kept = [rows[i] for i in got.ok]
-    score, set_apart = ood.score_and_flag(ref, got.embeddings)
-    if ref.colour is not None:
-        set_apart = set_apart | stain_colour.outside(ref.colour, got.colour)
+    score, verdict = ood.verdicts_from_colour(ref, got.embeddings, got.colour)  # the runtime's verdict
+    set_apart = verdict != 0
     counted = np.asarray(data_shift.shift_scores(ref, score, set_apart), dtype=np.float64)
     src = np.array([r["source"] for r in kept])
     rng = np.random.default_rng(args.seed)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
-    from batchwbc.engine import ood
+    from batchwbc.engine import ood, stain_colour
     from batchwbc.engine.data_shift import PSEUDO_PATIENT_SIZES, lower_bound
     from batchwbc.engine.embed import embed_files
     from batchwbc.engine.model import Classifier
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     s_home = ood.score(ref, got.embeddings)
 
     def nearest(stats: np.ndarray) -> np.ndarray:
-        z = np.einsum("gij,ngj->ngi", env.whitening, np.asarray(stats, float)[:, None, :] - env.centres[None])
-        return np.array(env.groups)[np.sqrt((z * z).sum(2)).argmin(1)]
+        return np.array(env.groups)[stain_colour.group_distances(env, stats).argmin(axis=1)]
 
     cuts = {g: float(np.quantile(s_home[src == g], 0.8)) for g in env.groups}
     cut_home = np.array([cuts[g] for g in nearest(got.colour)])

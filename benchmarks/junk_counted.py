@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
-    from batchwbc.engine import ood, stain_colour
+    from batchwbc.engine import ood
     from batchwbc.engine.model import Classifier
     from batchwbc.engine.preprocess import decode_rgb, read_bytes
     from export.ood_reference import background_corner, embed_loaders, not_a_cell
@@ -47,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in (("background corners", background_corner), ("synthetic non-cells", not_a_cell)):
         r = np.random.default_rng(args.seed + (1 if make is not_a_cell else 0))
         got = embed_loaders(clf, [(lambda p=p: make(decode_rgb(read_bytes(p)), r)) for p in donors])
-        score, flagged = ood.score_and_flag(ref, got.emb)
-        if ref.colour is not None:
-            flagged = flagged | stain_colour.outside(ref.colour, got.colour)
-        counted = ~flagged
+        _, verdict = ood.verdicts_from_colour(ref, got.emb, got.colour)  # the runtime's verdict
+        counted = verdict == 0
         confident = counted & (got.probs.max(axis=1) >= clf.info.review_threshold)
         _, known, rejected = ood.distances(ref, got.emb)
         gap = known - rejected

@@ -104,6 +104,16 @@ def test_verdicts_carry_the_colour_reason_only_when_the_envelope_says_so(envelop
     assert with_env[0] & ood.BY_COLOUR == 0 and with_env[1] & ood.BY_COLOUR
     assert ood.reasons(ood.BY_COLOUR) == [ood.COLOUR_REASON]
     assert ood.reasons(True) == [ood.UNCLASSIFIED_REASON]  # a cache row written before the colour check
+    # the same verdicts from statistics already at hand (embed_files returns them)
+    stats = stain_colour.colour_statistics(crops)
+    _, from_stats = ood.verdicts_from_colour(replace(ref, colour=envelope), emb, stats)
+    np.testing.assert_array_equal(from_stats, with_env)
+    with pytest.raises(ValueError):
+        ood.verdicts_from_colour(replace(ref, colour=envelope), emb, None)
+    # the nearest group's distance is what `distances` reports
+    per_group = stain_colour.group_distances(envelope, stats)
+    assert per_group.shape == (2, len(envelope.groups))
+    np.testing.assert_allclose(per_group.min(axis=1), stain_colour.distances(envelope, stats))
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -210,6 +210,20 @@ def verdicts(ref: OodReference, emb: "np.ndarray", images: "np.ndarray") -> tupl
     """(OOD score per crop, verdict per crop): the verdict is 0 for a crop that is classified,
     else BY_EMBEDDING and/or BY_COLOUR. `images` are the model inputs ([N, S, S, 3] uint8 RGB),
     read only when the reference carries a colour envelope."""
+    colour = None
+    if ref.colour is not None:
+        from batchwbc.engine import stain_colour
+
+        if len(images) != len(emb):
+            raise ValueError(f"{len(images)} images for {len(emb)} embeddings")
+        colour = stain_colour.colour_statistics(images)
+    return verdicts_from_colour(ref, emb, colour)
+
+
+def verdicts_from_colour(ref: OodReference, emb: "np.ndarray", colour: "np.ndarray | None") -> tuple["np.ndarray", "np.ndarray"]:
+    """verdicts for crops whose stain-colour statistics ([N, 2], stain_colour.colour_statistics
+    of the model inputs) are already at hand, as `embed_files` returns them; `colour` is read
+    only when the reference carries a colour envelope (pure)."""
     import numpy as np
 
     scores, flagged = score_and_flag(ref, emb)
@@ -217,9 +231,9 @@ def verdicts(ref: OodReference, emb: "np.ndarray", images: "np.ndarray") -> tupl
     if ref.colour is not None:
         from batchwbc.engine import stain_colour
 
-        if len(images) != len(codes):
-            raise ValueError(f"{len(images)} images for {len(codes)} embeddings")
-        codes |= np.where(stain_colour.outside(ref.colour, stain_colour.colour_statistics(images)), BY_COLOUR, 0)
+        if colour is None or len(colour) != len(codes):
+            raise ValueError(f"colour statistics for {0 if colour is None else len(colour)} crops, {len(codes)} embeddings")
+        codes |= np.where(stain_colour.outside(ref.colour, colour), BY_COLOUR, 0)
     return scores, codes
 
 

@@ -77,8 +77,8 @@ def colour_statistics(batch: "np.ndarray") -> "np.ndarray":
     return np.array([cv2.mean(lab[i])[1:3] for i in range(n)], dtype=np.float64)
 
 
-def distances(env: ColourEnvelope, stats: "np.ndarray") -> "np.ndarray":
-    """Mahalanobis distance of each [N, 2] statistic to the nearest group; +inf for a
+def group_distances(env: ColourEnvelope, stats: "np.ndarray") -> "np.ndarray":
+    """Mahalanobis distance of each [N, 2] statistic to every group, [N, G]; +inf for a
     non-finite statistic (pure)."""
     import numpy as np
 
@@ -86,9 +86,15 @@ def distances(env: ColourEnvelope, stats: "np.ndarray") -> "np.ndarray":
     finite = np.all(np.isfinite(x), axis=1)
     z = np.einsum("gij,ngj->ngi", env.whitening.astype(np.float64),
                   np.where(finite[:, None], x, 0.0)[:, None, :] - env.centres.astype(np.float64)[None])
-    d = np.sqrt((z * z).sum(axis=2)).min(axis=1)
+    d = np.sqrt((z * z).sum(axis=2))
     d[~finite] = np.inf
     return d
+
+
+def distances(env: ColourEnvelope, stats: "np.ndarray") -> "np.ndarray":
+    """Mahalanobis distance of each [N, 2] statistic to the nearest group; +inf for a
+    non-finite statistic (pure)."""
+    return group_distances(env, stats).min(axis=1)
 
 
 def outside(env: ColourEnvelope, stats: "np.ndarray") -> "np.ndarray":
