@@ -4,8 +4,9 @@ Why: the OOD guard is tested on 20 crops (tests/test_ood_bundled.py); the reject
 fitted on 600 background corners and 600 synthetic non-cells of training crops
 (export/ood_reference.py). This draws new ones, made the same way but from the test split's
 crops and with another seed, and runs the runtime's verdict on them (score threshold, reject
-rule, stain colour): the share counted as a cell, and of those the share the review threshold
-still sends to a person.
+rule, not-a-cell rule, stain colour): the share counted as a cell; of those, how many the review
+threshold does not send to a person, and how many were called a leukocyte (so would enter the
+differential's denominator) without review.
 
     python benchmarks/junk_counted.py MODEL.onnx docs/model/test-split-3src.csv [--n 300]
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
+    from batchwbc.core import catalogue
     from batchwbc.engine import ood
     from batchwbc.engine.model import Classifier
     from batchwbc.engine.preprocess import decode_rgb, read_bytes
@@ -50,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         _, verdict = ood.verdicts_from_colour(ref, got.emb, got.colour)  # the runtime's verdict
         counted = verdict == 0
         confident = counted & (got.probs.max(axis=1) >= clf.info.review_threshold)
+        called = np.asarray(clf.info.classes)[got.probs.argmax(axis=1)]
+        in_wbc = counted & np.isin(called, catalogue.WBC_CLASS_IDS)  # in the differential's denominator
         _, known, rejected = ood.distances(ref, got.emb)
         gap = known - rejected
         print(f"  {name}: {len(counted)} crops; counted as a cell {100 * counted.mean():.1f} % "
-              f"({counted.sum()}), of them without review {confident.sum()}; "
+              f"({counted.sum()}), of them without review {confident.sum()}; as a leukocyte {in_wbc.sum()} "
+              f"({(in_wbc & confident).sum()} without review); "
               f"gap (nearest class - nearest reject) 5th percentile {np.quantile(gap, 0.05):.1f}")
     return 0
 

@@ -178,7 +178,7 @@ def test_no_envelope_in_no_envelope_out(tmp_path):
     res = run_adapt(lab, out, parent, force=True, workers=0)
     clf = Classifier(out, threads=1)
     assert res.written and res.colour_rederived is None and clf.ood.colour is None
-    assert json.loads(clf.info.metadata[ood.KEY_OOD])["format"] == ood.FORMAT  # still format 1
+    assert "stain_colour" not in json.loads(clf.info.metadata[ood.KEY_OOD])
     assert adapt_colour.PROVENANCE_KEY not in json.loads(clf.info.metadata["batchwbc.adaptation"])
     assert adapt_colour.rederive_colour(None, np.full((50, 2), 130.0), "LAB") == adapt_colour.ColourRederived(None, None)
 

@@ -95,6 +95,10 @@ def test_noise_and_background_are_still_unclassified_with_the_adapted_model(adap
     _, bg = ood.score_and_flag(new.ood, embed(new, adapted["background"]))
     assert noise.all() and bg.all()
     assert new.ood.reject_margin == adapted["parent"].ood.reject_margin  # background rule unchanged
+    parent_junk = adapted["parent"].ood.junk
+    assert parent_junk is not None and new.ood.junk is not None  # and the not-a-cell rule too
+    np.testing.assert_array_equal(new.ood.junk.weights, parent_junk.weights)
+    assert (new.ood.junk.bias, new.ood.junk.threshold) == (parent_junk.bias, parent_junk.threshold)
     np.testing.assert_array_equal(new.ood.centres, adapted["parent"].ood.centres)
 
 

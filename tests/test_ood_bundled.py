@@ -52,6 +52,10 @@ def test_bundled_model_carries_a_reference():
     # compact: a small share of the model file (v4's 256-d reference: 99 kB of 1.26 MB, 8 %;
     # Lite0's 1,280-d one: 455 kB of 14 MB, 3 %; ADR 0012)
     assert len(clf.info.metadata[ood.KEY_OOD]) < 0.10 * DEFAULT_MODEL_PATH.stat().st_size
+    # the not-a-cell rule (ADR 0011): without it the bundled Lite0 counted 9.3 % of
+    # out-of-sample synthetic non-cells as cells (benchmarks/junk_counted.py)
+    junk = clf.ood.junk
+    assert junk is not None and junk.info["held_out_set_apart"] <= 0.005 and junk.info["fitting_junk_caught"] >= 0.95
 
 
 def test_noise_and_background_corners_never_reach_the_differential(tmp_path, request):

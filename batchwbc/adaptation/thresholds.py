@@ -89,6 +89,7 @@ def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[
         "unclassified_threshold": {"parent": parent.threshold, "new": parent.threshold,
                                    "rule": f"max(parent, {100 * UNCLASSIFIED_QUANTILE:g}th percentile of the lab cells' scores)"},
         "background_rule": "unchanged",
+        "not_a_cell_rule": "unchanged" if parent.junk is not None else "none",
     }
     if len(lab) == 0:  # nothing to learn from: keep the parent's reference as it is
         prov["unchanged_because"] = "no lab cell has a finite score"

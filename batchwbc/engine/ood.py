@@ -16,7 +16,10 @@ distance to the cell classes alone missed most often). A crop is unclassified wh
   tight class such as platelets and a spread-out one such as eosinophils, so a patient's
   class mix does not move the DATA_SHIFT statistic), or
 * it lies nearer the background centre than any cell class, by more than `reject_margin`
-  (raw distance to the nearest cell class minus distance to the background centre).
+  (raw distance to the nearest cell class minus distance to the background centre), or
+* the reference carries a not-a-cell rule (batchwbc.engine.junk_rule: one linear boundary
+  between training cells and junk crops in the same whitened space) and the crop lies on the
+  junk side of it.
 
 Everything is folded into one linear map, so the runtime computes  || P (e - mu) - centre ||^2
 per crop and centre: a [k, D] matrix product, nothing else.
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 if TYPE_CHECKING:  # numpy is imported where it is used, so `batchwbc --help` stays instant
     import numpy as np
 
+    from batchwbc.engine.junk_rule import JunkRule
     from batchwbc.engine.stain_colour import ColourEnvelope
 
 #: Metadata key of the cell-level reference (JSON, see to_metadata).
@@ -64,9 +68,12 @@ BY_COLOUR = 2
 SCORE_NAME = "mahalanobis-pca-nearest-class"
 #: Format 2 = format 1 plus a "stain_colour" envelope. A reference with the envelope is written
 #: as format 2, so an older batchwbc refuses the model instead of silently skipping the colour
-#: check; one without it stays format 1, byte for byte as before.
+#: check; one without it stays format 1, byte for byte as before. Format 3 = a "junk_rule"
+#: (the not-a-cell rule), with or without the envelope: again so that an older batchwbc refuses
+#: the model rather than count junk the file says to set apart.
 FORMAT = 1
 FORMAT_WITH_COLOUR = 2
+FORMAT_WITH_JUNK_RULE = 3
 #: Class names starting with this are "not a cell" centres (e.g. "reject:background").
 REJECT_PREFIX = "reject:"
 
@@ -103,6 +110,7 @@ class OodReference:
     shift: ShiftReference | None = None
     info: Mapping[str, Any] = field(default_factory=dict)  # how it was fitted and measured, for audit
     colour: "ColourEnvelope | None" = None  # stain-colour envelope (batchwbc.engine.stain_colour); None: no colour check
+    junk: "JunkRule | None" = None  # not-a-cell rule (batchwbc.engine.junk_rule); None: the reject centres alone
 
     @property
     def dim(self) -> int:
@@ -112,6 +120,8 @@ class OodReference:
         rej = sum(c.startswith(REJECT_PREFIX) for c in self.classes)
         text = (f"Mahalanobis to the nearest of {len(self.classes) - rej} classes, PCA {self.projection.shape[0]} "
                 f"of {self.dim}, {rej} reject centre{'s' if rej != 1 else ''}")
+        if self.junk is not None:
+            text += ", a linear not-a-cell rule"
         if self.colour is not None:
             added = len(self.colour.info.get("added_groups") or ())  # labs' cells added by adapt
             n = len(self.colour.groups) - added
@@ -160,13 +170,23 @@ def fit_reference(emb: "np.ndarray", labels: Sequence[str], k: int = 32, shrinka
 
 # ----------------------------------------------------------------------------- scoring (runtime)
 
+def whiten(ref: OodReference, emb: "np.ndarray") -> "np.ndarray":
+    """The embedding rows in the reference's whitened PCA space, z = P (e - mu) ([N, k])."""
+    import numpy as np
+
+    return (np.asarray(emb, dtype=np.float32) - ref.mean) @ ref.projection.T
+
+
 def distances(ref: OodReference, emb: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     """Per embedding row: (OOD score = smallest scaled distance to a cell class, raw squared
     Mahalanobis distance to the nearest cell class, to the nearest reject centre; +inf where
     there is none)."""
+    return _distances_of(ref, whiten(ref, emb))
+
+
+def _distances_of(ref: OodReference, z: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     import numpy as np
 
-    z = (np.asarray(emb, dtype=np.float32) - ref.mean) @ ref.projection.T  # [N, k]
     d = (z * z).sum(axis=1, keepdims=True) - 2.0 * z @ ref.centres.T + (ref.centres * ref.centres).sum(axis=1)
     d = np.maximum(d, 0.0).astype(np.float64)
     reject = np.array([c.startswith(REJECT_PREFIX) for c in ref.classes])
@@ -194,11 +214,17 @@ def score_and_flag(ref: OodReference, emb: "np.ndarray") -> tuple["np.ndarray", 
     if emb.ndim != 2 or emb.shape[1] != ref.dim:
         raise ValueError(f"embedding has shape {emb.shape}; the OOD reference needs [N, {ref.dim}]")
     finite = np.all(np.isfinite(emb), axis=1)
-    score, known, rejected = distances(ref, np.where(finite[:, None], emb, 0.0))
+    z = whiten(ref, np.where(finite[:, None], emb, 0.0))
+    score, known, rejected = _distances_of(ref, z)
     score[~finite] = np.inf
     with np.errstate(invalid="ignore"):
         nearer_reject = (known - rejected) > ref.reject_margin
-    return score, (score > ref.threshold) | nearer_reject | ~finite
+    flagged = (score > ref.threshold) | nearer_reject | ~finite
+    if ref.junk is not None:
+        from batchwbc.engine import junk_rule
+
+        flagged |= junk_rule.flags(ref.junk, z)
+    return score, flagged
 
 
 def score(ref: OodReference, emb: "np.ndarray") -> "np.ndarray":
@@ -287,8 +313,9 @@ def to_metadata(ref: OodReference) -> str:
 
     if not math.isfinite(ref.threshold):
         raise ValueError("set the reference's threshold before storing it")
+    fmt = FORMAT_WITH_JUNK_RULE if ref.junk is not None else FORMAT if ref.colour is None else FORMAT_WITH_COLOUR
     body: dict[str, Any] = {
-        "format": FORMAT if ref.colour is None else FORMAT_WITH_COLOUR,
+        "format": fmt,
         "score": SCORE_NAME,
         "embedding_output": ref.embedding_output,
         "classes": list(ref.classes),
@@ -309,7 +336,38 @@ def to_metadata(ref: OodReference) -> str:
             body["data_shift"]["counts_set_apart"] = True
     if ref.colour is not None:
         body["stain_colour"] = _colour_body(ref.colour)
+    if ref.junk is not None:
+        body["junk_rule"] = _junk_body(ref.junk, ref.projection.shape[0])
     return json.dumps(body, separators=(",", ":"))
+
+
+def _junk_body(rule: "JunkRule", k: int) -> dict:
+    """The not-a-cell rule as stored: k weights, a bias and a threshold."""
+    import math
+
+    if not (math.isfinite(rule.threshold) and math.isfinite(rule.bias)) or len(rule.weights) != k:
+        raise ValueError(f"the not-a-cell rule needs {k} weights and a finite bias and threshold before it is stored")
+    return {"weights": _pack(rule.weights), "bias": rule.bias, "threshold": rule.threshold, "info": dict(rule.info)}
+
+
+def _junk_from_body(body: Any, k: int) -> "JunkRule":
+    """The stored not-a-cell rule, or OodReferenceError in one sentence (a damaged entry must
+    refuse the model, not drop the rule)."""
+    import math
+
+    from batchwbc.engine.junk_rule import JunkRule
+
+    bad = OodReferenceError(f"the model's {KEY_OOD} metadata has an unreadable junk_rule.")
+    if not isinstance(body, dict):
+        raise bad
+    try:
+        bias, threshold, info = float(body["bias"]), float(body["threshold"]), dict(body.get("info") or {})
+    except Exception:  # noqa: BLE001
+        raise bad from None
+    weights = _unpack(body.get("weights"), "junk_rule weights")
+    if weights.shape != (k,) or not (math.isfinite(bias) and math.isfinite(threshold)):
+        raise bad
+    return JunkRule(weights, bias, threshold, info)
 
 
 def _colour_body(env: "ColourEnvelope") -> dict:
@@ -361,7 +419,7 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
         return None
     try:
         body = json.loads(raw)
-        if body.get("format") not in (FORMAT, FORMAT_WITH_COLOUR) or body.get("score") != SCORE_NAME:
+        if body.get("format") not in (FORMAT, FORMAT_WITH_COLOUR, FORMAT_WITH_JUNK_RULE) or body.get("score") != SCORE_NAME:
             raise OodReferenceError(f"the model's {KEY_OOD} metadata is of a kind this batchwbc does not read "
                                  f"({body.get('score')!r}, format {body.get('format')!r}).")
         threshold = float(body["threshold"])
@@ -369,7 +427,10 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
         out_name = str(body["embedding_output"])
         classes = tuple(str(c) for c in body["classes"])
         shift_body = body.get("data_shift")
-        if (body["format"] == FORMAT_WITH_COLOUR) != ("stain_colour" in body):
+        if (body["format"] == FORMAT_WITH_JUNK_RULE) != ("junk_rule" in body):
+            raise OodReferenceError(f"the model's {KEY_OOD} metadata is format {body['format']} "
+                                    f"{'without' if body['format'] == FORMAT_WITH_JUNK_RULE else 'with'} a junk_rule.")
+        if body["format"] != FORMAT_WITH_JUNK_RULE and (body["format"] == FORMAT_WITH_COLOUR) != ("stain_colour" in body):
             raise OodReferenceError(f"the model's {KEY_OOD} metadata is format {body['format']} "
                                     f"{'without' if body['format'] == FORMAT_WITH_COLOUR else 'with'} a stain_colour envelope.")
     except OodReferenceError:
@@ -395,5 +456,6 @@ def from_metadata(meta: Mapping[str, str]) -> OodReference | None:
     if math.isnan(margin):
         raise OodReferenceError(f"the model's {KEY_OOD} metadata has an invalid reject_margin.")
     colour = _colour_from_body(body["stain_colour"]) if "stain_colour" in body else None
+    junk = _junk_from_body(body["junk_rule"], proj.shape[0]) if "junk_rule" in body else None
     return OodReference(mean, proj, centres, classes, threshold, out_name, margin, scales, shift=shift,
-                        info=body.get("info", {}), colour=colour)
+                        info=body.get("info", {}), colour=colour, junk=junk)

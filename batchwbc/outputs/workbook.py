@@ -1235,7 +1235,8 @@ def _ood_rows(m) -> list[tuple[str, str]]:
     if ref is None:
         return [("Out-of-distribution reference", "none in the model file: no crop is labelled unclassified")]
     rows = [("Out-of-distribution reference", f"{ref.describe()} ({KEY_OOD}); unclassified when the score is above "
-             f"{ref.threshold:.4g} or it lies nearer a reject centre by more than {ref.reject_margin:.4g}")]
+             f"{ref.threshold:.4g} or it lies nearer a reject centre by more than {ref.reject_margin:.4g}"
+             + (f" or on the junk side of the not-a-cell rule (log-odds above {ref.junk.threshold:.3g})" if ref.junk is not None else ""))]
     if ref.colour is not None:
         rows.append(("Stain-colour check", f"unclassified ({ood.COLOUR_REASON}) when the crop's mean Lab a*/b* lies "
                      f"beyond Mahalanobis distance {ref.colour.threshold:.3g} of every training source "
