@@ -100,16 +100,19 @@ def test_every_sheet_prints_landscape_one_page_wide_with_repeated_headers(book):
 def test_summary_banner_sits_above_a_usable_header_row(book):
     _, wb = book
     ws = wb["Summary"]
-    assert ws["A1"].value == BANNER == "Pre-classification by software: to be verified by a qualified person"
+    assert ws["B1"].value == BANNER == "Pre-classification by software: to be verified by a qualified person"
     # across the printed columns: the last column is the hidden Check (batchwbc.outputs.row_checks), never printed
     assert ws.cell(2, ws.max_column).value == workbook.CHECK_HEADER
     assert ws.column_dimensions[ws.cell(2, ws.max_column).column_letter].hidden
-    # one merged banner per printed column block, together across every printed column
-    starts = [0, *(b.id for b in ws.col_breaks.brk)]
+    # one merged banner per printed column block, together across every printed column but A:
+    # column A is repeated on every block's pages, so its row 1 holds no text to print clipped there
+    assert ws.print_title_cols.replace("$", "") == "A:A"
+    starts = [1, *(b.id for b in ws.col_breaks.brk)]
     ends = [*starts[1:], ws.max_column - 1]
     assert {str(r) for r in ws.merged_cells.ranges if r.min_row == 1} == {
         f"{get_column_letter(a + 1)}1:{get_column_letter(b)}1" for a, b in zip(starts, ends)}
     assert all(ws.cell(1, a + 1).value == BANNER for a in starts)
+    assert not ws["A1"].value and ws["A1"].fill.fgColor.rgb == ws["B1"].fill.fgColor.rgb
     assert ws["A2"].value == "Patient" and ws.freeze_panes == "A3"
     assert ws.auto_filter.ref.startswith("A2:")
 

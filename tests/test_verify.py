@@ -141,14 +141,14 @@ def test_report_offers_a_verified_class_drop_down_and_hides_a_check_per_row(made
         assert ws.column_dimensions[letter].fill.fgColor.rgb.endswith(workbook.EDITABLE_FILL)  # empty cells yellow too
     summary = wb["Summary"]
     h = workbook.HEADER_ROWS["Summary"]
-    assert h == 2 and summary.cell(1, 1).value == workbook.BANNER  # the banner above the headers
+    assert h == 2 and summary.cell(1, 2).value == workbook.BANNER  # the banner above the headers (A1: colour only)
     header = [c.value for c in summary[h]]
     assert {"Verified by", "Verified on"} <= set(header) and header[-1] == CHECK_HEADER
     assert summary.cell(h, header.index("Verified by") + 1).comment is not None
     # the banner spans the printed columns only, once per printed column block (test_print.py);
     # the hidden Check column is never printed
     banners = sorted((r.min_col, r.max_col) for r in summary.merged_cells.ranges if r.min_row == 1)
-    assert banners[0][0] == 1 and banners[-1][1] == len(header) - 1
+    assert banners[0][0] == 2 and banners[-1][1] == len(header) - 1  # column A repeats on every block's pages
     assert all(a[1] + 1 == b[0] for a, b in zip(banners, banners[1:]))
 
 
@@ -585,7 +585,7 @@ def test_the_verified_workbook_is_laid_out_for_paper_like_the_report(made, tmp_p
         assert ws.print_title_rows.replace("$", "") == f"1:{h}" and ws.freeze_panes == f"A{h + 1}", name
         header = [c.value for c in ws[h]]
         assert header[-1] == CHECK_HEADER and ws.column_dimensions[ws.cell(h, len(header)).column_letter].hidden
-    assert wb["Summary"].cell(1, 1).value == workbook.VERIFIED_BANNER
+    assert wb["Summary"].cell(1, 2).value == workbook.VERIFIED_BANNER
     cells = wb["Cells"]
     col = [c.value for c in cells[1]].index("Verified class") + 1
     letter = cells.cell(1, col).column_letter

@@ -256,6 +256,11 @@ class _Sheet:
                  "alignment": self._Alignment(wrap_text=True, vertical="center",
                                               horizontal=None if self.blocks is None else "center")}
         starts = [0, *([] if self.blocks is None else self.blocks.starts)]
+        # In column blocks, column A (Patient) is repeated at the left of every printed page, row 1
+        # included: a banner merged from A1 printed a clipped piece of its first words there on the
+        # other blocks' pages. So there the first block's banner starts at column B, and A1 is only colour.
+        if len(starts) > 1 and starts[1] > 1:
+            starts[0] = 1
         spans = list(zip(starts, [*starts[1:], self.nprinted]))  # [first, end) of each merged banner
         widths = [sum(self.widths[a:b]) * 11 / 12 for a, b in spans]  # 12 pt: wider than the 11 pt unit
         texts = [banner_for_width(text, w) for w in widths]
