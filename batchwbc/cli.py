@@ -323,6 +323,9 @@ def _ood_rederived_line(p: dict) -> str:
     line = (f"OOD reference re-derived from {p['lab_cells_scored']} lab cells: unclassified threshold "
             f"{num(u['parent'])} -> {num(u['new'])} (the original left {p['parent_unclassified_lab_cells']} of "
             f"these cells unclassified)")
+    b = p.get("background_rule")
+    if isinstance(b, dict) and b.get("parent") != b.get("new"):  # moved only beside a not-a-cell rule
+        line += f"; reject-centre margin {num(b['parent'])} -> {num(b['new'])} (the not-a-cell rule unchanged)"
     d = p.get("data_shift")
     if d:
         line += (f"; DATA_SHIFT cut {num(d['cell_cut']['parent'])} -> {num(d['cell_cut']['new'])}, threshold "

@@ -6,9 +6,17 @@ what counts as "validated data": once a lab has adapted the model on its own ver
 those cells are validated data, and a run on more cells like them must neither leave them
 unclassified nor raise DATA_SHIFT. So only the thresholds move, and only upwards (never
 stricter than the parent): the unclassified threshold to cover the lab's cells, the DATA_SHIFT
-cell cut and batch threshold to what pseudo-patients of the lab's cells reach. The
-background (reject-centre) rule is kept as it is, so noise and background crops are still
-caught. Pure numpy; no TensorFlow, no file access.
+cell cut and batch threshold to what pseudo-patients of the lab's cells reach.
+
+The reject-centre (background) rule moves only where the reference carries the not-a-cell rule
+(batchwbc.engine.junk_rule), and then like the unclassified threshold: its margin becomes at
+least the lab's cells' gap at the same quantile. Why: a lab whose analyser the model never saw
+has a third of its verified cells nearer the reject centres than the training cells are (ADR
+0011), and without a move they stayed unclassified on every patient after adapting; the
+not-a-cell rule, which is never moved, is what keeps noise and background out, and it caught
+them as well as before when measured (docs/adaptation.md). A reference without that rule keeps
+its margin, since there the margin is the only guard against background. The not-a-cell rule
+itself is kept as it is. Pure numpy; no TensorFlow, no file access.
 """
 from __future__ import annotations
 
@@ -88,7 +96,9 @@ def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[
         "parent_unclassified_lab_cells": int(flagged.sum()),
         "unclassified_threshold": {"parent": parent.threshold, "new": parent.threshold,
                                    "rule": f"max(parent, {100 * UNCLASSIFIED_QUANTILE:g}th percentile of the lab cells' scores)"},
-        "background_rule": "unchanged",
+        "background_rule": {"parent": parent.reject_margin, "new": parent.reject_margin,
+                            "rule": (f"max(parent, {100 * UNCLASSIFIED_QUANTILE:g}th percentile of the lab cells' gaps)"
+                                     if parent.junk is not None else "unchanged: the reference has no not-a-cell rule")},
         "not_a_cell_rule": "unchanged" if parent.junk is not None else "none",
     }
     if len(lab) == 0:  # nothing to learn from: keep the parent's reference as it is
@@ -97,10 +107,17 @@ def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[
 
     threshold = max(parent.threshold, float(np.quantile(lab, UNCLASSIFIED_QUANTILE)))
     prov["unclassified_threshold"]["new"] = threshold
-    new = dataclasses.replace(parent, threshold=threshold,
+    margin = parent.reject_margin
+    if parent.junk is not None:
+        _, known, rejected = ood.distances(parent, emb[finite])
+        gaps = (known - rejected)[np.isfinite(known - rejected)]
+        if len(gaps):
+            margin = max(parent.reject_margin, float(np.quantile(gaps, UNCLASSIFIED_QUANTILE)))
+    prov["background_rule"]["new"] = margin
+    new = dataclasses.replace(parent, threshold=threshold, reject_margin=margin,
                               info={**dict(parent.info), "rederived_by_adapt": {"lab_cells": int(len(lab))}})
-    # What is still unclassified is what the unchanged background rule (or the 0.25% tail) catches:
-    # reported, not hidden, so a lab sees verified cells that sit nearer background than a cell class.
+    # What is still unclassified is what the not-a-cell rule, an unmoved background rule or the
+    # 0.25% tails catch: reported, not hidden, so a lab sees verified cells the guard still sets apart.
     _, still = ood.score_and_flag(new, emb)
     prov["new_unclassified_lab_cells"] = int(still.sum())
 
