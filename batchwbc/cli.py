@@ -323,9 +323,14 @@ def _ood_rederived_line(p: dict) -> str:
     line = (f"OOD reference re-derived from {p['lab_cells_scored']} lab cells: unclassified threshold "
             f"{num(u['parent'])} -> {num(u['new'])} (the original left {p['parent_unclassified_lab_cells']} of "
             f"these cells unclassified)")
-    b = p.get("background_rule")
+    b, j = p.get("background_rule"), p.get("junk_check")
     if isinstance(b, dict) and b.get("parent") != b.get("new"):  # moved only beside a not-a-cell rule
         line += f"; reject-centre margin {num(b['parent'])} -> {num(b['new'])} (the not-a-cell rule unchanged)"
+    if j:
+        line += (f"; junk cut from the lab's crops counted as cells: {j['counted_with_margin_moved']} of {j['junk_crops']} "
+                 f"with the margin moved, {j['counted_with_margin_kept']} with it kept")
+        if j.get("margin_kept_because"):
+            line += f" (margin kept: {j['margin_kept_because']})"
     d = p.get("data_shift")
     if d:
         line += (f"; DATA_SHIFT cut {num(d['cell_cut']['parent'])} -> {num(d['cell_cut']['new'])}, threshold "

@@ -36,6 +36,7 @@ import numpy as np
 
 from batchwbc.engine.data_shift import PSEUDO_PATIENT_SIZES
 from batchwbc.engine import junk_rule
+from batchwbc.engine.junk_crops import background_corner, not_a_cell  # noqa: F401 - benchmarks import them from here
 from batchwbc.engine.junk_rule import JunkRule
 from batchwbc.engine.model_metadata import KEY_TRAINING_DATA
 from batchwbc.engine.ood import UNCLASSIFIED_QUANTILE
@@ -102,44 +103,6 @@ def sample_cells(items: Sequence, test_paths: set[str], rng: np.random.Generator
     rest = [it for it in items if str(Path(it.path).resolve()) not in test_paths]
     order = rng.permutation(len(rest))
     return [rest[i] for i in order[:n_ref]], [rest[i] for i in order[n_ref : n_ref + n_held]], test
-
-
-def background_corner(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random corner square, a third of the crop's short side (at least 32 px): red cells
-    and background, rarely more than a sliver of the leukocyte in the middle."""
-    h, w = rgb.shape[:2]
-    s = max(32, min(h, w) // 3)
-    y = 0 if rng.random() < 0.5 else h - s
-    x = 0 if rng.random() < 0.5 else w - s
-    return np.ascontiguousarray(rgb[y : y + s, x : x + s])
-
-
-def not_a_cell(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A synthetic non-cell of the donor crop's size: half coloured noise (uniform or normal,
-    blurred at a random grain of 0-12 px, with a random mean colour and contrast), half the
-    donor cut into a 4x4 to 8x8 grid of tiles and shuffled. Drawn with their own generator
-    and parameters, not the noise of the OOD tests, so those tests stay a check."""
-    import cv2
-
-    h, w = rgb.shape[:2]
-    if rng.random() < 0.5:
-        if rng.random() < 0.5:
-            x = rng.uniform(-1.0, 1.0, (h, w, 3)).astype(np.float32)
-        else:
-            x = rng.normal(0.0, 0.6, (h, w, 3)).astype(np.float32)
-        sigma = float(rng.uniform(0.0, 12.0))
-        if sigma > 0.5:
-            x = cv2.GaussianBlur(x, (0, 0), sigma)
-            x /= max(float(np.abs(x).max()), 1e-6)
-        mean = rng.uniform(60, 220, 3).astype(np.float32)
-        contrast = float(rng.uniform(20, 110))
-        return np.clip(mean + contrast * x, 0, 255).astype(np.uint8)
-    n = int(rng.integers(4, 9))
-    th, tw = max(1, h // n), max(1, w // n)
-    tiles = [rgb[i * th:(i + 1) * th, j * tw:(j + 1) * tw] for i in range(n) for j in range(n)]
-    order = rng.permutation(len(tiles))
-    rows = [np.concatenate([tiles[order[i * n + j]] for j in range(n)], axis=1) for i in range(n)]
-    return np.ascontiguousarray(np.concatenate(rows, axis=0))
 
 
 class Embedded(NamedTuple):

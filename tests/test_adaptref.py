@@ -78,15 +78,17 @@ def test_shifted_lab_raises_data_shift_with_the_parent_not_with_the_adapted_mode
     after = data_shift.decide(new.ood, ood.score(new.ood, embed(new, adapted["cells"])))
     assert before.decided and before.raised, before.text()
     assert after.decided and not after.raised, after.text()
-    # and the new patient's verified-like cells are within the new thresholds (the parent left
-    # them all out), the shifted monocyte colour (242, 242, 26) too, which lies nearer the tiny
-    # model's pale background centre: the margin rose to cover the lab's verified monocytes,
-    # beside the unmoved not-a-cell rule
+    # and the new patient's verified-like cells are within the new threshold (the parent left
+    # them all out). The shifted monocyte colour (242, 242, 26) lies nearer the tiny model's pale
+    # background centre; the margin would rise to cover it, but a tiny crop is one colour, so the
+    # junk adapt cuts from the lab's monocyte crops is monocyte-coloured too, and the junk check
+    # keeps the margin (test_provenance_records_what_was_rederived): the monocytes stay set apart.
     score_before, flagged_before = ood.score_and_flag(parent.ood, embed(parent, adapted["cells"]))
     score_after, flagged_after = ood.score_and_flag(new.ood, embed(new, adapted["cells"]))
     assert flagged_before.all() and (score_before > parent.ood.threshold).all()
     assert (score_after <= new.ood.threshold).all()
-    assert flagged_after.mean() <= 0.05
+    _, known, rejected = ood.distances(new.ood, embed(new, adapted["cells"]))
+    np.testing.assert_array_equal(flagged_after, (known - rejected) > new.ood.reject_margin)
 
 
 def test_noise_and_background_are_still_unclassified_with_the_adapted_model(adapted):
@@ -109,10 +111,13 @@ def test_provenance_records_what_was_rederived(adapted):
     assert prov == adapted["result"].ood_rederived
     assert prov["lab_cells_scored"] == 120
     assert prov["parent_unclassified_lab_cells"] == 120
-    # the parent's background rule set the 30 monocytes apart too; with the margin re-derived only
-    # the 0.25 % tails of the two re-derived rules remain (the not-a-cell rule sets none apart)
-    assert prov["new_unclassified_lab_cells"] <= 2
-    assert prov["background_rule"]["new"] > prov["background_rule"]["parent"] == pytest.approx(parent.reject_margin)
+    # the 30 monocytes (background rule, kept by the junk check) plus at most the 0.25% tail
+    assert 30 <= prov["new_unclassified_lab_cells"] <= 30 + 1
+    j = prov["junk_check"]
+    assert j["junk_crops"] == 2 * 100 and j["counted_with_margin_moved"] > j["allowed"] >= j["counted_with_margin_kept"]
+    assert "would count" in j["margin_kept_because"]
+    assert prov["background_rule"]["new"] == prov["background_rule"]["parent"] == pytest.approx(parent.reject_margin)
+    assert new.reject_margin == parent.reject_margin
     assert prov["unclassified_threshold"] == {**prov["unclassified_threshold"], "parent": pytest.approx(parent.threshold),
                                               "new": pytest.approx(new.threshold)}
     assert new.threshold > parent.threshold
@@ -233,3 +238,34 @@ def test_reject_margin_covers_the_lab_cells_only_beside_a_not_a_cell_rule(adapte
     assert without.reference.reject_margin == parent.reject_margin
     assert without.provenance["background_rule"]["new"] == parent.reject_margin
     assert without.provenance["not_a_cell_rule"] == "none"
+
+
+def test_the_margin_moves_only_if_the_lab_junk_stays_out(adapted):
+    """margin_move (pure): junk the moved margin would let in keeps the parent's margin; junk it
+    does not, or within the tolerance, lets it move."""
+    from dataclasses import replace
+
+    parent = adapted["parent"].ood
+    cells = _far_from_the_classes(parent)
+    # as rederive calls it: with the unclassified threshold already raised to cover the lab's cells
+    parent = replace(parent, threshold=float(ood.score(parent, cells).max()) + 1.0)
+    _, known, rejected = ood.distances(parent, cells)
+    moved = float(np.quantile(known - rejected, ood.UNCLASSIFIED_QUANTILE))
+    assert moved > parent.reject_margin
+    # junk just like those cells: the moved margin counts it, the kept one does not
+    margin, check = thresholds.margin_move(parent, moved, cells[:100])
+    assert margin == parent.reject_margin and check["counted_with_margin_moved"] > check["allowed"]
+    assert "would count" in check["margin_kept_because"]
+    # junk the guard catches either way (the background colour itself)
+    bg = np.array(tinymodel.BACKGROUND_COLOUR, np.float32) / 255.0
+    rng = np.random.default_rng(3)
+    pale = (bg + rng.normal(0, 0.003, (100, 3))).astype(np.float32)
+    margin, check = thresholds.margin_move(parent, moved, pale)
+    assert margin == moved and "margin_kept_because" not in check
+    assert check["counted_with_margin_moved"] <= check["allowed"]
+    # one lab-like crop among 100 pale ones: within the 1 % tolerance, the margin moves
+    margin, check = thresholds.margin_move(parent, moved, np.concatenate([pale[:99], cells[:1]]))
+    assert margin == moved and check["counted_with_margin_moved"] == 1 and check["allowed"] == 1
+    # and rederive applies it
+    got = thresholds.rederive(parent, cells, junk=cells[:100])
+    assert got.reference.reject_margin == parent.reject_margin and "junk_check" in got.provenance

@@ -14,8 +14,10 @@ least the lab's cells' gap at the same quantile. Why: a lab whose analyser the m
 has a third of its verified cells nearer the reject centres than the training cells are (ADR
 0011), and without a move they stayed unclassified on every patient after adapting; the
 not-a-cell rule, which is never moved, is what keeps noise and background out, and it caught
-them as well as before when measured (docs/adaptation.md). A reference without that rule keeps
-its margin, since there the margin is the only guard against background. The not-a-cell rule
+them as well as before when measured (docs/adaptation.md). The move is also checked on junk cut
+from the lab's own crops (margin_move), since a lab's background is not the training sources'.
+A reference without that rule keeps its margin, since there the margin is the only guard
+against background. The not-a-cell rule
 itself is kept as it is. Pure numpy; no TensorFlow, no file access.
 """
 from __future__ import annotations
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 
 #: Pseudo-patients drawn per pool (one patient folder, or all cells) and size.
 DRAWS_PER_SIZE = 25
+#: The reject-centre margin may move if the junk cut from the lab's crops it counts as cells stays
+#: within this share (or the count with the margin kept, if higher): the share of held-out cells
+#: issue 18 allows unclassified at home, the same bar the other way round.
+JUNK_TOLERANCE = 0.01
 #: The key the adaptation provenance (batchwbc.adaptation JSON) records this under.
 PROVENANCE_KEY = "ood_reference_rederived"
 
@@ -78,11 +84,14 @@ def pseudo_patient_statistics(ref: "OodReference", scores: "np.ndarray", groups:
 
 
 def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[str | None] | None = None,
-             seed: int = 0) -> Rederived:
+             seed: int = 0, junk: "np.ndarray | None" = None) -> Rederived:
     """The parent's reference with thresholds that accept the lab's verified cells (see module doc).
 
     embeddings: the lab cells' embeddings [N, D] from the parent model (the same as the adapted
-    one's: adapt changes only the head); groups: each cell's patient folder or None."""
+    one's: adapt changes only the head); groups: each cell's patient folder or None; junk:
+    embeddings of background corners and synthetic non-cells cut from the lab's own crops
+    (batchwbc.engine.junk_crops), which the command always passes: the reject-centre margin
+    moves only if it counts no more of them than JUNK_TOLERANCE allows (margin_move)."""
     import numpy as np
 
     from batchwbc.engine import data_shift, ood
@@ -113,6 +122,8 @@ def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[
         gaps = (known - rejected)[np.isfinite(known - rejected)]
         if len(gaps):
             margin = max(parent.reject_margin, float(np.quantile(gaps, UNCLASSIFIED_QUANTILE)))
+        if junk is not None and margin > parent.reject_margin:
+            margin, prov["junk_check"] = margin_move(dataclasses.replace(parent, threshold=threshold), margin, junk)
     prov["background_rule"]["new"] = margin
     new = dataclasses.replace(parent, threshold=threshold, reject_margin=margin,
                               info={**dict(parent.info), "rederived_by_adapt": {"lab_cells": int(len(lab))}})
@@ -154,6 +165,32 @@ def rederive(parent: "OodReference", embeddings: "np.ndarray", groups: Sequence[
             "new_raised_data_shift": sum(d.raised for d in after.values()),
         }
     return Rederived(new, _finite_json(prov))
+
+
+def margin_move(kept: "OodReference", margin: float, junk: "np.ndarray") -> tuple[float, dict[str, Any]]:
+    """The margin to use, `margin` or `kept`'s own, and what the check counted (pure).
+
+    Why a check on the lab's own junk: the margin was the guard against background until the
+    not-a-cell rule, and a lab's background (its red cells, its platelets, its stain) is not the
+    training sources'. Junk cut from the lab's own crops the way the export cuts it is counted
+    as cells with the margin kept and with it moved; the move stands if it counts at most
+    max(the kept count, JUNK_TOLERANCE of the crops)."""
+    import numpy as np
+
+    from batchwbc.engine import ood
+
+    junk = np.asarray(junk, dtype=np.float32)
+    counted_kept = int((~ood.score_and_flag(kept, junk)[1]).sum())
+    counted_moved = int((~ood.score_and_flag(dataclasses.replace(kept, reject_margin=margin), junk)[1]).sum())
+    allowed = max(counted_kept, int(math.floor(JUNK_TOLERANCE * len(junk))))
+    check: dict[str, Any] = {"junk_crops": int(len(junk)), "counted_with_margin_kept": counted_kept,
+                             "counted_with_margin_moved": counted_moved, "allowed": allowed,
+                             "rule": f"move only if at most max(the kept count, {100 * JUNK_TOLERANCE:g}% of the crops) are counted"}
+    if counted_moved > allowed:
+        check["margin_kept_because"] = (f"moving it to {margin:.3g} would count {counted_moved} of {len(junk)} junk "
+                                        f"crops cut from the lab's cells as cells ({counted_kept} with it kept)")
+        return kept.reject_margin, check
+    return margin, check
 
 
 def _finite_json(d: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
+    from batchwbc.engine.model import Classifier
     from batchwbc.engine.ood import OodReference
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,8 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
         from batchwbc.adaptation.thresholds import PROVENANCE_KEY, rederive
         from batchwbc.engine.ood import KEY_OOD, to_metadata
 
-        again = rederive(clf.ood, got.embeddings, groups, seed=seed)
+        junk = _lab_junk(clf, [str(it.path) for it in items], workers, seed) if clf.ood.junk is not None else None
+        again = rederive(clf.ood, got.embeddings, groups, seed=seed, junk=junk)
         provenance[PROVENANCE_KEY] = result.ood_rederived = again.provenance
         reference = _with_lab_colour(again.reference, got.colour, provenance["labelled_folder"], provenance, result)
     meta = {
@@ -214,6 +216,25 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
         tmp.unlink(missing_ok=True)
     result.written = True
     return result
+
+
+#: Lab crops that junk is cut from for the guard check of rederive: one background corner and one
+#: synthetic non-cell each (about 1 s of embedding for Lite0 on 2 cores).
+JUNK_DONORS = 100
+
+
+def _lab_junk(clf: "Classifier", paths: list[str], workers: int, seed: int) -> "np.ndarray":
+    """Embeddings of background corners and non-cells cut from a seeded sample of the lab's crops,
+    as the export cuts its reject crops (batchwbc.engine.junk_crops)."""
+    import numpy as np
+
+    from batchwbc.engine.embed import embed_files
+    from batchwbc.engine.junk_crops import decode_background_corner, decode_not_a_cell
+
+    donors = [paths[i] for i in np.random.default_rng(seed + 17).permutation(len(paths))[:JUNK_DONORS]]
+    log.info("checking the out-of-distribution guard on %d junk crops cut from the lab's crops", 2 * len(donors))
+    parts = [embed_files(clf, donors, workers=workers, decode=d).embeddings for d in (decode_background_corner, decode_not_a_cell)]
+    return np.concatenate(parts)
 
 
 def _with_lab_colour(reference: "OodReference", colour: "np.ndarray", lab_name: str, provenance: dict,
