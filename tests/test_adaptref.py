@@ -105,6 +105,14 @@ def test_noise_and_background_are_still_unclassified_with_the_adapted_model(adap
     np.testing.assert_array_equal(new.ood.centres, adapted["parent"].ood.centres)
 
 
+def test_the_adapted_version_is_recognised_by_the_reports(adapted):
+    from batchwbc.engine.model_metadata import is_adapted_version
+
+    assert is_adapted_version(adapted["adapted"].info.model_version)
+    assert is_adapted_version(adapted["result"].model_version)
+    assert not is_adapted_version(adapted["parent"].info.model_version)
+
+
 def test_provenance_records_what_was_rederived(adapted):
     parent, new = adapted["parent"].ood, adapted["adapted"].ood
     prov = json.loads(adapted["adapted"].info.metadata["batchwbc.adaptation"])[thresholds.PROVENANCE_KEY]

@@ -165,6 +165,21 @@ def test_run_alert_names_data_shift_and_unsuited_patients_with_the_next_step():
     review = [CellResult("B", f"B/{i}.png", "lymphocyte", 0.3, "monocyte", 0.2, True) for i in range(90)]
     unsuited = summarize_groups(["A", "B"], cells + review, [], Settings())
     assert "for 1 of 2 patients the model recognised few crops or is unsure of most cells" in run_alert(unsuited)
+    # a model `batchwbc adapt` wrote: not "adapt it" again, but the lab's own count and more cells
+    assert "adapt it to your images" in text and "already adapted" not in text
+    adapted = run_alert(shifted, raised, adapted=True)
+    assert "already adapted to your lab" in adapted and "adapt it to your images" not in adapted
+    assert "count these patients' cells yourself" in adapted and "batchwbc evaluate" in adapted
+
+
+def test_the_next_step_knows_an_adapted_model_by_its_version():
+    from batchwbc.engine.model_metadata import ADAPTED_VERSION_MARKER, is_adapted_version
+
+    assert is_adapted_version(f"wbc13-lite0-144-v8c{ADAPTED_VERSION_MARKER}20261204-d18873e7")
+    assert not is_adapted_version("wbc13-lite0-144-v8c") and not is_adapted_version("")
+    raised = data_shift.ShiftDecision(True, True, 200, 160, 0.738, 0.361)
+    assert data_shift.NEXT_STEP in data_shift.log_line({"A": raised}, raised)
+    assert data_shift.NEXT_STEP_ADAPTED in data_shift.log_line({"A": raised}, raised, adapted=True)
 
 
 def test_data_shift_flag_is_raised_only_from_a_raised_decision():

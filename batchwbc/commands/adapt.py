@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Metadata key of the adapted model's provenance (JSON).
-from batchwbc.engine.model_metadata import KEY_ADAPTATION  # noqa: E402 - re-exported
+from batchwbc.engine.model_metadata import ADAPTED_VERSION_MARKER, KEY_ADAPTATION  # noqa: E402 - re-exported
 from batchwbc.ops.exit_codes import USAGE, CommandError  # noqa: E402
 #: Below this many usable cells a cross-validated comparison means nothing.
 MIN_CELLS = 10
@@ -162,7 +162,7 @@ def run_adapt(labelled: Path, out: Path, model_path: Path | None = None, force: 
 
     file_sha = file_list_sha256(labelled, [it.path for it in items])
     now = datetime.now(timezone.utc)
-    version = f"{info.model_version}+adapted-{now:%Y%m%d}-{file_sha[:8]}"
+    version = f"{info.model_version}{ADAPTED_VERSION_MARKER}{now:%Y%m%d}-{file_sha[:8]}"
     result = AdaptResult(fit=fit, counts=dict(sorted(counts.items())), unreadable=unreadable,
                          unknown_folders=dict(found.unknown_folders), patients=len({g for g in groups if g}),
                          model_version=version, written=False)

@@ -181,13 +181,14 @@ def plan_preliminary(opts: RunOptions, run: "RunData", summaries: "Sequence[Pati
     """Every patient's preliminary message, from the summaries the workbook shows, with the
     Summary sheet's banner (and its alert line, if any) as the first NTEs."""
     from batchwbc.core.summary import run_alert
+    from batchwbc.engine.model_metadata import is_adapted_version
     from batchwbc.outputs.lis.deliver import plan_preliminary as plan
     from batchwbc.outputs.lis.results import RunFacts
     from batchwbc.outputs.workbook import BANNER
 
     info = run.model
     facts = RunFacts(__version__, info.path.name, info.model_version, info.sha256, run.started)
-    banner = [BANNER, run_alert(summaries, run.data_shift) or ""]
+    banner = [BANNER, run_alert(summaries, run.data_shift, is_adapted_version(info.model_version)) or ""]
     return plan(summaries, settings, facts, run.model.classes, datetime.now().astimezone(), banner, run.finished)
 
 
@@ -334,6 +335,7 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
     from batchwbc.engine.pipeline import Pipeline, PipelineError
     from batchwbc.core.records import RunData
     from batchwbc.engine.data_shift import decide_all, log_line
+    from batchwbc.engine.model_metadata import is_adapted_version
     from batchwbc.core.summary import summarize_run, totals
 
     info = prep.classifier.info
@@ -372,7 +374,7 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         extra=run_sheet_rows(opts, prep, found, result, cache), data_shift=run_shift,
     )
     summaries = summarize_run(run, prep.settings, shifts)
-    shift_line = log_line(shifts, run_shift)
+    shift_line = log_line(shifts, run_shift, is_adapted_version(info.model_version))
     if shift_line:
         log.warning("%s", shift_line)
     lis_plan = None
@@ -425,6 +427,7 @@ def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides
 
     from batchwbc.outputs.gallery import GalleryError, GalleryRunInfo, write_gallery
     from batchwbc.core.summary import run_alert
+    from batchwbc.engine.model_metadata import is_adapted_version
 
     t = time.monotonic()
     by_patient = {s.patient: s for s in summaries}
@@ -432,7 +435,8 @@ def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides
     for cell in run.cells:
         cells_by.setdefault(cell.patient, []).append(cell)
     try:
-        info = replace(GalleryRunInfo.from_run(run), alert=run_alert(summaries, run.data_shift))
+        info = replace(GalleryRunInfo.from_run(run),
+                       alert=run_alert(summaries, run.data_shift, is_adapted_version(run.model.model_version)))
         res = write_gallery(html_dir, list(by_patient), cells_by, by_patient, info, slides)
     except GalleryError as exc:
         raise JobError(exit_codes.FAILED, f"{str(exc).rstrip('.')}; the workbook was written.") from None

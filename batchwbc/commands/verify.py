@@ -21,6 +21,7 @@ from batchwbc import __version__
 from batchwbc.ops import exit_codes
 from batchwbc.commands.run import JobError, check_outputs
 from batchwbc.ops.provenance import sha256_of
+from batchwbc.engine.model_metadata import is_adapted_version
 
 if TYPE_CHECKING:
     from batchwbc.core.config import Settings
@@ -140,7 +141,8 @@ def _verify(opts: VerifyOptions, contents: "ReportContents", settings: "Settings
         rows += run_rows(lis_plan, opts.hl7_dir, opts.fhir_path)
     rep = VerifiedReport(patients=tuple(patients), cells=tuple(cells), errors=tuple(contents.errors),
                          model_classes=contents.model_classes, choices=tuple(choices),
-                         run_rows=tuple(_with_settings(contents.run_rows, settings) + rows))
+                         run_rows=tuple(_with_settings(contents.run_rows, settings) + rows),
+                         model_adapted=is_adapted_version(contents.record.model_version))
     try:
         workbook.write_verified_workbook(rep, settings, opts.out, verified_record(contents.record, settings))
     except (OSError, workbook.OutputError) as exc:
@@ -357,7 +359,8 @@ def write_verified_gallery(opts: VerifyOptions, contents: "ReportContents",
     machine = {(c.patient, c.file): c.class_id for p in patients for c in p.pre.cells}
     corrected = {key: cid for p in patients for c in p.post.cells
                  if (cid := machine[(key := (c.patient, c.file))]) != c.class_id}
-    info = replace(gallery_run_info(contents), alert=run_alert(list(by_patient.values())))
+    info = replace(gallery_run_info(contents),
+                   alert=run_alert(list(by_patient.values()), adapted=is_adapted_version(contents.record.model_version)))
     try:
         res = write_gallery(opts.html_dir, list(by_patient), cells_by, by_patient, info,
                             _crops_root(opts, contents), corrected=corrected,

@@ -86,12 +86,14 @@ def totals(summaries: list[PatientSummary]) -> RunTotals:
     )
 
 
-def run_alert(summaries: Sequence[PatientSummary], run_shift: "ShiftDecision | None" = None) -> str | None:
+def run_alert(summaries: Sequence[PatientSummary], run_shift: "ShiftDecision | None" = None,
+              adapted: bool = False) -> str | None:
     """The banner over the Summary sheet and the gallery index when the model may not suit the
     images: DATA_SHIFT for the run or any patient, or a patient with many unclassified crops or
     most cells in review. Plain words and the next step, since a flag on line 6 of 7 of one
-    patient's Flags cell was missed; None when nothing calls for it."""
-    from batchwbc.engine.data_shift import NEXT_STEP
+    patient's Flags cell was missed; None when nothing calls for it. `adapted`: the model was
+    written by `batchwbc adapt` (model_metadata.is_adapted_version), which changes the next step."""
+    from batchwbc.engine.data_shift import next_step
 
     def having(*codes: str) -> list[str]:
         return [s.patient for s in summaries if any(f.code in codes for f in s.flags)]
@@ -111,4 +113,4 @@ def run_alert(summaries: Sequence[PatientSummary], run_shift: "ShiftDecision | N
     if unsuited:
         parts.append(f"for {len(unsuited)} of {n} {'patient' if n == 1 else 'patients'} the model recognised few "
                      "crops or is unsure of most cells (MANY_UNCLASSIFIED, MOSTLY_REVIEW)")
-    return (f"Results unreliable: {'; and '.join(parts)}. Before using these results, {NEXT_STEP}.")
+    return (f"Results unreliable: {'; and '.join(parts)}. Before using these results, {next_step(adapted)}.")

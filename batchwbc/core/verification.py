@@ -165,3 +165,4 @@ class VerifiedReport:
     model_classes: tuple[str, ...]
     choices: tuple[str, ...]  # the drop-down of Verified class
     run_rows: tuple[tuple[str, str], ...]  # the report's Run rows, then the verification's
+    model_adapted: bool = False  # the run's model was written by `batchwbc adapt` (its warnings' next step)

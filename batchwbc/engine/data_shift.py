@@ -80,6 +80,16 @@ def _cells(n: int) -> str:
 #: The next step after DATA_SHIFT and its kin, in the log and on the report's banners.
 NEXT_STEP = ("check the model on cells your lab has verified (batchwbc evaluate) and adapt it to your images "
              "(batchwbc adapt); see docs/adaptation.md")
+#: The same for a model `batchwbc adapt` wrote: telling a lab to adapt the model it adapted
+#: would send it in a circle; what is left is its own count and more verified cells.
+NEXT_STEP_ADAPTED = ("count these patients' cells yourself; this model is already adapted to your lab, so check it "
+                     "on verified cells of other patients (batchwbc evaluate) and adapt it again on more of your "
+                     "verified cells (batchwbc adapt); see docs/adaptation.md")
+
+
+def next_step(adapted: bool = False) -> str:
+    """The next step the warnings name, for a model as shipped or adapted (pure)."""
+    return NEXT_STEP_ADAPTED if adapted else NEXT_STEP
 
 
 def lower_bound(unusual: int, cells: int) -> float:
@@ -143,7 +153,7 @@ def decide_all(model_metadata, cells) -> tuple[dict[str, ShiftDecision], ShiftDe
     return per_patient, decide(ref, scores)
 
 
-def log_line(per_patient: dict[str, ShiftDecision], whole: ShiftDecision) -> str | None:
+def log_line(per_patient: dict[str, ShiftDecision], whole: ShiftDecision, adapted: bool = False) -> str | None:
     """The one warning sentence for the log, or None when nothing was raised: how much of the
     run is unlike the validation data, for whom, and what to do next."""
     raised = [p for p, d in per_patient.items() if d.raised]
@@ -158,4 +168,4 @@ def log_line(per_patient: dict[str, ShiftDecision], whole: ShiftDecision) -> str
         what = f"{share:.0f}% of this run's cells are unlike the model's validation data ({who})"
     else:
         what = f"the cells of {who} are unlike the model's validation data"
-    return f"DATA_SHIFT: {what}, so the results are unreliable: {NEXT_STEP}."
+    return f"DATA_SHIFT: {what}, so the results are unreliable: {next_step(adapted)}."

@@ -35,6 +35,14 @@ KEY_EMBEDDING_OUTPUT = "batchwbc.embedding_output"  # name of the second output:
 KEY_EMBEDDING_DIM = "batchwbc.embedding_dim"
 KEY_ADAPTATION = "batchwbc.adaptation"  # provenance of a model refitted by `batchwbc adapt` (JSON)
 KEY_NUMERIC_FORMAT = "batchwbc.numeric_format"  # float32 or int8, and why (written by export, for audit)
+#: `batchwbc adapt` names the model it writes PARENT_VERSION + this + date and file hash; the
+#: report's warnings read it (from the version the run record keeps) to name the right next step.
+ADAPTED_VERSION_MARKER = "+adapted-"
+
+
+def is_adapted_version(model_version: str) -> bool:
+    """True for the version of a model written by `batchwbc adapt` (pure)."""
+    return ADAPTED_VERSION_MARKER in (model_version or "")
 
 REQUIRED_KEYS = (KEY_FORMAT, KEY_CLASSES, KEY_INPUT_SIZE, KEY_PREPROCESSING, KEY_MODEL_VERSION)
 

@@ -41,7 +41,7 @@ from batchwbc.core import catalogue
 from batchwbc.core.config import Settings
 from batchwbc.core.differential import NRBC_CLASS, PLATELET_CLASS, Differential
 from batchwbc.core.flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNRELIABLE, WARNING, worst_severity
-from batchwbc.engine.model_metadata import KEY_TEST_METRICS, KEY_TRAINING_DATA
+from batchwbc.engine.model_metadata import KEY_TEST_METRICS, KEY_TRAINING_DATA, is_adapted_version
 from batchwbc.core.records import THUMBNAIL_PX, CellResult, FileError, RunData
 from batchwbc.outputs.row_checks import CHECK_HEADER, row_check
 from batchwbc.outputs.run_record import write_record_sheet, record_of_run
@@ -1194,7 +1194,8 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Unclassified cells (not recognised as a cell the model knows; in no count)",
          sum(x.differential.unclassified for x in summaries)),
         ("Data shift (whole run, compared with the model's own validation data)", _shift_verdict(run.data_shift)),
-        ("Results unreliable (the Summary's banner)", run_alert(summaries, run.data_shift) or "no"),
+        ("Results unreliable (the Summary's banner)",
+         run_alert(summaries, run.data_shift, is_adapted_version(m.model_version)) or "no"),
     ]
     if thumbnails_embedded is not None:
         rows.append((f"Review thumbnails embedded (at most {settings.review_max_images:,}, each patient an "
@@ -1286,7 +1287,7 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
             classes = run.model.classes
             choices = class_choices(classes, [c.class_id for c in run.cells])
             _write_summary(wb, summaries, classes, differential_links(summaries, classes),
-                           run_alert(summaries, run.data_shift))
+                           run_alert(summaries, run.data_shift, is_adapted_version(run.model.model_version)))
             _write_differential(wb, summaries, classes, settings)
             _write_cells(wb, run.cells, choices, {})
             embedded = _write_review(wb, summaries, settings.review_max_images, choices, {})
@@ -1315,7 +1316,7 @@ def write_verified_workbook(rep: VerifiedReport, settings: Settings, out_path: s
     try:
         with atomic_output(out_path) as tmp:
             _write_sheet(wb, "Summary", _SUMMARY_VERIFIED, rep.patients, rep.patients,
-                         autofilter=len(rep.patients), banner=VERIFIED_BANNER, alert=run_alert(post), in_blocks=True)
+                         autofilter=len(rep.patients), banner=VERIFIED_BANNER, alert=run_alert(post, adapted=rep.model_adapted), in_blocks=True)
             rows = _diff_rows(post, _shown_classes(rep.model_classes, verified.values()), settings, pre)
             _write_sheet(wb, "Differential", _DIFFERENTIAL_VERIFIED, rows, rows, autofilter=len(rows),
                          keep_together=lambda r: r.patient)
