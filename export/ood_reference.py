@@ -231,8 +231,8 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held
     labels = list(ref_labels) + [BACKGROUND] * len(bg_emb) + [NOT_A_CELL] * len(junk_emb)
     r = ood.fit_reference(np.concatenate([ref_emb, bg_emb, junk_emb]), labels, k=k, embedding_output=embedding_output)
     # each class's typical distance: the median over held-out cells of that class
-    z = (np.asarray(held_emb, np.float32) - r.mean) @ r.projection.T
-    d = ((z[:, None, :] - r.centres[None]) ** 2).sum(axis=2)
+    z_held = ood.whiten(r, held_emb)
+    d = ((z_held[:, None, :] - r.centres[None]) ** 2).sum(axis=2)
     hl = np.asarray(held_labels)
     scales = np.array([float(np.median(d[hl == c, i])) if (hl == c).any() else float(np.median(d[:, i]))
                        for i, c in enumerate(r.classes)])
@@ -244,7 +244,7 @@ def fit_with_thresholds(ref_emb, ref_labels, bg_emb, held_emb, held_labels, held
     r = replace(r, threshold=threshold, reject_margin=margin)
     rejects = np.concatenate([bg_emb, junk_emb])
     if len(rejects) >= 2:  # the not-a-cell rule, from the same crops as the reject centres
-        r = replace(r, junk=fit_junk_rule(ood.whiten(r, ref_emb), ood.whiten(r, rejects), ood.whiten(r, held_emb), quantile))
+        r = replace(r, junk=fit_junk_rule(ood.whiten(r, ref_emb), ood.whiten(r, rejects), z_held, quantile))
     _, flagged = ood.score_and_flag(r, held_emb)
     cut = shift_cell_cut(held_score, held_sources)
     r = replace(r, shift=ood.ShiftReference(threshold=1.0, cell_quantile=SHIFT_CELL_QUANTILE, cell_cut=cut,

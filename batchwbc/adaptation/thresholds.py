@@ -17,8 +17,8 @@ not-a-cell rule, which is never moved, is what keeps noise and background out, a
 them as well as before when measured (docs/adaptation.md). The move is also checked on junk cut
 from the lab's own crops (margin_move), since a lab's background is not the training sources'.
 A reference without that rule keeps its margin, since there the margin is the only guard
-against background. The not-a-cell rule
-itself is kept as it is. Pure numpy; no TensorFlow, no file access.
+against background. The not-a-cell rule itself is kept as it is. Pure numpy; no TensorFlow,
+no file access.
 """
 from __future__ import annotations
 

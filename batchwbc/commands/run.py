@@ -180,15 +180,14 @@ def plan_preliminary(opts: RunOptions, run: "RunData", summaries: "Sequence[Pati
                      settings: "Settings") -> "LisPlan":
     """Every patient's preliminary message, from the summaries the workbook shows, with the
     Summary sheet's banner (and its alert line, if any) as the first NTEs."""
-    from batchwbc.core.summary import run_alert
-    from batchwbc.engine.model_metadata import is_adapted_version
+    from batchwbc.core.summary import run_alert_of
     from batchwbc.outputs.lis.deliver import plan_preliminary as plan
     from batchwbc.outputs.lis.results import RunFacts
     from batchwbc.outputs.workbook import BANNER
 
     info = run.model
     facts = RunFacts(__version__, info.path.name, info.model_version, info.sha256, run.started)
-    banner = [BANNER, run_alert(summaries, run.data_shift, is_adapted_version(info.model_version)) or ""]
+    banner = [BANNER, run_alert_of(run, summaries) or ""]
     return plan(summaries, settings, facts, run.model.classes, datetime.now().astimezone(), banner, run.finished)
 
 
@@ -400,14 +399,10 @@ def _classify_and_report(opts: RunOptions, prep: _Prepared, cache: "ResultCache 
         state.stage, state.report_written = "writing the HTML gallery", True
         write_html_gallery(run, summaries, opts.slides, opts.html_dir)
     t = totals(summaries)
-    from batchwbc.engine.ood import UNCLASSIFIED
-
-    # crops read, split as the report counts them: an unclassified crop is read but in no count
-    unclassified = sum(1 for c in run.cells if c.class_id == UNCLASSIFIED)
     log.info(
         "summary: %d patients, %d crops read (%d classified, %d unclassified), %d unreadable, %d for review, "
         "%d flags raised, %.1f s; report: %s",
-        len(found.patients), len(run.cells), len(run.cells) - unclassified, unclassified, len(errors), t.review_cells,
+        len(found.patients), len(run.cells), t.classified, t.unclassified, len(errors), t.review_cells,
         t.flags, time.monotonic() - t0, opts.out,
     )
     code = exit_codes.OK
@@ -426,8 +421,7 @@ def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides
     from dataclasses import replace
 
     from batchwbc.outputs.gallery import GalleryError, GalleryRunInfo, write_gallery
-    from batchwbc.core.summary import run_alert
-    from batchwbc.engine.model_metadata import is_adapted_version
+    from batchwbc.core.summary import run_alert_of
 
     t = time.monotonic()
     by_patient = {s.patient: s for s in summaries}
@@ -435,8 +429,7 @@ def write_html_gallery(run: "RunData", summaries: "list[PatientSummary]", slides
     for cell in run.cells:
         cells_by.setdefault(cell.patient, []).append(cell)
     try:
-        info = replace(GalleryRunInfo.from_run(run),
-                       alert=run_alert(summaries, run.data_shift, is_adapted_version(run.model.model_version)))
+        info = replace(GalleryRunInfo.from_run(run), alert=run_alert_of(run, summaries))
         res = write_gallery(html_dir, list(by_patient), cells_by, by_patient, info, slides)
     except GalleryError as exc:
         raise JobError(exit_codes.FAILED, f"{str(exc).rstrip('.')}; the workbook was written.") from None

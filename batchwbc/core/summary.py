@@ -41,6 +41,8 @@ class RunTotals:
     wbc: int
     review_cells: int
     flags: int
+    classified: int = 0  # cells given a class (leukocyte or not)
+    unclassified: int = 0  # crops read but not recognised as a known cell: in no count
 
 
 def summarize_run(run: RunData, settings: Settings,
@@ -83,6 +85,8 @@ def totals(summaries: list[PatientSummary]) -> RunTotals:
         wbc=sum(s.differential.wbc for s in summaries),
         review_cells=sum(s.differential.n_review for s in summaries),
         flags=sum(len(s.flags) for s in summaries),
+        classified=sum(s.differential.classified for s in summaries),
+        unclassified=sum(s.differential.unclassified for s in summaries),
     )
 
 
@@ -114,3 +118,12 @@ def run_alert(summaries: Sequence[PatientSummary], run_shift: "ShiftDecision | N
         parts.append(f"for {len(unsuited)} of {n} {'patient' if n == 1 else 'patients'} the model recognised few "
                      "crops or is unsure of most cells (MANY_UNCLASSIFIED, MOSTLY_REVIEW)")
     return (f"Results unreliable: {'; and '.join(parts)}. Before using these results, {next_step(adapted)}.")
+
+
+def run_alert_of(run: RunData, summaries: Sequence[PatientSummary]) -> str | None:
+    """run_alert for a run: its DATA_SHIFT decision, and the next step for its model as shipped
+    or adapted (model_metadata.is_adapted_version). One place, since the Summary banner, the Run
+    sheet, the gallery and the LIS notes must say the same."""
+    from batchwbc.engine.model_metadata import is_adapted_version
+
+    return run_alert(summaries, run.data_shift, is_adapted_version(run.model.model_version))

@@ -41,11 +41,11 @@ from batchwbc.core import catalogue
 from batchwbc.core.config import Settings
 from batchwbc.core.differential import NRBC_CLASS, PLATELET_CLASS, Differential
 from batchwbc.core.flags import CRITICAL, NOTE, POSSIBLE_CRITICAL, REVIEW, UNRELIABLE, WARNING, worst_severity
-from batchwbc.engine.model_metadata import KEY_TEST_METRICS, KEY_TRAINING_DATA, is_adapted_version
+from batchwbc.engine.model_metadata import KEY_TEST_METRICS, KEY_TRAINING_DATA
 from batchwbc.core.records import THUMBNAIL_PX, CellResult, FileError, RunData
 from batchwbc.outputs.row_checks import CHECK_HEADER, row_check
 from batchwbc.outputs.run_record import write_record_sheet, record_of_run
-from batchwbc.core.summary import PatientSummary, run_alert, totals
+from batchwbc.core.summary import PatientSummary, run_alert, run_alert_of, totals
 from batchwbc.core.thumbnail_quota import fair_quota
 from batchwbc.core.verification import PatientVerification, VerifiedReport, class_choices
 
@@ -1187,15 +1187,13 @@ def run_rows(run: RunData, settings: Settings, summaries: Sequence[PatientSummar
         ("Model default review threshold", "" if m.review_threshold is None else m.review_threshold),
         ("Review threshold used (confidence below it goes to Review)", run.review_threshold),
         ("Patients", t.patients),
-        ("Cells classified", sum(x.differential.classified for x in summaries)),
+        ("Cells classified", t.classified),
         ("Crops read (cells classified + unclassified; rows of the Cells sheet)", len(run.cells)),
         ("WBC classified", t.wbc),
         ("Cells to review", t.review_cells),
-        ("Unclassified cells (not recognised as a cell the model knows; in no count)",
-         sum(x.differential.unclassified for x in summaries)),
+        ("Unclassified cells (not recognised as a cell the model knows; in no count)", t.unclassified),
         ("Data shift (whole run, compared with the model's own validation data)", _shift_verdict(run.data_shift)),
-        ("Results unreliable (the Summary's banner)",
-         run_alert(summaries, run.data_shift, is_adapted_version(m.model_version)) or "no"),
+        ("Results unreliable (the Summary's banner)", run_alert_of(run, summaries) or "no"),
     ]
     if thumbnails_embedded is not None:
         rows.append((f"Review thumbnails embedded (at most {settings.review_max_images:,}, each patient an "
@@ -1287,7 +1285,7 @@ def write_workbook(run: RunData, summaries: Sequence[PatientSummary], settings: 
             classes = run.model.classes
             choices = class_choices(classes, [c.class_id for c in run.cells])
             _write_summary(wb, summaries, classes, differential_links(summaries, classes),
-                           run_alert(summaries, run.data_shift, is_adapted_version(run.model.model_version)))
+                           run_alert_of(run, summaries))
             _write_differential(wb, summaries, classes, settings)
             _write_cells(wb, run.cells, choices, {})
             embedded = _write_review(wb, summaries, settings.review_max_images, choices, {})
